@@ -1,0 +1,73 @@
+"""Sockets of the internal bus, made one way everywhere.
+
+High-water marks are set on purpose: a ROUTER drops messages for a peer whose queue
+is full, and a DEALER blocks (which asyncio turns into waiting), so every socket gets
+a bound that is larger than the credit and queue limits above it will ever let it
+reach. Linger is short so a stopping component never hangs on unsent messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from inferoxy.wire import Frame
+
+DEFAULT_HWM = 100_000
+LINGER_MS = 200
+
+
+def make_socket(
+    ctx: zmq.asyncio.Context,
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: str | None = None,
+    identity: bytes | None = None,
+    hwm: int = DEFAULT_HWM,
+    max_message_bytes: int | None = None,
+) -> zmq.asyncio.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if max_message_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if kind == zmq.ROUTER:
+        # Fail loudly rather than silently dropping a reply for a peer that is gone.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if bind:
+        sock.bind(bind)
+    if connect:
+        sock.connect(connect)
+    return sock
+
+
+async def recv(sock: zmq.asyncio.Socket) -> list[Any]:
+    """One multipart message as zmq.Frame objects (no copy of large frames)."""
+    return await sock.recv_multipart(copy=False)
+
+
+def recv_nowait(sock: zmq.asyncio.Socket) -> list[Any] | None:
+    """The next message if one is already queued, else None; lets a reader drain a burst in one wake-up."""
+    try:
+        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result()  # type: ignore[union-attr]
+    except zmq.Again:
+        return None
+
+
+async def send(sock: zmq.asyncio.Socket, frames: Sequence[Frame]) -> None:
+    # Frames under the socket's copy_threshold are copied anyway; large ones travel by reference.
+    await sock.send_multipart(frames, copy=False)
+
+
+def send_nowait(sock: zmq.asyncio.Socket, frames: Sequence[Frame]) -> bool:
+    """Send without waiting. False when the peer is unreachable or its queue is full (the message is dropped)."""
+    # zmq.asyncio hands back an already-finished future, whose exception must be read or it is logged.
+    done = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    return done.exception() is None  # type: ignore[union-attr]

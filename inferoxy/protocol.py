@@ -1,0 +1,57 @@
+"""Message types and error codes spoken on Inferoxy's internal ZeroMQ bus.
+
+docs/PROTOCOL.md describes every message with its fields. Like ``wire``, this module
+is imported inside replica images and so depends on the standard library only.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a request failed. Every error reply on every socket carries one of these."""
+
+    BAD_INPUT = "bad_input"
+    UNKNOWN_MODEL = "unknown_model"
+    NOT_READY = "not_ready"
+    OVERLOADED = "overloaded"
+    DEADLINE = "deadline"
+    REPLICA_LOST = "replica_lost"
+    SESSION_LOST = "session_lost"
+    MODEL_ERROR = "model_error"
+    INTERNAL = "internal"
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS[self]
+
+
+_HTTP_STATUS = {
+    ErrorCode.BAD_INPUT: 400,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.NOT_READY: 503,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.DEADLINE: 504,
+    ErrorCode.REPLICA_LOST: 503,
+    ErrorCode.SESSION_LOST: 409,
+    ErrorCode.MODEL_ERROR: 500,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+# Bridges <-> batch manager
+INFER = "infer"
+CANCEL = "cancel"
+REPLY = "reply"
+ERROR = "error"
+
+# Batch manager <-> task manager, task manager <-> replicas
+HEARTBEAT = "hb"
+REPLICA_UP = "replica_up"
+REPLICA_DOWN = "replica_down"
+READY = "ready"
+BATCH = "batch"
+RESULT = "result"
+FAILED = "failed"
+STOP = "stop"

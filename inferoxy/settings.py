@@ -1,0 +1,93 @@
+"""Inferoxy's settings: defaults, then a YAML file, then ``INFEROXY_*`` environment variables.
+
+The YAML file is named by ``INFEROXY_CONFIG`` (or ``inferoxy --config``); its keys are the
+field names below in lower case. Every variable is listed with its default in
+``.env.example``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+RuntimeKind = Literal["process", "docker", "kubernetes"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFEROXY_", extra="ignore")
+
+    # Where clients reach the bridges.
+    bind_host: str = Field("0.0.0.0", description="Address the REST, gRPC and ZeroMQ bridges listen on.")
+    rest_port: int = 8698
+    grpc_port: int = 50051
+    zmq_port: int = 7787
+
+    # The internal bus. Any ZeroMQ URL: tcp://, ipc://, or inproc:// when components share a process.
+    batch_manager_url: str = Field("tcp://127.0.0.1:7790", description="Bridges -> batch manager.")
+    task_manager_url: str = Field("tcp://127.0.0.1:7791", description="Batch manager -> task manager.")
+    replica_bind_url: str = Field("tcp://127.0.0.1:7792", description="Task manager binds; replicas dial.")
+    replica_connect_url: str | None = Field(
+        None, description="The address replicas dial, when it differs from replica_bind_url (containers, pods)."
+    )
+
+    # Model registry.
+    redis_url: str | None = Field(None, description="Unset: an embedded Redis-protocol server is started.")
+    redis_prefix: str = "inferoxy"
+    embedded_redis_port: int = 6379
+    models_file: str | None = Field("models.yaml", description="Seeds the registry at start; empty to skip.")
+
+    # Replicas.
+    runtime: RuntimeKind = "process"
+    instance: str = Field("inferoxy", description="Names and labels this proxy's replicas.")
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    replica_start_timeout_s: float = 120.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 30.0
+
+    # Requests.
+    request_timeout_s: float = 30.0
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    log_level: str = "INFO"
+
+    @field_validator("replica_bind_url")
+    @classmethod
+    def _replicas_are_other_processes(cls, url: str) -> str:
+        if url.startswith("inproc://"):
+            raise ValueError("replicas run in their own processes, so replica_bind_url cannot be inproc://")
+        return url
+
+    @property
+    def replica_url(self) -> str:
+        """The address handed to replicas."""
+        return self.replica_connect_url or self.replica_bind_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("INFEROXY_CONFIG")
+        if config_file:
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"INFEROXY_CONFIG names {config_file}, which does not exist")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,154 @@
+"""The wire format shared by every ZeroMQ socket in Inferoxy.
+
+A message is a multipart ZeroMQ message: one msgpack *header* frame, then one raw
+frame per tensor. The header's ``tensors`` list describes those frames in order,
+each as ``{"name": str, "dtype": str, "shape": [int, ...]}``. Raw frames carry the
+array bytes in C order, little-endian, so a large array crosses a socket without
+being copied or serialised.
+
+This module is imported by the model runtime inside replica images, so it depends
+on numpy and msgpack only. Nothing here ever unpickles: dtypes are looked up in a
+fixed table, never built from strings a peer sent, and object arrays do not exist
+on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+
+# The dtypes a tensor may have on the wire, by the name used in headers.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "bool": np.dtype("?"),
+    "uint8": np.dtype("<u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
+    "int8": np.dtype("<i1"),
+    "int16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+}
+_NAME_OF_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
+
+MAX_RANK = 32
+MAX_HEADER_BYTES = 1 << 20
+
+# A frame as pyzmq hands it over (bytes, or a zmq.Frame exposing .buffer) or as we send it.
+Frame = Union[bytes, bytearray, memoryview, Any]
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format. Its text is safe to send to the peer."""
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The wire name of a numpy dtype, or WireError if it cannot travel."""
+    normal = np.dtype(dtype)
+    if normal.byteorder == ">":
+        normal = normal.newbyteorder("<")
+    found = _NAME_OF_DTYPE.get(normal)
+    if found is None:
+        raise WireError(f"dtype {np.dtype(dtype)} cannot be sent; use one of {', '.join(DTYPES)}")
+    return found
+
+
+def pack_header(header: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack_header(frame: Frame) -> dict[str, Any]:
+    """Decode a header frame; WireError unless it is a msgpack map of bounded size."""
+    data = _buffer(frame)
+    if len(data) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(data)} bytes is larger than {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("header must be a msgpack map")
+    return header
+
+
+def tensor_meta(name: str, array: np.ndarray) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype_name(array.dtype), "shape": list(array.shape)}
+
+
+def encode(header: Mapping[str, Any], tensors: Sequence[tuple[str, np.ndarray]] = ()) -> list[Frame]:
+    """Frames for ``header`` plus ``tensors``; the header's ``tensors`` key is filled in here."""
+    arrays = [_little_endian(np.asarray(array, order="C")) for _, array in tensors]
+    out = dict(header)
+    out["tensors"] = [tensor_meta(name, array) for (name, _), array in zip(tensors, arrays)]
+    return [pack_header(out), *(array.data.cast("B") if array.nbytes else b"" for array in arrays)]
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">":
+        return array.astype(array.dtype.newbyteorder("<"))
+    return array
+
+
+def check_tensors(header: Mapping[str, Any], frames: Sequence[Frame]) -> list[dict[str, Any]]:
+    """Validate the header's tensor list against the raw frames that follow the header.
+
+    ``frames`` are the frames after the header. Returns the tensor metadata list.
+    Checks frame count, names, dtypes, shapes and that every buffer holds exactly
+    dtype × shape bytes, without touching the array data.
+    """
+    metas = header.get("tensors", [])
+    if not isinstance(metas, list):
+        raise WireError("'tensors' must be a list")
+    if len(metas) != len(frames):
+        raise WireError(f"header describes {len(metas)} tensors but {len(frames)} data frames followed")
+    for index, (meta, frame) in enumerate(zip(metas, frames)):
+        if not isinstance(meta, dict):
+            raise WireError(f"tensor {index}: description must be a map")
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise WireError(f"tensor {index}: 'name' must be a non-empty string")
+        dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise WireError(f"tensor {name!r}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+        shape = meta.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative ints")
+        expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64)) if shape else dtype.itemsize
+        got = memoryview(_buffer(frame)).nbytes
+        if expected != got:
+            raise WireError(f"tensor {name!r}: {meta['dtype']} {shape} needs {expected} bytes, frame has {got}")
+    return metas
+
+
+def decode(frames: Sequence[Frame]) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    """Header and named arrays of a message. Arrays are read-only views of the frames."""
+    if not frames:
+        raise WireError("empty message")
+    header = unpack_header(frames[0])
+    metas = check_tensors(header, frames[1:])
+    tensors = [(meta["name"], as_array(meta, frame)) for meta, frame in zip(metas, frames[1:])]
+    return header, tensors
+
+
+def as_array(meta: Mapping[str, Any], frame: Frame) -> np.ndarray:
+    """The array a checked tensor description and its frame stand for (a view, no copy)."""
+    return np.frombuffer(_buffer(frame), dtype=DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+
+def _buffer(frame: Frame) -> memoryview | bytes:
+    if isinstance(frame, (bytes, bytearray, memoryview)):
+        return frame
+    buffer = getattr(frame, "buffer", None)  # zmq.Frame
+    if buffer is None:
+        raise WireError(f"frame of type {type(frame).__name__} has no buffer")
+    return buffer

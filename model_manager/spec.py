@@ -1,0 +1,103 @@
+"""The model spec: everything Inferoxy needs to know to batch for a model and run its replicas."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Open Inference Protocol datatypes and the wire dtype each travels as on the bus.
+DATATYPE_TO_DTYPE: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+DTYPE_TO_DATATYPE = {dtype: datatype for datatype, dtype in DATATYPE_TO_DTYPE.items()}
+
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                   "FP16", "FP32", "FP64", "BYTES"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class TensorSpec(BaseModel):
+    """One input or output. ``shape`` leaves out the batch dimension; -1 is a free dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    datatype: Datatype
+    shape: list[int] = Field(max_length=32)
+
+    @model_validator(mode="after")
+    def _dims(self) -> TensorSpec:
+        if any(d < -1 for d in self.shape):
+            raise ValueError(f"shape {self.shape}: dimensions are sizes >= 0, or -1 for any size")
+        return self
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(None, gt=0, description="CPU cores a replica may use.")
+    memory: str | None = Field(None, description="Memory limit, as Docker or Kubernetes spell it (e.g. 2g).")
+
+
+class ModelSpec(BaseModel):
+    """A model as stored in Redis and seeded from models.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field("1", pattern=NAME_PATTERN)
+
+    # How a replica starts. The process runtime runs ``command`` if set, else the model
+    # runtime with ``model_class``; container runtimes run ``image`` (with ``command`` if set).
+    image: str | None = None
+    model_class: str | None = Field(None, description="'package.module:ClassName' of the Model subclass.")
+    command: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    # Batching.
+    max_batch_size: int = Field(8, ge=1, le=65536, description="Rows per batch, over all requests in it.")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=60_000)
+
+    # Sessions: the spec decides whether a model is stateful, never the client.
+    stateful: bool = False
+    max_sessions_per_replica: int = Field(16, ge=1)
+    session_idle_timeout_s: float = Field(60.0, gt=0)
+
+    # Placement and scaling.
+    run_on_gpu: bool = False
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if not (self.image or self.model_class or self.command):
+            raise ValueError("a model needs an image, a model_class or a command to start its replicas")
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            names = [t.name for t in tensors]
+            if len(names) != len(set(names)):
+                raise ValueError(f"{kind} names must be unique, got {names}")
+        return self
+
+    @property
+    def key(self) -> str:
+        """``name/version``: how the registry and the managers tell model versions apart."""
+        return f"{self.name}/{self.version}"

@@ -1,0 +1,185 @@
+"""Model specs in Redis.
+
+Key schema (``P`` is ``INFEROXY_REDIS_PREFIX``, ``inferoxy`` by default):
+
+=====================  ======  ==========================================================
+key                    type    holds
+=====================  ======  ==========================================================
+``P:models``           hash    field ``name/version`` -> the spec as JSON
+``P:defaults``         hash    field ``name`` -> the version served when a request names none
+``P:revision``         string  an integer bumped by every write, so readers can tell they are stale
+``P:events``           pubsub  a JSON message ``{"revision", "action", "name", "version"}`` per write
+=====================  ======  ==========================================================
+
+Every write goes through one MULTI transaction, so a reader never sees a spec without
+its revision bump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from model_manager.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class SpecStore:
+    """Reads and writes model specs under one key prefix."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "inferoxy") -> None:
+        self.client = client
+        self.models_key = f"{prefix}:models"
+        self.defaults_key = f"{prefix}:defaults"
+        self.revision_key = f"{prefix}:revision"
+        self.events_channel = f"{prefix}:events"
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "inferoxy") -> SpecStore:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), prefix)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def put(self, spec: ModelSpec, *, make_default: bool = False) -> int:
+        """Store ``spec``; it becomes its model's default version if asked or if the model had none."""
+        has_default = await self.client.hexists(self.defaults_key, spec.name)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.models_key, spec.key, spec.model_dump_json())
+            if make_default or not has_default:
+                pipe.hset(self.defaults_key, spec.name, spec.version)
+            pipe.incr(self.revision_key)
+            results = await pipe.execute()
+        revision = int(results[-1])
+        await self._publish(revision, "put", spec.name, spec.version)
+        return revision
+
+    async def delete(self, name: str, version: str | None = None) -> bool:
+        """Remove one version, or every version of ``name``. False if there was nothing to remove."""
+        keys = [k for k in await self.client.hkeys(self.models_key) if _split_key(k)[0] == name]
+        if version is not None:
+            keys = [k for k in keys if k == f"{name}/{version}"]
+        if not keys:
+            return False
+        remaining = {_split_key(k)[1] for k in await self.client.hkeys(self.models_key)
+                     if _split_key(k)[0] == name} - {_split_key(k)[1] for k in keys}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.models_key, *keys)
+            if remaining:
+                pipe.hset(self.defaults_key, name, max(remaining, key=_version_order))
+            else:
+                pipe.hdel(self.defaults_key, name)
+            pipe.incr(self.revision_key)
+            results = await pipe.execute()
+        await self._publish(int(results[-1]), "delete", name, version)
+        return True
+
+    async def revision(self) -> int:
+        return int(await self.client.get(self.revision_key) or 0)
+
+    async def snapshot(self) -> Registry:
+        """Every spec and default version, read in one round trip."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.models_key)
+            pipe.hgetall(self.defaults_key)
+            pipe.get(self.revision_key)
+            raw_specs, defaults, revision = await pipe.execute()
+        specs: dict[str, ModelSpec] = {}
+        for key, text in raw_specs.items():
+            try:
+                specs[key] = ModelSpec.model_validate_json(text)
+            except ValidationError as exc:
+                # A hand-edited bad spec must not take the other models down with it.
+                log.error("ignoring invalid spec %s in Redis: %s", key, exc)
+        return Registry(specs, defaults, int(revision or 0))
+
+    async def seed(self, specs: Iterable[ModelSpec], *, overwrite: bool = False) -> list[str]:
+        """Add specs Redis lacks (or replace them, with ``overwrite``). Returns the keys written."""
+        written = []
+        existing = set(await self.client.hkeys(self.models_key))
+        for spec in specs:
+            if overwrite or spec.key not in existing:
+                await self.put(spec)
+                written.append(spec.key)
+        return written
+
+    async def _publish(self, revision: int, action: str, name: str, version: str | None) -> None:
+        message = {"revision": revision, "action": action, "name": name, "version": version}
+        await self.client.publish(self.events_channel, json.dumps(message))
+
+    async def watch(
+        self,
+        on_change: Callable[[Registry], Awaitable[None] | None],
+        *,
+        resync_interval_s: float = 5.0,
+        retry_max_s: float = 10.0,
+    ) -> None:
+        """Call ``on_change`` with a fresh snapshot whenever the registry changes; runs until cancelled.
+
+        Pub/sub makes changes arrive at once; the periodic revision check heals a missed
+        message. While Redis is unreachable the caller keeps its last snapshot and this
+        retries with backoff.
+        """
+        seen = -1
+        delay = 0.2
+        while True:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.events_channel)
+                    delay = 0.2
+                    while True:
+                        revision = await self.revision()
+                        if revision != seen:
+                            registry = await self.snapshot()
+                            seen = registry.revision
+                            result = on_change(registry)
+                            if asyncio.iscoroutine(result):
+                                await result
+                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=resync_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection errors of every kind: keep serving what we know
+                log.warning("model registry unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, retry_max_s)
+
+
+class Registry:
+    """A consistent view of the registry at one revision."""
+
+    def __init__(self, specs: dict[str, ModelSpec], defaults: dict[str, str], revision: int) -> None:
+        self.specs = specs
+        self.defaults = defaults
+        self.revision = revision
+
+    def get(self, name: str, version: str | None = None) -> ModelSpec | None:
+        """The spec a request for ``name`` (and optionally ``version``) is served by."""
+        if version is None:
+            version = self.defaults.get(name)
+            if version is None:
+                return None
+        return self.specs.get(f"{name}/{version}")
+
+    def names(self) -> list[str]:
+        return sorted({spec.name for spec in self.specs.values()})
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.specs.values())
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    name, _, version = key.partition("/")
+    return name, version
+
+
+def _version_order(version: str) -> tuple[int, int | str]:
+    return (1, int(version)) if version.isdigit() else (0, version)

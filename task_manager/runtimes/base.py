@@ -1,0 +1,70 @@
+"""What the task manager asks of a runtime: start a replica, wait for it to end, stop it.
+
+A runtime knows how to run a process somewhere (a local subprocess, a Docker container,
+a Kubernetes pod) and nothing about batches: the replica dials the task manager itself,
+using the environment the plan hands it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from model_manager.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One replica to start."""
+
+    replica_id: str
+    spec: ModelSpec
+    env: dict[str, str]
+    """Variables the model runtime reads (INFEROXY_REPLICA_URL, INFEROXY_REPLICA_ID, ...), merged over spec.env."""
+    gpu: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaExit:
+    """How a replica ended."""
+
+    code: int | None
+    """Exit status, or None when it is unknown (the replica vanished)."""
+    log_tail: str = ""
+    """Its last log lines, for error replies and the proxy's log."""
+
+    def describe(self) -> str:
+        status = "ended" if self.code is None else f"exited with status {self.code}"
+        return f"{status}; last output:\n{self.log_tail}" if self.log_tail else status
+
+
+class ReplicaHandle(abc.ABC):
+    replica_id: str
+
+    @abc.abstractmethod
+    async def wait(self) -> ReplicaExit:
+        """Return once the replica has ended, however it ended."""
+
+    @abc.abstractmethod
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """End the replica: ask it to stop, kill it after ``grace_s``, and remove what it left behind."""
+
+
+class Runtime(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, plan: ReplicaPlan) -> ReplicaHandle:
+        """Start a replica. Raises RuntimeStartError with a reason users can act on."""
+
+    async def remove_orphans(self) -> int:
+        """Remove replicas an earlier run of this proxy instance left behind; returns how many."""
+        return 0
+
+    async def close(self) -> None:
+        """Release the runtime's own resources (clients, sockets). Replicas are stopped before this."""
+
+
+class RuntimeStartError(RuntimeError):
+    """A replica could not be started (image missing, no engine, bad command)."""
