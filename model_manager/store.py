@@ -183,3 +183,14 @@ def _split_key(key: str) -> tuple[str, str]:
 
 def _version_order(version: str) -> tuple[int, int | str]:
     return (1, int(version)) if version.isdigit() else (0, version)
+
+
+def open_store(redis_url: str | None, prefix: str) -> SpecStore:
+    """The store a component reads specs from. Only ``inferoxy serve`` and the model manager may start
+    an embedded Redis, so every other component needs to be told where Redis is."""
+    if not redis_url:
+        raise RuntimeError(
+            "INFEROXY_REDIS_URL is not set: run this component under `inferoxy serve` (which starts an "
+            "embedded Redis) or point it at a Redis server"
+        )
+    return SpecStore.from_url(redis_url, prefix)
