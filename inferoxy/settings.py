@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     grpc_port: int = 50051
     zmq_port: int = 7787
 
+    bridges: str = Field("rest,zmq", description="Comma-separated bridges `inferoxy serve` starts.")
+
     # The internal bus. Any ZeroMQ URL: tcp://, ipc://, or inproc:// when components share a process.
     batch_manager_url: str = Field("tcp://127.0.0.1:7790", description="Bridges -> batch manager.")
     task_manager_url: str = Field("tcp://127.0.0.1:7791", description="Batch manager -> task manager.")
@@ -65,6 +67,10 @@ class Settings(BaseSettings):
         if url.startswith("inproc://"):
             raise ValueError("replicas run in their own processes, so replica_bind_url cannot be inproc://")
         return url
+
+    @property
+    def bridge_names(self) -> list[str]:
+        return [name.strip() for name in self.bridges.split(",") if name.strip()]
 
     @property
     def replica_url(self) -> str:

@@ -1,0 +1,67 @@
+"""The ``inferoxy`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from pydantic import ValidationError
+
+from inferoxy.logs import setup_logging
+from inferoxy.runner import COMPONENTS, run_component, run_in_process
+from inferoxy.settings import Settings, load_settings
+from inferoxy.supervisor import Supervisor, print_endpoints
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferoxy", description="Serve Dockerized models over REST, gRPC and ZeroMQ.")
+    parser.add_argument("--config", help="YAML settings file (same as INFEROXY_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start every component on this machine")
+    serve.add_argument("--models", help="models.yaml that seeds the registry (same as INFEROXY_MODELS_FILE)")
+    serve.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the components in one process (then inproc:// bus URLs work); replicas stay processes",
+    )
+
+    run = commands.add_parser("run", help="start one component alone (for separate containers or pods)")
+    run.add_argument("component", choices=sorted(COMPONENTS))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Children of `serve` read the same environment, so options become variables here.
+    if args.config:
+        os.environ["INFEROXY_CONFIG"] = os.path.abspath(args.config)
+    if getattr(args, "models", None):
+        os.environ["INFEROXY_MODELS_FILE"] = os.path.abspath(args.models)
+    try:
+        settings = load_settings()
+    except (ValidationError, FileNotFoundError) as exc:
+        print(f"inferoxy: bad settings: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "run":
+        setup_logging(settings.log_level, args.component)
+        asyncio.run(run_component(args.component, settings))
+        return 0
+
+    setup_logging(settings.log_level, "serve")
+    if args.in_process:
+        embedded = not settings.redis_url
+
+        def on_ready(shared: Settings) -> None:
+            print_endpoints(shared, embedded_redis=embedded)
+
+        asyncio.run(run_in_process(settings, on_ready))
+        return 0
+    return Supervisor(settings).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.support import require_service
+
+
+@pytest.fixture(scope="session")
+def real_redis_url() -> str:
+    """A real redis-server (started by .ci/run). Missing: a failure in CI, a skip elsewhere."""
+    url = os.environ.get("INFEROXY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+    except redis.RedisError:
+        require_service(f"Redis at {url}", "INFEROXY_REQUIRE_REDIS")
+    return url
+
+
+@pytest.fixture
+def redis_prefix(real_redis_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A key prefix of this test's own in the real Redis, deleted afterwards."""
+    prefix = f"inferoxy-test-{os.getpid()}-{request.node.name}"[:120]
+    yield prefix
+    client = redis.Redis.from_url(real_redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)

@@ -1,0 +1,182 @@
+"""Helpers the tests share: free ports, polling with a deadline, and a whole proxy in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; the fields after the last ')' do not.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def require_service(name: str, variable: str) -> None:
+    """Fail (in CI, or when ``variable`` is set) or skip (on a developer's machine) for a missing service."""
+    message = f"{name} is not reachable"
+    if os.environ.get("CI") or os.environ.get(variable):
+        pytest.fail(f"{message}, and this run requires it ({variable} or CI is set)")
+    pytest.skip(message)
+
+
+class ProxyProcess:
+    """``inferoxy serve`` in a subprocess, on free loopback ports, stopped (with all it started) by ``stop``."""
+
+    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.rest_port = free_port()
+        self.zmq_port = free_port()
+        self.grpc_port = free_port()
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "INFEROXY_BIND_HOST": "127.0.0.1",
+            "INFEROXY_REST_PORT": str(self.rest_port),
+            "INFEROXY_ZMQ_PORT": str(self.zmq_port),
+            "INFEROXY_GRPC_PORT": str(self.grpc_port),
+            "INFEROXY_BATCH_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}",
+            "INFEROXY_TASK_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}",
+            "INFEROXY_REPLICA_BIND_URL": f"tcp://127.0.0.1:{free_port()}",
+            "INFEROXY_EMBEDDED_REDIS_PORT": str(free_port()),
+            "INFEROXY_MODELS_FILE": str(REPO / "models.yaml"),
+            "INFEROXY_INSTANCE": f"test{os.getpid()}",
+            **(env or {}),
+        }
+        self.args = args or []
+        self.process: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    @property
+    def zmq_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.zmq_port}"
+
+    def start(self, timeout: float = 60.0) -> ProxyProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "inferoxy", "serve", *self.args],
+            env=self.env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.wait_for_line("Inferoxy is serving", timeout)
+        return self
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for_line(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} within {timeout}s; output:\n{self.log()}") from None
+            if line is None:
+                raise AssertionError(f"inferoxy exited before printing {text!r}; output:\n{self.log()}")
+            if text in line:
+                return line
+
+    def log(self) -> str:
+        return "".join(self.output[-200:])
+
+    def pids(self) -> set[int]:
+        assert self.process is not None
+        return descendants(self.process.pid)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then check that nothing it started survives it."""
+        assert self.process is not None
+        started = self.pids()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            for pid in started:
+                _kill(pid)
+            raise AssertionError(f"inferoxy did not stop within {timeout}s; output:\n{self.log()}") from None
+        wait_for(lambda: not any(alive(pid) for pid in started), timeout=10, what="every child process to exit")
+        return code
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.stop()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
