@@ -56,7 +56,7 @@ async def recv(sock: zmq.asyncio.Socket) -> list[Any]:
 def recv_nowait(sock: zmq.asyncio.Socket) -> list[Any] | None:
     """The next message if one is already queued, else None; lets a reader drain a burst in one wake-up."""
     try:
-        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result()  # type: ignore[union-attr]
+        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result()  # type: ignore[attr-defined]
     except zmq.Again:
         return None
 
@@ -70,4 +70,4 @@ def send_nowait(sock: zmq.asyncio.Socket, frames: Sequence[Frame]) -> bool:
     """Send without waiting. False when the peer is unreachable or its queue is full (the message is dropped)."""
     # zmq.asyncio hands back an already-finished future, whose exception must be read or it is logged.
     done = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-    return done.exception() is None  # type: ignore[union-attr]
+    return done.exception() is None  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -42,7 +43,7 @@ def load_component(name: str) -> type[Service]:
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; choose from {', '.join(COMPONENTS)}")
     module_name, _, class_name = COMPONENTS[name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 async def run_until_signalled(main: Callable[[asyncio.Event], asyncio.Future[None] | object]) -> None:
@@ -70,10 +71,8 @@ async def run_component(name: str, settings: Settings) -> None:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for pending in (task, stopper, waiter):
             pending.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
 
     try:
         await run_until_signalled(main)

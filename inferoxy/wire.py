@@ -41,7 +41,7 @@ MAX_RANK = 32
 MAX_HEADER_BYTES = 1 << 20
 
 # A frame as pyzmq hands it over (bytes, or a zmq.Frame exposing .buffer) or as we send it.
-Frame = Union[bytes, bytearray, memoryview, Any]
+Frame = Union[bytes, bytearray, memoryview, Any]  # noqa: UP007 (a runtime alias; `|` cannot take Any on 3.10)
 
 
 class WireError(ValueError):
@@ -85,7 +85,7 @@ def encode(header: Mapping[str, Any], tensors: Sequence[tuple[str, np.ndarray]] 
     """Frames for ``header`` plus ``tensors``; the header's ``tensors`` key is filled in here."""
     arrays = [_little_endian(np.asarray(array, order="C")) for _, array in tensors]
     out = dict(header)
-    out["tensors"] = [tensor_meta(name, array) for (name, _), array in zip(tensors, arrays)]
+    out["tensors"] = [tensor_meta(name, array) for (name, _), array in zip(tensors, arrays, strict=True)]
     return [pack_header(out), *(array.data.cast("B") if array.nbytes else b"" for array in arrays)]
 
 
@@ -107,7 +107,7 @@ def check_tensors(header: Mapping[str, Any], frames: Sequence[Frame]) -> list[di
         raise WireError("'tensors' must be a list")
     if len(metas) != len(frames):
         raise WireError(f"header describes {len(metas)} tensors but {len(frames)} data frames followed")
-    for index, (meta, frame) in enumerate(zip(metas, frames)):
+    for index, (meta, frame) in enumerate(zip(metas, frames, strict=True)):
         if not isinstance(meta, dict):
             raise WireError(f"tensor {index}: description must be a map")
         name = meta.get("name")
@@ -136,7 +136,7 @@ def decode(frames: Sequence[Frame]) -> tuple[dict[str, Any], list[tuple[str, np.
         raise WireError("empty message")
     header = unpack_header(frames[0])
     metas = check_tensors(header, frames[1:])
-    tensors = [(meta["name"], as_array(meta, frame)) for meta, frame in zip(metas, frames[1:])]
+    tensors = [(meta["name"], as_array(meta, frame)) for meta, frame in zip(metas, frames[1:], strict=True)]
     return header, tensors
 
 
@@ -145,7 +145,7 @@ def as_array(meta: Mapping[str, Any], frame: Frame) -> np.ndarray:
     return np.frombuffer(_buffer(frame), dtype=DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
-def _buffer(frame: Frame) -> memoryview | bytes:
+def _buffer(frame: Frame) -> bytes | bytearray | memoryview:
     if isinstance(frame, (bytes, bytearray, memoryview)):
         return frame
     buffer = getattr(frame, "buffer", None)  # zmq.Frame

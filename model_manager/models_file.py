@@ -36,7 +36,7 @@ def parse_models(document: Any, source: str = "models file") -> list[ModelSpec]:
         return []
     if not isinstance(document, dict):
         raise ModelsFileError(f"{source}: expected a mapping at the top level")
-    entries = document["models"] if "models" in document else document
+    entries = document.get("models", document)
     if isinstance(entries, dict):
         items = [{**_fields(body, name, source), "name": body.get("name", name) if isinstance(body, dict)
                   else name} for name, body in entries.items()]

@@ -75,8 +75,8 @@ class ModelManager:
         path = self.settings.models_file
         if not path:
             return
-        if not Path(path).is_file():
+        if not await asyncio.to_thread(Path(path).is_file):
             log.warning("models file %s not found; the registry starts with what Redis holds", path)
             return
-        written = await store.seed(load_models_file(path))
+        written = await store.seed(await asyncio.to_thread(load_models_file, path))
         log.info("seeded %d model(s) from %s: %s", len(written), path, ", ".join(written) or "none new")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -62,15 +62,13 @@ class SpecStore:
 
     async def delete(self, name: str, version: str | None = None) -> bool:
         """Remove one version, or every version of ``name``. False if there was nothing to remove."""
-        keys = [k for k in await self.client.hkeys(self.models_key) if _split_key(k)[0] == name]
-        if version is not None:
-            keys = [k for k in keys if k == f"{name}/{version}"]
-        if not keys:
+        versions = await self.versions(name)
+        doomed = versions if version is None else versions & {version}
+        if not doomed:
             return False
-        remaining = {_split_key(k)[1] for k in await self.client.hkeys(self.models_key)
-                     if _split_key(k)[0] == name} - {_split_key(k)[1] for k in keys}
+        remaining = versions - doomed
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.models_key, *keys)
+            pipe.hdel(self.models_key, *(f"{name}/{v}" for v in doomed))
             if remaining:
                 pipe.hset(self.defaults_key, name, max(remaining, key=_version_order))
             else:
@@ -79,6 +77,10 @@ class SpecStore:
             results = await pipe.execute()
         await self._publish(int(results[-1]), "delete", name, version)
         return True
+
+    async def versions(self, name: str) -> set[str]:
+        keys = [str(key) for key in await self.client.hkeys(self.models_key)]  # decode_responses: already str
+        return {version for model, version in map(_split_key, keys) if model == name}
 
     async def revision(self) -> int:
         return int(await self.client.get(self.revision_key) or 0)
@@ -169,7 +171,7 @@ class Registry:
     def names(self) -> list[str]:
         return sorted({spec.name for spec in self.specs.values()})
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self.specs.values())
 
     def __len__(self) -> int:
