@@ -118,7 +118,7 @@ class Supervisor:
                 raise StartupError(f"{child.name} failed to start (exit status {child.process.returncode})")
             buffer += chunk
         os.close(child.ready_pipe)
-        return json.loads(buffer.split(b"\n", 1)[0])  # type: ignore[no-any-return]
+        return json.loads(buffer.split(b"\n", 1)[0])
 
     def _stop_all(self) -> None:
         for child in reversed(self.children):
