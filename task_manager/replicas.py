@@ -1,0 +1,112 @@
+"""What the task manager knows about each replica and each model it runs replicas for."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_manager.spec import ModelSpec
+from task_manager.runtimes.base import ReplicaHandle
+
+# Docker container names and Kubernetes labels both allow 63 characters.
+MAX_REPLICA_ID = 63
+
+# Spec fields that change what a replica runs; other fields (batching, sessions) are the batch manager's.
+REPLICA_FIELDS = {"image", "model_class", "command", "env", "run_on_gpu", "resources"}
+
+
+class ReplicaState(str, enum.Enum):
+    STARTING = "starting"  # started, has not said `ready`
+    READY = "ready"  # serving; the batch managers were told `replica_up`
+    STOPPING = "stopping"  # being ended, on purpose or because it stopped answering
+
+
+@dataclass(eq=False)
+class Replica:
+    id: str
+    spec: ModelSpec
+    group: ModelGroup
+    started_at: float
+    state: ReplicaState = ReplicaState.STARTING
+    handle: ReplicaHandle | None = None
+    task: asyncio.Task[None] | None = None
+    pid: int | None = None
+    capacity: int = 0
+    ready_at: float | None = None
+    last_seen: float = 0.0
+    announced: bool = False
+    """A `replica_up` went out, so a `replica_down` is owed."""
+    in_flight: dict[Any, bytes] = field(default_factory=dict)
+    """Batches forwarded and not answered: batch id -> identity of the batch manager that sent it."""
+    end_reason: str | None = None
+    """Why the task manager is ending it, once it is."""
+    wanted_gone: bool = False
+    """Ended on purpose (model removed or changed, scaled down), so not a failure to back off from."""
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_grace_s: float = 5.0
+
+    @property
+    def identity(self) -> bytes:
+        return self.id.encode()
+
+    @property
+    def live(self) -> bool:
+        return self.state is not ReplicaState.STOPPING
+
+
+@dataclass(eq=False)
+class ModelGroup:
+    """The replicas of one model version, and how its restarts are going."""
+
+    spec: ModelSpec
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    next_index: int = 0
+    failures: int = 0
+    """Unexpected ends in a row; sets the restart backoff."""
+    not_before: float = 0.0
+    """No replica is started before this monotonic time (restart backoff)."""
+    retry: asyncio.TimerHandle | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    removed: bool = False
+
+    @property
+    def desired(self) -> int:
+        return self.spec.min_replicas
+
+    def live(self) -> list[Replica]:
+        return [replica for replica in self.replicas.values() if replica.live]
+
+
+def sanitize(text: str) -> str:
+    """``text`` as lowercase letters, digits and dashes; a short hash keeps names that differ only in
+    case or punctuation (``My_Model`` and ``my.model``) apart."""
+    clean = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+    if clean != text:
+        clean = f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:6]}".lstrip("-")
+    return clean
+
+
+def replica_id(instance: str, model: str, version: str, n: int) -> str:
+    """``{instance}-{model}-{version}-{n}``, sanitized and at most 63 characters."""
+    suffix = f"-{n}"
+    base = sanitize(f"{instance}-{model}-{version}")
+    if len(base) + len(suffix) > MAX_REPLICA_ID:
+        digest = hashlib.sha1(base.encode()).hexdigest()[:8]
+        base = f"{base[: MAX_REPLICA_ID - len(suffix) - len(digest) - 1].rstrip('-')}-{digest}"
+    return base + suffix
+
+
+def replica_fields_differ(old: ModelSpec, new: ModelSpec) -> bool:
+    return old.model_dump(include=REPLICA_FIELDS) != new.model_dump(include=REPLICA_FIELDS)
+
+
+def backoff_delay(failures: int, base_s: float, max_s: float) -> float:
+    """Seconds to wait before the next start after ``failures`` unexpected ends in a row."""
+    if failures <= 0:
+        return 0.0
+    return float(min(max_s, base_s * 2 ** min(failures - 1, 30)))

@@ -1,0 +1,80 @@
+"""Small models that misbehave on demand, for the runtime, task manager and end-to-end tests.
+
+Replicas import them as ``tests.models_for_tests:ClassName`` (the repository root on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from inferoxy.model import Model
+
+
+class BatchProbeModel(Model):
+    """Shows what one ``predict`` call saw: ``y = 2x``, each row's index in the batch, and the batch's size."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(batch["x"])
+        return {
+            "y": batch["x"] * 2,
+            "row": np.arange(rows, dtype=np.int64),
+            "batch_rows": np.full(rows, rows, dtype=np.int64),
+        }
+
+
+class RaisingModel(Model):
+    """Raises ValueError when any value of the input ``fail`` is non-zero; otherwise echoes."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if np.any(batch["fail"]):
+            raise ValueError("asked to fail")
+        return dict(batch)
+
+
+class BadOutputModel(Model):
+    """Returns a broken output, chosen by the name of its one input."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (name, array), = batch.items()
+        rows = len(array)
+        broken: dict[str, object] = {
+            "shape": {"y": np.zeros(rows + 1, np.float32)},
+            "scalar": {"y": np.array(1.0, np.float32)},
+            "dtype": {"y": np.array(["a"] * rows, dtype=object)},
+            "complex": {"y": np.zeros(rows, np.complex64)},
+            "list": {"y": [0.0] * rows},
+            "not_a_dict": [np.zeros(rows, np.float32)],
+            "empty": {},
+        }
+        return broken.get(name, dict(batch))  # type: ignore[return-value]
+
+
+class SlowModel(Model):
+    """Sleeps, then echoes: for the largest value of the input ``sleep_s`` if there is one, else for
+    ``SLOW_MODEL_SECONDS`` (default 1) seconds."""
+
+    def load(self) -> None:
+        self.seconds = float(os.environ.get("SLOW_MODEL_SECONDS", "1"))
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(float(batch["sleep_s"].max()) if "sleep_s" in batch else self.seconds)
+        return dict(batch)
+
+
+class FailingLoadModel(Model):
+    def load(self) -> None:
+        raise RuntimeError("weights missing")
+
+
+class HangingLoadModel(Model):
+    """Never finishes loading, so its replica never says ready."""
+
+    def load(self) -> None:
+        time.sleep(3600)
+
+
+class NotAModel:
+    """Not a subclass of Model: the runtime must refuse it."""

@@ -1,0 +1,319 @@
+"""The model runtime (``python -m inferoxy.runtime``) against a task manager played by the test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from inferoxy import wire
+from inferoxy.runtime import EXIT_CONFIG, EXIT_LOST_TASK_MANAGER, EXIT_STOPPED
+from tests.support import REPO
+
+Tensors = Sequence[tuple[str, np.ndarray]]
+
+
+class FakeTaskManager:
+    """A ROUTER on loopback that starts replicas, talks to them, and answers their heartbeats."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.url = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.heartbeats = 0
+
+    def start(self, model_class: str, *, replica: str = "r-1", interval: float = 0.5, liveness: int = 20,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        environ = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "INFEROXY_REPLICA_URL": self.url,
+            "INFEROXY_REPLICA_ID": replica,
+            "INFEROXY_MODEL_CLASS": model_class,
+            "INFEROXY_MODEL_NAME": "m",
+            "INFEROXY_MODEL_VERSION": "7",
+            "INFEROXY_HEARTBEAT_INTERVAL_S": str(interval),
+            "INFEROXY_HEARTBEAT_LIVENESS": str(liveness),
+            **(env or {}),
+        }
+        with open(self.log_dir / f"{replica}.log", "wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "inferoxy.runtime"], env=environ, cwd=REPO,
+                                       stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def log(self, replica: str = "r-1") -> str:
+        return (self.log_dir / f"{replica}.log").read_text()
+
+    def recv(self, timeout: float = 15.0, *, answer_heartbeats: bool = True) -> tuple[bytes, dict[str, Any], Tensors]:
+        """The next message that is not a heartbeat (heartbeats are counted, and answered unless told not to)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.sock.poll(int(remaining * 1000) + 1):
+                raise AssertionError(f"no message from the replica within {timeout}s")
+            identity, *frames = self.sock.recv_multipart(copy=False)
+            header, tensors = wire.decode(frames)
+            if header["t"] != "hb":
+                return identity.bytes, header, tensors
+            self.heartbeats += 1
+            if answer_heartbeats:
+                self.send(identity.bytes, {"t": "hb"})
+
+    def ready(self, replica: str = "r-1") -> dict[str, Any]:
+        identity, header, _ = self.recv()
+        assert (identity, header["t"]) == (replica.encode(), "ready"), header
+        return header
+
+    def send(self, identity: bytes, header: dict[str, Any], tensors: Tensors = ()) -> None:
+        self.sock.send_multipart([identity, *wire.encode(header, tensors)])
+
+    def send_batch(self, batch: int, items: Sequence[Tensors], replica: str = "r-1") -> None:
+        header = {"t": "batch", "replica": replica, "batch": batch, "model": "m", "version": "7",
+                  "items": [{"id": 100 + i, "n": len(tensors)} for i, tensors in enumerate(items)]}
+        self.send(replica.encode(), header, [tensor for tensors in items for tensor in tensors])
+
+    def answer(self, batch: int) -> tuple[dict[str, Any], Tensors]:
+        _, header, tensors = self.recv()
+        assert header.get("batch") == batch, header
+        return header, tensors
+
+    def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def tm(tmp_path: Path) -> Iterator[FakeTaskManager]:
+    fake = FakeTaskManager(tmp_path)
+    yield fake
+    fake.close()
+
+
+def items_of(header: dict[str, Any], tensors: Tensors) -> list[dict[str, np.ndarray]]:
+    """A result's tensors, grouped per item."""
+    grouped, start = [], 0
+    for item in header["items"]:
+        grouped.append(dict(tensors[start:start + item["n"]]))
+        start += item["n"]
+    assert start == len(tensors)
+    return grouped
+
+
+def test_ready_then_a_batch_of_two_items_is_joined_predicted_and_split(tm: FakeTaskManager) -> None:
+    process = tm.start("tests.models_for_tests:BatchProbeModel")
+    ready = tm.ready()
+    assert ready == {"t": "ready", "replica": "r-1", "model": "m", "version": "7", "capacity": 2,
+                     "pid": process.pid}
+
+    first = np.arange(6, dtype=np.float32).reshape(2, 3)
+    second = np.arange(100, 109, dtype=np.float32).reshape(3, 3)
+    tm.send_batch(1, [[("x", first)], [("x", second)]])
+    header, tensors = tm.answer(1)
+    assert header["t"] == "result" and header["replica"] == "r-1"
+    assert header["items"] == [{"n": 3}, {"n": 3}]
+    one, two = items_of(header, tensors)
+    np.testing.assert_array_equal(one["y"], first * 2)
+    np.testing.assert_array_equal(two["y"], second * 2)
+    # One predict call saw all five rows, in item order.
+    np.testing.assert_array_equal(one["row"], [0, 1])
+    np.testing.assert_array_equal(two["row"], [2, 3, 4])
+    np.testing.assert_array_equal(np.concatenate([one["batch_rows"], two["batch_rows"]]), [5] * 5)
+    assert one["y"].dtype == np.float32 and one["row"].dtype == np.int64
+
+
+def test_items_with_several_inputs_keep_their_own_rows(tm: FakeTaskManager) -> None:
+    tm.start("examples.models.echo.model:EchoModel")
+    tm.ready()
+    a: Tensors = [("image", np.ones((1, 2, 2), np.uint8)), ("scale", np.array([0.5], np.float64))]
+    b: Tensors = [("scale", np.array([1.5, 2.5], np.float64)), ("image", np.zeros((2, 2, 2), np.uint8))]  # other order
+    tm.send_batch(4, [a, b])
+    header, tensors = tm.answer(4)
+    one, two = items_of(header, tensors)
+    np.testing.assert_array_equal(one["image"], a[0][1])
+    np.testing.assert_array_equal(one["scale"], a[1][1])
+    np.testing.assert_array_equal(two["image"], b[1][1])
+    np.testing.assert_array_equal(two["scale"], b[0][1])
+
+
+def test_predict_raising_is_a_model_error_and_the_replica_lives_on(tm: FakeTaskManager) -> None:
+    process = tm.start("tests.models_for_tests:RaisingModel")
+    tm.ready()
+    tm.send_batch(1, [[("fail", np.array([0, 1], np.int8))]])
+    header, tensors = tm.answer(1)
+    assert (header["t"], header["code"]) == ("failed", "model_error")
+    assert "ValueError" in header["message"] and "asked to fail" in header["message"]
+    assert not tensors
+
+    tm.send_batch(2, [[("fail", np.array([0], np.int8))]])
+    header, tensors = tm.answer(2)
+    assert header["t"] == "result"
+    np.testing.assert_array_equal(dict(tensors)["fail"], [0])
+    assert process.poll() is None
+    assert "asked to fail" in tm.log(), "the traceback goes to the replica's log"
+
+
+@pytest.mark.parametrize(
+    ("broken", "words"),
+    [
+        ("shape", "leading dimension"),
+        ("scalar", "leading dimension"),
+        ("dtype", "object"),
+        ("complex", "complex64"),
+        ("list", "not a numpy array"),
+        ("not_a_dict", "dict"),
+        ("empty", "non-empty"),
+    ],
+)
+def test_a_bad_output_is_a_model_error(tm: FakeTaskManager, broken: str, words: str) -> None:
+    process = tm.start("tests.models_for_tests:BadOutputModel")
+    tm.ready()
+    tm.send_batch(1, [[(broken, np.zeros((2, 1), np.float32))]])
+    header, _ = tm.answer(1)
+    assert (header["t"], header["code"]) == ("failed", "model_error"), header
+    assert words in header["message"], header["message"]
+
+    tm.send_batch(2, [[("fine", np.zeros((2, 1), np.float32))]])
+    assert tm.answer(2)[0]["t"] == "result"
+    assert process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("items", "words"),
+    [
+        ([[("x", np.zeros((1, 2), np.float32))], [("x", np.zeros((1, 2), np.float64))]], "float64"),
+        ([[("x", np.zeros((1, 2), np.float32))], [("x", np.zeros((1, 3), np.float32))]], "[1, 3]"),
+        ([[("x", np.zeros((1, 2), np.float32))], [("y", np.zeros((1, 2), np.float32))]], "inputs"),
+        ([[("x", np.zeros((1,), np.float32)), ("z", np.zeros((2,), np.float32))]], "leading dimension"),
+        ([[("x", np.float32(1))]], "leading dimension"),
+    ],
+)
+def test_items_that_cannot_be_joined_are_bad_input(tm: FakeTaskManager, items: list[Tensors], words: str) -> None:
+    tm.start("examples.models.echo.model:EchoModel")
+    tm.ready()
+    tm.send_batch(1, items)
+    header, _ = tm.answer(1)
+    assert (header["t"], header["code"]) == ("failed", "bad_input"), header
+    assert words in header["message"], header["message"]
+
+
+def test_malformed_batches_are_answered_and_the_replica_lives_on(tm: FakeTaskManager) -> None:
+    process = tm.start("examples.models.echo.model:EchoModel")
+    tm.ready()
+    # The header promises 8 bytes, the frame has 3.
+    header = {"t": "batch", "replica": "r-1", "batch": 9, "items": [{"id": 1, "n": 1}],
+              "tensors": [{"name": "x", "dtype": "float32", "shape": [2]}]}
+    tm.sock.send_multipart([b"r-1", wire.pack_header(header), b"abc"])
+    answer, _ = tm.answer(9)
+    assert (answer["t"], answer["code"]) == ("failed", "bad_input")
+    # Counts of tensors that do not add up.
+    tm.send(b"r-1", {"t": "batch", "replica": "r-1", "batch": 10, "items": [{"id": 1, "n": 2}]},
+            [("x", np.zeros(1, np.float32))])
+    assert tm.answer(10)[0]["code"] == "bad_input"
+    tm.sock.send_multipart([b"r-1", b"\xc1 not msgpack"])
+    tm.send_batch(11, [[("x", np.ones(1, np.float32))]])
+    assert tm.answer(11)[0]["t"] == "result"
+    assert process.poll() is None
+
+
+def test_heartbeats_keep_flowing_during_a_long_predict(tm: FakeTaskManager) -> None:
+    # Liveness 0.5 s on both sides, a predict of 1.5 s: only heartbeats sent while it runs keep things alive.
+    process = tm.start("tests.models_for_tests:SlowModel", interval=0.1, liveness=5)
+    tm.ready()
+    tm.heartbeats = 0
+    tm.send_batch(1, [[("sleep_s", np.array([1.5], np.float32))]])
+    header, _ = tm.answer(1)
+    assert header["t"] == "result"
+    assert tm.heartbeats >= 8, tm.heartbeats
+    assert process.poll() is None
+
+
+def test_more_batches_than_its_capacity_are_refused(tm: FakeTaskManager) -> None:
+    tm.start("tests.models_for_tests:SlowModel")
+    tm.ready()
+    for batch in (1, 2, 3):
+        tm.send_batch(batch, [[("sleep_s", np.array([0.5], np.float32))]])
+    _, header, _ = tm.recv()
+    assert (header["batch"], header["t"], header["code"]) == (3, "failed", "overloaded")
+    assert [tm.recv()[1]["batch"], tm.recv()[1]["batch"]] == [1, 2]
+
+
+def test_stop_finishes_held_batches_then_exits_zero(tm: FakeTaskManager) -> None:
+    process = tm.start("tests.models_for_tests:SlowModel")
+    tm.ready()
+    tm.send_batch(1, [[("sleep_s", np.array([0.3], np.float32))]])
+    tm.send_batch(2, [[("sleep_s", np.array([0.3], np.float32))]])
+    tm.send(b"r-1", {"t": "stop"})
+    tm.send_batch(3, [[("sleep_s", np.array([0.3], np.float32))]])
+    answers = {header["batch"]: header for header in (tm.recv()[1] for _ in range(3))}
+    assert answers[1]["t"] == answers[2]["t"] == "result"
+    assert (answers[3]["t"], answers[3]["code"]) == ("failed", "replica_lost")
+    assert process.wait(timeout=15) == EXIT_STOPPED
+
+
+def test_sigterm_finishes_held_batches_then_exits_zero(tm: FakeTaskManager) -> None:
+    process = tm.start("tests.models_for_tests:SlowModel")
+    tm.ready()
+    tm.send_batch(1, [[("sleep_s", np.array([0.5], np.float32))]])
+    tm.send_batch(2, [[("sleep_s", np.array([0.5], np.float32)), ("x", np.arange(3, dtype=np.int16)[None])]])
+    # Batch 2 arrived while batch 1 ran for half a second, so the replica holds it when SIGTERM comes.
+    assert tm.answer(1)[0]["t"] == "result"
+    process.send_signal(signal.SIGTERM)
+    header, tensors = tm.answer(2)
+    assert header["t"] == "result"
+    np.testing.assert_array_equal(dict(tensors)["x"], [[0, 1, 2]])
+    assert process.wait(timeout=15) == EXIT_STOPPED
+
+
+def test_silence_from_the_task_manager_ends_the_replica(tm: FakeTaskManager) -> None:
+    process = tm.start("examples.models.echo.model:EchoModel", interval=0.1, liveness=3)
+    tm.ready()
+    started = time.monotonic()
+    code = process.wait(timeout=15)
+    assert code == EXIT_LOST_TASK_MANAGER
+    assert time.monotonic() - started < 5
+    assert "no word from the task manager" in tm.log()
+
+
+def test_a_replica_exits_when_no_task_manager_is_there(tm: FakeTaskManager) -> None:
+    tm.sock.close()  # nobody listens at the address any more
+    process = tm.start("examples.models.echo.model:EchoModel", interval=0.1, liveness=3)
+    assert process.wait(timeout=15) == EXIT_LOST_TASK_MANAGER
+
+
+@pytest.mark.parametrize(
+    ("model_class", "words"),
+    [
+        ("tests.models_for_tests:FailingLoadModel", "weights missing"),
+        ("tests.models_for_tests:NotAModel", "not a subclass"),
+        ("tests.models_for_tests:NoSuchModel", "NoSuchModel"),
+        ("no_such_module:Model", "no_such_module"),
+        ("without-a-colon", "module:Class"),
+    ],
+)
+def test_a_model_that_cannot_load_ends_the_replica_with_its_traceback(
+    tm: FakeTaskManager, model_class: str, words: str
+) -> None:
+    process = tm.start(model_class)
+    assert process.wait(timeout=15) == EXIT_CONFIG
+    output = tm.log()
+    assert words in output, output
+    assert "Traceback" in output
+    assert tm.sock.poll(100) == 0, "a replica that failed to load must not say ready"

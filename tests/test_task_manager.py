@@ -1,0 +1,343 @@
+"""The task manager in this process with real replica processes, fakeredis over TCP, and the test as batch manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from inferoxy import wire
+from inferoxy.settings import Settings
+from model_manager.spec import ModelSpec
+from model_manager.store import SpecStore
+from task_manager.replicas import backoff_delay, replica_id, sanitize
+from task_manager.service import TaskManager, clip_reason
+from tests.support import REPO, alive, descendants, free_port
+
+Tensors = Sequence[tuple[str, np.ndarray]]
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{port}/0"
+    server.shutdown()
+    server.server_close()
+
+
+def spec(name: str, model_class: str, **fields: Any) -> ModelSpec:
+    return ModelSpec(name=name, model_class=model_class, env={"PYTHONPATH": str(REPO)}, **fields)
+
+
+ECHO = "examples.models.echo.model:EchoModel"
+SLOW = "tests.models_for_tests:SlowModel"
+
+
+class Harness:
+    """A running TaskManager, its spec store, and a fake batch manager (a DEALER that heartbeats)."""
+
+    def __init__(self, redis_url: str, **settings: Any) -> None:
+        self.settings = Settings(
+            task_manager_url=f"tcp://127.0.0.1:{free_port()}",
+            replica_bind_url=f"tcp://127.0.0.1:{free_port()}",
+            redis_url=redis_url,
+            redis_prefix=f"tm-test-{os.getpid()}-{next(_prefixes)}",
+            instance="Test",
+            heartbeat_interval_s=0.1,
+            heartbeat_liveness=10,
+            restart_backoff_s=0.05,
+            restart_backoff_max_s=1.0,
+            **settings,
+        )
+        self.ctx = zmq.asyncio.Context()
+        self.tm = TaskManager(self.settings, self.ctx)
+        self.store = SpecStore.from_url(redis_url, self.settings.redis_prefix)
+        self.inbox: list[tuple[dict[str, Any], Tensors]] = []
+        self.bm = self.batch_manager()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def batch_manager(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.settings.task_manager_url)
+        return sock
+
+    async def __aenter__(self) -> Harness:
+        ready = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self.tm.run(ready)))
+        await asyncio.wait_for(ready.wait(), 10)
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+        return self
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.bm.send_multipart(wire.encode({"t": "hb"}))
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def stop(self) -> None:
+        for task in reversed(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        await self.store.close()
+        self.ctx.destroy(linger=0)
+
+    async def expect(self, kind: str, timeout: float = 20.0, **fields: Any) -> tuple[dict[str, Any], Tensors]:
+        """The first message of type ``kind`` (with ``fields``) from the task manager; others stay in the inbox."""
+
+        def match(header: dict[str, Any]) -> bool:
+            return header["t"] == kind and all(header.get(k) == v for k, v in fields.items())
+
+        for index, (header, tensors) in enumerate(self.inbox):
+            if match(header):
+                del self.inbox[index]
+                return header, tensors
+        async with asyncio.timeout(timeout):
+            while True:
+                header, tensors = wire.decode(await self.bm.recv_multipart())
+                if match(header):
+                    return header, tensors
+                self.inbox.append((header, tensors))
+
+    async def send_batch(self, replica: str, batch: int, tensors: Tensors) -> None:
+        header = {"t": "batch", "replica": replica, "batch": batch, "model": "m", "version": "1",
+                  "items": [{"id": batch, "n": len(tensors)}]}
+        await self.bm.send_multipart(wire.encode(header, tensors))
+
+    def replicas(self, key: str) -> list[dict[str, Any]]:
+        return self.tm.status().get(key, {}).get("replicas", [])
+
+    def pid_of(self, key: str, replica: str) -> int:
+        (pid,) = [r["pid"] for r in self.replicas(key) if r["id"] == replica]
+        assert isinstance(pid, int)
+        return pid
+
+
+def environ_of(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def run(redis_url: str, scenario: Callable[[Harness], Awaitable[None]], **settings: Any) -> None:
+    async def main() -> None:
+        async with Harness(redis_url, **settings) as harness:
+            await scenario(harness)
+
+    asyncio.run(main())
+
+
+async def eventually(check: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``check`` (task manager state, process table) until it holds; these have no event to wait on."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def test_replica_up_then_batches_travel_both_ways(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up")
+        assert up == {"t": "replica_up", "replica": replica_id("Test", "echo", "1", 0), "model": "echo",
+                      "version": "1", "capacity": 2}
+
+        x = np.arange(12, dtype=np.float32).reshape(4, 3)
+        await h.send_batch(up["replica"], 7, [("x", x)])
+        result, tensors = await h.expect("result", batch=7)
+        assert result["replica"] == up["replica"] and result["items"] == [{"n": 1}]
+        np.testing.assert_array_equal(dict(tensors)["x"], x)
+
+        (status,) = h.replicas("echo/1")
+        assert status["state"] == "ready" and status["in_flight"] == 0
+        assert status["pid"] in descendants(os.getpid())
+
+    run(redis_url, scenario)
+
+
+def test_a_killed_replica_is_reported_and_replaced(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        victim = h.pid_of("slow/1", up["replica"])
+        await h.send_batch(up["replica"], 1, [("sleep_s", np.array([30.0], np.float32))])
+        await eventually(lambda: h.replicas("slow/1")[0]["in_flight"] == 1)
+
+        os.kill(victim, signal.SIGKILL)
+        lost, _ = await h.expect("failed", batch=1)
+        assert (lost["code"], lost["replica"]) == ("replica_lost", up["replica"])
+        down, _ = await h.expect("replica_down", replica=up["replica"])
+        assert "-9" in down["reason"], down["reason"]
+        again, _ = await h.expect("replica_up")
+        assert again["replica"] != up["replica"] and again["model"] == "slow"
+        assert not alive(victim)
+
+        status = h.tm.status()["slow/1"]
+        assert status["restarts"] == 1 and "-9" in status["last_error"]
+        assert [r["state"] for r in status["replicas"]] == ["ready"]
+
+    run(redis_url, scenario)
+
+
+def test_a_batch_for_a_replica_that_is_not_there_fails_with_replica_lost(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.send_batch("nobody-0", 3, [("x", np.zeros(1, np.float32))])
+        failed, tensors = await h.expect("failed", batch=3)
+        assert (failed["code"], failed["replica"]) == ("replica_lost", "nobody-0")
+        assert not tensors
+
+    run(redis_url, scenario)
+
+
+def test_a_silent_replica_is_killed_and_replaced(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up")
+        frozen = h.pid_of("echo/1", up["replica"])
+        os.kill(frozen, signal.SIGSTOP)  # alive, but silent
+        down, _ = await h.expect("replica_down", replica=up["replica"])
+        assert "no heartbeat" in down["reason"], down["reason"]
+        await h.expect("replica_up")
+        await eventually(lambda: not alive(frozen), what="the silent replica to be killed")
+
+    run(redis_url, scenario)
+
+
+def test_a_replica_that_never_gets_ready_is_replaced(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("hangs", "tests.models_for_tests:HangingLoadModel"))
+        await eventually(lambda: h.tm.status().get("hangs/1", {}).get("restarts", 0) >= 2, timeout=30)
+        status = h.tm.status()["hangs/1"]
+        assert "not ready within 0.5s" in status["last_error"]
+        await eventually(lambda: [r["state"] for r in h.replicas("hangs/1")] == ["starting"], what="a new try")
+        assert not [m for m in h.inbox if m[0]["t"] == "replica_up"]
+
+    run(redis_url, scenario, replica_start_timeout_s=0.5)
+
+
+def test_a_model_whose_load_fails_backs_off_and_keeps_the_reason(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("broken", "tests.models_for_tests:FailingLoadModel"))
+        await eventually(lambda: h.tm.status().get("broken/1", {}).get("restarts", 0) >= 2, timeout=30)
+        last_error = h.tm.status()["broken/1"]["last_error"]
+        assert "exited with status 2" in last_error and "weights missing" in last_error, last_error
+
+    run(redis_url, scenario)
+
+
+def test_specs_coming_and_going_start_and_stop_replicas(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO, min_replicas=2, max_replicas=2))
+        ups = {(await h.expect("replica_up"))[0]["replica"] for _ in range(2)}
+        assert len(ups) == 2
+        pids = [r["pid"] for r in h.replicas("echo/1")]
+
+        await h.store.delete("echo")
+        downs = {(await h.expect("replica_down"))[0]["replica"] for _ in range(2)}
+        assert downs == ups
+        await eventually(lambda: not any(alive(pid) for pid in pids), what="replicas of the removed model to exit")
+        await eventually(lambda: "echo/1" not in h.tm.status())
+
+    run(redis_url, scenario)
+
+
+def test_a_changed_spec_replaces_its_replicas(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        first, _ = await h.expect("replica_up")
+        changed = spec("echo", ECHO)
+        changed.env["ECHO_FLAVOUR"] = "new"
+        await h.store.put(changed)
+        down, _ = await h.expect("replica_down", replica=first["replica"])
+        assert "spec changed" in down["reason"]
+        second, _ = await h.expect("replica_up")
+        assert second["replica"] != first["replica"]
+        pid = h.pid_of("echo/1", second["replica"])
+        assert b"ECHO_FLAVOUR=new" in environ_of(pid)
+
+    run(redis_url, scenario)
+
+
+def test_a_new_batch_manager_hears_of_every_ready_replica(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up")
+
+        # A replica the task manager did not start is ignored, even when it says ready.
+        intruder = h.ctx.socket(zmq.DEALER)
+        intruder.setsockopt(zmq.IDENTITY, b"intruder-0")
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(h.settings.replica_bind_url)
+        await intruder.send_multipart(wire.encode({"t": "ready", "replica": "intruder-0", "model": "echo",
+                                                   "version": "1", "capacity": 9, "pid": 1}))
+
+        late = h.batch_manager()
+        await late.send_multipart(wire.encode({"t": "hb"}))
+        async with asyncio.timeout(10):
+            header, _ = wire.decode(await late.recv_multipart())
+        assert header == {"t": "replica_up", "replica": up["replica"], "model": "echo", "version": "1",
+                          "capacity": 2}
+        assert await late.poll(500) == 0, "only the replica it started"
+        late.close()
+        intruder.close()
+
+    run(redis_url, scenario)
+
+
+def test_shutdown_stops_every_replica(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        await h.store.put(spec("slow", SLOW, min_replicas=2, max_replicas=2))
+        for _ in range(3):
+            await h.expect("replica_up")
+        await h.store.put(spec("hangs", "tests.models_for_tests:HangingLoadModel"))
+        await eventually(lambda: h.replicas("hangs/1"))
+        children = descendants(os.getpid())
+        assert len(children) >= 4
+
+        await h.stop()
+        assert not [pid for pid in children if alive(pid)]
+        assert not descendants(os.getpid())
+
+    run(redis_url, scenario)
+
+
+def test_replica_ids_are_safe_names() -> None:
+    assert replica_id("inferoxy", "echo", "1", 0) == "inferoxy-echo-1-0"
+    assert sanitize("My_Model") != sanitize("my.model")
+    assert all(set(sanitize(name)) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for name in ("A_b", "x.y", "--z"))
+    long = replica_id("inferoxy", "m" * 64, "v" * 64, 12)
+    assert len(long) <= 63 and long.endswith("-12")
+    assert long != replica_id("inferoxy", "m" * 64, "w" * 64, 12)
+
+
+def test_backoff_doubles_up_to_its_limit() -> None:
+    assert [backoff_delay(n, 0.5, 3.0) for n in range(6)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_long_reasons_keep_how_it_ended_and_the_last_lines() -> None:
+    reason = "exited with status 1; last output:\n" + "\n".join(f"line {i}" * 50 for i in range(100))
+    clipped = clip_reason(reason)
+    assert len(clipped) <= 4000
+    assert clipped.startswith("exited with status 1") and clipped.endswith("line 99" * 50)
+    assert clip_reason("short") == "short"
