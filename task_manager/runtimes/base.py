@@ -62,7 +62,7 @@ class Runtime(abc.ABC):
         """Remove replicas an earlier run of this proxy instance left behind; returns how many."""
         return 0
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook: most runtimes hold nothing)
         """Release the runtime's own resources (clients, sockets). Replicas are stopped before this."""
 
 
