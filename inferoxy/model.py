@@ -19,12 +19,13 @@ Example::
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import numpy as np
 
 
-class Model:
+class Model(abc.ABC):
     """A model served by one replica.
 
     ``predict`` is called from one worker thread, one batch at a time, so a model needs no
@@ -41,6 +42,7 @@ class Model:
         """Read weights and warm up. Called once before the replica reports itself ready;
         an exception here ends the replica (its traceback goes to the replica's log)."""
 
+    @abc.abstractmethod
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs for one batch.
 
@@ -48,4 +50,3 @@ class Model:
         before changing it in place). The result maps each output name to an array of shape
         ``[rows, ...]`` whose dtype is one of the wire dtypes (bool, (u)int8..64, float16..64).
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement predict()")

@@ -68,12 +68,18 @@ class FailingLoadModel(Model):
     def load(self) -> None:
         raise RuntimeError("weights missing")
 
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch
+
 
 class HangingLoadModel(Model):
     """Never finishes loading, so its replica never says ready."""
 
     def load(self) -> None:
         time.sleep(3600)
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch
 
 
 class NotAModel:
