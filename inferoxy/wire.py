@@ -14,6 +14,7 @@ on the wire.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -123,7 +124,7 @@ def check_tensors(header: Mapping[str, Any], frames: Sequence[Frame]) -> list[di
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative ints")
-        expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64)) if shape else dtype.itemsize
+        expected = dtype.itemsize * math.prod(shape)
         got = memoryview(_buffer(frame)).nbytes
         if expected != got:
             raise WireError(f"tensor {name!r}: {meta['dtype']} {shape} needs {expected} bytes, frame has {got}")

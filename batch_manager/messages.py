@@ -1,0 +1,172 @@
+"""The batch manager's side of docs/PROTOCOL.md: reading the headers it receives, building the ones it sends.
+
+Every reader raises ``WireError`` with a message that is safe to send back to the peer,
+so the service can answer a malformed message instead of dying on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+from inferoxy import protocol
+from inferoxy.protocol import ErrorCode
+from inferoxy.wire import WireError
+
+# A request as the bridge knows it: its DEALER identity and its own id for the request.
+Origin = tuple[bytes, int]
+# Replica ids are echoed back exactly as the task manager spelled them.
+ReplicaId = str | bytes
+TensorMeta = dict[str, Any]
+
+# A day: long enough for any inference, short enough that a deadline is always a finite clock value.
+MAX_TIMEOUT_MS = 86_400_000
+
+
+def request_id_of(header: Mapping[str, Any]) -> int | None:
+    """The bridge's request id, or None when it is missing or not an int (replies then carry ``id: null``)."""
+    value = header.get("id")
+    return value if _is_int(value) else None
+
+
+def reply_header(request_id: int, model: str, version: str, tensors: list[TensorMeta]) -> dict[str, Any]:
+    return {"t": protocol.REPLY, "id": request_id, "model": model, "version": version, "tensors": tensors}
+
+
+def error_header(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
+    return {"t": protocol.ERROR, "id": request_id, "code": ErrorCode(code).value, "message": message}
+
+
+@dataclass(slots=True, frozen=True)
+class InferFields:
+    request_id: int
+    model: str
+    version: str | None
+    timeout_ms: float | None
+
+
+def parse_infer(header: Mapping[str, Any]) -> InferFields:
+    """The fields of an ``infer`` header (its tensors are checked separately, by ``wire.check_tensors``)."""
+    request_id = header.get("id")
+    if not _is_int(request_id):
+        raise WireError("'id' must be an int")
+    model = header.get("model")
+    if not isinstance(model, str) or not model:
+        raise WireError("'model' must be a non-empty string")
+    version = header.get("version")
+    if version is not None and (not isinstance(version, str) or not version):
+        raise WireError("'version' must be a non-empty string or null")
+    timeout_ms = header.get("timeout_ms")
+    if timeout_ms is not None and (not _is_number(timeout_ms) or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
+        raise WireError(f"'timeout_ms' must be a number in (0, {MAX_TIMEOUT_MS}] or null")
+    params = header.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise WireError("'params' must be a map")
+    return InferFields(request_id, model, version, timeout_ms)
+
+
+def parse_cancel(header: Mapping[str, Any]) -> int:
+    request_id = header.get("id")
+    if not _is_int(request_id):
+        raise WireError("'id' must be an int")
+    return request_id
+
+
+# --- task manager -> batch manager -----------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class ReplicaUp:
+    replica: ReplicaId
+    model: str
+    version: str
+    capacity: int
+
+
+@dataclass(slots=True, frozen=True)
+class ReplicaDown:
+    replica: ReplicaId
+    reason: str
+
+
+@dataclass(slots=True, frozen=True)
+class BatchRef:
+    """Which batch a ``result`` or ``failed`` answers: enough to settle it even when the rest is garbled."""
+
+    replica: ReplicaId
+    batch_id: int
+
+
+@dataclass(slots=True, frozen=True)
+class BatchFailed:
+    replica: ReplicaId
+    batch_id: int
+    code: str
+    message: str
+
+
+def parse_replica_up(header: Mapping[str, Any]) -> ReplicaUp:
+    replica = _replica(header)
+    model, version, capacity = header.get("model"), header.get("version"), header.get("capacity")
+    if not isinstance(model, str) or not isinstance(version, str):
+        raise WireError("replica_up: 'model' and 'version' must be strings")
+    if not _is_int(capacity) or capacity < 0:
+        raise WireError("replica_up: 'capacity' must be an int >= 0")
+    return ReplicaUp(replica, model, version, capacity)
+
+
+def parse_replica_down(header: Mapping[str, Any]) -> ReplicaDown:
+    reason = header.get("reason")
+    return ReplicaDown(_replica(header), reason if isinstance(reason, str) and reason else "replica went down")
+
+
+def parse_batch_ref(header: Mapping[str, Any]) -> BatchRef:
+    return BatchRef(_replica(header), _batch_id(header))
+
+
+def parse_result_items(header: Mapping[str, Any]) -> list[int]:
+    """How many tensors each item of a ``result`` owns."""
+    items = header.get("items")
+    if not isinstance(items, list):
+        raise WireError("result: 'items' must be a list")
+    counts = []
+    for item in items:
+        n = item.get("n") if isinstance(item, dict) else None
+        if not _is_int(n) or n < 0:
+            raise WireError("result: every item must be a map with an int 'n' >= 0")
+        counts.append(n)
+    return counts
+
+
+def parse_failed(header: Mapping[str, Any]) -> BatchFailed:
+    code, message = header.get("code"), header.get("message")
+    return BatchFailed(
+        _replica(header),
+        _batch_id(header),
+        code if isinstance(code, str) else ErrorCode.INTERNAL.value,
+        message if isinstance(message, str) else "the batch failed",
+    )
+
+
+def _replica(header: Mapping[str, Any]) -> ReplicaId:
+    replica = header.get("replica")
+    if not isinstance(replica, (str, bytes)) or not replica:
+        raise WireError("'replica' must be a non-empty string")
+    return replica
+
+
+def _batch_id(header: Mapping[str, Any]) -> int:
+    batch_id = header.get("batch")
+    if not _is_int(batch_id):
+        raise WireError("'batch' must be an int")
+    return batch_id
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    # bool is an int subclass, and True is no request id.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,255 @@
+"""The batch manager component: bridges' requests in, batches out to the task manager, replies back.
+
+It binds a ROUTER for bridges (``batch_manager_url``) and dials the task manager with a
+DEALER (``task_manager_url``). Only headers are decoded; array frames are handed from one
+socket to the other untouched. All decisions are the ``Scheduler``'s: this module turns
+socket messages and timer expiries into scheduler calls and performs the actions it returns.
+
+Everything after a receive is synchronous and sends without waiting, so one wake-up
+drains a burst of messages (``reactor.Reactor``, which reads the sockets without
+zmq.asyncio's per-message futures); the only timer is armed for the scheduler's next
+wake-up, never a polling tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from batch_manager import messages
+from batch_manager.reactor import Reactor, send_nowait
+from batch_manager.scheduler import DEFAULT_MAX_QUEUE_SIZE, Action, Dispatch, Reply, Request, Scheduler
+from inferoxy import protocol
+from inferoxy.bus import make_socket
+from inferoxy.protocol import ErrorCode
+from inferoxy.settings import Settings
+from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
+from model_manager.store import Registry, open_store
+
+log = logging.getLogger(__name__)
+
+# How long start-up waits for the first registry snapshot; requests before it are answered not_ready.
+REGISTRY_WAIT_S = 5.0
+
+
+class BatchManager:
+    name = "batch_manager"
+
+    def __init__(
+        self, settings: Settings, ctx: zmq.asyncio.Context, *, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    ) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.scheduler = Scheduler(max_queue_size=max_queue_size)
+        self._default_timeout_s = settings.request_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Plain sockets sharing the asyncio sockets' handles: the reactor reads them, sends never wait.
+        self._bridges: zmq.Socket[Any] | None = None
+        self._task_manager: zmq.Socket[Any] | None = None
+        self._reactor: Reactor | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._registry_loaded = asyncio.Event()
+
+    async def run(self, ready: asyncio.Event) -> None:
+        settings = self.settings
+        self._loop = asyncio.get_running_loop()
+        store = open_store(settings.redis_url, settings.redis_prefix)
+        sockets: list[zmq.asyncio.Socket] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            sockets.append(make_socket(
+                self.ctx, zmq.ROUTER, bind=settings.batch_manager_url, max_message_bytes=settings.max_message_bytes))
+            sockets.append(make_socket(self.ctx, zmq.DEALER, connect=settings.task_manager_url))
+            self._bridges, self._task_manager = (zmq.Socket.shadow(sock.underlying) for sock in sockets)
+            tasks.append(asyncio.create_task(store.watch(self._on_registry), name="batch_manager.registry"))
+            loaded = asyncio.create_task(self._registry_loaded.wait())
+            await asyncio.wait({loaded, tasks[0]}, timeout=REGISTRY_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+            loaded.cancel()
+            if not self._registry_loaded.is_set():
+                log.warning("no model registry after %.0fs; requests are refused until it loads", REGISTRY_WAIT_S)
+            self._reactor = Reactor(self._loop, after_drain=self._arm_timer)
+            self._reactor.add(self._bridges, self._on_bridge_message)
+            self._reactor.add(self._task_manager, self._on_task_manager_message)
+            tasks.append(asyncio.create_task(self._heartbeat(), name="batch_manager.heartbeat"))
+            self._reactor.wake()  # anything that arrived before the reader was registered
+            ready.set()
+            log.info("batch manager serving bridges on %s, task manager at %s",
+                     settings.batch_manager_url, settings.task_manager_url)
+            # Each task runs until cancelled; one that ends has failed, and takes the component down with it.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RuntimeError("a batch manager task stopped")
+        finally:
+            if self._bridges is not None:
+                # Bridges still connected hear now rather than at their own timeout.
+                self._perform(self.scheduler.fail_all(ErrorCode.NOT_READY, "the batch manager is stopping"))
+            if self._reactor is not None:
+                self._reactor.close()
+                self._reactor = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._bridges = self._task_manager = None
+            for sock in sockets:
+                sock.close()
+            await store.close()
+
+    async def _heartbeat(self) -> None:
+        header = pack_header({"t": protocol.HEARTBEAT})
+        while True:
+            # The first one makes a task manager that never heard of us announce its replicas.
+            self._send(self._task_manager, [header])
+            self._wake()
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def _on_bridge_message(self, message: list[Any]) -> None:
+        identity: bytes = message[0].bytes
+        request_id: int | None = None
+        try:
+            if len(message) < 2:
+                raise WireError("empty message: a header frame is required")
+            header = unpack_header(message[1])
+            request_id = messages.request_id_of(header)
+            kind = header.get("t")
+            if kind == protocol.INFER:
+                self._on_infer(identity, header, message[2:])
+            elif kind == protocol.CANCEL:
+                self.scheduler.cancel((identity, messages.parse_cancel(header)))
+            else:
+                raise WireError(f"unknown message type {kind!r}; expected {protocol.INFER!r} or {protocol.CANCEL!r}")
+        except WireError as exc:
+            self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.BAD_INPUT, str(exc)))
+        except Exception:
+            # A bug must cost one request, not the component.
+            log.exception("failed to handle a message from bridge %r", identity)
+            self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.INTERNAL, "internal error"))
+
+    def _on_infer(self, identity: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+        fields = messages.parse_infer(header)
+        metas = check_tensors(header, frames)
+        timeout_s = self._default_timeout_s if fields.timeout_ms is None else fields.timeout_ms / 1000.0
+        now = self._now()
+        request = Request((identity, fields.request_id), fields.model, fields.version, metas, frames, now + timeout_s)
+        self._perform(self.scheduler.submit(request, now))
+
+    def _on_task_manager_message(self, message: list[Any]) -> None:
+        try:
+            header = unpack_header(message[0])
+            kind = header.get("t")
+            now = self._now()
+            if kind == protocol.RESULT:
+                batch = messages.parse_batch_ref(header)
+                try:
+                    counts = messages.parse_result_items(header)
+                    metas = check_tensors(header, message[1:])
+                except WireError as exc:
+                    # The batch is known, so its requests hear about it now rather than at their deadline.
+                    actions = self.scheduler.on_failed(batch.replica, batch.batch_id, ErrorCode.INTERNAL.value,
+                                                       f"the replica sent a malformed result: {exc}", now)
+                else:
+                    actions = self.scheduler.on_result(batch.replica, batch.batch_id, counts, metas, message[1:], now)
+            elif kind == protocol.FAILED:
+                failed = messages.parse_failed(header)
+                actions = self.scheduler.on_failed(failed.replica, failed.batch_id, failed.code, failed.message, now)
+            elif kind == protocol.REPLICA_UP:
+                up = messages.parse_replica_up(header)
+                log.info("replica %r of %s/%s is up with capacity %d", up.replica, up.model, up.version, up.capacity)
+                actions = self.scheduler.replica_up(up.replica, up.model, up.version, up.capacity, now)
+            elif kind == protocol.REPLICA_DOWN:
+                down = messages.parse_replica_down(header)
+                log.info("replica %r is down: %s", down.replica, down.reason)
+                actions = self.scheduler.replica_down(down.replica, down.reason, now)
+            elif kind == protocol.HEARTBEAT:
+                return
+            else:
+                raise WireError(f"unknown message type {kind!r}")
+        except WireError as exc:
+            # The task manager has no error message to receive; a bad message is its bug, worth a log line.
+            log.warning("dropping a malformed message from the task manager: %s", exc)
+            return
+        except Exception:
+            log.exception("failed to handle a message from the task manager")
+            return
+        self._perform(actions)
+
+    def _on_registry(self, registry: Registry) -> None:
+        log.info("model registry at revision %d: %d model versions", registry.revision, len(registry))
+        self._perform(self.scheduler.set_registry(registry, self._now()))
+        self._wake()
+        self._registry_loaded.set()
+
+    # --- actions -------------------------------------------------------------------------------------
+
+    def _perform(self, actions: Iterable[Action]) -> None:
+        # A worklist, not recursion: a batch the task manager cannot take fails, which frees credit for the next.
+        work: deque[Action] = deque(actions)
+        while work:
+            action = work.popleft()
+            if isinstance(action, Reply):
+                self._send_to_bridge(action.origin[0], action.header, action.frames)
+            elif not self._send_batch(action):
+                work.extend(self.scheduler.on_failed(
+                    action.replica, action.batch_id, ErrorCode.NOT_READY.value,
+                    "the task manager cannot take batches now", self._now()))
+
+    def _send_batch(self, dispatch: Dispatch) -> bool:
+        return self._send(self._task_manager, [pack_header(dispatch.header()), *dispatch.frames])
+
+    def _send_to_bridge(self, identity: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
+        if not self._send(self._bridges, [identity, pack_header(header), *(frames or ())]):
+            # The bridge is gone (or its queue is full); there is no one else to tell.
+            log.debug("dropped a reply to unreachable bridge %r", identity)
+
+    @staticmethod
+    def _send(sock: zmq.Socket[Any] | None, frames: list[Any]) -> bool:
+        return sock is not None and send_nowait(sock, frames)
+
+    def _wake(self) -> None:
+        """After sending from outside a socket handler: a send may swallow a socket's read edge."""
+        if self._reactor is not None:
+            self._reactor.wake()
+        else:
+            self._arm_timer()
+
+    # --- time ----------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _arm_timer(self) -> None:
+        """Sleep exactly until the scheduler's next wake-up: no polling tick on the request path."""
+        when = self.scheduler.next_wakeup()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = when
+        self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        due = self._timer_at
+        self._timer = self._timer_at = None
+        try:
+            # The loop may fire a timer a clock-resolution early; the scheduler must see the time it asked for.
+            now = self._now() if due is None else max(self._now(), due)
+            self._perform(self.scheduler.tick(now))
+        except Exception:
+            log.exception("batch manager timer failed")
+        finally:
+            self._wake()

@@ -1,0 +1,343 @@
+"""The batch manager as a running component: in-process sockets, a fake task manager and fake bridges.
+
+The registry is a fakeredis TCP server on loopback. Nothing here sleeps to synchronise: every
+wait is for a message (with a timeout) or a poll of a condition (with a timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+from fakeredis import TcpFakeServer
+
+from batch_manager.service import BatchManager
+from inferoxy import wire
+from inferoxy.settings import Settings
+from model_manager.spec import ModelSpec
+from model_manager.store import SpecStore
+from tests.support import free_port
+
+TIMEOUT = 10.0
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    server = TcpFakeServer(("127.0.0.1", free_port()), server_type="redis")
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="test-fakeredis", daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def run(coro: Awaitable[None]) -> None:
+    """Run an async test body, failing it rather than hanging if it never finishes."""
+    asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+async def poll(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := check()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+    return result
+
+
+class FakeTaskManager:
+    """A ROUTER where the task manager would be: announces a replica on demand and echoes batches as results."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, url: str) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(url)
+        self.peer: bytes | None = None
+        self.heartbeats = 0
+        self.batches: list[dict[str, Any]] = []
+        self.hold = False  # keep batches unanswered
+        self.held: list[list[Any]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        while True:
+            identity, header_frame, *frames = await self.sock.recv_multipart()
+            header = msgpack.unpackb(header_frame)
+            self.peer = identity
+            if header["t"] == "hb":
+                self.heartbeats += 1
+            elif header["t"] == "batch":
+                self.batches.append(header)
+                if self.hold:
+                    self.held.append([header, *frames])
+                else:
+                    await self.answer(header, frames)
+
+    async def answer(self, header: dict[str, Any], frames: list[bytes]) -> None:
+        result = {"t": "result", "replica": header["replica"], "batch": header["batch"],
+                  "items": [{"n": item["n"]} for item in header["items"]], "tensors": header["tensors"]}
+        await self.send(result, frames)
+
+    async def send(self, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
+        assert self.peer is not None, "the batch manager has not said hello"
+        await self.sock.send_multipart([self.peer, msgpack.packb(header), *frames])
+
+    async def replica_up(self, replica: str = "r1", capacity: int = 2, model: str = "m") -> None:
+        await poll(lambda: self.peer, "the batch manager's first heartbeat")
+        await self.send({"t": "replica_up", "replica": replica, "model": model, "version": "1", "capacity": capacity})
+
+
+class Bridge:
+    """A DEALER speaking the bridge side of the protocol."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, url: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(url)
+
+    async def infer(self, request_id: Any, array: np.ndarray, *, model: str = "m", **extra: Any) -> None:
+        header = {"t": "infer", "id": request_id, "model": model, "version": None, "timeout_ms": None,
+                  "params": {}, **extra}
+        await self.sock.send_multipart(wire.encode(header, [("x", array)]))
+
+    async def send_raw(self, frames: list[bytes]) -> None:
+        await self.sock.send_multipart(frames)
+
+    async def receive(self) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+        frames = await asyncio.wait_for(self.sock.recv_multipart(), TIMEOUT)
+        return wire.decode(frames)
+
+    async def receive_all(self, count: int) -> dict[Any, tuple[dict[str, Any], list[tuple[str, np.ndarray]]]]:
+        got = {}
+        for _ in range(count):
+            header, tensors = await self.receive()
+            assert header["id"] not in got, f"second reply for {header['id']}"
+            got[header["id"]] = (header, tensors)
+        return got
+
+
+@dataclass
+class Running:
+    service: BatchManager
+    task: asyncio.Task[None]
+    task_manager: FakeTaskManager
+    ctx: zmq.asyncio.Context
+    url: str
+
+    def bridge(self) -> Bridge:
+        return Bridge(self.ctx, self.url)
+
+
+@contextlib.asynccontextmanager
+async def running_batch_manager(
+    redis_url: str, *, spec: ModelSpec | None = None, **overrides: Any
+) -> AsyncIterator[Running]:
+    name = f"bmtest{next(_names)}"
+    settings = Settings(
+        batch_manager_url=f"inproc://{name}-bm",
+        task_manager_url=f"inproc://{name}-tm",
+        redis_url=redis_url,
+        redis_prefix=name,
+        heartbeat_interval_s=0.05,
+        **overrides,
+    )
+    store = SpecStore.from_url(redis_url, name)
+    await store.put(spec or ModelSpec(name="m", model_class="examples.models.echo:Echo", max_batch_size=4,
+                                      max_batch_delay_ms=20))
+    ctx = zmq.asyncio.Context()
+    task_manager = FakeTaskManager(ctx, settings.task_manager_url)
+    task_manager.task = asyncio.create_task(task_manager.serve())
+    service = BatchManager(settings, ctx)
+    ready = asyncio.Event()
+    service_task = asyncio.create_task(service.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        running = Running(service, service_task, task_manager, ctx, settings.batch_manager_url)
+        yield running
+        assert running.task.cancelled() or not running.task.done(), "the batch manager stopped by itself"
+    finally:
+        for task in (service_task, task_manager.task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        task_manager.sock.close()
+        await store.close()
+        ctx.destroy(linger=0)
+
+
+def test_requests_are_batched_and_answered(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            service, task_manager, bridge = running.service, running.task_manager, running.bridge()
+            for i in range(8):
+                await bridge.infer(i, np.full((1, 3), i, dtype=np.float32))
+            # Queue all eight before the replica exists, so how they are batched does not depend on timing.
+            await poll(lambda: service.scheduler.queued("m/1") == 8, "eight queued requests")
+            await task_manager.replica_up(capacity=2)
+            replies = await bridge.receive_all(8)
+            for i, (header, tensors) in replies.items():
+                assert header == {"t": "reply", "id": i, "model": "m", "version": "1",
+                                  "tensors": [{"name": "x", "dtype": "float32", "shape": [1, 3]}]}
+                np.testing.assert_array_equal(tensors[0][1], np.full((1, 3), i, dtype=np.float32))
+            assert [len(batch["items"]) for batch in task_manager.batches] == [4, 4]
+            # Bridges' ids never reach replicas; the batch manager's own item ids do, once each.
+            item_ids = [item["id"] for batch in task_manager.batches for item in batch["items"]]
+            assert len(set(item_ids)) == 8
+            # With credit free, a lone request leaves when its group's delay runs out, not before a tick.
+            loop = asyncio.get_running_loop()
+            sent_at = loop.time()
+            await bridge.infer(100, np.zeros((2, 3), dtype=np.float32), timeout_ms=5000)
+            header, tensors = await bridge.receive()
+            assert header["id"] == 100 and tensors[0][1].shape == (2, 3)
+            assert loop.time() - sent_at >= 0.019
+            assert task_manager.heartbeats >= 1
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_malformed_messages_get_bad_input_and_cost_no_one_else_their_reply(redis_url: str) -> None:
+    good_meta = {"name": "x", "dtype": "float32", "shape": [1, 3]}
+    three_floats = np.zeros(3, dtype=np.float32).tobytes()
+
+    def header(**fields: Any) -> bytes:
+        return msgpack.packb({"t": "infer", "model": "m", "version": None, "timeout_ms": None, "params": {},
+                              "tensors": [good_meta], **fields})
+
+    garbage: list[tuple[list[bytes], Any, str]] = [
+        ([b"\xc1\xff not msgpack"], None, "not valid msgpack"),
+        ([msgpack.packb([1, 2, 3])], None, "must be a msgpack map"),
+        ([b""], None, "not valid msgpack"),
+        ([header(id=1)], 1, "1 tensors but 0 data frames"),
+        ([header(id=2), three_floats, three_floats], 2, "1 tensors but 2 data frames"),
+        ([header(id=3), b"12345"], 3, "needs 12 bytes, frame has 5"),
+        ([msgpack.packb({"t": "infer", "id": 4, "tensors": [good_meta]}), three_floats], 4, "'model'"),
+        ([header(id="four"), three_floats], None, "'id' must be an int"),
+        ([header(id=5, timeout_ms=-1), three_floats], 5, "timeout_ms"),
+        ([header(id=6, tensors=[{"name": "x", "dtype": "object", "shape": [1]}]), b"1234"], 6, "dtype"),
+        ([header(id=7, t="explode"), three_floats], 7, "unknown message type"),
+        ([header(id=8, tensors=[{"name": "x", "dtype": "float32", "shape": [7]}]), three_floats],
+         8, "needs 28 bytes"),
+        ([header(id=9, tensors=[{"name": "x", "dtype": "float32", "shape": [5, 3]}]), three_floats * 5], 9,
+         "max_batch_size 4"),
+        ([header(id=10, model="nope"), three_floats], 10, "no model nope"),
+        ([msgpack.packb({"t": "cancel"})], None, "'id' must be an int"),
+    ]
+    codes = {10: "unknown_model"}
+
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            await running.task_manager.replica_up()
+            bad, other = running.bridge(), running.bridge()
+            for frames, _, _ in garbage:
+                await bad.send_raw(frames)
+            await bad.infer(1000, np.ones((1, 3), dtype=np.float32))
+            await other.infer(1000, np.full((1, 3), 2, dtype=np.float32))
+            for frames, request_id, needle in garbage:
+                reply, tensors = await bad.receive()
+                assert reply["t"] == "error" and tensors == [], frames
+                assert reply["id"] == request_id, (frames, reply)
+                assert reply["code"] == codes.get(request_id, "bad_input"), reply
+                assert needle in reply["message"], (needle, reply["message"])
+            reply, tensors = await bad.receive()
+            assert reply["t"] == "reply" and reply["id"] == 1000
+            np.testing.assert_array_equal(tensors[0][1], np.ones((1, 3), dtype=np.float32))
+            reply, tensors = await other.receive()
+            assert reply["t"] == "reply" and reply["id"] == 1000
+            np.testing.assert_array_equal(tensors[0][1], np.full((1, 3), 2, dtype=np.float32))
+            bad.sock.close()
+            other.sock.close()
+
+    run(body())
+
+
+def test_deadline_replica_loss_and_late_results(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            service, task_manager, bridge = running.service, running.task_manager, running.bridge()
+            # No replica yet: the timer fires at the request's deadline, with nothing else happening.
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32), timeout_ms=50)
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (1, "deadline") and "no ready replica" in reply["message"]
+
+            task_manager.hold = True
+            await task_manager.replica_up("r9", capacity=1)
+            await bridge.infer(2, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on replica r9")
+            # The task manager's garbage is logged and dropped; the batch manager keeps going.
+            await task_manager.send({"t": "result", "replica": "r9", "batch": "one", "items": 3})
+            await task_manager.send({"t": "mystery"})
+            await task_manager.send({"t": "replica_down", "replica": "r9", "reason": "OOM-killed"})
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (2, "replica_lost") and "OOM-killed" in reply["message"]
+            # Its result comes too late to count: no second reply (the next reply read must be request 3's).
+            header, *frames = task_manager.held.pop()
+            await task_manager.answer(header, frames)
+
+            # A result that names its batch but is garbled otherwise fails that batch at once.
+            await task_manager.replica_up("r11", capacity=1)
+            await bridge.infer(4, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on replica r11")
+            header, *frames = task_manager.held.pop()
+            assert header["replica"] == "r11"
+            await task_manager.send({"t": "result", "replica": "r11", "batch": header["batch"], "items": [{"n": 1}],
+                                     "tensors": [{"name": "y", "dtype": "float32", "shape": [1, 3]}]}, [b"short"])
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (4, "internal") and "malformed result" in reply["message"]
+            await task_manager.send({"t": "replica_down", "replica": "r11", "reason": "test over"})
+
+            task_manager.hold = False
+            await task_manager.replica_up("r10", capacity=1)
+            await bridge.infer(3, np.zeros((1, 3), dtype=np.float32))
+            reply, _ = await bridge.receive()
+            assert (reply["t"], reply["id"]) == ("reply", 3)
+            assert service.scheduler.pending() == 0
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_cancelled_request_gets_no_reply(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            service, task_manager, bridge = running.service, running.task_manager, running.bridge()
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32))
+            await bridge.send_raw([msgpack.packb({"t": "cancel", "id": 1})])
+            await poll(lambda: service.scheduler.pending() == 0, "the cancel to land")
+            await task_manager.replica_up()
+            await bridge.infer(2, np.zeros((1, 3), dtype=np.float32))
+            reply, _ = await bridge.receive()
+            assert reply["id"] == 2
+            assert [item["n"] for batch in task_manager.batches for item in batch["items"]] == [1]
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_stopping_answers_every_request_still_held(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            bridge = running.bridge()
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: running.service.scheduler.pending() == 1, "the request to be queued")
+            running.task.cancel()
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (1, "not_ready") and "stopping" in reply["message"]
+            bridge.sock.close()
+
+    run(body())

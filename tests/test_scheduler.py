@@ -1,0 +1,479 @@
+"""The batch manager's scheduler, driven with a hand-held clock: no sockets, no sleeps."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batch_manager.messages import ReplicaId
+from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
+from inferoxy.protocol import ErrorCode
+from model_manager.spec import ModelSpec, TensorSpec
+from model_manager.store import Registry
+
+BRIDGE = b"bridge-1"
+
+
+def make_spec(name: str = "m", version: str = "1", max_batch_size: int = 4, delay_ms: float = 10.0,
+              **extra: Any) -> ModelSpec:
+    return ModelSpec(name=name, version=version, model_class="examples.models.echo:Echo",
+                     max_batch_size=max_batch_size, max_batch_delay_ms=delay_ms, **extra)
+
+
+def make_registry(*specs: ModelSpec) -> Registry:
+    return Registry({spec.key: spec for spec in specs}, {spec.name: spec.version for spec in specs}, 1)
+
+
+def make_request(request_id: int, rows: int = 1, *, model: str = "m", version: str | None = None,
+                 dims: tuple[int, ...] = (3,), dtype: str = "float32", now: float = 0.0, timeout: float = 10.0,
+                 bridge: bytes = BRIDGE) -> Request:
+    metas = [{"name": "x", "dtype": dtype, "shape": [rows, *dims]}]
+    return Request((bridge, request_id), model, version, metas, [f"x{request_id}"], now + timeout)
+
+
+def dispatches(actions: list[Action]) -> list[Dispatch]:
+    return [action for action in actions if isinstance(action, Dispatch)]
+
+
+def replies(actions: list[Action]) -> list[Reply]:
+    return [action for action in actions if isinstance(action, Reply)]
+
+
+def only_reply(actions: list[Action]) -> Reply:
+    found = replies(actions)
+    assert len(found) == 1 and not dispatches(actions), actions
+    return found[0]
+
+
+def echo_result(scheduler: Scheduler, dispatch: Dispatch, now: float) -> list[Action]:
+    """Answer a batch the way an echo model would: every item's inputs become its outputs."""
+    counts = [item["n"] for item in dispatch.items]
+    return scheduler.on_result(dispatch.replica, dispatch.batch_id, counts, dispatch.metas, dispatch.frames, now)
+
+
+@pytest.fixture
+def scheduler() -> Scheduler:
+    return Scheduler(make_registry(make_spec(), make_spec("wide", max_batch_size=8, delay_ms=0)))
+
+
+def test_batch_leaves_as_soon_as_it_is_full(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    for i in range(3):
+        assert scheduler.submit(make_request(i, now=0.0), now=0.0) == []
+    actions = scheduler.submit(make_request(3), now=0.001)
+    [batch] = dispatches(actions)
+    assert replies(actions) == []
+    assert batch.replica == "r1" and batch.model == "m" and batch.version == "1"
+    assert [item["n"] for item in batch.items] == [1, 1, 1, 1]
+    assert batch.frames == ["x0", "x1", "x2", "x3"]
+    assert batch.header()["tensors"] == batch.metas and batch.header()["t"] == "batch"
+    assert scheduler.queued() == 0
+
+
+def test_batch_leaves_at_its_groups_delay_deadline(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 4, now=0.0)
+    scheduler.submit(make_request(1, now=0.0), now=0.0)
+    scheduler.submit(make_request(2, now=0.004), now=0.004)
+    # A second group (other non-batch dims) has its own deadline, counted from its own first request.
+    scheduler.submit(make_request(3, dims=(5,), now=0.006), now=0.006)
+    assert scheduler.next_wakeup() == pytest.approx(0.010)
+    assert scheduler.tick(0.0099) == []
+    [first] = dispatches(scheduler.tick(0.010))
+    assert first.frames == ["x1", "x2"]
+    assert scheduler.next_wakeup() == pytest.approx(0.016)
+    [second] = dispatches(scheduler.tick(0.016))
+    assert second.frames == ["x3"]
+    # Nothing is queued; what is left to watch is the deadline of the requests in flight.
+    assert scheduler.next_wakeup() == pytest.approx(10.0)
+
+
+def test_zero_delay_dispatches_at_once_and_queue_grows_while_credit_is_out(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 1, now=0.0)
+    [first] = dispatches(scheduler.submit(make_request(0, model="wide"), now=0.0))
+    for i in range(1, 6):
+        assert scheduler.submit(make_request(i, model="wide"), now=0.0) == []
+    assert scheduler.queued("wide/1") == 5
+    # No timer is needed while the only replica has no credit: the result is what frees it.
+    assert scheduler.next_wakeup() == pytest.approx(10.0)
+    actions = echo_result(scheduler, first, now=0.001)
+    assert [reply.origin for reply in replies(actions)] == [(BRIDGE, 0)]
+    [bigger] = dispatches(actions)
+    assert bigger.frames == ["x1", "x2", "x3", "x4", "x5"]
+
+
+def test_credit_is_never_exceeded(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
+    sent: list[Dispatch] = []
+    for i in range(30):
+        sent += dispatches(scheduler.submit(make_request(i, rows=3, model="wide"), now=i * 0.001))
+        sent += dispatches(scheduler.tick(i * 0.001))
+        assert scheduler.batches_in_flight("r1") <= 2
+    assert len(sent) == 2
+    assert all(sum(meta["shape"][0] for meta in batch.metas) <= 8 for batch in sent)
+    sent += dispatches(echo_result(scheduler, sent[0], now=1.0))
+    assert len(sent) == 3 and scheduler.batches_in_flight("r1") == 2
+    # The next batch takes whole requests in arrival order up to max_batch_size rows: 3 + 3 (a third would be 9).
+    assert sent[2].frames == ["x2", "x3"]
+
+
+def test_load_spreads_over_replicas(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
+    scheduler.replica_up("r2", "wide", "1", 2, now=0.0)
+    sent = [d for i in range(4) for d in dispatches(scheduler.submit(make_request(i, model="wide"), now=0.0))]
+    assert Counter(batch.replica for batch in sent) == {"r1": 2, "r2": 2}
+    assert sent[0].replica != sent[1].replica
+
+
+def test_requests_that_differ_in_non_batch_dimensions_never_share_a_batch(scheduler: Scheduler) -> None:
+    scheduler.submit(make_request(1, dims=(3,)), now=0.0)
+    scheduler.submit(make_request(2, dims=(4,)), now=0.0)
+    scheduler.submit(make_request(3, dims=(3,), dtype="float64"), now=0.0)
+    scheduler.submit(make_request(4, rows=2, dims=(3,)), now=0.0)
+    actions = scheduler.replica_up("r1", "m", "1", 8, now=1.0)
+    batches = {tuple(batch.frames) for batch in dispatches(actions)}
+    assert batches == {("x1", "x4"), ("x2",), ("x3",)}
+    for batch in dispatches(actions):
+        assert len({(m["name"], m["dtype"], tuple(m["shape"][1:])) for m in batch.metas}) == 1
+
+
+def test_results_go_back_to_the_right_requests_in_item_order(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    # Two bridges, ids that only mean something per bridge, the default version or an explicit one.
+    for i, (origin, version) in enumerate([((b"a", 10), None), ((b"b", 7), "1"), ((b"a", 12), None)]):
+        metas = [{"name": "y", "dtype": "int64", "shape": [1]}, {"name": "x", "dtype": "int64", "shape": [1, 2]}]
+        scheduler.submit(Request(origin, "m", version, metas, [f"y{i}", f"x{i}"], 10.0), now=0.0)
+    [batch] = dispatches(scheduler.tick(0.010))
+    # Each item's tensors are listed by name, so a replica can concatenate them by position.
+    assert [meta["name"] for meta in batch.metas] == ["x", "y"] * 3
+    assert batch.frames == ["x0", "y0", "x1", "y1", "x2", "y2"]
+    outputs = [{"name": "out", "dtype": "float32", "shape": [1]}] * 3
+    actions = scheduler.on_result("r1", batch.batch_id, [1, 1, 1], outputs, ["o0", "o1", "o2"], now=0.02)
+    got = {reply.origin: reply for reply in replies(actions)}
+    assert set(got) == {(b"a", 10), (b"b", 7), (b"a", 12)}
+    assert got[(b"b", 7)].frames == ["o1"] and got[(b"a", 12)].frames == ["o2"]
+    assert got[(b"b", 7)].header == {"t": "reply", "id": 7, "model": "m", "version": "1", "tensors": [outputs[1]]}
+    assert all(reply.ok for reply in got.values())
+    assert scheduler.pending() == 0
+
+
+def test_a_malformed_result_fails_every_request_of_its_batch(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 1, now=0.0)
+    [batch] = dispatches(scheduler.submit(make_request(1, model="wide"), now=0.0))
+    actions = scheduler.on_result("r1", batch.batch_id, [1, 1], [], [], now=0.1)
+    assert only_reply(actions).code == "internal"
+    assert scheduler.batches_in_flight() == 0
+
+
+def test_failed_batch_passes_its_code_on(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
+    [one] = dispatches(scheduler.submit(make_request(1, model="wide"), now=0.0))
+    [two] = dispatches(scheduler.submit(make_request(2, model="wide"), now=0.0))
+    reply = only_reply(scheduler.on_failed("r1", one.batch_id, "model_error", "ZeroDivisionError", now=0.1))
+    assert reply.header == {"t": "error", "id": 1, "code": "model_error", "message": "ZeroDivisionError"}
+    assert only_reply(scheduler.on_failed("r1", two.batch_id, "no-such-code", "?", now=0.1)).code == "internal"
+
+
+def test_replica_down_fails_its_batches_with_replica_lost(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
+    scheduler.replica_up("r2", "wide", "1", 1, now=0.0)
+    sent = [d for i in range(3) for d in dispatches(scheduler.submit(make_request(i, model="wide"), now=0.0))]
+    on_r1 = [batch for batch in sent if batch.replica == "r1"]
+    assert len(on_r1) == 2
+    actions = scheduler.replica_down("r1", "exit code 137", now=0.5)
+    lost = replies(actions)
+    assert sorted(reply.origin[1] for reply in lost) == sorted(int(b.frames[0][1:]) for b in on_r1)
+    assert all(reply.code == "replica_lost" and "exit code 137" in reply.header["message"] for reply in lost)
+    # A result that arrives after the replica was declared down is ignored, not answered twice.
+    assert echo_result(scheduler, on_r1[0], now=0.6) == []
+    assert scheduler.replica_down("r1", "again", now=0.7) == []
+    assert scheduler.pending() == 1
+
+
+def test_a_replica_announced_again_is_a_new_incarnation(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 1, now=0.0)
+    [old] = dispatches(scheduler.submit(make_request(1, model="wide"), now=0.0))
+    scheduler.submit(make_request(2, model="wide"), now=0.0)
+    # A restarted task manager announces its new replica under the old id: the old batch is lost, and
+    # the credit it held is not leaked.
+    actions = scheduler.replica_up("r1", "wide", "1", 1, now=1.0)
+    [lost] = replies(actions)
+    assert lost.origin == (BRIDGE, 1) and lost.code == "replica_lost"
+    [new] = dispatches(actions)
+    assert new.frames == ["x2"] and new.batch_id != old.batch_id
+    assert echo_result(scheduler, old, now=1.1) == []
+
+
+def test_queued_requests_fail_when_their_deadline_passes(scheduler: Scheduler) -> None:
+    scheduler.submit(make_request(1, timeout=0.5), now=0.0)
+    scheduler.submit(make_request(2, timeout=1.0), now=0.0)
+    assert scheduler.next_wakeup() == pytest.approx(0.5)
+    reply = only_reply(scheduler.tick(0.5))
+    assert reply.origin == (BRIDGE, 1) and reply.code == "deadline"
+    assert "no ready replica" in reply.header["message"]
+    assert scheduler.next_wakeup() == pytest.approx(1.0)
+    assert only_reply(scheduler.tick(2.0)).origin == (BRIDGE, 2)
+    assert scheduler.next_wakeup() is None and scheduler.queued() == 0
+
+
+def test_in_flight_request_past_its_deadline_is_answered_once_and_keeps_credit_taken(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 1, now=0.0)
+    [batch] = dispatches(scheduler.submit(make_request(1, model="wide", timeout=1.0), now=0.0))
+    scheduler.submit(make_request(2, model="wide", timeout=5.0), now=0.0)
+    assert only_reply(scheduler.tick(1.0)).code == "deadline"
+    # The replica still works on that batch: no second batch until it answers.
+    assert scheduler.batches_in_flight("r1") == 1
+    actions = echo_result(scheduler, batch, now=1.5)
+    assert replies(actions) == [] and len(dispatches(actions)) == 1
+
+
+def test_unknown_model_and_missing_registry() -> None:
+    assert only_reply(Scheduler().submit(make_request(1), now=0.0)).code == "not_ready"
+    scheduler = Scheduler(make_registry(make_spec()))
+    reply = only_reply(scheduler.submit(make_request(1, model="nope"), now=0.0))
+    assert reply.header["code"] == "unknown_model" and reply.header["id"] == 1
+    assert only_reply(scheduler.submit(make_request(2, version="9"), now=0.0)).code == "unknown_model"
+    assert scheduler.pending() == 0
+
+
+@pytest.mark.parametrize(
+    ("metas", "frames", "needle"),
+    [
+        ([], [], "at least one tensor"),
+        ([{"name": "x", "dtype": "float32", "shape": []}], ["f"], "leading (batch) dimension"),
+        ([{"name": "x", "dtype": "float32", "shape": [0, 3]}], ["f"], "leading (batch) dimension"),
+        ([{"name": "x", "dtype": "float32", "shape": [2]}, {"name": "y", "dtype": "float32", "shape": [3]}],
+         ["f", "g"], "disagree"),
+        ([{"name": "x", "dtype": "float32", "shape": [1]}, {"name": "x", "dtype": "float32", "shape": [1]}],
+         ["f", "g"], "unique"),
+        ([{"name": "x", "dtype": "float32", "shape": [5, 3]}], ["f"], "exceed max_batch_size 4"),
+    ],
+)
+def test_bad_input(scheduler: Scheduler, metas: list[dict[str, Any]], frames: list[str], needle: str) -> None:
+    reply = only_reply(scheduler.submit(Request((BRIDGE, 1), "m", None, metas, frames, 10.0), now=0.0))
+    assert reply.code == "bad_input"
+    assert needle in reply.header["message"]
+
+
+def test_inputs_are_checked_against_the_spec_when_it_declares_them() -> None:
+    spec = make_spec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 3])])
+    scheduler = Scheduler(make_registry(spec))
+    assert scheduler.submit(make_request(1, dims=(7, 3)), now=0.0) == []
+    assert "shape" in only_reply(scheduler.submit(make_request(2, dims=(7, 4)), now=0.0)).header["message"]
+    assert "float32" in only_reply(scheduler.submit(make_request(3, dims=(7, 3), dtype="int8"), now=0.0)).header[
+        "message"]
+    assert "inputs are ['x']" in only_reply(scheduler.submit(
+        Request((BRIDGE, 4), "m", None, [{"name": "z", "dtype": "float32", "shape": [1, 1, 3]}], ["f"], 9.0),
+        now=0.0)).header["message"]
+
+
+def test_overloaded_beyond_max_queue_size() -> None:
+    scheduler = Scheduler(make_registry(make_spec(), make_spec("other")), max_queue_size=3)
+    for i in range(3):
+        assert scheduler.submit(make_request(i), now=0.0) == []
+    reply = only_reply(scheduler.submit(make_request(3), now=0.0))
+    assert reply.code == "overloaded"
+    # The bound is per model version.
+    assert scheduler.submit(make_request(4, model="other"), now=0.0) == []
+    scheduler.cancel((BRIDGE, 0))
+    assert scheduler.submit(make_request(5), now=0.0) == []
+
+
+def test_cancelled_request_is_dropped_silently(scheduler: Scheduler) -> None:
+    scheduler.submit(make_request(1), now=0.0)
+    scheduler.submit(make_request(2), now=0.0)
+    scheduler.cancel((BRIDGE, 1))
+    scheduler.cancel((BRIDGE, 99))  # unknown: nothing to do
+    [batch] = dispatches(scheduler.replica_up("r1", "m", "1", 1, now=1.0))
+    assert batch.frames == ["x2"]
+    scheduler.cancel((BRIDGE, 2))  # in flight: its result is dropped
+    assert echo_result(scheduler, batch, now=1.1) == []
+    assert scheduler.tick(100.0) == [] and scheduler.pending() == 0
+
+
+def test_duplicate_id_from_one_bridge_is_refused_but_other_bridges_may_reuse_it(scheduler: Scheduler) -> None:
+    scheduler.submit(make_request(1), now=0.0)
+    assert only_reply(scheduler.submit(make_request(1), now=0.0)).code == "bad_input"
+    assert scheduler.submit(make_request(1, bridge=b"other"), now=0.0) == []
+    assert scheduler.pending() == 2
+
+
+def test_fail_all_answers_queued_and_in_flight_requests(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 1, now=0.0)
+    scheduler.submit(make_request(1, model="wide"), now=0.0)
+    scheduler.submit(make_request(2, model="wide"), now=0.0)
+    scheduler.submit(make_request(3), now=0.0)
+    actions = scheduler.fail_all(ErrorCode.NOT_READY, "stopping")
+    assert sorted(reply.origin[1] for reply in replies(actions)) == [1, 2, 3]
+    assert {reply.code for reply in replies(actions)} == {"not_ready"}
+    assert scheduler.pending() == 0 and scheduler.queued() == 0 and scheduler.next_wakeup() is None
+
+
+def test_oldest_ready_group_goes_first(scheduler: Scheduler) -> None:
+    scheduler.submit(make_request(1, dims=(4,)), now=0.0)
+    scheduler.submit(make_request(2, dims=(3,)), now=0.001)
+    scheduler.submit(make_request(3, dims=(4,)), now=0.002)
+    actions = scheduler.replica_up("r1", "m", "1", 1, now=0.05)
+    [batch] = dispatches(actions)
+    assert batch.frames == ["x1", "x3"]
+    [batch] = dispatches(echo_result(scheduler, batch, now=0.06))
+    assert batch.frames == ["x2"]
+
+
+def test_removed_model_fails_its_queued_requests(scheduler: Scheduler) -> None:
+    scheduler.submit(make_request(1), now=0.0)
+    reply = only_reply(scheduler.set_registry(make_registry(make_spec("wide")), now=0.1))
+    assert reply.code == "unknown_model"
+    assert scheduler.next_wakeup() is None
+
+
+def test_smaller_max_batch_size_takes_effect_for_queued_requests(scheduler: Scheduler) -> None:
+    for i in range(3):
+        scheduler.submit(make_request(i), now=0.0)
+    scheduler.set_registry(make_registry(make_spec(max_batch_size=2, delay_ms=0)), now=0.0)
+    actions = scheduler.replica_up("r1", "m", "1", 5, now=0.0)
+    assert [batch.frames for batch in dispatches(actions)] == [["x0", "x1"], ["x2"]]
+
+
+# --- property: random traffic, replicas coming and going, results, time -------------------------------------
+
+MODELS = [make_spec("m", max_batch_size=4, delay_ms=5), make_spec("n", max_batch_size=2, delay_ms=0)]
+MODEL_NAMES = ["m", "n", "ghost"]
+# Drawn with replacement, so the repeats are weights: traffic and results are most of what happens.
+KINDS = ["submit"] * 6 + ["up"] * 2 + ["result"] * 4 + ["down", "failed", "garbled", "late", "cancel",
+                                                        "advance", "advance", "wake", "wake"]
+
+
+class Op(NamedTuple):
+    kind: str
+    pick: int  # a replica, a batch in flight or a request, modulo how many there are
+    model: str
+    number: int  # rows of a request, capacity of a replica
+    dims: tuple[int, ...]
+    seconds: float  # a request's timeout, or how far the clock moves
+
+
+operations = st.lists(
+    st.builds(Op, st.sampled_from(KINDS), st.integers(0, 50), st.sampled_from(MODEL_NAMES + ["m", "n"]),
+              st.integers(0, 3), st.sampled_from([(3,), (4,)]), st.sampled_from([0.0, 0.002, 0.02, 0.2, 1.0, 1.0])),
+    min_size=10,
+    max_size=150,
+)
+
+
+class Harness:
+    """Drives a scheduler and checks every action against the promises it makes."""
+
+    def __init__(self) -> None:
+        self.scheduler = Scheduler(make_registry(*MODELS), max_queue_size=6)
+        self.now = 0.0
+        self.submitted: list[tuple[bytes, int]] = []
+        self.cancelled: set[tuple[bytes, int]] = set()
+        self.answers: Counter[tuple[bytes, int]] = Counter()
+        self.capacity: dict[ReplicaId, tuple[str, int]] = {}  # replica -> (model, capacity)
+        self.outstanding: dict[ReplicaId, list[Dispatch]] = {}
+
+    def check(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Reply):
+                assert action.origin in self.submitted, action
+                assert action.origin not in self.cancelled, action
+                self.answers[action.origin] += 1
+                assert self.answers[action.origin] == 1, f"{action.origin} answered twice"
+            else:
+                model, capacity = self.capacity[action.replica]
+                assert action.model == model
+                in_flight = self.outstanding.setdefault(action.replica, [])
+                assert len(in_flight) < capacity, "credit exceeded"
+                in_flight.append(action)
+                limit = {"m": 4, "n": 2}[model]
+                rows = [meta["shape"][0] for meta in action.metas]
+                assert len(action.items) == 1 or sum(rows) <= limit
+                assert len({tuple(meta["shape"][1:]) for meta in action.metas}) == 1
+
+    def take(self, index: int) -> Dispatch | None:
+        flat = [d for batches in self.outstanding.values() for d in batches]
+        if not flat:
+            return None
+        dispatch = flat[index % len(flat)]
+        self.outstanding[dispatch.replica].remove(dispatch)
+        return dispatch
+
+    def apply(self, op: Op) -> None:
+        s = self.scheduler
+        if op.kind == "submit":
+            origin = (BRIDGE, len(self.submitted))
+            self.submitted.append(origin)
+            request = make_request(origin[1], max(op.number, 1), model=op.model, dims=op.dims, now=self.now,
+                                   timeout=op.seconds)
+            self.check(s.submit(request, self.now))
+        elif op.kind == "up":
+            replica, model = f"r{op.pick % 3}", "n" if op.model == "n" else "m"
+            self.outstanding.pop(replica, None)  # a new incarnation: the batches the old one held are lost
+            self.capacity[replica] = (model, op.number)
+            self.check(s.replica_up(replica, model, "1", op.number, self.now))
+        elif op.kind == "down":
+            replica = f"r{op.pick % 3}"
+            self.outstanding.pop(replica, None)
+            self.capacity.pop(replica, None)
+            self.check(s.replica_down(replica, "gone", self.now))
+        elif op.kind in ("result", "failed", "garbled"):
+            dispatch = self.take(op.pick)
+            if dispatch is None:
+                return
+            if op.kind == "result":
+                self.check(echo_result(s, dispatch, self.now))
+            elif op.kind == "failed":
+                self.check(s.on_failed(dispatch.replica, dispatch.batch_id, "model_error", "boom", self.now))
+            else:
+                self.check(s.on_result(dispatch.replica, dispatch.batch_id, [], [], [], self.now))
+        elif op.kind == "late":
+            self.check(s.on_result("r0", 10_000 + op.pick, [1], [{}], ["f"], self.now))
+        elif op.kind == "cancel":
+            if self.submitted:
+                origin = self.submitted[op.pick % len(self.submitted)]
+                s.cancel(origin)
+                if not self.answers[origin]:
+                    self.cancelled.add(origin)
+        elif op.kind == "advance":
+            self.now += op.seconds
+            self.check(s.tick(self.now))
+        else:
+            wake = s.next_wakeup()
+            if wake is not None:
+                self.now = max(self.now, wake)
+                self.check(s.tick(self.now))
+
+    def drain(self) -> None:
+        """Serve everything left: one replica per model, answer every batch, let every deadline pass."""
+        for model in ("m", "n"):
+            self.capacity[f"final-{model}"] = (model, 2)
+            self.check(self.scheduler.replica_up(f"final-{model}", model, "1", 2, self.now))
+        for _ in range(1000):
+            dispatch = self.take(0)
+            if dispatch is not None:
+                self.check(echo_result(self.scheduler, dispatch, self.now))
+                continue
+            wake = self.scheduler.next_wakeup()
+            if wake is None:
+                break
+            self.now = max(self.now, wake)
+            self.check(self.scheduler.tick(self.now))
+        # Batches on replicas that were never answered nor declared down still hold their requests' deadlines.
+        assert self.scheduler.next_wakeup() is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations)
+def test_every_request_is_answered_exactly_once_and_credit_is_never_exceeded(ops: list[Op]) -> None:
+    harness = Harness()
+    for op in ops:
+        harness.apply(op)
+    harness.drain()
+    assert harness.scheduler.pending() == 0
+    for origin in harness.submitted:
+        expected = 0 if origin in harness.cancelled else 1
+        assert harness.answers[origin] == expected, origin
