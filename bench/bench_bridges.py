@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+
 from inferoxy.client import AsyncClient
 
 REPO = Path(__file__).resolve().parent.parent

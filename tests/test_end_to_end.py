@@ -14,9 +14,9 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+
 from examples.train_digits import held_out_split
 from inferoxy.client import AsyncClient, Client, InferenceError
-
 from tests.support import ProxyProcess, alive, wait_for
 
 SLOW_MODELS = """

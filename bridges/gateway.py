@@ -1,0 +1,294 @@
+"""How a bridge reaches the batch manager, and what it knows of the model registry.
+
+Each bridge owns one Gateway: one DEALER connected to ``settings.batch_manager_url``. Every
+request gets an int id unique to this gateway, goes out as an ``infer`` message
+(docs/PROTOCOL.md), and is settled exactly once: by the matching ``reply`` or ``error``, by its
+deadline (a ``deadline`` error, and a ``cancel`` to the batch manager so it can drop the work),
+or by the gateway closing. Answers are matched to requests by id; an id the gateway no longer
+holds (a late answer after the deadline) is dropped.
+
+The hot path is callback based (``start_request``): the ZeroMQ bridge answers from the
+callback without a task or a future per request. ``submit`` wraps it for handlers that await.
+The DEALER is read by a ``Reactor`` (bridges/reactor.py) that the ZeroMQ bridge shares for its
+client socket, so one drain serves both sides.
+
+The gateway also follows the model registry in Redis in a background task, so a bridge
+answers unknown models, input errors and metadata without a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import zmq
+import zmq.asyncio
+
+from bridges.errors import RequestError
+from bridges.reactor import Reactor, plain_socket, send_nowait
+from bridges.validation import InputRules
+from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY, ErrorCode
+from inferoxy.settings import Settings
+from inferoxy.wire import Frame, WireError, pack_header, unpack_header
+from model_manager.spec import ModelSpec
+from model_manager.store import Registry, SpecStore, open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTSTANDING = 10_000
+# How long a stopping bridge lets requests in flight finish before failing them.
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class Reply(NamedTuple):
+    """The batch manager's answer: its ``reply`` header (``model``, ``version``, ``tensors``) and frames."""
+
+    header: dict[str, Any]
+    frames: list[Any]
+
+
+Outcome = Reply | RequestError
+Callback = Callable[[Outcome], None]
+
+
+class ResolvedModel(NamedTuple):
+    spec: ModelSpec
+    rules: InputRules
+
+
+class _Pending:
+    __slots__ = ("callback", "timeout_s", "timer")
+
+    def __init__(self, callback: Callback, timeout_s: float, timer: asyncio.TimerHandle) -> None:
+        self.callback = callback
+        self.timeout_s = timeout_s
+        self.timer = timer
+
+
+class Gateway:
+    """A bridge's connection to the batch manager and its view of the model registry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: zmq.asyncio.Context,
+        *,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+        store: SpecStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.max_outstanding = max_outstanding
+        self.registry: Registry | None = None
+        # Set once the first registry snapshot is in; REST's /v2/health/ready follows it.
+        self.registry_loaded = asyncio.Event()
+        self.reactor = Reactor()
+        self._ctx = ctx
+        self._store = store
+        self._sock: zmq.Socket[Any] | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._models: dict[str, ResolvedModel] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle_waiter: asyncio.Future[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the batch manager and start following the registry."""
+        self._loop = asyncio.get_running_loop()
+        if self._store is None:
+            # Raises at once when no Redis is configured, so a misconfigured bridge fails to start.
+            self._store = open_store(self.settings.redis_url, self.settings.redis_prefix)
+        self._sock = plain_socket(self._ctx, zmq.DEALER, connect=self.settings.batch_manager_url)
+        self.reactor.add(self._sock, self._dispatch)
+        self._tasks = [asyncio.create_task(self._store.watch(self._on_registry), name="gateway-registry")]
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight, for at most ``timeout_s``; True if none is."""
+        if not self._pending:
+            return True
+        self._idle_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle_waiter), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._idle_waiter = None
+        return True
+
+    def _settled_one(self) -> None:
+        waiter = self._idle_waiter
+        if waiter is not None and not self._pending and not waiter.done():
+            waiter.set_result(None)
+
+    async def close(self) -> None:
+        """Stop; requests still waiting are answered with ``not_ready``."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            entry.timer.cancel()
+            _settle(entry.callback, RequestError(ErrorCode.NOT_READY, "the bridge is shutting down"))
+        if self._sock is not None:
+            self.reactor.remove(self._sock)
+            self._sock.close()
+            self._sock = None
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await self._store.close()
+            self._store = None
+
+    # -- the registry ------------------------------------------------------------------------
+
+    def _on_registry(self, registry: Registry) -> None:
+        self._models = {spec.key: ResolvedModel(spec, InputRules(spec)) for spec in registry}
+        self.registry = registry
+        self.registry_loaded.set()
+
+    def resolve(self, name: str, version: str | None = None) -> ResolvedModel:
+        """The model a request for ``name`` (at ``version``, else the default) goes to."""
+        registry = self.registry
+        if registry is None:
+            raise RequestError(ErrorCode.NOT_READY, "the model registry has not been read yet; retry shortly")
+        spec = registry.get(name, version)
+        if spec is None:
+            versions = self.versions(name)
+            if version is not None and versions:
+                raise RequestError(
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"model {name!r} has no version {version!r}; it has {', '.join(versions)}",
+                )
+            raise RequestError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}")
+        return self._models[spec.key]
+
+    def versions(self, name: str) -> list[str]:
+        """Every registered version of ``name``, in version order."""
+        if self.registry is None:
+            return []
+        found = [spec.version for spec in self.registry if spec.name == name]
+        return sorted(found, key=lambda v: (1, int(v), "") if v.isdigit() else (0, 0, v))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def default_timeout(self, requested_s: float | None) -> float:
+        """The deadline a request runs under: its own when given, never longer than the server's."""
+        limit = self.settings.request_timeout_s
+        return limit if requested_s is None else min(requested_s, limit)
+
+    def start_request(
+        self,
+        header: Mapping[str, Any],
+        frames: Sequence[Frame],
+        timeout_s: float,
+        callback: Callback,
+    ) -> None:
+        """Send one request; ``callback`` gets its outcome exactly once, later, from the event loop.
+
+        ``header`` holds ``model``, ``version``, ``params`` and the inputs' ``tensors`` list; the
+        frames go out untouched. Raises RequestError (``overloaded``) instead of queueing past
+        ``max_outstanding`` or when the batch manager's socket is full; the callback is then
+        never called.
+        """
+        sock, loop = self._sock, self._loop
+        if sock is None or loop is None:
+            raise RequestError(ErrorCode.NOT_READY, "the bridge is not connected to the batch manager")
+        if len(self._pending) >= self.max_outstanding:
+            raise RequestError(
+                ErrorCode.OVERLOADED, f"{self.max_outstanding} requests are already in flight; retry later"
+            )
+        rid = next(self._ids)
+        message = {
+            "t": INFER,
+            "id": rid,
+            "model": header["model"],
+            "version": header.get("version"),
+            "timeout_ms": max(1, math.ceil(timeout_s * 1000)),
+            "params": header.get("params") or {},
+            "tensors": header["tensors"],
+        }
+        if not send_nowait(sock, [pack_header(message), *frames]):
+            raise RequestError(ErrorCode.OVERLOADED, "the batch manager's queue is full; retry later")
+        self.reactor.wake_soon()
+        timer = loop.call_later(timeout_s, self._expire, rid)
+        self._pending[rid] = _Pending(callback, timeout_s, timer)
+
+    async def submit(
+        self, header: Mapping[str, Any], frames: Sequence[Frame], timeout_s: float
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """``start_request`` for callers that await: the reply header and frames, or RequestError."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def settle(outcome: Outcome) -> None:
+            if not future.done():  # the awaiting handler may have been cancelled meanwhile
+                future.set_result(outcome)
+
+        self.start_request(header, frames, timeout_s, settle)
+        outcome = await future
+        if isinstance(outcome, RequestError):
+            raise outcome
+        return outcome.header, outcome.frames
+
+    def _expire(self, rid: int) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        self._settled_one()
+        if self._sock is not None:
+            send_nowait(self._sock, [pack_header({"t": CANCEL, "id": rid})])
+        _settle(
+            entry.callback,
+            RequestError(ErrorCode.DEADLINE, f"no answer within the request's timeout of {entry.timeout_s:g}s"),
+        )
+        self.reactor.wake_soon()  # this ran from a timer, and the callback may have sent too
+
+    def _dispatch(self, message: list[Any]) -> None:
+        try:
+            header = unpack_header(message[0])
+        except WireError as exc:
+            log.error("dropping unreadable message from the batch manager: %s", exc)
+            return
+        rid = header.get("id")
+        entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if entry is None:
+            return  # answered already: its deadline passed, or the batch manager repeated itself
+        entry.timer.cancel()
+        self._settled_one()
+        kind = header.get("t")
+        outcome: Outcome
+        if kind == REPLY:
+            tensors = header.get("tensors")
+            frames = message[1:]
+            if isinstance(tensors, list) and len(tensors) == len(frames):
+                outcome = Reply(header, frames)
+            else:
+                outcome = RequestError(ErrorCode.INTERNAL, "the batch manager sent a malformed reply")
+        elif kind == ERROR:
+            code = header.get("code")
+            outcome = RequestError(
+                code if isinstance(code, str) else ErrorCode.INTERNAL.value,
+                str(header.get("message") or "the request failed"),
+            )
+        else:
+            outcome = RequestError(ErrorCode.INTERNAL, f"the batch manager answered with {kind!r}")
+        _settle(entry.callback, outcome)
+
+
+def _settle(callback: Callback, outcome: Outcome) -> None:
+    # A failing callback is a bug in one bridge handler; it must not stop the receive loop.
+    try:
+        callback(outcome)
+    except Exception:
+        log.exception("request callback failed")

@@ -1,0 +1,278 @@
+"""The REST bridge: the Open Inference Protocol (KServe v2) over HTTP, served by uvicorn.
+
+Handlers take the raw ``Request`` and return ready-made ``Response`` bodies: tensors are
+parsed with orjson and numpy (``bridges.tensors``), never through pydantic models, which
+are far too slow for large arrays. Every error is ``{"error": "..."}`` with the HTTP status
+of its ``ErrorCode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Generator
+from typing import Any
+
+import orjson
+import uvicorn
+import zmq.asyncio
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridges import tensors
+from bridges.errors import RequestError
+from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
+from bridges.validation import requested_timeout_s
+from inferoxy.protocol import ErrorCode
+from inferoxy.settings import Settings
+from inferoxy.wire import WireError, check_tensors
+from model_manager.spec import ModelSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+# What a client hears when told to come back (429); the queues drain within about this long.
+RETRY_AFTER_S = "1"
+
+
+class RestBridge:
+    name = "rest_bridge"
+
+    def __init__(self, settings: Settings, ctx: zmq.asyncio.Context, *, gateway: Gateway | None = None) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.gateway = gateway if gateway is not None else Gateway(settings, ctx)
+        self.app = build_app(self.gateway)
+
+    async def run(self, ready: asyncio.Event) -> None:
+        # Binding here (not in uvicorn) makes a taken port an OSError for our caller, not sys.exit.
+        listener = _listen(self.settings.bind_host, self.settings.rest_port)
+        started = asyncio.Event()
+        server = _Server(
+            uvicorn.Config(
+                self.app,
+                lifespan="off",
+                ws="none",
+                # The process runner owns logging; uvicorn's dictConfig would replace its handlers.
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            ),
+            started,
+        )
+        serving: asyncio.Task[None] | None = None
+        try:
+            await self.gateway.start()
+            serving = asyncio.create_task(server.serve(sockets=[listener]), name="rest-uvicorn")
+            # asyncio.wait, not await: cancelling run() must not cancel uvicorn mid-request.
+            waiting = asyncio.create_task(started.wait())
+            await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if serving.done():
+                serving.result()  # uvicorn's own startup error
+                raise RuntimeError("the REST server stopped during startup")
+            # Ready means able to answer: until the registry is read every request would be refused
+            # (and /v2/health/ready says 503).
+            await self.gateway.registry_loaded.wait()
+            ready.set()
+            log.info("REST bridge listening on http://%s:%d", self.settings.bind_host, self.settings.rest_port)
+            await asyncio.wait({serving})
+            serving.result()
+        finally:
+            # uvicorn stops accepting, lets requests in progress finish (the gateway is still up to
+            # answer them) for up to GRACEFUL_SHUTDOWN_S, then the gateway fails whatever is left.
+            server.should_exit = True
+            if serving is not None and not serving.done():
+                await asyncio.wait({serving}, timeout=GRACEFUL_SHUTDOWN_S + 1)
+                serving.cancel()
+            listener.close()
+            await self.gateway.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn as a component: it reports when it is listening and leaves signals to the process runner."""
+
+    def __init__(self, config: uvicorn.Config, started: asyncio.Event) -> None:
+        super().__init__(config)
+        self._started_event = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._started_event.set()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must be named: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is IPPROTO_TCP,
+    # and without that every small response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+# -- the application --------------------------------------------------------------------------
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(error: RequestError) -> Response:
+    status = error.http_status
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 429 else None
+    return json_response({"error": error.message}, status, headers)
+
+
+def build_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="Inferoxy", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return json_response({"error": str(exc.detail)}, exc.status_code, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return json_response({"error": str(exc)}, 400)
+
+    # Plain Starlette routes: the handlers read the raw request themselves, so FastAPI's
+    # per-request dependency solving would be pure overhead on the hot path.
+    async def infer(request: Request) -> Response:
+        params = request.path_params
+        try:
+            return await _infer(gateway, request, params["name"], params.get("version"))
+        except RequestError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("failed to handle a REST inference request")
+            return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
+
+    async def model_metadata(request: Request) -> Response:
+        params = request.path_params
+        try:
+            resolved = gateway.resolve(params["name"], params.get("version"))
+        except RequestError as exc:
+            return error_response(exc)
+        return json_response(metadata(resolved.spec, gateway.versions(resolved.spec.name)))
+
+    async def live(request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(request: Request) -> Response:
+        is_ready = gateway.registry is not None
+        return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+    about = orjson.dumps({"name": "inferoxy", "version": _version(), "extensions": ["binary_tensor_data"]})
+
+    async def server_metadata(request: Request) -> Response:
+        return Response(about, media_type=JSON)
+
+    add = app.router.add_route
+    add("/v2/models/{name}/infer", infer, methods=["POST"])
+    add("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
+    add("/v2/models/{name}", model_metadata, methods=["GET"])
+    add("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"])
+    add("/v2/health/live", live, methods=["GET"])
+    add("/v2/health/ready", ready, methods=["GET"])
+    add("/v2", server_metadata, methods=["GET"])
+    return app
+
+
+async def _infer(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
+    resolved = gateway.resolve(name, version)
+    spec = resolved.spec
+    body = await _read_body(request, gateway.settings.max_message_bytes)
+    parsed = tensors.parse_infer_request(body, _header_length(request))
+    if parsed.outputs and spec.outputs:
+        declared = [t.name for t in spec.outputs]
+        unknown = [n for n in parsed.outputs if n not in declared]
+        if unknown:
+            raise RequestError(
+                ErrorCode.BAD_INPUT,
+                f"model {spec.name!r} has no output(s) {', '.join(map(repr, unknown))}; "
+                f"its outputs are {', '.join(map(repr, declared))}",
+            )
+    metas, frames = tensors.to_wire(parsed.inputs)
+    resolved.rules.check(metas)
+    timeout_s = gateway.default_timeout(requested_timeout_s(parsed.parameters))
+    header = {"model": spec.name, "version": spec.version, "params": parsed.parameters, "tensors": metas}
+    reply, reply_frames = await gateway.submit(header, frames, timeout_s)
+    try:
+        outputs = tensors.from_wire(check_tensors(reply, reply_frames), reply_frames)
+    except WireError as exc:
+        raise RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}") from None
+    body, json_length = tensors.encode_infer_response(
+        reply.get("model") or spec.name, reply.get("version") or spec.version, parsed, outputs
+    )
+    if json_length is None:
+        return Response(body, media_type=JSON)
+    return Response(
+        body,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(json_length)},
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it is known to pass ``limit`` (the same limit as ZeroMQ messages)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(ErrorCode.BAD_INPUT, f"the request body is {declared} bytes, more than the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(ErrorCode.BAD_INPUT, f"the request body is more than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_length(request: Request) -> int | None:
+    raw = request.headers.get(tensors.HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise RequestError(ErrorCode.BAD_INPUT, f"Inference-Header-Content-Length {raw!r} is not an integer") from None
+
+
+def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:
+    """Model metadata as the Open Inference Protocol and Triton give it: -1 leads for the batch dimension."""
+    return {
+        "name": spec.name,
+        "versions": versions,
+        "platform": "inferoxy",
+        "inputs": [_tensor_metadata(t) for t in spec.inputs],
+        "outputs": [_tensor_metadata(t) for t in spec.outputs],
+    }
+
+
+def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": [-1, *tensor.shape]}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("inferoxy")
+    except Exception:  # running from a checkout that was never installed
+        return "0.1.0"

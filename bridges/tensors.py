@@ -1,0 +1,277 @@
+"""Open Inference Protocol (KServe v2) tensors <-> numpy <-> Inferoxy's wire format.
+
+One place for the path a REST (and later gRPC) request takes: a JSON document with
+``inputs: [{name, shape, datatype, data}]`` becomes numpy arrays of an explicit dtype,
+then wire tensor descriptions plus raw frames for the bus; a reply's frames become
+``outputs: [{name, datatype, shape, data}]``. The binary tensor data extension (raw bytes
+after the JSON, sized by ``Inference-Header-Content-Length`` and ``binary_data_size``)
+is supported too, because Triton's clients use it by default.
+
+JSON data is never trusted to have the right types: numpy would quietly turn ``"1.5"``
+or ``null`` into floats and truncate ``1.7`` to an int, so the values' kind is checked
+before the cast. Every error is a ``bad_input`` RequestError that names the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+
+from bridges.errors import RequestError
+from inferoxy.protocol import ErrorCode
+from inferoxy.wire import DTYPES, MAX_RANK, Frame, as_array, tensor_meta
+from model_manager.spec import DATATYPE_TO_DTYPE, DTYPE_TO_DATATYPE
+
+# Datatypes not carried yet, with the reason a client is told.
+UNSUPPORTED_DATATYPES = {
+    "FP16": "FP16 tensors are not accepted by this bridge yet; send FP32",
+    "BYTES": "BYTES (string) tensors are not supported yet",
+}
+# Open Inference Protocol datatype -> the numpy dtype its data is built with.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    datatype: DTYPES[dtype] for datatype, dtype in DATATYPE_TO_DTYPE.items() if datatype not in UNSUPPORTED_DATATYPES
+}
+# Which kinds of inferred JSON values each numpy kind accepts: ints for floats, never floats for ints.
+_ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_KIND_WORDS = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class InferRequest(NamedTuple):
+    """A decoded inference request."""
+
+    id: str | None
+    inputs: list[tuple[str, np.ndarray]]
+    parameters: dict[str, Any]
+    outputs: list[str] | None  # names asked for; None: every output
+    binary_outputs: frozenset[str]  # outputs to send as raw bytes (binary data extension)
+    binary_all: bool  # every output as raw bytes (``binary_data_output`` request parameter)
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(ErrorCode.BAD_INPUT, message)
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def parse_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a request body; ``header_length`` is the ``Inference-Header-Content-Length`` header."""
+    binary = b""
+    if header_length is not None:
+        if not 0 <= header_length <= len(body):
+            raise _bad(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
+        body, binary = body[:header_length], body[header_length:]
+    document = parse_json(body)
+    if not isinstance(document, dict):
+        raise _bad("the request body must be a JSON object")
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad("'id' must be a string")
+    parameters = _optional_map(document.get("parameters"), "'parameters'")
+    raw_inputs = document.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _bad("'inputs' must be a non-empty list of tensors")
+    inputs = []
+    view = memoryview(binary)
+    offset = 0
+    for index, tensor in enumerate(raw_inputs):
+        name, array, used = _input_tensor(tensor, index, view[offset:])
+        offset += used
+        inputs.append((name, array))
+    if offset != len(binary):
+        raise _bad(f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims")
+    binary_all = parameters.get("binary_data_output") is True
+    outputs, binary_outputs = _requested_outputs(document.get("outputs"), binary_all)
+    return InferRequest(request_id, inputs, parameters, outputs, binary_outputs, binary_all and outputs is None)
+
+
+def parse_json(body: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}") from None
+
+
+def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.ndarray, int]:
+    if not isinstance(tensor, dict):
+        raise _bad(f"input {index} must be a JSON object with name, shape, datatype and data")
+    name = tensor.get("name")
+    if not isinstance(name, str) or not name:
+        raise _bad(f"input {index}: 'name' must be a non-empty string")
+    datatype = tensor.get("datatype")
+    shape = tensor.get("shape")
+    parameters = _optional_map(tensor.get("parameters"), f"input {name!r}: 'parameters'")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        if "data" not in tensor:
+            raise _bad(f"input {name!r}: 'data' is missing")
+        return name, array_from_data(name, datatype, shape, tensor["data"]), 0
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
+        raise _bad(
+            f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} bytes of binary data left"
+        )
+    return name, array_from_bytes(name, datatype, shape, binary[:size]), size
+
+
+def _requested_outputs(raw: Any, binary_default: bool) -> tuple[list[str] | None, frozenset[str]]:
+    if raw is None:
+        return None, frozenset()
+    if not isinstance(raw, list):
+        raise _bad("'outputs' must be a list of {\"name\": ...} objects")
+    names: list[str] = []
+    binary: set[str] = set()
+    for index, output in enumerate(raw):
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise _bad(f"output {index} must be an object with a string 'name'")
+        names.append(output["name"])
+        params = _optional_map(output.get("parameters"), f"output {output['name']!r}: 'parameters'")
+        if params.get("binary_data", binary_default) is True:
+            binary.add(output["name"])
+    return names, frozenset(binary)
+
+
+def _optional_map(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{what} must be a JSON object")
+    return value
+
+
+def _dtype(name: str, datatype: Any) -> np.dtype[Any]:
+    dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        if datatype in UNSUPPORTED_DATATYPES:
+            raise _bad(f"input {name!r}: {UNSUPPORTED_DATATYPES[datatype]}")
+        raise _bad(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+    return dtype
+
+
+def _shape(name: str, shape: Any) -> list[int]:
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise _bad(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
+    return shape
+
+
+def array_from_data(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarray:
+    """The array a JSON tensor stands for. ``data`` is flat or nested, row-major."""
+    dtype = _dtype(name, datatype)
+    dims = _shape(name, shape)
+    count = math.prod(dims)
+    if not isinstance(data, list):
+        data = [data]  # a lone scalar, as some clients send for a single element
+    try:
+        values = np.array(data)
+    except (ValueError, TypeError):
+        raise _bad(f"input {name!r}: 'data' must be a flat list or nested lists of equal length") from None
+    if values.size != count:
+        raise _bad(f"input {name!r}: shape {dims} holds {count} elements, 'data' has {values.size}")
+    if count and values.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        if not (dtype.kind in "iu" and values.dtype.kind in "fO"):
+            raise _bad(f"input {name!r}: {datatype} data must be {_KIND_WORDS[dtype.kind]}, got {_describe(values)}")
+        # Integers beyond int64 (uint64's upper half) mixed with others make numpy infer float64 or
+        # object; look at the values themselves, on this rare path only.
+        values = np.array(data, dtype=object)
+        if not all(type(v) is int for v in values.flat):
+            raise _bad(f"input {name!r}: {datatype} data must be integers, got {_describe(values, (int,))}")
+    if count and dtype.kind in "iu" and values.dtype != dtype:
+        info = np.iinfo(dtype)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise _bad(f"input {name!r}: {datatype} values must lie in [{info.min}, {info.max}], got {low}..{high}")
+    return values.astype(dtype, copy=False).reshape(dims)
+
+
+def array_from_bytes(name: str, datatype: Any, shape: Any, raw: bytes | memoryview) -> np.ndarray:
+    """The array raw little-endian bytes stand for (binary data extension, gRPC raw contents). No copy."""
+    dtype = _dtype(name, datatype)
+    dims = _shape(name, shape)
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        raise _bad(f"input {name!r}: {datatype} {dims} needs {expected} bytes, got {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+
+
+def _describe(values: np.ndarray, fine: tuple[type, ...] = (int, float)) -> str:
+    if values.dtype.kind == "O":
+        kinds = sorted({type(v).__name__ for v in values.flat if type(v) not in fine})
+        return f"values of type {', '.join(kinds).replace('NoneType', 'null')}" if kinds else "numbers"
+    return {"b": "booleans", "i": "integers", "u": "integers", "f": "non-integers", "U": "strings"}.get(
+        values.dtype.kind, str(values.dtype)
+    )
+
+
+# -- to and from the wire -----------------------------------------------------------------------
+
+
+def to_wire(tensors: Sequence[tuple[str, np.ndarray]]) -> tuple[list[dict[str, Any]], list[Frame]]:
+    """Wire tensor descriptions and frames for C-contiguous arrays (their buffers, not copies)."""
+    metas = [tensor_meta(name, array) for name, array in tensors]
+    frames: list[Frame] = [
+        np.ascontiguousarray(array).data.cast("B") if array.size else b"" for _, array in tensors
+    ]
+    return metas, frames
+
+
+def from_wire(metas: Sequence[Mapping[str, Any]], frames: Sequence[Frame]) -> list[tuple[str, np.ndarray]]:
+    """Named arrays (read-only views) of a checked reply."""
+    return [(meta["name"], as_array(meta, frame)) for meta, frame in zip(metas, frames, strict=True)]
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+def encode_infer_response(
+    model: str,
+    version: str | None,
+    request: InferRequest,
+    outputs: Sequence[tuple[str, np.ndarray]],
+) -> tuple[bytes, int | None]:
+    """The response body and, when some outputs travel as raw bytes, the JSON part's length."""
+    chosen = outputs
+    if request.outputs is not None:
+        by_name = dict(outputs)
+        missing = [name for name in request.outputs if name not in by_name]
+        if missing:
+            raise RequestError(
+                ErrorCode.BAD_INPUT,
+                f"the model has no output(s) {', '.join(map(repr, missing))}; it produced "
+                f"{', '.join(repr(name) for name, _ in outputs)}",
+            )
+        chosen = [(name, by_name[name]) for name in request.outputs]
+    blobs: list[bytes] = []
+    out_tensors = []
+    for name, array in chosen:
+        entry: dict[str, Any] = {"name": name, "datatype": DTYPE_TO_DATATYPE[array.dtype.name], "shape": array.shape}
+        if request.binary_all or name in request.binary_outputs:
+            blob = array.tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        out_tensors.append(entry)
+    document: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request.id is not None:
+        document["id"] = request.id
+    document["outputs"] = out_tensors
+    body = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return body, None
+    return b"".join([body, *blobs]), len(body)
+
+
+def _json_data(array: np.ndarray) -> Any:
+    flat = array.reshape(-1)
+    if flat.dtype == np.float16:  # orjson cannot write float16; float32 holds every value exactly
+        return flat.astype(np.float32)
+    return flat

@@ -1,0 +1,327 @@
+"""A client for Inferoxy's ZeroMQ bridge (docs/PROTOCOL.md, "The ZeroMQ client bridge").
+
+    with Client("tcp://127.0.0.1:7787") as client:
+        outputs = client.infer("echo", {"x": np.ones((1, 3), np.float32)})
+
+    async with AsyncClient("tcp://127.0.0.1:7787") as client:
+        results = await asyncio.gather(*(client.infer("echo", {"x": row}) for row in rows))
+
+Inputs travel as raw frames (no copy for C-contiguous arrays); outputs come back as numpy
+arrays over the received frames (copied only when a frame is not aligned for its dtype).
+Failures raise ``InferenceError`` with the bridge's error code (``bad_input``,
+``unknown_model``, ``deadline``, ...). This module depends on pyzmq, numpy and msgpack
+only, so it fits any client image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from inferoxy.protocol import ErrorCode
+from inferoxy.wire import Frame, WireError, as_array, check_tensors, encode, unpack_header
+
+DEFAULT_URL = "tcp://127.0.0.1:7787"
+DEFAULT_TIMEOUT_S = 30.0
+# The bridge's default limit; ZeroMQ silently drops the connection of a peer sending a larger frame,
+# so the client refuses such a request itself and says why.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Requests an AsyncClient may have queued towards a bridge that is not taking them; beyond: overloaded.
+MAX_QUEUED = 100_000
+# Replies read per wake-up before the waiting callers get the event loop.
+DRAIN_BURST = 1024
+
+Outputs = dict[str, np.ndarray]
+
+
+class InferenceError(Exception):
+    """A request that failed; ``code`` is one of ``inferoxy.protocol.ErrorCode``'s values."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _request_frames(
+    rid: int,
+    model: str,
+    inputs: Mapping[str, Any],
+    version: str | None,
+    parameters: Mapping[str, Any] | None,
+    timeout_s: float,
+    max_message_bytes: int | None,
+) -> list[Frame]:
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise InferenceError(ErrorCode.BAD_INPUT.value, "inputs must be a non-empty mapping of name to array")
+    header: dict[str, Any] = {"id": rid, "model": model, "timeout_ms": max(1, math.ceil(timeout_s * 1000))}
+    if version is not None:
+        header["version"] = version
+    if parameters:
+        header["parameters"] = dict(parameters)
+    try:
+        frames = encode(header, [(name, np.asarray(value)) for name, value in inputs.items()])
+    except WireError as exc:
+        raise InferenceError(ErrorCode.BAD_INPUT.value, str(exc)) from None
+    if max_message_bytes is not None:
+        size = sum(memoryview(frame).nbytes for frame in frames)
+        if size > max_message_bytes:
+            raise InferenceError(
+                ErrorCode.BAD_INPUT.value,
+                f"the request is {size} bytes, more than the bridge's limit of {max_message_bytes}",
+            )
+    return frames
+
+
+def _outputs(header: dict[str, Any], frames: list[Any]) -> Outputs:
+    """The outputs of a reply whose header is already read, or the InferenceError it carries."""
+    if header.get("ok") is not True:
+        error = header.get("error")
+        if not isinstance(error, dict):
+            raise InferenceError(ErrorCode.INTERNAL.value, "the bridge sent a malformed error reply")
+        raise InferenceError(str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", "")))
+    try:
+        metas = check_tensors(header, frames)
+    except WireError as exc:
+        raise InferenceError(ErrorCode.INTERNAL.value, f"the bridge sent a malformed reply: {exc}") from None
+    outputs = {}
+    for meta, frame in zip(metas, frames, strict=True):
+        array = as_array(meta, frame)
+        # Small frames of one message share libzmq's receive buffer at any offset; numpy and the
+        # libraries fed from it want aligned data, and copying a small array costs next to nothing.
+        outputs[meta["name"]] = array if array.flags.aligned else array.copy()
+    return outputs
+
+
+def _deadline_error(timeout_s: float) -> InferenceError:
+    return InferenceError(ErrorCode.DEADLINE.value, f"no reply within {timeout_s:g}s")
+
+
+def _reply_id(message: list[Any]) -> tuple[Any, dict[str, Any]] | None:
+    try:
+        header = unpack_header(message[0])
+    except (WireError, IndexError):
+        return None  # not from a bridge: nothing to match it to
+    return header.get("id"), header
+
+
+def _expire(future: asyncio.Future[Any], timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(_deadline_error(timeout_s))
+
+
+class Client:
+    """A blocking client: one request at a time over one DEALER socket. Not thread-safe (no ZeroMQ socket is)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        context: zmq.Context[Any] | None = None,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        ctx = context if context is not None else zmq.Context.instance()
+        self._sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(url)
+        self._ids = itertools.count(1)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._sock.closed)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Outputs:
+        """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name."""
+        timeout_s = self.timeout if timeout is None else timeout
+        rid = next(self._ids)
+        frames = _request_frames(rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes)
+        deadline = time.monotonic() + timeout_s
+        sock = self._sock
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise _deadline_error(timeout_s) from None
+        while True:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            if remaining_ms <= 0 or not sock.poll(max(1, math.ceil(remaining_ms)), zmq.POLLIN):
+                raise _deadline_error(timeout_s)
+            message = sock.recv_multipart(copy=False)
+            found = _reply_id(message)
+            # Anything else is a late answer to an earlier request this client gave up on.
+            if found is not None and found[0] == rid:
+                return _outputs(found[1], message[1:])
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """An asyncio client: any number of concurrent ``infer`` calls share one DEALER socket.
+
+    The socket is read straight from the event loop's selector (``loop.add_reader`` on its
+    ZMQ_FD) and replies are matched to calls by id, with no task or zmq.asyncio future per
+    call: at thousands of calls a second that bookkeeping would cost more than the calls.
+    A client serves one event loop at a time (a later one once the first has closed).
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        context: zmq.Context[Any] | None = None,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        base = context if context is not None else zmq.Context.instance()
+        # A plain socket even on a zmq.asyncio context (sharing it, so inproc:// works): reads are ours.
+        ctx = zmq.Context.shadow(base.underlying) if isinstance(base, zmq.asyncio.Context) else base
+        self._sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, MAX_QUEUED)
+        self._sock.setsockopt(zmq.RCVHWM, MAX_QUEUED)
+        self._sock.connect(url)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._sock.closed)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        version: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Outputs:
+        """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name."""
+        if self._sock.closed:
+            raise RuntimeError("the client is closed")
+        loop = self._attach()
+        timeout_s = self.timeout if timeout is None else timeout
+        rid = next(self._ids)
+        frames = _request_frames(rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes)
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise InferenceError(
+                ErrorCode.OVERLOADED.value, f"{MAX_QUEUED} requests are already queued for {self.url}; is it up?"
+            ) from None
+        # The send may have consumed the socket's edge-triggered notification: look again soon.
+        self._drain_soon(loop)
+        future: asyncio.Future[tuple[dict[str, Any], list[Any]]] = loop.create_future()
+        self._waiting[rid] = future
+        timer = loop.call_later(timeout_s, _expire, future, timeout_s)
+        try:
+            header, reply = await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(rid, None)
+        return _outputs(header, reply)
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise RuntimeError("an AsyncClient serves one event loop at a time; make one per loop")
+            # First use, or the loop it served has ended (asyncio.run after asyncio.run): read on this one.
+            self._loop = loop
+            self._drain_scheduled = False
+            loop.add_reader(self._sock.fileno(), self._drain)
+        return loop
+
+    def _drain_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        # Nothing in here sends (set_result only schedules the caller), so one receive that finds
+        # nothing proves the socket empty and its notification re-armed.
+        self._drain_scheduled = False
+        sock = self._sock
+        for _ in range(DRAIN_BURST):
+            try:
+                message = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed meanwhile
+                return
+            found = _reply_id(message)
+            if found is None:
+                continue  # not an answer at all
+            rid, header = found
+            future = self._waiting.get(rid) if isinstance(rid, int) else None
+            # None: a late answer to a call that timed out or was cancelled.
+            if future is not None and not future.done():
+                future.set_result((header, message[1:]))
+        if self._loop is not None:  # a flood: let the callers run before reading on
+            self._drain_soon(self._loop)
+
+    def close(self) -> None:
+        """Close the socket; calls still waiting fail with InferenceError."""
+        if self._sock.closed:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(InferenceError(ErrorCode.INTERNAL.value, "the client was closed"))
+        self._waiting.clear()
+        self._sock.close(linger=0)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __enter__(self) -> AsyncClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
