@@ -38,7 +38,7 @@ class Model(abc.ABC):
     """Batches a replica may hold at once: one running plus the rest queued, so the next batch
     is already waiting when ``predict`` returns. The batch manager never sends more."""
 
-    def load(self) -> None:
+    def load(self) -> None:  # noqa: B027 (optional hook: a model with nothing to load skips it)
         """Read weights and warm up. Called once before the replica reports itself ready;
         an exception here ends the replica (its traceback goes to the replica's log)."""
 
