@@ -10,7 +10,7 @@ Example::
     class Doubler(Model):
         capacity = 2
 
-        def load(self) -> None:  # noqa: B027 (optional: a model with nothing to load skips it)
+        def load(self) -> None:
             self.factor = np.float32(2)
 
         def predict(self, batch):
