@@ -24,11 +24,11 @@ import zmq
 import zmq.asyncio
 
 from batch_manager import messages
-from batch_manager.reactor import Reactor, send_nowait
 from batch_manager.scheduler import DEFAULT_MAX_QUEUE_SIZE, Action, Dispatch, Reply, Request, Scheduler
 from inferoxy import protocol
-from inferoxy.bus import make_socket
+from inferoxy.bus import plain_socket
 from inferoxy.protocol import ErrorCode
+from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
 from model_manager.store import Registry, open_store
@@ -50,7 +50,7 @@ class BatchManager:
         self.scheduler = Scheduler(max_queue_size=max_queue_size)
         self._default_timeout_s = settings.request_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Plain sockets sharing the asyncio sockets' handles: the reactor reads them, sends never wait.
+        # Plain sockets: the reactor reads them, sends never wait.
         self._bridges: zmq.Socket[Any] | None = None
         self._task_manager: zmq.Socket[Any] | None = None
         self._reactor: Reactor | None = None
@@ -62,20 +62,20 @@ class BatchManager:
         settings = self.settings
         self._loop = asyncio.get_running_loop()
         store = open_store(settings.redis_url, settings.redis_prefix)
-        sockets: list[zmq.asyncio.Socket] = []
+        sockets: list[zmq.Socket[Any]] = []
         tasks: list[asyncio.Task[None]] = []
         try:
-            sockets.append(make_socket(
+            sockets.append(plain_socket(
                 self.ctx, zmq.ROUTER, bind=settings.batch_manager_url, max_message_bytes=settings.max_message_bytes))
-            sockets.append(make_socket(self.ctx, zmq.DEALER, connect=settings.task_manager_url))
-            self._bridges, self._task_manager = (zmq.Socket.shadow(sock.underlying) for sock in sockets)
+            sockets.append(plain_socket(self.ctx, zmq.DEALER, connect=settings.task_manager_url))
+            self._bridges, self._task_manager = sockets
             tasks.append(asyncio.create_task(store.watch(self._on_registry), name="batch_manager.registry"))
             loaded = asyncio.create_task(self._registry_loaded.wait())
             await asyncio.wait({loaded, tasks[0]}, timeout=REGISTRY_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
             loaded.cancel()
             if not self._registry_loaded.is_set():
                 log.warning("no model registry after %.0fs; requests are refused until it loads", REGISTRY_WAIT_S)
-            self._reactor = Reactor(self._loop, after_drain=self._arm_timer)
+            self._reactor = Reactor(after_drain=self._arm_timer)
             self._reactor.add(self._bridges, self._on_bridge_message)
             self._reactor.add(self._task_manager, self._on_task_manager_message)
             tasks.append(asyncio.create_task(self._heartbeat(), name="batch_manager.heartbeat"))

@@ -9,7 +9,7 @@ holds (a late answer after the deadline) is dropped.
 
 The hot path is callback based (``start_request``): the ZeroMQ bridge answers from the
 callback without a task or a future per request. ``submit`` wraps it for handlers that await.
-The DEALER is read by a ``Reactor`` (bridges/reactor.py) that the ZeroMQ bridge shares for its
+The DEALER is read by a ``Reactor`` (inferoxy/reactor.py) that the ZeroMQ bridge shares for its
 client socket, so one drain serves both sides.
 
 The gateway also follows the model registry in Redis in a background task, so a bridge
@@ -30,9 +30,10 @@ import zmq
 import zmq.asyncio
 
 from bridges.errors import RequestError
-from bridges.reactor import Reactor, plain_socket, send_nowait
 from bridges.validation import InputRules
+from inferoxy.bus import plain_socket
 from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY, ErrorCode
+from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.wire import Frame, WireError, pack_header, unpack_header
 from model_manager.spec import ModelSpec

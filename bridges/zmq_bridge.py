@@ -23,9 +23,10 @@ import zmq.asyncio
 
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway, Outcome, Reply
-from bridges.reactor import plain_socket, send_nowait
 from bridges.validation import requested_timeout_s
+from inferoxy.bus import plain_socket
 from inferoxy.protocol import ErrorCode
+from inferoxy.reactor import send_nowait
 from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
 

@@ -31,6 +31,38 @@ def make_socket(
     max_message_bytes: int | None = None,
 ) -> zmq.asyncio.Socket:
     sock = ctx.socket(kind)
+    _configure(sock, kind, bind=bind, connect=connect, identity=identity, hwm=hwm,
+               max_message_bytes=max_message_bytes)
+    return sock
+
+
+def plain_socket(
+    ctx: zmq.asyncio.Context,
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: str | None = None,
+    identity: bytes | None = None,
+    hwm: int = DEFAULT_HWM,
+    max_message_bytes: int | None = None,
+) -> zmq.Socket[Any]:
+    """A non-asyncio socket on ``ctx`` (so inproc:// peers still meet) for ``inferoxy.reactor`` to drive."""
+    sock: zmq.Socket[Any] = zmq.Context.shadow(ctx.underlying).socket(kind)
+    _configure(sock, kind, bind=bind, connect=connect, identity=identity, hwm=hwm,
+               max_message_bytes=max_message_bytes)
+    return sock
+
+
+def _configure(
+    sock: zmq.Socket[Any],
+    kind: int,
+    *,
+    bind: str | None,
+    connect: str | None,
+    identity: bytes | None,
+    hwm: int,
+    max_message_bytes: int | None,
+) -> None:
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -41,11 +73,14 @@ def make_socket(
     if kind == zmq.ROUTER:
         # Fail loudly rather than silently dropping a reply for a peer that is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    if bind:
-        sock.bind(bind)
-    if connect:
-        sock.connect(connect)
-    return sock
+    try:
+        if bind:
+            sock.bind(bind)
+        if connect:
+            sock.connect(connect)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
 
 
 async def recv(sock: zmq.asyncio.Socket) -> list[Any]:
