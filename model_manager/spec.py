@@ -52,6 +52,27 @@ class Resources(BaseModel):
     memory: str | None = Field(None, description="Memory limit, as Docker or Kubernetes spell it (e.g. 2g).")
 
 
+ServingState = Literal["starting", "ready", "degraded", "failed", "unschedulable", "stopped"]
+
+
+class ModelStatus(BaseModel):
+    """How a model version is being served, as the task manager last saw it (Redis ``P:status``).
+
+    ``ready``: at least one replica takes batches. ``starting``: none yet, replicas on their
+    way. ``degraded``: some replicas ready, some failing. ``failed``: replicas crash-loop or
+    cannot start (``reason`` says why: missing image, load error with its last log lines).
+    ``unschedulable``: no GPU or CPU slot is free for a replica. ``stopped``: no replica wanted.
+    """
+
+    name: str
+    version: str
+    state: ServingState
+    ready_replicas: int = 0
+    desired_replicas: int = 0
+    reason: str | None = None
+    updated_at: float = Field(description="Unix time of this report.")
+
+
 class ModelSpec(BaseModel):
     """A model as stored in Redis and seeded from models.yaml."""
 

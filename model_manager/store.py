@@ -9,6 +9,7 @@ key                    type    holds
 ``P:defaults``         hash    field ``name`` -> the version served when a request names none
 ``P:revision``         string  an integer bumped by every write, so readers can tell they are stale
 ``P:events``           pubsub  a JSON message ``{"revision", "action", "name", "version"}`` per write
+``P:status``           hash    field ``name/version`` -> ``ModelStatus`` JSON, written by task managers
 =====================  ======  ==========================================================
 
 Every write goes through one MULTI transaction, so a reader never sees a spec without
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from model_manager.spec import ModelSpec
+from model_manager.spec import ModelSpec, ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SpecStore:
         self.defaults_key = f"{prefix}:defaults"
         self.revision_key = f"{prefix}:revision"
         self.events_channel = f"{prefix}:events"
+        self.status_key = f"{prefix}:status"
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "inferoxy") -> SpecStore:
@@ -110,6 +112,26 @@ class SpecStore:
                 await self.put(spec)
                 written.append(spec.key)
         return written
+
+    async def put_status(self, status: ModelStatus) -> None:
+        await self.client.hset(self.status_key, f"{status.name}/{status.version}", status.model_dump_json())
+
+    async def delete_status(self, name: str, version: str) -> None:
+        await self.client.hdel(self.status_key, f"{name}/{version}")
+
+    async def statuses(self) -> dict[str, ModelStatus]:
+        """Every model's serving status, by ``name/version``."""
+        found: dict[str, ModelStatus] = {}
+        for key, text in (await self.client.hgetall(self.status_key)).items():
+            try:
+                found[key] = ModelStatus.model_validate_json(text)
+            except ValidationError:
+                log.warning("ignoring unreadable status %s", key)
+        return found
+
+    async def status(self, name: str, version: str) -> ModelStatus | None:
+        text = await self.client.hget(self.status_key, f"{name}/{version}")
+        return None if text is None else ModelStatus.model_validate_json(text)
 
     async def _publish(self, revision: int, action: str, name: str, version: str | None) -> None:
         message = {"revision": revision, "action": action, "name": name, "version": version}
