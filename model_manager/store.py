@@ -124,7 +124,7 @@ class SpecStore:
         found: dict[str, ModelStatus] = {}
         for key, text in (await self.client.hgetall(self.status_key)).items():
             try:
-                found[key] = ModelStatus.model_validate_json(text)
+                found[str(key)] = ModelStatus.model_validate_json(text)
             except ValidationError:
                 log.warning("ignoring unreadable status %s", key)
         return found
