@@ -43,8 +43,17 @@ class Settings(BaseSettings):
     # Model registry.
     redis_url: str | None = Field(None, description="Unset: an embedded Redis-protocol server is started.")
     redis_prefix: str = "inferoxy"
-    embedded_redis_port: int = 6379
+    embedded_redis_port: int = Field(0, description="Port of the embedded Redis; 0 picks a free one (printed at start).")
     models_file: str | None = Field("models.yaml", description="Seeds the registry at start; empty to skip.")
+    models_overwrite: bool = Field(
+        False, description="models.yaml replaces specs Redis already holds (default: it only adds missing ones)."
+    )
+    registry_resync_s: float = Field(
+        2.0, gt=0, description="How often components re-check the registry's revision (pub/sub is immediate)."
+    )
+    admin_key: str | None = Field(
+        None, description="Key admin API calls must carry; unset: admin calls only from loopback clients."
+    )
 
     # Replicas.
     runtime: RuntimeKind = "process"
@@ -54,6 +63,20 @@ class Settings(BaseSettings):
     replica_start_timeout_s: float = 120.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
+    crash_loop_failures: int = Field(
+        3, ge=1, description="Failed starts in a row (none served for restart_backoff_max_s) that mark a model failed."
+    )
+    cpu_slots: int = Field(64, ge=0, description="Most replicas not on a GPU that this task manager runs at once.")
+    gpus: str | None = Field(None, description="GPU ids replicas may use (e.g. 0,1,3); unset: nvidia-smi; none: no GPU.")
+    gpu_sharing: bool = Field(False, description="Let replicas of different models share a GPU.")
+
+    # The docker runtime.
+    docker_url: str | None = Field(None, description="Docker engine; unset: DOCKER_HOST, else the local socket.")
+    docker_network: str = Field("host", description="host, or the Docker network replicas join.")
+    docker_pull_policy: Literal["if-not-present", "always", "never"] = "if-not-present"
+    registry_server: str | None = Field(None, description="Registry the credentials below are for.")
+    registry_username: str | None = None
+    registry_password: str | None = None
 
     # Requests.
     request_timeout_s: float = 30.0
