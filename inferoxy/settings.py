@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     grpc_port: int = 50051
     zmq_port: int = 7787
 
-    bridges: str = Field("rest,zmq", description="Comma-separated bridges `inferoxy serve` starts.")
+    bridges: str = Field("rest,zmq,grpc", description="Comma-separated bridges `inferoxy serve` starts.")
 
     # The internal bus. Any ZeroMQ URL: tcp://, ipc://, or inproc:// when components share a process.
     batch_manager_url: str = Field("tcp://127.0.0.1:7790", description="Bridges -> batch manager.")
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # Model registry.
     redis_url: str | None = Field(None, description="Unset: an embedded Redis-protocol server is started.")
     redis_prefix: str = "inferoxy"
-    embedded_redis_port: int = Field(0, description="Port of the embedded Redis; 0 picks a free one (printed at start).")
+    embedded_redis_port: int = Field(0, description="Embedded Redis port; 0 picks a free one (printed at start).")
     models_file: str | None = Field("models.yaml", description="Seeds the registry at start; empty to skip.")
     models_overwrite: bool = Field(
         False, description="models.yaml replaces specs Redis already holds (default: it only adds missing ones)."
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         3, ge=1, description="Failed starts in a row (none served for restart_backoff_max_s) that mark a model failed."
     )
     cpu_slots: int = Field(64, ge=0, description="Most replicas not on a GPU that this task manager runs at once.")
-    gpus: str | None = Field(None, description="GPU ids replicas may use (e.g. 0,1,3); unset: nvidia-smi; none: no GPU.")
+    gpus: str | None = Field(None, description="GPU ids for replicas (e.g. 0,1,3); unset: nvidia-smi; none: no GPU.")
     gpu_sharing: bool = Field(False, description="Let replicas of different models share a GPU.")
 
     # The docker runtime.
@@ -80,6 +80,8 @@ class Settings(BaseSettings):
 
     # Requests.
     request_timeout_s: float = 30.0
+    max_queue_size: int = Field(10_000, ge=1, description="Queue bound per model version unless its spec sets one.")
+    priority_aging_ms: float = Field(100.0, ge=0, description="Head start of each priority level over the next.")
     max_message_bytes: int = 64 * 1024 * 1024
 
     log_level: str = "INFO"

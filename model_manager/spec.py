@@ -26,6 +26,8 @@ DTYPE_TO_DATATYPE = {dtype: datatype for datatype, dtype in DATATYPE_TO_DTYPE.it
 Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                    "FP16", "FP32", "FP64", "BYTES"]
 
+PullPolicy = Literal["if-not-present", "always", "never"]
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
@@ -87,10 +89,21 @@ class ModelSpec(BaseModel):
     model_class: str | None = Field(None, description="'package.module:ClassName' of the Model subclass.")
     command: list[str] | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    pull_policy: PullPolicy | None = Field(
+        None, description="When a container runtime pulls the image; unset: INFEROXY_DOCKER_PULL_POLICY."
+    )
 
     # Batching.
     max_batch_size: int = Field(8, ge=1, le=65536, description="Rows per batch, over all requests in it.")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=60_000)
+    ragged_batches: bool = Field(False, description="predict takes lists of per-request arrays, so requests of "
+                                 "any shapes share a batch (docs/BATCHING.md).")
+
+    # Queueing and deadlines (docs/BATCHING.md).
+    max_queue_size: int | None = Field(None, ge=1, description="Requests queued at most; unset: the server's "
+                                       "INFEROXY_MAX_QUEUE_SIZE. Beyond it a request is refused `overloaded`.")
+    default_timeout_s: float | None = Field(None, gt=0, description="Deadline of requests that name no `timeout` "
+                                            "parameter; never longer than INFEROXY_REQUEST_TIMEOUT_S.")
 
     # Sessions: the spec decides whether a model is stateful, never the client.
     stateful: bool = False

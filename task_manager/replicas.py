@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_manager.spec import ModelSpec
+from model_manager.spec import ModelSpec, ServingState
 from task_manager.runtimes.base import ReplicaHandle
 
 # Docker container names and Kubernetes labels both allow 63 characters.
@@ -22,7 +22,7 @@ REPLICA_FIELDS = {"image", "model_class", "command", "env", "run_on_gpu", "resou
 class ReplicaState(str, enum.Enum):
     STARTING = "starting"  # started, has not said `ready`
     READY = "ready"  # serving; the batch managers were told `replica_up`
-    STOPPING = "stopping"  # being ended, on purpose or because it stopped answering
+    STOPPING = "stopping"  # being ended: draining (on purpose) or because it stopped answering
 
 
 @dataclass(eq=False)
@@ -48,6 +48,10 @@ class Replica:
     """Ended on purpose (model removed or changed, scaled down), so not a failure to back off from."""
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     stop_grace_s: float = 5.0
+    generation: int = 0
+    """The group's generation (spec revision that changes replicas) it was started for."""
+    gpu: str | None = None
+    """The GPU it was placed on; None: it holds one of the CPU slots."""
 
     @property
     def identity(self) -> bytes:
@@ -73,6 +77,12 @@ class ModelGroup:
     restarts: int = 0
     last_error: str | None = None
     removed: bool = False
+    generation: int = 0
+    """Bumped when a spec change replaces the replicas (rolling update); older replicas are outdated."""
+    failed_reason: str | None = None
+    """Set once replicas crash-loop or cannot start; cleared when one serves long enough or the spec changes."""
+    unschedulable: str | None = None
+    """Why the last replica it wanted could not be placed (no GPU or CPU slot free); None once one is."""
 
     @property
     def desired(self) -> int:
@@ -80,6 +90,24 @@ class ModelGroup:
 
     def live(self) -> list[Replica]:
         return [replica for replica in self.replicas.values() if replica.live]
+
+    def ready_count(self) -> int:
+        return sum(replica.state is ReplicaState.READY for replica in self.replicas.values())
+
+    def serving_state(self) -> tuple[ServingState, str | None]:
+        """The model's state as ``ModelStatus`` spells it, and the reason behind it (see its docstring)."""
+        ready = self.ready_count()
+        if self.desired == 0 and ready == 0:
+            return "stopped", None
+        if self.failed_reason is not None:
+            return ("degraded" if ready else "failed"), self.failed_reason
+        if self.unschedulable is not None:
+            return ("degraded" if ready else "unschedulable"), self.unschedulable
+        if ready == 0:
+            return "starting", self.last_error if self.failures else None
+        if self.failures:
+            return "degraded", self.last_error
+        return "ready", None
 
 
 def sanitize(text: str) -> str:

@@ -10,7 +10,19 @@ listened to) -> ``ready`` (it said ``ready``; batch managers get ``replica_up``)
 (it exited, missed heartbeats, or was stopped; batch managers get ``replica_down`` and its
 unanswered batches fail with ``replica_lost``). A replica that ends unexpectedly is
 replaced after an exponential backoff, which resets once a replica has served for
-``restart_backoff_max_s``.
+``restart_backoff_max_s``; ``crash_loop_failures`` such ends in a row (or a start the runtime
+refuses, such as a missing image) mark the model ``failed``, and restarts go on.
+
+Planned stops drain: batch managers get ``replica_draining`` (no new batches), the replica gets
+``stop`` and answers what it holds, and ``replica_down`` follows its exit. A spec change that
+alters what replicas run is a rolling update: one replica of the new spec starts, and only once
+it is ready is one old replica drained, one at a time.
+
+Placement: a ``run_on_gpu`` replica gets a GPU from the ``GpuAllocator`` (one per model per
+GPU), any other replica one of ``cpu_slots``. A replica that cannot be placed leaves its model
+``unschedulable`` (logged, in its status) until a replica elsewhere ends and frees room.
+
+Each model's ``ModelStatus`` goes to Redis whenever it changes.
 """
 
 from __future__ import annotations
@@ -29,7 +41,9 @@ from inferoxy import bus, protocol, wire
 from inferoxy.protocol import ErrorCode
 from inferoxy.runtime import failed_message
 from inferoxy.settings import Settings
-from model_manager.store import Registry, open_store
+from model_manager.spec import ModelStatus, ServingState
+from model_manager.store import Registry, SpecStore, open_store
+from task_manager.gpus import GpuAllocator, gpu_inventory
 from task_manager.replicas import (
     ModelGroup,
     Replica,
@@ -45,7 +59,7 @@ log = logging.getLogger(__name__)
 
 # A reason travels in message headers and may reach clients: the first line (how it ended) and the last log lines.
 MAX_REASON_CHARS = 4000
-STOP_GRACE_S = 5.0  # a replica asked to stop may finish the batches it holds
+STOP_GRACE_S = 5.0  # at shutdown, a replica asked to stop may finish the batches it holds
 KILL_GRACE_S = 1.0  # a replica that stopped answering gets little patience
 
 
@@ -62,6 +76,11 @@ class TaskManager:
         self._closing = False
         self._bm_sock: zmq.asyncio.Socket | None = None
         self._replica_sock: zmq.asyncio.Socket | None = None
+        self.gpus = GpuAllocator([], allow_sharing=settings.gpu_sharing)  # the inventory is read in run()
+        # Status records to (re)write: by spec key, the group (removed groups too, to delete theirs).
+        self._dirty: dict[str, ModelGroup] = {}
+        self._dirty_event = asyncio.Event()
+        self._written: dict[str, tuple[Any, ...]] = {}  # what Redis holds, to write only changes
 
     @property
     def _silence_limit_s(self) -> float:
@@ -75,7 +94,14 @@ class TaskManager:
         runtime = self.runtime = self.runtime or make_runtime(settings)
         store = open_store(settings.redis_url, settings.redis_prefix)
         tasks: list[asyncio.Task[None]] = []
+        registry_task: asyncio.Task[None] | None = None
         try:
+            # nvidia-smi may take seconds: not on the event loop.
+            inventory = await asyncio.to_thread(gpu_inventory, settings.gpus)
+            self.gpus = GpuAllocator(inventory, allow_sharing=settings.gpu_sharing)
+            if inventory:
+                log.info("GPUs for replicas: %s (sharing between models %s)", ", ".join(inventory),
+                         "on" if settings.gpu_sharing else "off")
             self._bm_sock = bus.make_socket(self.ctx, zmq.ROUTER, bind=settings.task_manager_url,
                                             max_message_bytes=settings.max_message_bytes)
             self._replica_sock = bus.make_socket(self.ctx, zmq.ROUTER, bind=settings.replica_bind_url,
@@ -83,23 +109,30 @@ class TaskManager:
             removed = await runtime.remove_orphans()
             if removed:
                 log.info("removed %d replicas an earlier run left behind", removed)
+            registry_task = asyncio.create_task(store.watch(self._apply_registry), name="tm registry")
             tasks = [
                 asyncio.create_task(self._serve(self._bm_sock, self._on_batch_manager_message), name="tm bm"),
                 asyncio.create_task(self._serve(self._replica_sock, self._on_replica_message), name="tm replicas"),
                 asyncio.create_task(self._supervise(), name="tm supervise"),
-                asyncio.create_task(store.watch(self._apply_registry), name="tm registry"),
+                asyncio.create_task(self._write_statuses(store), name="tm status"),
+                registry_task,
             ]
             log.info("task manager up: batch managers at %s, replicas dial %s (%s runtime)",
                      settings.task_manager_url, settings.replica_url, runtime.name)
             ready.set()
-            await asyncio.gather(*tasks)
+            # asyncio.wait, not gather: being cancelled must leave the tasks running, since draining
+            # replicas at shutdown still needs their answers forwarded and their heartbeats sent.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # a task that failed takes the task manager down with its error
         finally:
+            if registry_task is not None:
+                registry_task.cancel()
+            await self._stop_all_replicas()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._stop_all_replicas()
-            await runtime.close()
-            await store.close()
+            await self._final_cleanup(runtime, store)
             for sock in (self._bm_sock, self._replica_sock):
                 if sock is not None:
                     sock.close(linger=0)
@@ -112,12 +145,16 @@ class TaskManager:
                 "name": group.spec.name,
                 "version": group.spec.version,
                 "desired": group.desired,
+                "state": group.serving_state()[0],
                 "restarts": group.restarts,
                 "last_error": group.last_error,
                 "replicas": [
                     {
                         "id": replica.id,
                         "state": replica.state.value,
+                        "draining": replica.state is ReplicaState.STOPPING and replica.wanted_gone,
+                        "gpu": replica.gpu,
+                        "generation": replica.generation,
                         "pid": replica.pid,
                         "capacity": replica.capacity,
                         "in_flight": len(replica.in_flight),
@@ -163,7 +200,7 @@ class TaskManager:
             # A new or restarted batch manager learns every replica it can use.
             log.info("batch manager %s connected", sender.hex())
             for replica in self._replicas.values():
-                if replica.announced:
+                if replica.announced and replica.state is ReplicaState.READY:
                     self._send_batch_manager(sender, self._replica_up(replica))
         self._batch_managers[sender] = time.monotonic()
 
@@ -172,6 +209,9 @@ class TaskManager:
         replica = self._replicas.get(target.encode()) if isinstance(target, str) else None
         if not isinstance(batch_id, (int, str)):
             problem = (ErrorCode.INTERNAL, f"batch id {batch_id!r} must be an int or a string")
+        elif replica is not None and replica.state is ReplicaState.STOPPING and replica.wanted_gone:
+            # Sent before the batch manager heard `replica_draining`.
+            problem = (ErrorCode.REPLICA_LOST, f"replica {target} is draining: {replica.end_reason}")
         elif replica is None or replica.state is not ReplicaState.READY:
             problem = (ErrorCode.REPLICA_LOST, f"replica {target!r} is not serving")
         elif batch_id in replica.in_flight:
@@ -218,6 +258,8 @@ class TaskManager:
         log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
                  replica.ready_at - replica.started_at, replica.pid, replica.capacity)
         self._to_batch_managers(self._replica_up(replica))
+        self._status_changed(replica.group)
+        self._reconcile(replica.group)  # a rolling update waits for this
 
     def _on_answer(self, replica: Replica, header: Mapping[str, Any], frames: list[Any]) -> None:
         if header.get("replica") != replica.id:
@@ -280,10 +322,22 @@ class TaskManager:
                 silent = now - replica.last_seen
                 if replica.state is ReplicaState.READY and silent > self._silence_limit_s:
                     self._end(replica, f"no heartbeat for {silent:.1f}s", wanted=False)
+            self._forgive_recovered(now)
             for identity, seen in list(self._batch_managers.items()):
                 if now - seen > self._silence_limit_s:
                     log.info("batch manager %s went silent; forgetting it", identity.hex())
                     del self._batch_managers[identity]
+
+    def _forgive_recovered(self, now: float) -> None:
+        """A model whose replica has served for restart_backoff_max_s since its failures is healthy again."""
+        healthy_after = self.settings.restart_backoff_max_s
+        for group in self._groups.values():
+            if not (group.failures or group.failed_reason):
+                continue
+            if any(r.state is ReplicaState.READY and r.generation == group.generation and r.ready_at is not None
+                   and now - r.ready_at >= healthy_after for r in group.replicas.values()):
+                group.failures, group.failed_reason = 0, None
+                self._status_changed(group)
 
     def _apply_registry(self, registry: Registry) -> None:
         for spec in registry:
@@ -292,56 +346,116 @@ class TaskManager:
                 log.info("model %s: keeping %d replicas", spec.key, spec.min_replicas)
                 group = self._groups[spec.key] = ModelGroup(spec)
             elif replica_fields_differ(group.spec, spec):
-                log.info("model %s changed; replacing its replicas", spec.key)
-                for replica in group.live():
-                    self._end(replica, "the model's spec changed", wanted=True)
+                log.info("model %s changed; replacing its replicas one by one", spec.key)
+                group.generation += 1
                 group.failures, group.not_before = 0, 0.0
+                group.failed_reason = group.unschedulable = None
+                if group.retry is not None:
+                    group.retry.cancel()
+                    group.retry = None
             group.spec = spec
+            self._status_changed(group)
             self._reconcile(group)
         for key in set(self._groups) - set(registry.specs):
             group = self._groups.pop(key)
-            log.info("model %s was removed; stopping its replicas", key)
+            log.info("model %s was removed; draining its replicas", key)
             group.removed = True
             if group.retry is not None:
                 group.retry.cancel()
             for replica in group.live():
                 self._end(replica, "the model was removed", wanted=True)
+            self._status_changed(group)
 
     def _reconcile(self, group: ModelGroup) -> None:
-        """Start or stop replicas until the group has as many as it wants (after any backoff)."""
+        """Start or drain replicas until the group runs as many of its current spec as it wants.
+
+        During a rolling update at most one replica more than wanted runs, and an outdated replica
+        is drained only while no other is draining and the replicas left cover what is wanted.
+        """
         if self._closing or group.removed:
             return
         live = group.live()
-        missing = group.desired - len(live)
-        if missing < 0:
+        current = [r for r in live if r.generation == group.generation]
+        outdated = [r for r in live if r.generation != group.generation]
+        surplus = len(current) - group.desired
+        if surplus > 0:
             # Fewest losses first: replicas still starting, then the newest.
-            doomed = sorted(live, key=lambda r: (r.state is ReplicaState.READY, -r.started_at))[:-missing]
+            doomed = sorted(current, key=lambda r: (r.state is ReplicaState.READY, -r.started_at))[:surplus]
             for replica in doomed:
                 self._end(replica, "scaled down", wanted=True)
+                current.remove(replica)
+        for replica in [r for r in outdated if r.state is not ReplicaState.READY]:
+            self._end(replica, "the model's spec changed", wanted=True)  # serves nothing yet: no wait
+            outdated.remove(replica)
+        if outdated and not self._draining_outdated(group):
+            ready_current = sum(r.state is ReplicaState.READY for r in current)
+            if ready_current + len(outdated) - 1 >= group.desired:
+                self._end(outdated.pop(0), "replaced after the model's spec changed", wanted=True)
+        missing = group.desired - len(current)
+        if outdated:
+            missing = min(missing, group.desired + 1 - len(current) - len(outdated))
+        if missing <= 0:
             return
         wait_s = group.not_before - time.monotonic()
-        if missing and wait_s > 0:
+        if wait_s > 0:
             if group.retry is None:
                 group.retry = asyncio.get_running_loop().call_later(wait_s, self._retry, group)
             return
         for _ in range(missing):
-            self._start_replica(group)
+            if not self._start_replica(group):
+                if outdated and not self._draining_outdated(group):
+                    # No room to start the successor first: make room by draining an old replica.
+                    self._end(outdated.pop(0), "replaced after the model's spec changed (no room to start "
+                              "its successor first)", wanted=True)
+                break
+
+    @staticmethod
+    def _draining_outdated(group: ModelGroup) -> bool:
+        return any(r.generation != group.generation and not r.live for r in group.replicas.values())
 
     def _retry(self, group: ModelGroup) -> None:
         group.retry = None
         self._reconcile(group)
 
-    def _start_replica(self, group: ModelGroup) -> None:
+    def _start_replica(self, group: ModelGroup) -> bool:
+        """Place and start one replica of the group's spec; False (and the group unschedulable) if it has no room."""
         spec = group.spec
-        while True:
-            new_id = replica_id(self.settings.instance, spec.name, spec.version, group.next_index)
-            group.next_index += 1
-            if new_id.encode() not in self._replicas:
-                break
-        replica = Replica(new_id, spec, group, started_at=time.monotonic())
+        index = group.next_index
+        while (new_id := replica_id(self.settings.instance, spec.name, spec.version, index)).encode() in self._replicas:
+            index += 1
+        gpu, problem = self._place(spec.key, spec.run_on_gpu, new_id)
+        if problem is not None:
+            if group.unschedulable != problem:
+                log.warning("model %s: cannot place another replica: %s", spec.key, problem)
+                group.unschedulable = problem
+                self._status_changed(group)
+            return False
+        if group.unschedulable is not None:
+            group.unschedulable = None
+            self._status_changed(group)
+        group.next_index = index + 1
+        replica = Replica(new_id, spec, group, started_at=time.monotonic(), generation=group.generation, gpu=gpu)
         group.replicas[new_id] = replica
         self._replicas[replica.identity] = replica
         replica.task = asyncio.create_task(self._run_replica(replica), name=f"replica {new_id}")
+        self._status_changed(group)
+        return True
+
+    def _place(self, model_key: str, run_on_gpu: bool, new_id: str) -> tuple[str | None, str | None]:
+        """(GPU or None, None) when the replica fits; (None, why not) when it does not."""
+        if run_on_gpu:
+            gpu = self.gpus.allocate(model_key, new_id)
+            if gpu is not None:
+                return gpu, None
+            if not self.gpus.gpus:
+                return None, "it runs on a GPU and this machine has none (INFEROXY_GPUS, nvidia-smi)"
+            sharing = "" if self.gpus.allow_sharing else " or by another model (INFEROXY_GPU_SHARING is off)"
+            return None, (f"no GPU free: each of {', '.join(self.gpus.gpus)} is taken by a replica of this "
+                          f"model{sharing}")
+        on_cpu = sum(r.gpu is None for r in self._replicas.values())  # draining ones hold theirs until gone
+        if on_cpu >= self.settings.cpu_slots:
+            return None, f"all {self.settings.cpu_slots} CPU slots are taken (INFEROXY_CPU_SLOTS)"
+        return None, None
 
     def _plan(self, replica: Replica) -> ReplicaPlan:
         spec, settings = replica.spec, self.settings
@@ -358,7 +472,7 @@ class TaskManager:
             env["INFEROXY_MODEL_CLASS"] = spec.model_class
         labels = {"inferoxy.instance": settings.instance, "inferoxy.model": spec.name,
                   "inferoxy.version": spec.version, "inferoxy.replica": replica.id}
-        return ReplicaPlan(replica_id=replica.id, spec=spec, env=env, labels=labels)
+        return ReplicaPlan(replica_id=replica.id, spec=spec, env=env, gpu=replica.gpu, labels=labels)
 
     async def _run_replica(self, replica: Replica) -> None:
         """Own one replica's handle from start to end; the only place that stops it."""
@@ -369,7 +483,7 @@ class TaskManager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._ended(replica, f"could not start: {exc}")
+            self._ended(replica, f"could not start: {exc}", start_failed=True)
             return
         replica.handle = handle
         waiting = asyncio.create_task(handle.wait())
@@ -392,35 +506,45 @@ class TaskManager:
         await _stop_quietly(handle, 0)  # removes what the replica left behind (process group, container)
 
     def _end(self, replica: Replica, reason: str, *, wanted: bool) -> None:
-        """Begin ending a replica. ``wanted``: on purpose, so it may finish its batches and its end is no failure."""
+        """Begin ending a replica.
+
+        ``wanted``: a planned stop. The batch managers hear ``replica_draining`` (no new batches),
+        the replica is told ``stop`` and may answer the batches it holds; ``replica_down`` waits
+        for its exit (``_ended``). Otherwise it is lost: ``replica_down`` and its batches fail now.
+        """
         if not replica.live:
             return
         (log.info if wanted else log.warning)("ending replica %s: %s", replica.id, reason)
         replica.state = ReplicaState.STOPPING
         replica.end_reason = reason
         replica.wanted_gone = wanted
-        self._announce_down(replica, reason)
         if wanted:
+            if replica.announced:
+                self._to_batch_managers({"t": protocol.REPLICA_DRAINING, "replica": replica.id, "reason": reason})
             self._send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
-            replica.stop_grace_s = STOP_GRACE_S
+            replica.stop_grace_s = STOP_GRACE_S if self._closing else max(STOP_GRACE_S, self.settings.request_timeout_s)
         else:
+            self._announce_down(replica, reason)
             self._fail_in_flight(replica, reason)
             replica.stop_grace_s = KILL_GRACE_S
         replica.stop_requested.set()
+        self._status_changed(replica.group)
 
-    def _ended(self, replica: Replica, how: str) -> None:
+    def _ended(self, replica: Replica, how: str, *, start_failed: bool = False) -> None:
         """Forget a replica that is gone, tell the batch managers, and replace it if it should be."""
         self._replicas.pop(replica.identity, None)
+        self.gpus.release(replica.id)
         group = replica.group
         group.replicas.pop(replica.id, None)
         reason = clip_reason(f"{replica.end_reason}; {how}" if replica.end_reason else how)
         self._fail_in_flight(replica, reason)
         self._announce_down(replica, reason)
+        self._status_changed(group)
         if self._closing:
             return
         if replica.wanted_gone:
             log.info("replica %s ended: %s", replica.id, how)
-        else:
+        elif replica.generation == group.generation:  # an outdated replica's failure is no news
             log.warning("replica %s of %s ended unexpectedly: %s", replica.id, group.spec.key, reason)
             group.last_error = reason
             group.restarts += 1
@@ -430,24 +554,96 @@ class TaskManager:
             group.not_before = now + backoff_delay(
                 group.failures, self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
             )
+            if start_failed or group.failures >= self.settings.crash_loop_failures:
+                if group.failed_reason is None:
+                    log.error("model %s failed: %s", group.spec.key, reason)
+                group.failed_reason = reason
         self._reconcile(group)
+        # The room it held may be what another model waits for.
+        for other in list(self._groups.values()):
+            if other is not group and other.unschedulable is not None:
+                self._reconcile(other)
 
     async def _stop_all_replicas(self) -> None:
+        """Drain every replica (as a planned stop), give them STOP_GRACE_S to exit, then cancel the stragglers."""
         self._closing = True
         for group in self._groups.values():
             if group.retry is not None:
                 group.retry.cancel()
         replicas = list(self._replicas.values())
         for replica in replicas:
-            self._fail_in_flight(replica, "the task manager is stopping")
-            self._announce_down(replica, "the task manager is stopping")
-            if replica.state is ReplicaState.READY:
-                self._send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
+            self._end(replica, "the task manager is stopping", wanted=True)
         tasks = [replica.task for replica in replicas if replica.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _done, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 5.0)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._replicas.clear()
+
+    async def _final_cleanup(self, runtime: Runtime, store: SpecStore) -> None:
+        """Sweep containers of this instance a failed stop left, record every model stopped, let go."""
+        try:
+            swept = await runtime.remove_orphans()
+            if swept:
+                log.warning("removed %d replicas that outlived their stop", swept)
+        except Exception as exc:
+            log.warning("could not sweep leftover replicas: %s", exc)
+        for group in self._groups.values():
+            self._dirty[group.spec.key] = group
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_statuses(store, stopped=True), timeout=5.0)
+        await runtime.close()
+        await store.close()
+
+    # ------------------------------------------------------------------------------------------
+    # Status records in Redis
+
+    def _status_changed(self, group: ModelGroup) -> None:
+        self._dirty[group.spec.key] = group
+        self._dirty_event.set()
+
+    async def _write_statuses(self, store: SpecStore) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            try:
+                await self._flush_statuses(store)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: keep serving, write when it is back
+                log.warning("could not write model status to Redis (%s); retrying", exc)
+                self._dirty_event.set()
+                await asyncio.sleep(1.0)
+
+    async def _flush_statuses(self, store: SpecStore, *, stopped: bool = False) -> None:
+        while self._dirty:
+            key, group = next(iter(self._dirty.items()))
+            spec = group.spec
+            if group.removed and key not in self._groups:
+                if not group.replicas:
+                    await store.delete_status(spec.name, spec.version)
+                    self._written.pop(key, None)
+                self._dirty.pop(key, None)
+                continue
+            record: tuple[ServingState, int, int, str | None]
+            if stopped:
+                record = ("stopped", 0, group.desired, "the task manager stopped")
+            else:
+                state, reason = group.serving_state()
+                record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None)
+            if self._written.get(key) != record:
+                await store.put_status(ModelStatus(name=spec.name, version=spec.version, state=record[0],
+                                                   ready_replicas=record[1], desired_replicas=record[2],
+                                                   reason=record[3], updated_at=time.time()))
+                previous = self._written.get(key, ("none",))[0]
+                if previous != record[0]:
+                    log.info("model %s is %s (%d of %d replicas ready)%s", key, record[0], record[1], record[2],
+                             f": {record[3].splitlines()[0]}" if record[3] else "")
+                self._written[key] = record
+            # Popped only once written: a failed write leaves it for the retry.
+            if self._dirty.get(key) is group:
+                del self._dirty[key]
 
 
 async def _start_uncancelled(runtime: Runtime, plan: ReplicaPlan) -> ReplicaHandle:

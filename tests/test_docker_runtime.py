@@ -354,6 +354,22 @@ def test_missing_image_with_pull_policy_never(engine: DockerClient, cleanup: Non
     assert _gone(engine, plan.replica_id)
 
 
+def test_a_spec_pull_policy_overrides_the_runtime_default(engine: DockerClient, cleanup: None, instance: str) -> None:
+    # The runtime would pull (if-not-present); the spec says never, so nothing is pulled and the error says so.
+    image = f"inferoxy/no-such-image:{uuid.uuid4().hex[:8]}"
+    plan = _plan(image, None, pull_policy="never")
+
+    async def scenario() -> None:
+        runtime = DockerRuntime(instance, pull_policy="if-not-present")
+        try:
+            await runtime.start(plan)
+        finally:
+            await runtime.close()
+
+    with pytest.raises(RuntimeStartError, match="'never'"):
+        asyncio.run(scenario())
+
+
 def test_a_container_that_cannot_start_is_reported_and_removed(engine: DockerClient, test_image: str,
                                                                 cleanup: None, instance: str) -> None:
     plan = _plan(test_image, ["python3", "-c", "print('never')"], resources=Resources(cpus=10_000))  # > host CPUs

@@ -127,6 +127,17 @@ class Harness:
     def replicas(self, key: str) -> list[dict[str, Any]]:
         return self.tm.status().get(key, {}).get("replicas", [])
 
+    async def status_eventually(self, name: str, state: str | None, timeout: float = 20.0) -> Any:
+        """The model's status record in Redis once its state is ``state`` (None: once it has none)."""
+        status = None
+        try:
+            async with asyncio.timeout(timeout):
+                while ((status := await self.store.status(name, "1")) and status.state) != state:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(f"status of {name} after {timeout}s: {status}") from None
+        return status
+
     def pid_of(self, key: str, replica: str) -> int:
         (pid,) = [r["pid"] for r in self.replicas(key) if r["id"] == replica]
         assert isinstance(pid, int)
@@ -261,21 +272,102 @@ def test_specs_coming_and_going_start_and_stop_replicas(redis_url: str) -> None:
     run(redis_url, scenario)
 
 
-def test_a_changed_spec_replaces_its_replicas(redis_url: str) -> None:
+def test_a_changed_spec_rolls_its_replicas_without_failing_a_batch(redis_url: str) -> None:
     async def scenario(h: Harness) -> None:
-        await h.store.put(spec("echo", ECHO))
+        await h.store.put(spec("slow", SLOW))
         first, _ = await h.expect("replica_up")
-        changed = spec("echo", ECHO)
-        changed.env["ECHO_FLAVOUR"] = "new"
+        # Held by the old replica across the whole update.
+        await h.send_batch(first["replica"], 1, [("sleep_s", np.array([4.0], np.float32))])
+        await eventually(lambda: h.replicas("slow/1")[0]["in_flight"] == 1)
+        changed = spec("slow", SLOW)
+        changed.env["SLOW_FLAVOUR"] = "new"
         await h.store.put(changed)
-        down, _ = await h.expect("replica_down", replica=first["replica"])
-        assert "spec changed" in down["reason"]
+
+        # The new replica first; only then is the old one drained, and it answers what it holds.
         second, _ = await h.expect("replica_up")
         assert second["replica"] != first["replica"]
-        pid = h.pid_of("echo/1", second["replica"])
-        assert b"ECHO_FLAVOUR=new" in environ_of(pid)
+        assert not [m for m in h.inbox if m[0]["t"] in ("replica_draining", "replica_down")]
+        draining, _ = await h.expect("replica_draining", replica=first["replica"])
+        assert "spec changed" in draining["reason"]
+        assert not [m for m in h.inbox if m[0]["t"] == "replica_down"], "down only after it exits"
+        result, _ = await h.expect("result", batch=1)
+        assert result["replica"] == first["replica"]
+        down, _ = await h.expect("replica_down", replica=first["replica"])
+        assert "spec changed" in down["reason"]
+        assert not [m for m in h.inbox if m[0]["t"] == "failed"]
+        assert b"SLOW_FLAVOUR=new" in environ_of(h.pid_of("slow/1", second["replica"]))
+        await eventually(lambda: [r["id"] for r in h.replicas("slow/1")] == [second["replica"]])
 
     run(redis_url, scenario)
+
+
+def test_a_removed_model_drains_then_goes_down(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        await h.send_batch(up["replica"], 5, [("sleep_s", np.array([1.0], np.float32))])
+        await eventually(lambda: h.replicas("slow/1")[0]["in_flight"] == 1)
+        await h.store.delete("slow")
+        await h.expect("replica_draining", replica=up["replica"])
+        await h.expect("result", batch=5)
+        await h.expect("replica_down", replica=up["replica"])
+        await eventually(lambda: "slow/1" not in h.tm.status())
+        await h.status_eventually("slow", None)
+
+    run(redis_url, scenario)
+
+
+def test_model_status_is_written_to_redis(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        await h.expect("replica_up")
+        status = await h.status_eventually("echo", "ready")
+        assert (status.ready_replicas, status.desired_replicas, status.reason) == (1, 1, None)
+
+        await h.store.put(spec("broken", "tests.models_for_tests:FailingLoadModel"))
+        failed = await h.status_eventually("broken", "failed", timeout=30)
+        assert "weights missing" in (failed.reason or ""), failed.reason
+        assert (await h.store.status("echo", "1")).state == "ready"  # type: ignore[union-attr]
+
+        await h.store.delete("broken")
+        await h.status_eventually("broken", None)
+
+    run(redis_url, scenario, crash_loop_failures=2)
+
+
+def test_a_gpu_model_gets_one_gpu_per_replica_and_the_rest_is_unschedulable(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("g", ECHO, run_on_gpu=True, min_replicas=3, max_replicas=3))
+        for _ in range(2):
+            await h.expect("replica_up")
+        gpus = sorted(r["gpu"] for r in h.replicas("g/1"))
+        assert gpus == ["0", "1"], "never two replicas of one model on one GPU"
+        status = await h.status_eventually("g", "degraded")
+        assert "no GPU free" in (status.reason or "") and status.ready_replicas == 2
+        # Sharing is off: another GPU model has nowhere to go, and says so.
+        await h.store.put(spec("h", ECHO, run_on_gpu=True))
+        status = await h.status_eventually("h", "unschedulable")
+        assert "INFEROXY_GPU_SHARING" in (status.reason or "")
+        # A freed GPU is taken by the model that waits for one.
+        await h.store.delete("g")
+        await h.expect("replica_up", model="h")
+        await h.status_eventually("h", "ready")
+
+    run(redis_url, scenario, gpus="0,1")
+
+
+def test_cpu_replicas_are_bounded_by_slots(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("a", ECHO))
+        await h.expect("replica_up", model="a")
+        await h.store.put(spec("b", ECHO))
+        status = await h.status_eventually("b", "unschedulable")
+        assert "CPU slots" in (status.reason or "")
+        assert not h.replicas("b/1")
+        await h.store.delete("a")
+        await h.expect("replica_up", model="b")
+
+    run(redis_url, scenario, cpu_slots=1)
 
 
 def test_a_new_batch_manager_hears_of_every_ready_replica(redis_url: str) -> None:
@@ -317,6 +409,8 @@ def test_shutdown_stops_every_replica(redis_url: str) -> None:
 
         await h.stop()
         assert not [pid for pid in children if alive(pid)]
+        for name in ("echo", "slow"):
+            assert (await h.store.status(name, "1")).state == "stopped"  # type: ignore[union-attr]
         assert not descendants(os.getpid())
 
     run(redis_url, scenario)

@@ -7,6 +7,10 @@ has few, and which start() and stop() need), and it polls in short slices so it 
 
 Every container carries the labels below. ``inferoxy.instance`` is how ``remove_orphans`` finds what
 an earlier run of the same proxy instance left behind (invariant: no orphans).
+
+Exits are learned two ways: one thread follows the engine's ``die`` events for this instance's
+containers (an exit is known within moments), and each replica's wait thread is the backstop for
+events missed while the event stream reconnects.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class DockerRuntime(Runtime):
         self._registry_auth = registry_auth
         self._client: DockerClient | None = None
         self._client_lock = asyncio.Lock()
+        self._events = _EventFollower(instance)
         # One pull per image at a time: replicas of one model start together.
         self._image_locks: dict[str, asyncio.Lock] = {}
 
@@ -106,7 +111,7 @@ class DockerRuntime(Runtime):
             raise RuntimeStartError(f"model {plan.spec.key}: {exc}") from exc
         client = await self._engine()
         async with self._image_locks.setdefault(image, asyncio.Lock()):
-            await asyncio.to_thread(self._ensure_image, client, image)
+            await asyncio.to_thread(self._ensure_image, client, image, plan.spec.pull_policy or self.pull_policy)
         handover = _Handover()
         try:
             container = await asyncio.to_thread(self._create_and_start, client, options, plan, handover)
@@ -115,7 +120,9 @@ class DockerRuntime(Runtime):
             handover.abandon()
             raise
         log.info("replica %s: container %s started from %s", plan.replica_id, container.short_id, image)
-        return DockerReplica(plan.replica_id, container)
+        replica = DockerReplica(plan.replica_id, container)
+        self._events.follow(client, replica)
+        return replica
 
     async def remove_orphans(self) -> int:
         """Remove every container labelled with this instance. Call it before starting replicas."""
@@ -123,6 +130,7 @@ class DockerRuntime(Runtime):
         return await asyncio.to_thread(self._remove_orphans, client)
 
     async def close(self) -> None:
+        self._events.close()
         if self._client is not None:
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
@@ -183,13 +191,13 @@ class DockerRuntime(Runtime):
         except DockerException as exc:
             raise RuntimeStartError(f"no Docker engine answers at {where}: {exc}") from exc
 
-    def _ensure_image(self, client: DockerClient, image: str) -> None:
-        if self.pull_policy != "always":
+    def _ensure_image(self, client: DockerClient, image: str, pull_policy: str) -> None:
+        if pull_policy != "always":
             try:
                 client.images.get(image)
                 return
             except ImageNotFound:
-                if self.pull_policy == "never":
+                if pull_policy == "never":
                     raise RuntimeStartError(
                         f"image {image!r} is not on the Docker engine and the pull policy is 'never': "
                         "build or load it there first (docker build, docker load)"
@@ -203,7 +211,7 @@ class DockerRuntime(Runtime):
         except _ENGINE_ERRORS as exc:
             raise RuntimeStartError(
                 f"image {image!r} is not on the Docker engine and could not be pulled "
-                f"(pull policy {self.pull_policy!r}): {_explain(exc)}"
+                f"(pull policy {pull_policy!r}): {_explain(exc)}"
             ) from exc
 
     def _create_and_start(self, client: DockerClient, options: dict[str, Any], plan: ReplicaPlan,
@@ -241,12 +249,83 @@ class DockerRuntime(Runtime):
 
 
 def create_runtime(settings: Settings) -> DockerRuntime:
-    """The runtime for ``INFEROXY_RUNTIME=docker`` (see task_manager.runtimes.factory).
+    """The runtime for ``INFEROXY_RUNTIME=docker`` (see task_manager.runtimes.factory)."""
+    return DockerRuntime(
+        settings.instance,
+        base_url=settings.docker_url,
+        network=settings.docker_network,
+        pull_policy=settings.docker_pull_policy,
+        registry_auth=registry_auth(settings),
+    )
 
-    The engine is the one DOCKER_HOST names (default: the local socket), replicas use host networking
-    and images are pulled when missing; settings for each of these come with the wiring issue.
+
+def registry_auth(settings: Settings) -> dict[str, str] | None:
+    """docker-py's ``auth_config`` from the registry settings; None (anonymous pulls) without a username."""
+    if not settings.registry_username:
+        return None
+    auth = {"username": settings.registry_username, "password": settings.registry_password or ""}
+    if settings.registry_server:
+        auth["serveraddress"] = settings.registry_server
+    return auth
+
+
+class _EventFollower:
+    """One thread following the engine's ``die`` events for this instance's containers.
+
+    Started with the first replica; reconnects when the stream breaks (the replicas' wait threads
+    cover the gap). ``close`` ends it by closing the stream it is blocked on.
     """
-    return DockerRuntime(settings.instance)
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._replicas: dict[str, DockerReplica] = {}  # container id -> replica
+        self._thread: threading.Thread | None = None
+        self._stream: Any = None
+        self._closed = False
+
+    def follow(self, client: DockerClient, replica: DockerReplica) -> None:
+        with self._lock:
+            self._replicas[replica.container.id] = replica
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, args=(client,), name="docker-events", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            stream, self._stream = self._stream, None
+            self._replicas.clear()
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def _run(self, client: DockerClient) -> None:
+        filters = {"label": f"{LABEL_INSTANCE}={self.instance}", "type": "container", "event": "die"}
+        while not self._closed:
+            try:
+                stream = client.events(filters=filters, decode=True)
+                with self._lock:
+                    if self._closed:
+                        stream.close()
+                        return
+                    self._stream = stream
+                for event in stream:
+                    self._on_die(event)
+            except Exception as exc:  # a broken stream: the wait threads still notice exits
+                if self._closed:
+                    return
+                log.warning("following Docker events failed (%s); reconnecting", exc)
+            if not self._closed:
+                time.sleep(ENGINE_RETRY_S)
+
+    def _on_die(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            replica = self._replicas.pop(str(event.get("id", "")), None)
+        if replica is None:
+            return
+        code = event.get("Actor", {}).get("Attributes", {}).get("exitCode")
+        replica.died(int(code) if isinstance(code, str) and code.lstrip("-").isdigit() else None)
 
 
 class DockerReplica(ReplicaHandle):
@@ -261,12 +340,33 @@ class DockerReplica(ReplicaHandle):
         self._remove_lock = threading.Lock()
         self._removed = False
         self._watch: asyncio.Future[ReplicaExit] | None = None
+        # Resolved from the event thread when the engine reports the container's death.
+        self._died: asyncio.Future[ReplicaExit] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def wait(self) -> ReplicaExit:
-        if self._watch is None:
-            self._watch = _in_daemon_thread(self._wait_blocking, f"wait-{self.replica_id}")
-        # Shielded: one cancelled waiter must not end the watch the others share.
-        return await asyncio.shield(self._watch)
+        with self._exit_lock:
+            if self._watch is None:
+                self._loop = asyncio.get_running_loop()
+                self._died = self._loop.create_future()
+                self._watch = _in_daemon_thread(self._wait_blocking, f"wait-{self.replica_id}")
+            if self._exit is not None:
+                return self._exit
+            watch, died = self._watch, self._died
+        assert died is not None
+        # asyncio.wait, not gather: one cancelled waiter must not end the watch the others share.
+        done, _ = await asyncio.wait({watch, died}, return_when=asyncio.FIRST_COMPLETED)
+        return self._exit or next(iter(done)).result()
+
+    def died(self, code: int | None) -> None:
+        """The engine reported the container's death (called from the event thread)."""
+        exit_ = self._record(ReplicaExit(code, self._log_tail()))
+        self._remove()  # as the wait thread does: once wait() returns, the container is gone
+        with self._exit_lock:
+            loop, died = self._loop, self._died
+        if loop is not None and died is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(_set_result, died, exit_)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await asyncio.to_thread(self._stop_blocking, grace_s)
