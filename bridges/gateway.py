@@ -42,6 +42,11 @@ from model_manager.store import Registry, SpecStore, open_store
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTSTANDING = 10_000
+SERVER_NAME = "inferoxy"
+# Open Inference Protocol extensions the REST and gRPC bridges serve, as server metadata lists them.
+EXTENSIONS = ["binary_tensor_data", "parameters", "sequence", "image_upload"]
+# Serving states in which a model takes requests (model_manager.spec.ModelStatus).
+_SERVING_STATES = ("ready", "degraded")
 # How long a stopping bridge lets requests in flight finish before failing them.
 GRACEFUL_SHUTDOWN_S = 5
 
@@ -60,6 +65,22 @@ Callback = Callable[[Outcome], None]
 class ResolvedModel(NamedTuple):
     spec: ModelSpec
     rules: InputRules
+
+
+class Readiness(NamedTuple):
+    """Whether a model version takes requests now, and if not, why (for a 503's message)."""
+
+    ready: bool
+    reason: str
+
+
+def server_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("inferoxy")
+    except Exception:  # running from a checkout that was never installed
+        return "0.1.0"
 
 
 class _Pending:
@@ -170,6 +191,25 @@ class Gateway:
                 )
             raise RequestError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}")
         return self._models[spec.key]
+
+    async def readiness(self, name: str, version: str | None = None) -> Readiness:
+        """A model version's readiness, from the status the task manager writes to Redis.
+
+        Raises RequestError (``unknown_model``) when there is no such model or version."""
+        spec = self.resolve(name, version).spec
+        store = self._store
+        if store is None:
+            return Readiness(False, "the bridge is not connected to the model registry")
+        try:
+            status = await store.status(spec.name, spec.version)
+        except Exception as exc:  # Redis unreachable or a garbled status: not ready, and say why
+            return Readiness(False, f"the serving status of {spec.key} cannot be read: {type(exc).__name__}")
+        if status is None:
+            return Readiness(False, f"model {spec.key} has no serving status yet (no task manager has reported it)")
+        if status.state in _SERVING_STATES:
+            return Readiness(True, f"model {spec.key} is {status.state}")
+        detail = f": {status.reason}" if status.reason else ""
+        return Readiness(False, f"model {spec.key} is {status.state}{detail}")
 
     def versions(self, name: str) -> list[str]:
         """Every registered version of ``name``, in version order."""

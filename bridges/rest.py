@@ -1,5 +1,10 @@
 """The REST bridge: the Open Inference Protocol (KServe v2) over HTTP, served by uvicorn.
 
+Routes: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``,
+``GET /v2/models/{name}[/versions/{v}]`` (model metadata), ``.../ready`` (the model's serving
+status from Redis), ``POST .../infer`` (JSON or binary tensors), and Inferoxy's own
+``POST .../infer/image`` (a PNG or JPEG upload sent as a uint8 ``[1, H, W, 3]`` tensor).
+
 Handlers take the raw ``Request`` and return ready-made ``Response`` bodies: tensors are
 parsed with orjson and numpy (``bridges.tensors``), never through pydantic models, which
 are far too slow for large arrays. Every error is ``{"error": "..."}`` with the HTTP status
@@ -25,9 +30,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bridges import tensors
+from bridges.admin import admin_router
 from bridges.errors import RequestError
-from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
-from bridges.validation import requested_timeout_s
+from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
+from bridges.images import decode_image
+from bridges.validation import check_parameters, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors
@@ -163,6 +170,27 @@ def build_app(gateway: Gateway) -> FastAPI:
             log.exception("failed to handle a REST inference request")
             return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
 
+    async def infer_image(request: Request) -> Response:
+        params = request.path_params
+        try:
+            return await _infer_image(gateway, request, params["name"], params.get("version"))
+        except RequestError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("failed to handle a REST image request")
+            return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
+
+    async def model_ready(request: Request) -> Response:
+        params = request.path_params
+        try:
+            readiness = await gateway.readiness(params["name"], params.get("version"))
+        except RequestError as exc:
+            return error_response(exc)
+        if readiness.ready:
+            return json_response({"name": params["name"], "ready": True})
+        # Triton answers a bare 400 here; a 503 with the reason is what a load balancer and a person want.
+        return json_response({"error": readiness.reason, "name": params["name"], "ready": False}, 503)
+
     async def model_metadata(request: Request) -> Response:
         params = request.path_params
         try:
@@ -178,7 +206,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         is_ready = gateway.registry is not None
         return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
-    about = orjson.dumps({"name": "inferoxy", "version": _version(), "extensions": ["binary_tensor_data"]})
+    about = orjson.dumps({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
 
     async def server_metadata(request: Request) -> Response:
         return Response(about, media_type=JSON)
@@ -186,11 +214,17 @@ def build_app(gateway: Gateway) -> FastAPI:
     add = app.router.add_route
     add("/v2/models/{name}/infer", infer, methods=["POST"])
     add("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
+    add("/v2/models/{name}/infer/image", infer_image, methods=["POST"])
+    add("/v2/models/{name}/versions/{version}/infer/image", infer_image, methods=["POST"])
+    add("/v2/models/{name}/ready", model_ready, methods=["GET"])
+    add("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"])
     add("/v2/models/{name}", model_metadata, methods=["GET"])
     add("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"])
     add("/v2/health/live", live, methods=["GET"])
     add("/v2/health/ready", ready, methods=["GET"])
     add("/v2", server_metadata, methods=["GET"])
+    # The admin API and GET /v2/health/registry (docs/ADMIN.md).
+    app.include_router(admin_router(gateway.settings, lambda: gateway.registry))
     return app
 
 
@@ -210,6 +244,7 @@ async def _infer(gateway: Gateway, request: Request, name: str, version: str | N
             )
     metas, frames = tensors.to_wire(parsed.inputs)
     resolved.rules.check(metas)
+    check_parameters(parsed.parameters)
     timeout_s = gateway.default_timeout(requested_timeout_s(parsed.parameters))
     header = {"model": spec.name, "version": spec.version, "params": parsed.parameters, "tensors": metas}
     reply, reply_frames = await gateway.submit(header, frames, timeout_s)
@@ -227,6 +262,69 @@ async def _infer(gateway: Gateway, request: Request, name: str, version: str | N
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(json_length)},
     )
+
+
+async def _infer_image(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
+    """One uploaded image (the raw body, or the first file of a multipart form) as a uint8 [1, H, W, 3] input.
+
+    Query parameters: ``input`` names the input (default: the model's only declared input, else
+    ``image``); ``timeout`` (µs), ``sequence_id``, ``sequence_start``, ``sequence_end`` and
+    ``priority`` become request parameters as in a JSON request.
+    """
+    resolved = gateway.resolve(name, version)
+    spec = resolved.spec
+    limit = gateway.settings.max_message_bytes
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        data = await _uploaded_file(request, limit)
+    else:
+        data = await _read_body(request, limit)
+    input_name = request.query_params.get("input") or (spec.inputs[0].name if len(spec.inputs) == 1 else "image")
+    parameters = _query_parameters(request)
+    # Three bytes a pixel: an image whose pixels would not fit in a message is refused before decoding.
+    array = decode_image(data, max_pixels=limit // 3)
+    inputs = [(input_name, array)]
+    metas, frames = tensors.to_wire(inputs)
+    resolved.rules.check(metas)
+    check_parameters(parameters)
+    timeout_s = gateway.default_timeout(requested_timeout_s(parameters))
+    header = {"model": spec.name, "version": spec.version, "params": parameters, "tensors": metas}
+    reply, reply_frames = await gateway.submit(header, frames, timeout_s)
+    try:
+        outputs = tensors.from_wire(check_tensors(reply, reply_frames), reply_frames)
+    except WireError as exc:
+        raise RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}") from None
+    parsed = tensors.InferRequest(None, inputs, parameters, None, frozenset(), False)
+    model, model_version = reply.get("model") or spec.name, reply.get("version") or spec.version
+    body, _ = tensors.encode_infer_response(model, model_version, parsed, outputs)
+    return Response(body, media_type=JSON)
+
+
+async def _uploaded_file(request: Request, limit: int) -> bytes:
+    try:
+        async with request.form(max_files=1, max_fields=16, max_part_size=limit) as form:
+            for value in form.values():
+                if not isinstance(value, str):  # an UploadFile
+                    return await value.read()
+    except Exception as exc:  # python-multipart's parse errors, over-limit parts
+        raise RequestError(ErrorCode.BAD_INPUT, f"the multipart body cannot be read: {exc}") from None
+    raise RequestError(ErrorCode.BAD_INPUT, "the multipart form holds no file: upload the image as a file field")
+
+
+def _query_parameters(request: Request) -> dict[str, Any]:
+    """Session and scheduling parameters given in the query string, typed as in a JSON request."""
+    found: dict[str, Any] = {}
+    query = request.query_params
+    for key in ("timeout", "priority", "sequence_id"):
+        raw = query.get(key)
+        if raw is not None:
+            found[key] = int(raw) if raw.lstrip("-").isdigit() else raw
+    for key in ("sequence_start", "sequence_end"):
+        raw = query.get(key)
+        if raw is not None:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise RequestError(ErrorCode.BAD_INPUT, f"query parameter {key!r} must be true or false, got {raw!r}")
+            found[key] = raw.lower() in ("true", "1")
+    return found
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -248,10 +346,11 @@ def _header_length(request: Request) -> int | None:
     raw = request.headers.get(tensors.HEADER_LENGTH)
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise RequestError(ErrorCode.BAD_INPUT, f"Inference-Header-Content-Length {raw!r} is not an integer") from None
+    # Digits only, and few enough to be a byte count: int() would take "+5" or " 5" and choke on 5000 digits.
+    if not raw.isdigit() or len(raw) > 19:
+        shown = raw if len(raw) <= 24 else raw[:24] + "..."
+        raise RequestError(ErrorCode.BAD_INPUT, f"Inference-Header-Content-Length {shown!r} is not a byte count")
+    return int(raw)
 
 
 def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:
@@ -267,12 +366,3 @@ def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:
 
 def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
     return {"name": tensor.name, "datatype": tensor.datatype, "shape": [-1, *tensor.shape]}
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("inferoxy")
-    except Exception:  # running from a checkout that was never installed
-        return "0.1.0"

@@ -7,6 +7,11 @@ then wire tensor descriptions plus raw frames for the bus; a reply's frames beco
 after the JSON, sized by ``Inference-Header-Content-Length`` and ``binary_data_size``)
 is supported too, because Triton's clients use it by default.
 
+BYTES tensors are object arrays of ``bytes`` here: JSON ``data`` holds strings (sent as
+UTF-8), binary data holds Triton's serialization (a 4-byte little-endian length before each
+element), which is also their wire form (``inferoxy.wire``). FP16 travels as binary data;
+JSON FP16 numbers are accepted too and rounded to half precision.
+
 JSON data is never trusted to have the right types: numpy would quietly turn ``"1.5"``
 or ``null`` into floats and truncate ``1.7`` to an int, so the values' kind is checked
 before the cast. Every error is a ``bad_input`` RequestError that names the tensor.
@@ -23,18 +28,27 @@ import orjson
 
 from bridges.errors import RequestError
 from inferoxy.protocol import ErrorCode
-from inferoxy.wire import DTYPES, MAX_RANK, Frame, as_array, tensor_meta
+from inferoxy.wire import (
+    BYTES,
+    DTYPES,
+    MAX_RANK,
+    Frame,
+    WireError,
+    as_array,
+    deserialize_bytes,
+    dtype_name,
+    tensor_frame,
+)
+from inferoxy.wire import tensor_meta as wire_tensor_meta
 from model_manager.spec import DATATYPE_TO_DTYPE, DTYPE_TO_DATATYPE
 
-# Datatypes not carried yet, with the reason a client is told.
-UNSUPPORTED_DATATYPES = {
-    "FP16": "FP16 tensors are not accepted by this bridge yet; send FP32",
-    "BYTES": "BYTES (string) tensors are not supported yet",
-}
-# Open Inference Protocol datatype -> the numpy dtype its data is built with.
+# Open Inference Protocol datatype -> the numpy dtype its data is built with (BYTES: objects).
 DATATYPES: dict[str, np.dtype[Any]] = {
-    datatype: DTYPES[dtype] for datatype, dtype in DATATYPE_TO_DTYPE.items() if datatype not in UNSUPPORTED_DATATYPES
+    **{datatype: DTYPES[dtype] for datatype, dtype in DATATYPE_TO_DTYPE.items()},
+    "BYTES": np.dtype(object),
 }
+# Wire dtype name -> Open Inference Protocol datatype.
+WIRE_TO_DATATYPE: dict[str, str] = {**DTYPE_TO_DATATYPE, BYTES: "BYTES"}
 # Which kinds of inferred JSON values each numpy kind accepts: ints for floats, never floats for ints.
 _ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
@@ -144,11 +158,14 @@ def _optional_map(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def datatype_of(array: np.ndarray) -> str:
+    """The Open Inference Protocol datatype of an array that can travel on the wire."""
+    return WIRE_TO_DATATYPE[dtype_name(array.dtype)]
+
+
 def _dtype(name: str, datatype: Any) -> np.dtype[Any]:
     dtype = DATATYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
-        if datatype in UNSUPPORTED_DATATYPES:
-            raise _bad(f"input {name!r}: {UNSUPPORTED_DATATYPES[datatype]}")
         raise _bad(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
     return dtype
 
@@ -170,6 +187,8 @@ def array_from_data(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarr
     count = math.prod(dims)
     if not isinstance(data, list):
         data = [data]  # a lone scalar, as some clients send for a single element
+    if dtype.kind == "O":
+        return _bytes_from_data(name, dims, count, data)
     try:
         values = np.array(data)
     except (ValueError, TypeError):
@@ -192,10 +211,50 @@ def array_from_data(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarr
     return values.astype(dtype, copy=False).reshape(dims)
 
 
+def _bytes_from_data(name: str, dims: list[int], count: int, data: list[Any]) -> np.ndarray:
+    """A BYTES tensor from JSON: (nested lists of) strings, each sent as its UTF-8 bytes."""
+    flat: list[bytes] = []
+    stack: list[Any] = [iter(data)]
+    depth_limit = MAX_RANK + 1
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) >= depth_limit:
+                raise _bad(f"input {name!r}: 'data' is nested deeper than the shape allows")
+            stack.append(iter(item))
+        elif isinstance(item, str):
+            flat.append(item.encode())
+            if len(flat) > count:
+                break
+        else:
+            kind = type(item).__name__.replace("NoneType", "null")
+            raise _bad(f"input {name!r}: BYTES data must be strings, got {kind}")
+    if len(flat) != count:
+        raise _bad(f"input {name!r}: shape {dims} holds {count} elements, 'data' has {len(flat)}{'+' if stack else ''}")
+    return _object_array(flat, dims)
+
+
+_END = object()
+
+
+def _object_array(items: Sequence[bytes], dims: list[int]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(dims)
+
+
 def array_from_bytes(name: str, datatype: Any, shape: Any, raw: bytes | memoryview) -> np.ndarray:
-    """The array raw little-endian bytes stand for (binary data extension, gRPC raw contents). No copy."""
+    """The array raw little-endian bytes stand for (binary data extension, gRPC raw contents). No copy,
+    except for BYTES, whose length-prefixed elements become an object array."""
     dtype = _dtype(name, datatype)
     dims = _shape(name, shape)
+    if dtype.kind == "O":
+        try:
+            return _object_array(deserialize_bytes(raw, math.prod(dims)), dims)
+        except WireError as exc:
+            raise _bad(f"input {name!r}: {exc}") from None
     expected = math.prod(dims) * dtype.itemsize
     if len(raw) != expected:
         raise _bad(f"input {name!r}: {datatype} {dims} needs {expected} bytes, got {len(raw)}")
@@ -216,10 +275,8 @@ def _describe(values: np.ndarray, fine: tuple[type, ...] = (int, float)) -> str:
 
 def to_wire(tensors: Sequence[tuple[str, np.ndarray]]) -> tuple[list[dict[str, Any]], list[Frame]]:
     """Wire tensor descriptions and frames for C-contiguous arrays (their buffers, not copies)."""
-    metas = [tensor_meta(name, array) for name, array in tensors]
-    frames: list[Frame] = [
-        np.ascontiguousarray(array).data.cast("B") if array.size else b"" for _, array in tensors
-    ]
+    metas = [wire_tensor_meta(name, array) for name, array in tensors]
+    frames: list[Frame] = [tensor_frame(array) for _, array in tensors]
     return metas, frames
 
 
@@ -252,9 +309,9 @@ def encode_infer_response(
     blobs: list[bytes] = []
     out_tensors = []
     for name, array in chosen:
-        entry: dict[str, Any] = {"name": name, "datatype": DTYPE_TO_DATATYPE[array.dtype.name], "shape": array.shape}
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": array.shape}
         if request.binary_all or name in request.binary_outputs:
-            blob = array.tobytes()
+            blob = bytes(tensor_frame(array))
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -272,6 +329,8 @@ def encode_infer_response(
 
 def _json_data(array: np.ndarray) -> Any:
     flat = array.reshape(-1)
+    if flat.dtype.kind == "O":  # BYTES: JSON has only strings; bytes that are not UTF-8 need binary_data
+        return [bytes(item).decode("utf-8", errors="replace") for item in flat]
     if flat.dtype == np.float16:  # orjson cannot write float16; float32 holds every value exactly
         return flat.astype(np.float32)
     return flat

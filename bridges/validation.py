@@ -15,7 +15,12 @@ from typing import Any
 
 from bridges.errors import RequestError
 from inferoxy.protocol import ErrorCode
+from inferoxy.wire import BYTES
 from model_manager.spec import DATATYPE_TO_DTYPE, DTYPE_TO_DATATYPE, ModelSpec
+
+# Every declared datatype's wire dtype; BYTES travels as length-prefixed elements (inferoxy.wire).
+_WIRE_DTYPE = {**DATATYPE_TO_DTYPE, "BYTES": BYTES}
+_DATATYPE = {**DTYPE_TO_DATATYPE, BYTES: "BYTES"}
 
 
 class _Declared:
@@ -23,7 +28,7 @@ class _Declared:
 
     def __init__(self, datatype: str, dims: list[int]) -> None:
         self.datatype = datatype
-        self.dtype = DATATYPE_TO_DTYPE.get(datatype)  # None for BYTES: it has no wire dtype yet
+        self.dtype = _WIRE_DTYPE[datatype]
         self.dims = tuple(dims)
 
     def accepts_dims(self, dims: Sequence[int]) -> bool:
@@ -82,10 +87,8 @@ class InputRules:
             raise _bad(
                 f"model {self.model!r} has no input {name!r}; its inputs are {', '.join(map(repr, declared))}"
             )
-        if rule.dtype is None:
-            raise _bad(f"input {name!r} is declared {rule.datatype}, which cannot be sent to this model yet")
         if dtype != rule.dtype:
-            got = DTYPE_TO_DATATYPE.get(dtype, dtype)
+            got = _DATATYPE.get(dtype, dtype)
             raise _bad(f"input {name!r} must be {rule.datatype} ({rule.dtype}), got {got} ({dtype})")
         if not rule.accepts_dims(shape[1:]):
             raise _bad(f"input {name!r} must have shape {rule.describe_shape()}, got {list(shape)}")
@@ -109,6 +112,31 @@ def requested_timeout_s(params: Mapping[str, Any] | None, timeout_ms: Any = None
         seconds = _positive(timeout_us, "parameter 'timeout' (microseconds)") / 1e6
         found = seconds if found is None else min(found, seconds)
     return found
+
+
+# Request parameters that steer sessions and scheduling (Triton's names) and the types they may have.
+# They travel to the batch manager unchanged; a wrong type is refused here so it never gets that far.
+_SESSION_PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
+    "sequence_id": (int, str),
+    "sequence_start": (bool,),
+    "sequence_end": (bool,),
+    "priority": (int,),
+}
+
+
+def check_parameters(params: Mapping[str, Any] | None) -> None:
+    """Refuse session and scheduling parameters of the wrong type, naming the parameter."""
+    if not params:
+        return
+    for key, types in _SESSION_PARAMETER_TYPES.items():
+        value = params.get(key)
+        if value is None:
+            continue
+        if (bool not in types and isinstance(value, bool)) or not isinstance(value, types):
+            kinds = " or ".join("a boolean" if t is bool else "an integer" if t is int else "a string" for t in types)
+            raise _bad(f"parameter {key!r} must be {kinds}, got {value!r}")
+        if key in ("sequence_id", "priority") and isinstance(value, int) and not 0 <= value < 1 << 64:
+            raise _bad(f"parameter {key!r} must lie in [0, 2**64), got {value}")
 
 
 def _positive(value: Any, what: str) -> int:

@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway, Outcome, Reply
-from bridges.validation import requested_timeout_s
+from bridges.validation import check_parameters, requested_timeout_s
 from inferoxy.bus import plain_socket
 from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import send_nowait
@@ -115,6 +115,7 @@ class ZmqBridge:
         timeout_s = self.gateway.default_timeout(requested_timeout_s(params, header.get("timeout_ms")))
         resolved = self.gateway.resolve(model, version)
         resolved.rules.check(metas)
+        check_parameters(params)
         spec = resolved.spec
         internal = {"model": spec.name, "version": spec.version, "params": params, "tensors": metas}
 

@@ -6,6 +6,13 @@ each as ``{"name": str, "dtype": str, "shape": [int, ...]}``. Raw frames carry t
 array bytes in C order, little-endian, so a large array crosses a socket without
 being copied or serialised.
 
+Variable-length byte strings (the Open Inference Protocol's BYTES) travel with dtype
+``"bytes"``: the frame holds every element in C order as a 4-byte little-endian length
+followed by that many bytes, which is exactly Triton's serialization of BYTES tensors, so
+the bridges pass a client's raw BYTES data through untouched. Such a tensor decodes to a
+numpy object array of ``bytes``; a model may return an object array of ``bytes`` or
+``str`` (or a fixed-width ``S``/``U`` array) and it is encoded the same way.
+
 This module is imported by the model runtime inside replica images, so it depends
 on numpy and msgpack only. Nothing here ever unpickles: dtypes are looked up in a
 fixed table, never built from strings a peer sent, and object arrays do not exist
@@ -37,6 +44,11 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "float64": np.dtype("<f8"),
 }
 _NAME_OF_DTYPE = {dtype: name for name, dtype in DTYPES.items()}
+# Variable-length byte strings (BYTES): not a numpy dtype, so not in DTYPES.
+BYTES = "bytes"
+# numpy kinds that travel as BYTES: objects (bytes or str), fixed-width bytes and unicode.
+_BYTES_KINDS = "OSU"
+_LENGTH = np.dtype("<u4")
 
 MAX_RANK = 32
 MAX_HEADER_BYTES = 1 << 20
@@ -52,11 +64,13 @@ class WireError(ValueError):
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """The wire name of a numpy dtype, or WireError if it cannot travel."""
     normal = np.dtype(dtype)
+    if normal.kind in _BYTES_KINDS:
+        return BYTES
     if normal.byteorder == ">":
         normal = normal.newbyteorder("<")
     found = _NAME_OF_DTYPE.get(normal)
     if found is None:
-        raise WireError(f"dtype {np.dtype(dtype)} cannot be sent; use one of {', '.join(DTYPES)}")
+        raise WireError(f"dtype {np.dtype(dtype)} cannot be sent; use one of {', '.join(DTYPES)} or bytes")
     return found
 
 
@@ -87,7 +101,50 @@ def encode(header: Mapping[str, Any], tensors: Sequence[tuple[str, np.ndarray]] 
     arrays = [_little_endian(np.asarray(array, order="C")) for _, array in tensors]
     out = dict(header)
     out["tensors"] = [tensor_meta(name, array) for (name, _), array in zip(tensors, arrays, strict=True)]
-    return [pack_header(out), *(array.data.cast("B") if array.nbytes else b"" for array in arrays)]
+    return [pack_header(out), *(tensor_frame(array) for array in arrays)]
+
+
+def tensor_frame(array: np.ndarray) -> Frame:
+    """The raw frame of one array: its buffer (no copy when C-contiguous), or BYTES serialized."""
+    if array.dtype.kind in _BYTES_KINDS:
+        return serialize_bytes(array)
+    array = _little_endian(np.ascontiguousarray(array))
+    return array.data.cast("B") if array.nbytes else b""
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """Every element as a 4-byte little-endian length and its bytes (``str`` as UTF-8), in C order."""
+    parts: list[bytes] = []
+    for item in np.asarray(array).reshape(-1):
+        value = item.encode() if isinstance(item, str) else item
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise WireError(f"a BYTES tensor holds a {type(item).__name__}; only bytes and str can be sent")
+        parts.append(len(value).to_bytes(4, "little"))
+        parts.append(bytes(value))
+    return b"".join(parts)
+
+
+def deserialize_bytes(frame: Frame, count: int) -> list[bytes]:
+    """The ``count`` elements of a BYTES frame; WireError unless the frame holds exactly that many."""
+    data = memoryview(_buffer(frame)).cast("B")
+    size = len(data)
+    items: list[bytes] = []
+    offset = 0
+    while offset < size:
+        if offset + 4 > size:
+            raise WireError(f"BYTES data is truncated: {size - offset} bytes left where a 4-byte length belongs")
+        length = int.from_bytes(data[offset : offset + 4], "little")
+        offset += 4
+        if offset + length > size:
+            raise WireError(f"BYTES element {len(items)} claims {length} bytes; only {size - offset} are left")
+        items.append(bytes(data[offset : offset + length]))
+        offset += length
+        if len(items) > count:
+            break
+    if len(items) != count:
+        more = "+" if offset < size else ""
+        raise WireError(f"BYTES data holds {len(items)}{more} elements, the shape needs {count}")
+    return items
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:
@@ -114,9 +171,10 @@ def check_tensors(header: Mapping[str, Any], frames: Sequence[Frame]) -> list[di
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise WireError(f"tensor {index}: 'name' must be a non-empty string")
+        is_bytes = meta.get("dtype") == BYTES
         dtype = DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
-        if dtype is None:
-            raise WireError(f"tensor {name!r}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+        if dtype is None and not is_bytes:
+            raise WireError(f"tensor {name!r}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}, bytes")
         shape = meta.get("shape")
         if (
             not isinstance(shape, list)
@@ -124,6 +182,12 @@ def check_tensors(header: Mapping[str, Any], frames: Sequence[Frame]) -> list[di
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
         ):
             raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative ints")
+        if dtype is None:  # BYTES: the frame must hold exactly prod(shape) length-prefixed elements
+            try:
+                deserialize_bytes(frame, math.prod(shape))
+            except WireError as exc:
+                raise WireError(f"tensor {name!r}: {exc}") from None
+            continue
         expected = dtype.itemsize * math.prod(shape)
         got = memoryview(_buffer(frame)).nbytes
         if expected != got:
@@ -142,7 +206,13 @@ def decode(frames: Sequence[Frame]) -> tuple[dict[str, Any], list[tuple[str, np.
 
 
 def as_array(meta: Mapping[str, Any], frame: Frame) -> np.ndarray:
-    """The array a checked tensor description and its frame stand for (a view, no copy)."""
+    """The array a checked tensor description and its frame stand for (a view, no copy; BYTES: an object array)."""
+    if meta["dtype"] == BYTES:
+        shape = meta["shape"]
+        items = deserialize_bytes(frame, math.prod(shape))
+        array = np.empty(len(items), dtype=object)
+        array[:] = items
+        return array.reshape(shape)
     return np.frombuffer(_buffer(frame), dtype=DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 

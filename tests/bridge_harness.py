@@ -3,7 +3,7 @@
 - ``FakeRedis``: fakeredis's TCP server in a daemon thread, seeded with test model specs.
 - ``FakeBatchManager``: a ROUTER in a thread speaking the bridge <-> batch manager protocol;
   what it does with an ``infer`` depends on the model name (see ``FakeBatchManager.answer``).
-- ``BridgeStack``: a ZmqBridge and a RestBridge running on an event loop in a thread.
+- ``BridgeStack``: a ZmqBridge, a RestBridge and a GrpcBridge running on an event loop in a thread.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import fakeredis
 import zmq
 import zmq.asyncio
 
+from bridges.grpc_bridge import GrpcBridge
 from bridges.rest import RestBridge
 from bridges.zmq_bridge import ZmqBridge
 from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY
 from inferoxy.settings import Settings
 from inferoxy.wire import pack_header, unpack_header
-from model_manager.spec import ModelSpec, TensorSpec
+from model_manager.spec import ModelSpec, ModelStatus, TensorSpec
 from model_manager.store import SpecStore
 from tests.support import free_port
 
@@ -71,6 +72,17 @@ class FakeRedis:
             try:
                 for spec in specs:
                     await store.put(spec)
+            finally:
+                await store.close()
+
+        asyncio.run(put_all())
+
+    def seed_statuses(self, prefix: str, statuses: list[ModelStatus]) -> None:
+        async def put_all() -> None:
+            store = SpecStore.from_url(self.url, prefix)
+            try:
+                for status in statuses:
+                    await store.put_status(status)
             finally:
                 await store.close()
 
@@ -157,11 +169,20 @@ class BridgeStack:
         self.redis = FakeRedis().start()
         self.prefix = f"test-{uuid.uuid4().hex[:8]}"
         self.redis.seed(self.prefix, test_specs())
+        # Serving states for the model ready endpoints; models not listed have no status yet.
+        self.redis.seed_statuses(self.prefix, [
+            ModelStatus(name="echo", version="1", state="ready", ready_replicas=1, desired_replicas=1, updated_at=0),
+            ModelStatus(name="echo", version="2", state="degraded", ready_replicas=1, desired_replicas=2,
+                        updated_at=0),
+            ModelStatus(name="fail", version="1", state="failed", reason="image inferoxy/fail not found",
+                        updated_at=0),
+        ])
         self.batch_manager = FakeBatchManager().start()
         self.settings = Settings(
             bind_host="127.0.0.1",
             rest_port=free_port(),
             zmq_port=free_port(),
+            grpc_port=free_port(),
             batch_manager_url=self.batch_manager.url,
             redis_url=self.redis.url,
             redis_prefix=self.prefix,
@@ -169,6 +190,7 @@ class BridgeStack:
         )
         self.zmq_url = f"tcp://127.0.0.1:{self.settings.zmq_port}"
         self.rest_url = f"http://127.0.0.1:{self.settings.rest_port}"
+        self.grpc_url = f"127.0.0.1:{self.settings.grpc_port}"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="bridges")
         self.tasks: list[asyncio.Task[None]] = []
@@ -182,7 +204,8 @@ class BridgeStack:
         self.ctx = zmq.asyncio.Context()
         self.zmq_bridge = ZmqBridge(self.settings, self.ctx)
         self.rest_bridge = RestBridge(self.settings, self.ctx)
-        for bridge in (self.zmq_bridge, self.rest_bridge):
+        self.grpc_bridge = GrpcBridge(self.settings, self.ctx)
+        for bridge in (self.zmq_bridge, self.rest_bridge, self.grpc_bridge):
             ready = asyncio.Event()
             self.tasks.append(asyncio.create_task(bridge.run(ready)))
             await asyncio.wait_for(ready.wait(), WAIT_S)

@@ -129,7 +129,7 @@ BAD_ZMQ_MESSAGES = [
     ("the same input twice", [header(model="any", tensors=[meta("a", "int8", [1]), meta("a", "int8", [1])]),
                               b"\0", b"\0"], "bad_input", 7, "given more than once"),
     ("uint8 for an input declared BYTES", [header(model="bytes", tensors=[meta("s", "uint8", [1, 1])]), b"\0"],
-     "bad_input", 7, "declared BYTES"),
+     "bad_input", 7, "input 's' must be BYTES (bytes), got UINT8 (uint8)"),
 ]
 
 
@@ -427,8 +427,10 @@ def json_body(document: Any) -> bytes:
 BAD_REST = [
     ("malformed JSON", "echo", b'{"inputs": [', 400, "not valid JSON"),
     ("an unknown model", "nope", json_body(GOOD_REST), 404, "unknown model 'nope'"),
-    ("FP16 data", "any", json_body({"inputs": [rest_tensor("h", "FP16", [1], [0.5])]}), 400, "FP16"),
-    ("BYTES data", "any", json_body({"inputs": [rest_tensor("s", "BYTES", [1], ["a"])]}), 400, "BYTES"),
+    ("BYTES data that are numbers", "any", json_body({"inputs": [rest_tensor("s", "BYTES", [1], [1])]}), 400,
+     "BYTES data must be strings"),
+    ("INT32 for an input declared BYTES", "bytes", json_body({"inputs": [rest_tensor("s", "INT32", [1, 1], [1])]}),
+     400, "input 's' must be BYTES"),
     ("3 values for shape [2, 3]", "echo",
      json_body({"inputs": [rest_tensor("x", "FP32", [2, 3], [1, 2, 3]), GOOD_REST["inputs"][1]]}), 400,
      "holds 6 elements, 'data' has 3"),

@@ -139,8 +139,10 @@ BAD_REQUESTS = [
     ("an input that is a string", request("x"), "input 0 must be a JSON object"),
     ("an input without a name", request({"datatype": "FP32", "shape": [1], "data": [1]}), "'name'"),
     ("an unknown datatype", request(tensor(datatype="FLOAT")), "datatype 'FLOAT' is not one of"),
-    ("FP16, not supported yet", request(tensor(datatype="FP16")), "FP16 tensors are not accepted"),
-    ("BYTES, not supported yet", request(tensor(datatype="BYTES", data=["a", "b", "c", "d"])), "BYTES"),
+    ("BYTES as numbers", request(tensor(datatype="BYTES")), "BYTES data must be strings, got int"),
+    ("BYTES with too few strings", request(tensor(datatype="BYTES", data=["a", "b"])),
+     "holds 4 elements, 'data' has 2"),
+    ("BYTES with null", request(tensor(datatype="BYTES", data=["a", None, "c", "d"])), "got null"),
     ("a negative dimension", request(tensor(shape=(-1, 4))), "'shape' must be a list"),
     ("a string dimension", request(tensor(shape=("2", 2))), "'shape' must be a list"),
     ("too few elements", request(tensor(shape=(2, 3))), "shape [2, 3] holds 6 elements, 'data' has 4"),
@@ -196,3 +198,48 @@ def test_wire_frames_are_the_arrays_buffers():
     metas, frames = tensors.to_wire([("e", np.zeros((2, 0), np.float32))])
     header = unpack_header(pack_header({"tensors": metas}))
     assert check_tensors(header, frames)[0]["shape"] == [2, 0]
+
+
+def test_bytes_tensors_from_json_and_binary_and_back():
+    serialized = b"".join(len(v).to_bytes(4, "little") + v for v in (b"ab", b"", b"\xff\x00"))
+    header = orjson.dumps({
+        "inputs": [
+            tensor("s", "BYTES", (2, 2), [["x", "yz"], ["", "é"]]),
+            {"name": "b", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": len(serialized)}},
+        ],
+        "outputs": [
+            {"name": "s", "parameters": {"binary_data": False}},
+            {"name": "b", "parameters": {"binary_data": True}},
+        ],
+    })
+    parsed = tensors.parse_infer_request(header + serialized, len(header))
+    assert parsed.inputs[0][1].tolist() == [[b"x", b"yz"], [b"", "é".encode()]]
+    assert parsed.inputs[1][1].tolist() == [b"ab", b"", b"\xff\x00"]
+    metas, frames = tensors.to_wire(parsed.inputs)
+    assert [m["dtype"] for m in metas] == ["bytes", "bytes"] and bytes(frames[1]) == serialized
+    body, json_length = tensors.encode_infer_response("m", "1", parsed, tensors.from_wire(metas, frames))
+    assert json_length is not None
+    document = orjson.loads(body[:json_length])
+    assert document["outputs"][0] == {"name": "s", "datatype": "BYTES", "shape": [2, 2], "data": ["x", "yz", "", "é"]}
+    assert document["outputs"][1]["parameters"] == {"binary_data_size": len(serialized)}
+    assert body[json_length:] == serialized
+
+
+@pytest.mark.parametrize("raw", [b"\x05\x00\x00\x00ab", b"\x01\x00", b"\x01\x00\x00\x00a\x00\x00\x00\x00"])
+def test_malformed_binary_bytes_tensors_are_refused(raw: bytes):
+    header = orjson.dumps({"inputs": [{"name": "b", "datatype": "BYTES", "shape": [1],
+                                       "parameters": {"binary_data_size": len(raw)}}]})
+    with pytest.raises(RequestError, match="input 'b': BYTES"):
+        tensors.parse_infer_request(header + raw, len(header))
+
+
+def test_fp16_in_json_and_binary():
+    half = np.array([0.5, -2.0, 65504.0], np.float16)
+    header = orjson.dumps({"inputs": [
+        tensor("j", "FP16", (3,), [0.5, -2.0, 65504.0]),
+        {"name": "b", "datatype": "FP16", "shape": [3], "parameters": {"binary_data_size": half.nbytes}},
+    ]})
+    parsed = tensors.parse_infer_request(header + half.tobytes(), len(header))
+    for _, array in parsed.inputs:
+        assert array.dtype == np.float16
+        np.testing.assert_array_equal(array, half)

@@ -1,0 +1,99 @@
+"""Requests per second and latency through the REST and gRPC bridges, driven by tritonclient's asyncio clients.
+
+    python bench/bench_triton.py [--duration 10] [--concurrency 1 32] [--json bench/results/triton.json]
+
+Starts its own `inferoxy serve` (bench_bridges.Proxy, with the gRPC bridge added) serving only
+the echo model, drives each bridge with closed-loop tritonclient callers (each sends its next
+request when the last is answered; FP32 [1, 16], binary tensors), prints a table and writes
+the figures as JSON, in the same form as bench_bridges.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.http.aio as httpclient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bridges import ECHO_ONLY, Proxy, closed_loop, free_port, summarise  # noqa: E402
+
+PAYLOAD = np.arange(16, dtype=np.float32)[None]
+
+
+async def bench_http(address: str, concurrency: int, duration: float) -> list[float]:
+    client = httpclient.InferenceServerClient(address, conn_limit=concurrency)
+    tensor = httpclient.InferInput("x", list(PAYLOAD.shape), "FP32")
+    tensor.set_data_from_numpy(PAYLOAD, binary_data=True)
+    try:
+        async def call() -> None:
+            await client.infer("echo", [tensor])
+
+        await closed_loop(call, concurrency, min(1.0, duration))  # warm-up
+        return await closed_loop(call, concurrency, duration)
+    finally:
+        await client.close()
+
+
+async def bench_grpc(address: str, concurrency: int, duration: float) -> list[float]:
+    client = grpcclient.InferenceServerClient(address)
+    tensor = grpcclient.InferInput("x", list(PAYLOAD.shape), "FP32")
+    tensor.set_data_from_numpy(PAYLOAD)
+    try:
+        async def call() -> None:
+            await client.infer("echo", [tensor])
+
+        await closed_loop(call, concurrency, min(1.0, duration))
+        return await closed_loop(call, concurrency, duration)
+    finally:
+        await client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--bridges", nargs="+", default=["rest", "grpc"], choices=["rest", "grpc"])
+    parser.add_argument("--json", default="bench/results/triton.json", help="where to write the figures")
+    args = parser.parse_args()
+
+    models = Path(tempfile.mkdtemp()) / "models.yaml"
+    models.write_text(ECHO_ONLY)
+    proxy = Proxy(str(models))
+    grpc_port = free_port()
+    proxy.env.update({"INFEROXY_GRPC_PORT": str(grpc_port), "INFEROXY_BRIDGES": "rest,grpc"})
+    rows: list[dict[str, Any]] = []
+    with proxy:
+        for bridge in args.bridges:
+            for concurrency in args.concurrency:
+                if bridge == "rest":
+                    latencies = asyncio.run(bench_http(f"127.0.0.1:{proxy.rest_port}", concurrency, args.duration))
+                else:
+                    latencies = asyncio.run(bench_grpc(f"127.0.0.1:{grpc_port}", concurrency, args.duration))
+                row = summarise(f"{bridge} (tritonclient)", concurrency, args.duration, latencies)
+                rows.append(row)
+                print(f"{bridge:5} c={concurrency:<3} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.3f} ms"
+                      f"  p99 {row['p99_ms']:.3f} ms", flush=True)
+
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": machine, "duration_s": args.duration, "results": rows},
+                                          indent=2))
+    print("\n| bridge | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['bridge']} | {row['concurrency']} | {row['rps']:.0f} | {row['p50_ms']:.2f} "
+              f"| {row['p99_ms']:.2f} |")
+    print(f"\nwritten to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
