@@ -14,10 +14,11 @@ from pathlib import Path
 
 import zmq.asyncio
 from fakeredis import TcpFakeServer
+from redis.exceptions import RedisError
 
 from inferoxy.settings import Settings
 from model_manager.models_file import load_models_file
-from model_manager.store import SpecStore
+from model_manager.store import Registry, SpecStore
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,21 @@ class EmbeddedRedis:
 
 
 class ModelManager:
+    """Starts the embedded Redis if none is configured, seeds the registry, and guards it.
+
+    Guarding: it follows the registry like every other component, remembering the last
+    snapshot. When Redis comes back empty after an outage (a restart without persistence),
+    it writes that snapshot back and seeds models.yaml again, so models registered through
+    the admin API survive a Redis restart and components never see the registry go empty.
+    """
+
     name = "model_manager"
 
     def __init__(self, settings: Settings, ctx: zmq.asyncio.Context) -> None:
         self.settings = settings
         self.embedded: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
+        self.last_registry: Registry | None = None
 
     async def run(self, ready: asyncio.Event) -> None:
         if not self.redis_url:
@@ -61,22 +71,51 @@ class ModelManager:
             self.embedded.start()
             self.redis_url = self.embedded.url
             log.info("embedded Redis-protocol server listening on %s", self.redis_url)
-        store = SpecStore.from_url(self.redis_url, self.settings.redis_prefix)
+        store = SpecStore.from_url(self.redis_url, self.settings.redis_prefix,
+                                   resync_interval_s=self.settings.registry_resync_s)
         try:
-            await self.seed(store)
+            await self._seed_until_done(store)
             ready.set()
-            await asyncio.Event().wait()  # serve the embedded Redis until cancelled
+            await store.watch(self._remember, on_reset=lambda seen: self._restore(store, seen))
         finally:
             await store.close()
             if self.embedded is not None:
                 self.embedded.stop()
 
+    def _remember(self, registry: Registry) -> None:
+        self.last_registry = registry
+
+    async def _restore(self, store: SpecStore, seen: int) -> None:
+        """Redis lost the registry: write back what we last saw, then what models.yaml adds."""
+        try:
+            if self.last_registry is not None and len(self.last_registry):
+                revision = await store.restore(self.last_registry, min_revision=seen + 1)
+                log.warning("Redis came back without the registry; restored %d model version(s) at revision %d",
+                            len(self.last_registry), revision)
+            await self.seed(store)
+        except Exception as exc:  # Redis gone again: the watcher retries and calls us again
+            log.warning("could not restore the registry yet: %s", exc)
+
+    async def _seed_until_done(self, store: SpecStore) -> None:
+        """Seed, retrying with backoff while Redis is unreachable (it may start after us)."""
+        delay = 0.2
+        while True:
+            try:
+                await self.seed(store)
+                return
+            except (RedisError, ConnectionError) as exc:  # a bad models.yaml is not retried: it fails the start
+                log.warning("model registry unreachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def seed(self, store: SpecStore) -> None:
+        """models.yaml only adds what Redis lacks, unless INFEROXY_MODELS_OVERWRITE says it wins."""
         path = self.settings.models_file
         if not path:
             return
         if not await asyncio.to_thread(Path(path).is_file):
             log.warning("models file %s not found; the registry starts with what Redis holds", path)
             return
-        written = await store.seed(await asyncio.to_thread(load_models_file, path))
+        specs = await asyncio.to_thread(load_models_file, path)
+        written = await store.seed(specs, overwrite=self.settings.models_overwrite)
         log.info("seeded %d model(s) from %s: %s", len(written), path, ", ".join(written) or "none new")

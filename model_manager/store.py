@@ -10,10 +10,16 @@ key                    type    holds
 ``P:revision``         string  an integer bumped by every write, so readers can tell they are stale
 ``P:events``           pubsub  a JSON message ``{"revision", "action", "name", "version"}`` per write
 ``P:status``           hash    field ``name/version`` -> ``ModelStatus`` JSON, written by task managers
+``P:unloaded``         hash    field ``name/version`` -> the ``min_replicas`` an unloaded version had
 =====================  ======  ==========================================================
 
 Every write goes through one MULTI transaction, so a reader never sees a spec without
 its revision bump.
+
+A Redis that restarts without persistence comes back empty, its revision back at 0. Watchers
+notice the revision going backwards and keep serving their last snapshot for a grace period
+instead of dropping every model; the model manager writes its last snapshot back
+(``restore``), with a revision past the old one, and the watchers pick that up as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import redis.asyncio as aioredis
@@ -30,21 +37,41 @@ from model_manager.spec import ModelSpec, ModelStatus
 
 log = logging.getLogger(__name__)
 
+DEFAULT_RESYNC_INTERVAL_S = 2.0
+# How long a watcher keeps its last snapshot when Redis comes back with an older revision (it
+# restarted empty), waiting for the model manager to restore the registry.
+DEFAULT_RESET_GRACE_S = 15.0
+
 
 class SpecStore:
     """Reads and writes model specs under one key prefix."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "inferoxy") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str = "inferoxy",
+        *,
+        resync_interval_s: float = DEFAULT_RESYNC_INTERVAL_S,
+    ) -> None:
         self.client = client
+        self.prefix = prefix
+        self.resync_interval_s = resync_interval_s
         self.models_key = f"{prefix}:models"
         self.defaults_key = f"{prefix}:defaults"
         self.revision_key = f"{prefix}:revision"
         self.events_channel = f"{prefix}:events"
         self.status_key = f"{prefix}:status"
+        self.unloaded_key = f"{prefix}:unloaded"
+        # What the last ``watch`` loop saw; read by health checks in the same process.
+        self.watch_state = WatchState()
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "inferoxy") -> SpecStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), prefix)
+    def from_url(
+        cls, url: str, prefix: str = "inferoxy", *, resync_interval_s: float = DEFAULT_RESYNC_INTERVAL_S
+    ) -> SpecStore:
+        # Timeouts keep a vanished Redis from hanging an admin call or a watcher: they fail and retry.
+        client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0)
+        return cls(client, prefix, resync_interval_s=resync_interval_s)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -79,6 +106,72 @@ class SpecStore:
             results = await pipe.execute()
         await self._publish(int(results[-1]), "delete", name, version)
         return True
+
+    async def set_default(self, name: str, version: str) -> int:
+        """Make ``version`` the one served when a request names none. KeyError if it is not registered."""
+        if version not in await self.versions(name):
+            raise KeyError(f"{name}/{version}")
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.defaults_key, name, version)
+            pipe.incr(self.revision_key)
+            results = await pipe.execute()
+        revision = int(results[-1])
+        await self._publish(revision, "default", name, version)
+        return revision
+
+    async def unload(self, spec: ModelSpec) -> int:
+        """Stop serving ``spec``'s version: no replicas (min_replicas 0), remembering how many it had."""
+        if spec.min_replicas == 0 and await self.client.hexists(self.unloaded_key, spec.key):
+            return await self.revision()
+        unloaded = spec.model_copy(update={"min_replicas": 0})
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.models_key, spec.key, unloaded.model_dump_json())
+            pipe.hset(self.unloaded_key, spec.key, str(spec.min_replicas))
+            pipe.incr(self.revision_key)
+            results = await pipe.execute()
+        revision = int(results[-1])
+        await self._publish(revision, "unload", spec.name, spec.version)
+        return revision
+
+    async def load(self, spec: ModelSpec) -> int:
+        """Serve ``spec``'s version again with the replicas it had before ``unload`` (at least one)."""
+        saved = await self.client.hget(self.unloaded_key, spec.key)
+        wanted = max(1, int(saved) if saved is not None else spec.min_replicas)
+        loaded = spec.model_copy(update={"min_replicas": min(wanted, spec.max_replicas)})
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.models_key, spec.key, loaded.model_dump_json())
+            pipe.hdel(self.unloaded_key, spec.key)
+            pipe.incr(self.revision_key)
+            results = await pipe.execute()
+        revision = int(results[-1])
+        await self._publish(revision, "load", spec.name, spec.version)
+        return revision
+
+    async def unloaded(self) -> set[str]:
+        """The ``name/version`` keys that were unloaded and not loaded since."""
+        return {str(key) for key in await self.client.hkeys(self.unloaded_key)}
+
+    async def restore(self, registry: Registry, *, min_revision: int) -> int:
+        """Write back a snapshot after Redis lost its data, leaving alone whatever was written since.
+
+        The revision ends at ``min_revision`` or above, so watchers that still hold the old
+        snapshot see it move forward and re-read.
+        """
+        current = await self.revision()
+        async with self.client.pipeline(transaction=True) as pipe:
+            for key, spec in registry.specs.items():
+                pipe.hsetnx(self.models_key, key, spec.model_dump_json())
+            for name, version in registry.defaults.items():
+                pipe.hsetnx(self.defaults_key, name, version)
+            # INCRBY, not SET: a write that lands meanwhile still moves the revision forward.
+            pipe.incrby(self.revision_key, max(1, min_revision - current))
+            results = await pipe.execute()
+        revision = int(results[-1])
+        await self._publish(revision, "restore", "*", None)
+        return revision
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
 
     async def versions(self, name: str) -> set[str]:
         keys = [str(key) for key in await self.client.hkeys(self.models_key)]  # decode_responses: already str
@@ -141,16 +234,24 @@ class SpecStore:
         self,
         on_change: Callable[[Registry], Awaitable[None] | None],
         *,
-        resync_interval_s: float = 5.0,
-        retry_max_s: float = 10.0,
+        resync_interval_s: float | None = None,
+        retry_max_s: float = 5.0,
+        reset_grace_s: float = DEFAULT_RESET_GRACE_S,
+        on_reset: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         """Call ``on_change`` with a fresh snapshot whenever the registry changes; runs until cancelled.
 
-        Pub/sub makes changes arrive at once; the periodic revision check heals a missed
-        message. While Redis is unreachable the caller keeps its last snapshot and this
-        retries with backoff.
+        Pub/sub makes changes arrive at once; the periodic revision check (every
+        ``resync_interval_s``, the store's own by default) heals a missed message. While Redis
+        is unreachable the caller keeps its last snapshot and this retries with backoff. When
+        Redis comes back with an older revision (it restarted empty), ``on_reset`` is called
+        with the revision last seen, and the old snapshot stays in force until the revision
+        passes it again (a restore) or ``reset_grace_s`` passes.
         """
+        interval = self.resync_interval_s if resync_interval_s is None else resync_interval_s
+        state = self.watch_state
         seen = -1
+        reset_since: float | None = None
         delay = 0.2
         while True:
             try:
@@ -160,20 +261,62 @@ class SpecStore:
                     while True:
                         _raise_if_cancel_was_swallowed()
                         revision = await self.revision()
+                        state.reachable(revision)
+                        wait_s = interval
+                        if seen > 0 and revision < seen:
+                            if reset_since is None:
+                                reset_since = time.monotonic()
+                                log.warning("the registry's revision went back from %d to %d (Redis lost its data?); "
+                                            "keeping the last snapshot while it is restored", seen, revision)
+                                if on_reset is not None:
+                                    await on_reset(seen)
+                                continue
+                            if time.monotonic() - reset_since < reset_grace_s:
+                                wait_s = min(interval, 0.5)
+                                await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+                                continue
+                            log.warning("no restore within %.0fs; taking the registry as Redis holds it", reset_grace_s)
+                        reset_since = None
                         if revision != seen:
                             registry = await self.snapshot()
                             seen = registry.revision
+                            state.applied(seen)
                             result = on_change(registry)
                             if asyncio.iscoroutine(result):
                                 await result
-                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=resync_interval_s)
+                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors of every kind: keep serving what we know
                 _raise_if_cancel_was_swallowed()
+                state.unreachable(str(exc) or type(exc).__name__)
                 log.warning("model registry unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, retry_max_s)
+
+
+class WatchState:
+    """Whether a watcher reaches Redis, and which revision it serves: what health checks report."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.error: str | None = None
+        self.revision_seen = -1
+        self.revision_applied = -1
+        self.since = time.monotonic()
+
+    def reachable(self, revision: int) -> None:
+        if not self.connected:
+            self.since = time.monotonic()
+        self.connected, self.error, self.revision_seen = True, None, revision
+
+    def applied(self, revision: int) -> None:
+        self.revision_applied = revision
+
+    def unreachable(self, error: str) -> None:
+        if self.connected or self.error is None:
+            self.since = time.monotonic()
+        self.connected, self.error = False, error
 
 
 class Registry:
@@ -220,12 +363,27 @@ def _version_order(version: str) -> tuple[int, int | str]:
     return (1, int(version)) if version.isdigit() else (0, version)
 
 
-def open_store(redis_url: str | None, prefix: str) -> SpecStore:
+def open_store(redis_url: str | None, prefix: str, *, resync_interval_s: float | None = None) -> SpecStore:
     """The store a component reads specs from. Only ``inferoxy serve`` and the model manager may start
-    an embedded Redis, so every other component needs to be told where Redis is."""
+    an embedded Redis, so every other component needs to be told where Redis is.
+
+    ``resync_interval_s`` left out: ``INFEROXY_REGISTRY_RESYNC_S`` (callers that hold their
+    settings may pass ``settings.registry_resync_s``)."""
     if not redis_url:
         raise RuntimeError(
             "INFEROXY_REDIS_URL is not set: run this component under `inferoxy serve` (which starts an "
             "embedded Redis) or point it at a Redis server"
         )
-    return SpecStore.from_url(redis_url, prefix)
+    if resync_interval_s is None:
+        resync_interval_s = _resync_interval_from_settings()
+    return SpecStore.from_url(redis_url, prefix, resync_interval_s=resync_interval_s)
+
+
+def _resync_interval_from_settings() -> float:
+    # Imported here: the settings module must stay importable without the registry and vice versa.
+    from inferoxy.settings import load_settings
+
+    try:
+        return float(load_settings().registry_resync_s)
+    except Exception:  # unreadable settings are reported by the component that loads them
+        return DEFAULT_RESYNC_INTERVAL_S

@@ -1,0 +1,372 @@
+"""The admin API: the model registry over HTTP, mounted on the REST bridge (docs/ADMIN.md).
+
+Every write goes through ``SpecStore``, so it is one Redis transaction plus a change event
+that every component applies within a second. Reads come from Redis too, so an admin
+sees what is stored, not what one bridge last heard.
+
+Access: with ``INFEROXY_ADMIN_KEY`` set, every admin call must carry it
+(``Authorization: Bearer KEY`` or ``X-Inferoxy-Admin-Key: KEY``); without one, admin
+calls are accepted from loopback clients only. ``GET /v2/health/registry`` is open, like
+the other health endpoints.
+
+Errors are ``{"error": "..."}`` (plus ``fields`` for an invalid spec) with 400 (bad
+spec or patch), 401/403 (refused), 404 (no such model or version), 409 (exists
+already), 503 (Redis unreachable: serving continues, changes cannot be stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from inferoxy.settings import Settings
+from model_manager.editing import SpecError, apply_patch, validate_spec
+from model_manager.health import registry_health
+from model_manager.spec import ModelSpec, ModelStatus
+from model_manager.store import SpecStore, open_store
+
+log = logging.getLogger(__name__)
+
+ADMIN_KEY_HEADER = "x-inferoxy-admin-key"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+class AdminApi:
+    """The handlers, sharing one ``SpecStore`` that is opened on first use (so building the app needs no Redis)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        serving: Callable[[], Any] = lambda: None,
+        store: SpecStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.serving = serving  # the Registry this process serves from (the bridge's gateway snapshot)
+        self._store = store
+
+    @property
+    def store(self) -> SpecStore:
+        if self._store is None:
+            self._store = open_store(self.settings.redis_url, self.settings.redis_prefix,
+                                     resync_interval_s=self.settings.registry_resync_s)
+        return self._store
+
+    # -- access --------------------------------------------------------------------------------
+
+    def check_access(self, request: Request) -> None:
+        key = self.settings.admin_key
+        if key:
+            supplied = request.headers.get(ADMIN_KEY_HEADER)
+            auth = request.headers.get("authorization", "")
+            if supplied is None and auth.lower().startswith("bearer "):
+                supplied = auth[7:].strip()
+            if supplied is None:
+                raise AdminError(401, "admin calls need the admin key: Authorization: Bearer KEY "
+                                      "or X-Inferoxy-Admin-Key: KEY")
+            if not hmac.compare_digest(supplied.encode(), key.encode()):
+                raise AdminError(403, "wrong admin key")
+            return
+        host = request.client.host if request.client else ""
+        if not _is_loopback(host):
+            raise AdminError(403, "admin calls are accepted from loopback only while INFEROXY_ADMIN_KEY is unset; "
+                                  "set it to administer this proxy remotely")
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        registry = await self.store.snapshot()
+        statuses = await self.store.statuses()
+        unloaded = await self.store.unloaded()
+        rows = [
+            _summary(spec, registry.defaults.get(spec.name) == spec.version, spec.key not in unloaded,
+                     statuses.get(spec.key))
+            for spec in sorted(registry, key=lambda s: (s.name, _version_key(s.version)))
+        ]
+        return _json({"revision": registry.revision, "models": rows})
+
+    async def show_model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        registry = await self.store.snapshot()
+        statuses = await self.store.statuses()
+        unloaded = await self.store.unloaded()
+        versions = sorted((s for s in registry if s.name == name), key=lambda s: _version_key(s.version))
+        if not versions:
+            raise AdminError(404, f"unknown model {name!r}")
+        return _json({
+            "name": name,
+            "default_version": registry.defaults.get(name),
+            "revision": registry.revision,
+            "versions": [
+                {"spec": s.model_dump(mode="json"), "loaded": s.key not in unloaded,
+                 "status": _status_dict(statuses.get(s.key))}
+                for s in versions
+            ],
+        })
+
+    async def show_version(self, request: Request) -> Response:
+        spec = await self._existing(request.path_params["name"], request.path_params["version"])
+        return _json(spec.model_dump(mode="json"))
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        spec = validate_spec(await _body(request))
+        if spec.version in await self.store.versions(spec.name):
+            raise AdminError(409, f"model {spec.key} exists already; replace it with PUT "
+                                  f"/v2/admin/models/{spec.name}/versions/{spec.version} or change it with PATCH")
+        revision = await self.store.put(spec, make_default=_flag(request, "default"))
+        return _json({"revision": revision, "spec": spec.model_dump(mode="json")}, 201)
+
+    async def replace(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params["version"]
+        document = await _body(request)
+        if isinstance(document, dict):
+            for field, expected in (("name", name), ("version", version)):
+                if document.setdefault(field, expected) != expected:
+                    message = f"the body's {field} {document[field]!r} differs from the path's {expected!r}"
+                    raise AdminError(400, message, fields=[{"field": field, "reason": "differs from the path"}])
+        spec = validate_spec(document)
+        existed = version in await self.store.versions(name)
+        revision = await self.store.put(spec, make_default=_flag(request, "default"))
+        return _json({"revision": revision, "spec": spec.model_dump(mode="json")}, 200 if existed else 201)
+
+    async def patch(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        version = request.path_params.get("version") or await self._default_version(name)
+        current = await self._existing(name, version)
+        spec = apply_patch(current, await _body(request))
+        revision = await self.store.put(spec)
+        return _json({"revision": revision, "spec": spec.model_dump(mode="json")})
+
+    async def delete(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version")
+        if not await self.store.delete(name, version):
+            what = f"{name!r}" if version is None else f"{name!r} version {version!r}"
+            raise AdminError(404, f"unknown model {what}")
+        return _json({"deleted": name if version is None else f"{name}/{version}",
+                      "revision": await self.store.revision()})
+
+    async def set_default(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await _body(request)
+        version = body.get("version") if isinstance(body, dict) else None
+        if not isinstance(version, str):
+            problem = [{"field": "version", "reason": "missing"}]
+            raise AdminError(400, 'the body must be {"version": "..."}', fields=problem)
+        await self._existing(name, version)
+        revision = await self.store.set_default(name, version)
+        return _json({"name": name, "default_version": version, "revision": revision})
+
+    # -- Triton's repository extension ---------------------------------------------------------
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await _body(request, optional=True)
+        only_ready = isinstance(body, dict) and body.get("ready") is True
+        registry = await self.store.snapshot()
+        statuses = await self.store.statuses()
+        unloaded = await self.store.unloaded()
+        index = []
+        for spec in sorted(registry, key=lambda s: (s.name, _version_key(s.version))):
+            state, reason = _triton_state(spec.key in unloaded, statuses.get(spec.key))
+            if not only_ready or state == "READY":
+                index.append({"name": spec.name, "version": spec.version, "state": state, "reason": reason})
+        return _json(index)
+
+    async def load(self, request: Request) -> Response:
+        """Serve the model again: its replicas come back (as many as before ``unload``, at least one)."""
+        name = request.path_params["name"]
+        parameters = _parameters(await _body(request, optional=True))
+        config = parameters.get("config")
+        if config is not None:
+            # Triton's load may carry the model's configuration: here, a spec (JSON text or object).
+            document = orjson.loads(config) if isinstance(config, str | bytes) else config
+            if isinstance(document, dict):
+                document.setdefault("name", name)
+            spec = validate_spec(document)
+            if spec.name != name:
+                raise AdminError(400, f"the config names model {spec.name!r}, not {name!r}")
+            await self.store.put(spec)
+        specs = await self._targets(name, parameters.get("version"))
+        for spec in specs:
+            await self.store.load(spec)
+        return _json({"loaded": [s.key for s in specs], "revision": await self.store.revision()})
+
+    async def unload(self, request: Request) -> Response:
+        """Stop serving the model: min_replicas becomes 0 so its replicas stop; the spec stays registered."""
+        name = request.path_params["name"]
+        parameters = _parameters(await _body(request, optional=True))
+        specs = await self._targets(name, parameters.get("version"))
+        for spec in specs:
+            await self.store.unload(spec)
+        return _json({"unloaded": [s.key for s in specs], "revision": await self.store.revision()})
+
+    # -- health (open) -------------------------------------------------------------------------
+
+    async def registry_health(self, request: Request) -> Response:
+        store = None
+        with contextlib.suppress(RuntimeError):  # no Redis configured: reported as degraded
+            store = self.store
+        return _json(await registry_health(store, self.serving()))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _existing(self, name: str, version: str) -> ModelSpec:
+        registry = await self.store.snapshot()
+        spec = registry.specs.get(f"{name}/{version}")
+        if spec is None:
+            versions = sorted({s.version for s in registry if s.name == name}, key=_version_key)
+            if versions:
+                raise AdminError(404, f"model {name!r} has no version {version!r}; it has {', '.join(versions)}")
+            raise AdminError(404, f"unknown model {name!r}")
+        return spec
+
+    async def _default_version(self, name: str) -> str:
+        registry = await self.store.snapshot()
+        version = registry.defaults.get(name)
+        if version is None:
+            raise AdminError(404, f"unknown model {name!r}")
+        return version
+
+    async def _targets(self, name: str, version: Any) -> list[ModelSpec]:
+        if version is not None:
+            return [await self._existing(name, str(version))]
+        registry = await self.store.snapshot()
+        specs = sorted((s for s in registry if s.name == name), key=lambda s: _version_key(s.version))
+        if not specs:
+            raise AdminError(404, f"unknown model {name!r}")
+        return specs
+
+
+def admin_router(
+    settings: Settings, serving: Callable[[], Any] = lambda: None, *, store: SpecStore | None = None
+) -> APIRouter:
+    """The admin routes. ``serving`` returns the Registry this process serves from (for the health report)."""
+    api = AdminApi(settings, serving, store)
+    router = APIRouter()
+
+    def admin(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: Request) -> Response:
+            try:
+                api.check_access(request)
+                return await handler(request)
+            except AdminError as exc:
+                return _json({"error": str(exc), **exc.extra}, exc.status)
+            except SpecError as exc:
+                return _json({"error": str(exc), "fields": exc.fields}, 400)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("admin call %s %s failed: Redis unreachable (%s)", request.method, request.url.path, exc)
+                return _json({"error": f"the model registry (Redis) is unreachable ({exc}); the proxy keeps serving "
+                                       "the models it knows, but changes cannot be stored until Redis is back"}, 503)
+        return guarded
+
+    add = router.add_route
+    add("/v2/admin/models", admin(api.list_models), methods=["GET"])
+    add("/v2/admin/models", admin(api.create), methods=["POST"])
+    add("/v2/admin/models/{name}", admin(api.show_model), methods=["GET"])
+    add("/v2/admin/models/{name}", admin(api.patch), methods=["PATCH"])
+    add("/v2/admin/models/{name}", admin(api.delete), methods=["DELETE"])
+    add("/v2/admin/models/{name}/default", admin(api.set_default), methods=["PUT"])
+    add("/v2/admin/models/{name}/versions/{version}", admin(api.show_version), methods=["GET"])
+    add("/v2/admin/models/{name}/versions/{version}", admin(api.replace), methods=["PUT"])
+    add("/v2/admin/models/{name}/versions/{version}", admin(api.patch), methods=["PATCH"])
+    add("/v2/admin/models/{name}/versions/{version}", admin(api.delete), methods=["DELETE"])
+    add("/v2/repository/index", admin(api.repository_index), methods=["POST"])
+    add("/v2/repository/models/{name}/load", admin(api.load), methods=["POST"])
+    add("/v2/repository/models/{name}/unload", admin(api.unload), methods=["POST"])
+    add("/v2/health/registry", api.registry_health, methods=["GET"])
+    return router
+
+
+# -- small pure helpers ---------------------------------------------------------------------------
+
+
+async def _body(request: Request, *, optional: bool = False) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise AdminError(400, "the request needs a JSON body")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise AdminError(400, f"the body is not JSON: {exc}") from None
+
+
+def _parameters(body: Any) -> dict[str, Any]:
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "").lower() in {"1", "true", "yes"}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _version_key(version: str) -> tuple[int, int, str]:
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+def _status_dict(status: ModelStatus | None) -> dict[str, Any] | None:
+    return None if status is None else status.model_dump(mode="json")
+
+
+def _summary(spec: ModelSpec, is_default: bool, loaded: bool, status: ModelStatus | None) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "default": is_default,
+        "loaded": loaded,
+        "image": spec.image,
+        "model_class": spec.model_class,
+        "max_batch_size": spec.max_batch_size,
+        "min_replicas": spec.min_replicas,
+        "max_replicas": spec.max_replicas,
+        "state": None if status is None else status.state,
+        "ready_replicas": None if status is None else status.ready_replicas,
+    }
+
+
+def _triton_state(unloaded: bool, status: ModelStatus | None) -> tuple[str, str]:
+    """Triton's model states: READY, LOADING, UNAVAILABLE, UNKNOWN, with a reason."""
+    if unloaded:
+        return "UNAVAILABLE", "unloaded"
+    if status is None:
+        return "UNKNOWN", "no status reported yet"
+    if status.state in ("ready", "degraded"):
+        return "READY", status.reason or ""
+    if status.state == "starting":
+        return "LOADING", status.reason or ""
+    return "UNAVAILABLE", status.reason or status.state
