@@ -139,6 +139,23 @@ def parse_result_items(header: Mapping[str, Any]) -> list[int]:
     return counts
 
 
+def parse_result_item_errors(header: Mapping[str, Any]) -> list[tuple[str, str] | None] | None:
+    """Per-item errors of a ``result`` (an item with ``code`` failed alone, e.g. ``session_lost``), or None if none."""
+    items = header.get("items")
+    if not isinstance(items, list) or not any(isinstance(item, dict) and "code" in item for item in items):
+        return None
+    errors: list[tuple[str, str] | None] = []
+    for item in items:
+        code = item.get("code") if isinstance(item, dict) else None
+        if code is None:
+            errors.append(None)
+            continue
+        message = item.get("message")
+        errors.append((code if isinstance(code, str) else ErrorCode.INTERNAL.value,
+                       message if isinstance(message, str) else "the item failed"))
+    return errors
+
+
 def parse_failed(header: Mapping[str, Any]) -> BatchFailed:
     code, message = header.get("code"), header.get("message")
     return BatchFailed(

@@ -24,7 +24,8 @@ import zmq
 import zmq.asyncio
 
 from batch_manager import messages
-from batch_manager.scheduler import DEFAULT_MAX_QUEUE_SIZE, Action, Dispatch, Reply, Request, Scheduler
+from batch_manager.params import parse_params
+from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
 from inferoxy import protocol
 from inferoxy.bus import plain_socket
 from inferoxy.protocol import ErrorCode
@@ -37,17 +38,21 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the first registry snapshot; requests before it are answered not_ready.
 REGISTRY_WAIT_S = 5.0
+# High-water marks (messages per peer; docs/BATCHING.md). Bridges: far above any bridge's max_outstanding,
+# so only a bridge that stopped reading fills it, and its replies are dropped (it has timed them out).
+# Task manager: batches are bounded by credit (capacity per replica), results likewise.
+BRIDGE_HWM = 100_000
+TASK_MANAGER_HWM = 100_000
 
 
 class BatchManager:
     name = "batch_manager"
 
-    def __init__(
-        self, settings: Settings, ctx: zmq.asyncio.Context, *, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
-    ) -> None:
+    def __init__(self, settings: Settings, ctx: zmq.asyncio.Context, *, max_queue_size: int | None = None) -> None:
         self.settings = settings
         self.ctx = ctx
-        self.scheduler = Scheduler(max_queue_size=max_queue_size)
+        self.scheduler = Scheduler(max_queue_size=max_queue_size or settings.max_queue_size,
+                                   priority_aging_s=settings.priority_aging_ms / 1000.0)
         self._default_timeout_s = settings.request_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         # Plain sockets: the reactor reads them, sends never wait.
@@ -65,9 +70,13 @@ class BatchManager:
         sockets: list[zmq.Socket[Any]] = []
         tasks: list[asyncio.Task[None]] = []
         try:
+            # High-water marks (docs/BATCHING.md): above the most messages the queue bounds and credit let
+            # through, so reaching one means a peer stopped reading; sends never wait and count as failed then.
             sockets.append(plain_socket(
-                self.ctx, zmq.ROUTER, bind=settings.batch_manager_url, max_message_bytes=settings.max_message_bytes))
-            sockets.append(plain_socket(self.ctx, zmq.DEALER, connect=settings.task_manager_url))
+                self.ctx, zmq.ROUTER, bind=settings.batch_manager_url, max_message_bytes=settings.max_message_bytes,
+                hwm=BRIDGE_HWM))
+            sockets.append(plain_socket(self.ctx, zmq.DEALER, connect=settings.task_manager_url,
+                                        hwm=TASK_MANAGER_HWM))
             self._bridges, self._task_manager = sockets
             tasks.append(asyncio.create_task(store.watch(self._on_registry), name="batch_manager.registry"))
             loaded = asyncio.create_task(self._registry_loaded.wait())
@@ -128,7 +137,7 @@ class BatchManager:
             if kind == protocol.INFER:
                 self._on_infer(identity, header, message[2:])
             elif kind == protocol.CANCEL:
-                self.scheduler.cancel((identity, messages.parse_cancel(header)))
+                self._perform(self.scheduler.cancel((identity, messages.parse_cancel(header)), self._now()))
             else:
                 raise WireError(f"unknown message type {kind!r}; expected {protocol.INFER!r} or {protocol.CANCEL!r}")
         except WireError as exc:
@@ -141,9 +150,11 @@ class BatchManager:
     def _on_infer(self, identity: bytes, header: dict[str, Any], frames: list[Any]) -> None:
         fields = messages.parse_infer(header)
         metas = check_tensors(header, frames)
+        params = parse_params(header.get("params"))
         timeout_s = self._default_timeout_s if fields.timeout_ms is None else fields.timeout_ms / 1000.0
         now = self._now()
-        request = Request((identity, fields.request_id), fields.model, fields.version, metas, frames, now + timeout_s)
+        request = Request((identity, fields.request_id), fields.model, fields.version, metas, frames, now + timeout_s,
+                          params)
         self._perform(self.scheduler.submit(request, now))
 
     def _on_task_manager_message(self, message: list[Any]) -> None:
@@ -155,13 +166,15 @@ class BatchManager:
                 batch = messages.parse_batch_ref(header)
                 try:
                     counts = messages.parse_result_items(header)
+                    errors = messages.parse_result_item_errors(header)
                     metas = check_tensors(header, message[1:])
                 except WireError as exc:
                     # The batch is known, so its requests hear about it now rather than at their deadline.
                     actions = self.scheduler.on_failed(batch.replica, batch.batch_id, ErrorCode.INTERNAL.value,
                                                        f"the replica sent a malformed result: {exc}", now)
                 else:
-                    actions = self.scheduler.on_result(batch.replica, batch.batch_id, counts, metas, message[1:], now)
+                    actions = self.scheduler.on_result(batch.replica, batch.batch_id, counts, metas, message[1:], now,
+                                                       errors)
             elif kind == protocol.FAILED:
                 failed = messages.parse_failed(header)
                 actions = self.scheduler.on_failed(failed.replica, failed.batch_id, failed.code, failed.message, now)
@@ -173,6 +186,10 @@ class BatchManager:
                 down = messages.parse_replica_down(header)
                 log.info("replica %r is down: %s", down.replica, down.reason)
                 actions = self.scheduler.replica_down(down.replica, down.reason, now)
+            elif kind == protocol.REPLICA_DRAINING:
+                draining = messages.parse_replica_down(header)
+                log.info("replica %r is draining: %s", draining.replica, draining.reason)
+                actions = self.scheduler.replica_draining(draining.replica, draining.reason, now)
             elif kind == protocol.HEARTBEAT:
                 return
             else:

@@ -20,7 +20,9 @@ Example::
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,3 +52,42 @@ class Model(abc.ABC):
         before changing it in place). The result maps each output name to an array of shape
         ``[rows, ...]`` whose dtype is one of the wire dtypes (bool, (u)int8..64, float16..64).
         """
+
+
+SessionId = int | str
+
+
+@dataclass(slots=True)
+class Session:
+    """One item of a stateful model's batch: whose session it belongs to and where its rows are.
+
+    ``state`` is what ``start_session`` returned; ``predict`` may change it in place or replace it
+    (assign ``session.state``), and the runtime keeps the new one for the session's next request.
+    """
+
+    id: SessionId
+    state: Any
+    rows: slice  # this item's rows of the batch (ragged batches: its index in each input's list)
+    start: bool  # the session started with this request
+    end: bool  # the session ends after this request (``end_session`` follows ``predict``)
+
+
+class StatefulModel(Model):
+    """A model that keeps state per session (the spec says ``stateful: true``): video trackers, streams.
+
+    A session is a client's ``sequence_id``. The batch manager pins it to one replica, so its state
+    lives in this process; a batch may hold items of several sessions, at most one of each, and a
+    session's requests arrive in the order they were sent. ``predict`` gets the concatenated batch as
+    usual plus one ``Session`` per item, in item order.
+    """
+
+    def start_session(self, session_id: SessionId) -> Any:
+        """The state of a new session (called before its first ``predict``)."""
+        return None
+
+    def end_session(self, session_id: SessionId, state: Any) -> None:  # noqa: B027 (optional hook)
+        """The session ended: on ``sequence_end``, after it was idle too long, or when it was restarted."""
+
+    @abc.abstractmethod
+    def predict(self, batch: dict[str, np.ndarray], sessions: Sequence[Session] = ()) -> dict[str, np.ndarray]:
+        """Outputs for one batch, as ``Model.predict``; ``sessions[i]`` describes item ``i``."""

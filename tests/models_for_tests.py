@@ -43,7 +43,7 @@ class BadOutputModel(Model):
         broken: dict[str, object] = {
             "shape": {"y": np.zeros(rows + 1, np.float32)},
             "scalar": {"y": np.array(1.0, np.float32)},
-            "dtype": {"y": np.array(["a"] * rows, dtype=object)},
+            "dtype": {"y": np.zeros(rows, dtype="datetime64[s]")},
             "complex": {"y": np.zeros(rows, np.complex64)},
             "list": {"y": [0.0] * rows},
             "not_a_dict": [np.zeros(rows, np.float32)],
@@ -84,3 +84,21 @@ class HangingLoadModel(Model):
 
 class NotAModel:
     """Not a subclass of Model: the runtime must refuse it."""
+
+
+class CostModel(Model):
+    """Costs a fixed time per batch plus a time per row (``COST_BATCH_MS``, ``COST_ROW_MS``; default 5 and 0.1),
+    then echoes and adds ``batch_rows`` (the rows of the batch each row ran in): the benchmark's model, whose
+    ideal throughput is known (bench/bench_batching.py)."""
+
+    capacity = 2
+
+    def load(self) -> None:
+        self.batch_s = float(os.environ.get("COST_BATCH_MS", "5")) / 1000.0
+        self.row_s = float(os.environ.get("COST_ROW_MS", "0.1")) / 1000.0
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(next(iter(batch.values())))
+        # Sleep, not spin: the machine's cores are shared with the proxy being measured.
+        time.sleep(self.batch_s + self.row_s * rows)
+        return {**batch, "batch_rows": np.full(rows, rows, dtype=np.int64)}

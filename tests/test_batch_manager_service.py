@@ -341,3 +341,45 @@ def test_stopping_answers_every_request_still_held(redis_url: str) -> None:
             bridge.sock.close()
 
     run(body())
+
+
+def test_draining_replica_gets_no_new_batch_but_its_results_still_count(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=2)
+            await bridge.infer(1, np.zeros((4, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on r1")
+            await task_manager.send({"t": "replica_draining", "replica": "r1", "reason": "rolling update"})
+            await poll(lambda: running.service.scheduler.is_draining("r1"), "the drain to land")
+            await bridge.infer(2, np.zeros((4, 3), dtype=np.float32))
+            await task_manager.replica_up("r2", capacity=2)
+            await poll(lambda: len(task_manager.held) == 2, "request 2's batch")
+            assert task_manager.held[1][0]["replica"] == "r2", "a draining replica got a new batch"
+            for header, *frames in list(task_manager.held):
+                await task_manager.answer(header, frames)
+            got = await bridge.receive_all(2)
+            assert all(header["t"] == "reply" for header, _ in got.values())
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_request_parameters_are_read_and_bad_ones_refused(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32), params={"priority": "urgent"})
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (1, "bad_input") and "priority" in reply["message"]
+            await bridge.infer(2, np.zeros((1, 3), dtype=np.float32), params={"sequence_id": 5, "sequence_start": 1})
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (2, "bad_input") and "sequence_start" in reply["message"]
+            await task_manager.replica_up()
+            await bridge.infer(3, np.zeros((1, 3), dtype=np.float32), params={"priority": 1, "timeout": 5_000_000})
+            reply, _ = await bridge.receive()
+            assert (reply["t"], reply["id"]) == ("reply", 3)
+            bridge.sock.close()
+
+    run(body())

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
+from examples.models.counter.model import CounterModel
 from inferoxy import wire
-from inferoxy.runtime import EXIT_CONFIG, EXIT_LOST_TASK_MANAGER, EXIT_STOPPED
+from inferoxy.runtime import EXIT_CONFIG, EXIT_LOST_TASK_MANAGER, EXIT_STOPPED, SessionStore, answer_batch
+from tests.models_for_tests import BatchProbeModel
 from tests.support import REPO
 
 Tensors = Sequence[tuple[str, np.ndarray]]
@@ -175,7 +177,7 @@ def test_predict_raising_is_a_model_error_and_the_replica_lives_on(tm: FakeTaskM
     [
         ("shape", "leading dimension"),
         ("scalar", "leading dimension"),
-        ("dtype", "object"),
+        ("dtype", "datetime64"),
         ("complex", "complex64"),
         ("list", "not a numpy array"),
         ("not_a_dict", "dict"),
@@ -317,3 +319,64 @@ def test_a_model_that_cannot_load_ends_the_replica_with_its_traceback(
     assert words in output, output
     assert "Traceback" in output
     assert tm.sock.poll(100) == 0, "a replica that failed to load must not say ready"
+
+
+
+# --- sessions and ragged batches, called directly (the thread and sockets are covered above) -----------
+
+
+def run_batch(model: Any, header: dict[str, Any], tensors: list[tuple[str, np.ndarray]],
+              store: SessionStore | None = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    frames = answer_batch(model, "r1", {"t": "batch", "batch": 1, **header}, tensors, store)
+    return wire.decode([zmq.Frame(bytes(f)) if not isinstance(f, zmq.Frame) else f for f in frames])
+
+
+class EndRecorder(CounterModel):
+    def __init__(self) -> None:
+        self.ended: list[Any] = []
+
+    def end_session(self, session_id: Any, state: Any) -> None:
+        self.ended.append((session_id, state.count))
+
+
+def test_sessions_keep_their_own_state_and_run_their_hooks() -> None:
+    model = EndRecorder()
+    store = SessionStore(model)
+    x = np.ones((1, 2), np.float32)
+    items = [{"id": 1, "n": 1, "session": "a", "start": True, "end": False},
+             {"id": 2, "n": 1, "session": "b", "start": True, "end": False}]
+    header, tensors = run_batch(model, {"items": items}, [("x", x), ("x", x * 10)], store)
+    assert [int(t[1][0]) for t in tensors if t[0] == "count"] == [1, 1]
+    items = [{"id": 3, "n": 1, "session": "a", "start": False, "end": True},
+             {"id": 4, "n": 1, "session": "b", "start": False, "end": False}]
+    header, tensors = run_batch(model, {"items": items}, [("x", x), ("x", x * 10)], store)
+    assert [float(t[1][0]) for t in tensors if t[0] == "total"] == [4.0, 40.0]
+    assert model.ended == [("a", 2)] and set(store.states) == {"b"}
+    # An idled-out session: a batch with no items runs its end hook.
+    header, tensors = run_batch(model, {"items": [], "end_sessions": ["b"]}, [], store)
+    assert header["items"] == [] and model.ended[-1] == ("b", 2) and not store.states
+
+
+def test_a_session_the_replica_does_not_hold_is_lost_never_fresh() -> None:
+    model = CounterModel()
+    store = SessionStore(model)
+    x = np.ones((1, 2), np.float32)
+    items = [{"id": 1, "n": 1, "session": "gone", "start": False, "end": False},
+             {"id": 2, "n": 1, "session": "new", "start": True, "end": False}]
+    header, tensors = run_batch(model, {"items": items}, [("x", x), ("x", x)], store)
+    assert header["t"] == "result"
+    assert header["items"][0]["code"] == "session_lost" and header["items"][0]["n"] == 0
+    assert header["items"][1] == {"n": 2} and len(tensors) == 2
+    assert "gone" not in store.states
+
+
+def test_ragged_batches_pass_lists_and_split_lists() -> None:
+    class Ragged(BatchProbeModel):
+        def predict(self, batch: dict[str, Any]) -> dict[str, Any]:
+            return {"width": [np.array([a.shape[1]] * len(a), np.int64) for a in batch["x"]]}
+
+    items = [{"id": 1, "n": 1}, {"id": 2, "n": 1}]
+    tensors = [("x", np.zeros((2, 3), np.float32)), ("x", np.zeros((1, 5), np.float32))]
+    header, out = run_batch(Ragged(), {"items": items, "ragged": True}, tensors)
+    assert header["t"] == "result", header
+    assert [a.tolist() for _, a in out] == [[3, 3], [5]]

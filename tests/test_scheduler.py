@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batch_manager.messages import ReplicaId
+from batch_manager.params import Priority, RequestParams, SessionParams, parse_params
 from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
 from inferoxy.protocol import ErrorCode
+from inferoxy.wire import WireError
 from model_manager.spec import ModelSpec, TensorSpec
 from model_manager.store import Registry
 
@@ -177,20 +179,34 @@ def test_failed_batch_passes_its_code_on(scheduler: Scheduler) -> None:
     assert only_reply(scheduler.on_failed("r1", two.batch_id, "no-such-code", "?", now=0.1)).code == "internal"
 
 
-def test_replica_down_fails_its_batches_with_replica_lost(scheduler: Scheduler) -> None:
+def test_replica_down_retries_stateless_batches_once_on_another_replica(scheduler: Scheduler) -> None:
     scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
     scheduler.replica_up("r2", "wide", "1", 1, now=0.0)
     sent = [d for i in range(3) for d in dispatches(scheduler.submit(make_request(i, model="wide"), now=0.0))]
     on_r1 = [batch for batch in sent if batch.replica == "r1"]
+    [on_r2] = [batch for batch in sent if batch.replica == "r2"]
     assert len(on_r1) == 2
-    actions = scheduler.replica_down("r1", "exit code 137", now=0.5)
-    lost = replies(actions)
-    assert sorted(reply.origin[1] for reply in lost) == sorted(int(b.frames[0][1:]) for b in on_r1)
-    assert all(reply.code == "replica_lost" and "exit code 137" in reply.header["message"] for reply in lost)
+    # r1 dies: its requests go back to the head of the queue, nobody is answered yet.
+    assert scheduler.replica_down("r1", "exit code 137", now=0.5) == []
+    assert scheduler.queued("wide/1") == 2
     # A result that arrives after the replica was declared down is ignored, not answered twice.
     assert echo_result(scheduler, on_r1[0], now=0.6) == []
     assert scheduler.replica_down("r1", "again", now=0.7) == []
-    assert scheduler.pending() == 1
+    actions = echo_result(scheduler, on_r2, now=0.8)
+    [retry] = dispatches(actions)
+    assert retry.replica == "r2" and sorted(retry.frames) == sorted(f for b in on_r1 for f in b.frames)
+    # The second death is final: replica_lost, with the reason.
+    lost = replies(scheduler.replica_down("r2", "exit code 137", now=0.9))
+    assert sorted(reply.origin[1] for reply in lost) == sorted(int(b.frames[0][1:]) for b in on_r1)
+    assert all(reply.code == "replica_lost" and "exit code 137" in reply.header["message"] for reply in lost)
+    assert scheduler.pending() == 0
+
+
+def test_replica_down_without_another_replica_fails_at_once(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "wide", "1", 1, now=0.0)
+    [batch] = dispatches(scheduler.submit(make_request(1, model="wide"), now=0.0))
+    [lost] = replies(scheduler.replica_down("r1", "exit code 137", now=0.5))
+    assert lost.code == "replica_lost" and scheduler.pending() == 0
 
 
 def test_a_replica_announced_again_is_a_new_incarnation(scheduler: Scheduler) -> None:
@@ -477,3 +493,189 @@ def test_every_request_is_answered_exactly_once_and_credit_is_never_exceeded(ops
     for origin in harness.submitted:
         expected = 0 if origin in harness.cancelled else 1
         assert harness.answers[origin] == expected, origin
+
+
+# --- priorities, fairness, shapes, sessions (issue 5) -----------------------------------------------------
+
+
+
+def with_params(request: Request, priority: Priority = Priority.NORMAL, session: SessionParams | None = None,
+                timeout_given: bool = False) -> Request:
+    request.params = RequestParams(priority, session, timeout_given)
+    return request
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, Priority.NORMAL), ("high", Priority.HIGH), ("LOW", Priority.LOW), ("normal", Priority.NORMAL),
+    (1, Priority.HIGH), (0, Priority.NORMAL), (2, Priority.NORMAL), (3, Priority.LOW), (100, Priority.LOW),
+])
+def test_priority_names_and_triton_integers(value: Any, expected: Priority) -> None:
+    assert parse_params({"priority": value} if value is not None else {}).priority is expected
+
+
+@pytest.mark.parametrize("params", [{"priority": "urgent"}, {"priority": -1}, {"priority": True},
+                                    {"sequence_id": 1.5}, {"sequence_id": 3, "sequence_end": "yes"}, [1]])
+def test_bad_parameters_are_refused(params: Any) -> None:
+    with pytest.raises(WireError):
+        parse_params(params)
+
+
+def test_higher_priority_goes_first_and_lower_is_not_starved() -> None:
+    scheduler = Scheduler(make_registry(make_spec(max_batch_size=1, delay_ms=0)), priority_aging_s=0.1)
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    [first] = dispatches(scheduler.submit(make_request(0), now=0.0))  # takes the only credit
+    scheduler.submit(with_params(make_request(1, now=0.0), Priority.LOW), now=0.0)
+    scheduler.submit(with_params(make_request(2, now=0.01), Priority.NORMAL), now=0.01)
+    scheduler.submit(with_params(make_request(3, now=0.02), Priority.HIGH), now=0.02)
+    order = []
+    batch = first
+    for step in range(3):
+        [batch] = dispatches(echo_result(scheduler, batch, now=0.03 + step * 0.001))
+        order.append(batch.frames[0])
+    assert order == ["x3", "x2", "x1"]
+    # Aging: a low request queued at t=1.0 ranks as if it came at 1.2, so high ones arriving after 1.2 wait behind it.
+    scheduler.submit(with_params(make_request(10, now=1.0), Priority.LOW), now=1.0)
+    scheduler.submit(with_params(make_request(11, now=1.25), Priority.HIGH), now=1.25)
+    [batch] = dispatches(echo_result(scheduler, batch, now=1.3))
+    assert batch.frames == ["x10"]
+
+
+def test_one_models_flood_does_not_delay_another_models_batches() -> None:
+    scheduler = Scheduler(make_registry(make_spec("flood", max_batch_size=4, delay_ms=0, max_queue_size=50),
+                                        make_spec("quiet", max_batch_size=4, delay_ms=0)))
+    scheduler.replica_up("f1", "flood", "1", 1, now=0.0)
+    scheduler.replica_up("q1", "quiet", "1", 1, now=0.0)
+    codes = Counter()
+    for i in range(200):
+        for reply in replies(scheduler.submit(make_request(i, model="flood"), now=0.0)):
+            codes[reply.code] += 1
+    # The flood hit its own bound (refused at once), and the quiet model's request leaves at once.
+    assert codes["overloaded"] == 200 - 50 - 1 and scheduler.queued("flood/1") == 50
+    [batch] = dispatches(scheduler.submit(make_request(1000, model="quiet"), now=0.0))
+    assert batch.replica == "q1"
+
+
+def test_ragged_models_batch_requests_of_any_shape_together() -> None:
+    scheduler = Scheduler(make_registry(make_spec(ragged_batches=True, max_batch_size=8, delay_ms=0)))
+    scheduler.submit(make_request(1, dims=(3,)), now=0.0)
+    scheduler.submit(make_request(2, dims=(5,)), now=0.0)
+    scheduler.submit(make_request(3, dims=(5, 2)), now=0.0)  # another rank: another group
+    actions = scheduler.replica_up("r1", "m", "1", 2, now=0.0)
+    first, second = dispatches(actions)
+    assert first.frames == ["x1", "x2"] and first.header()["ragged"] is True
+    assert second.frames == ["x3"]
+
+
+def test_model_default_timeout_applies_when_the_client_named_none() -> None:
+    scheduler = Scheduler(make_registry(make_spec(default_timeout_s=0.5)))
+    scheduler.submit(make_request(1, timeout=10.0), now=0.0)
+    scheduler.submit(with_params(make_request(2, timeout=10.0), timeout_given=True), now=0.0)
+    assert only_reply(scheduler.tick(0.5)).origin == (BRIDGE, 1)
+    assert scheduler.pending() == 1
+
+
+def stateful(**extra: Any) -> Scheduler:
+    spec = make_spec("s", stateful=True, max_batch_size=4, delay_ms=0, max_sessions_per_replica=2,
+                     session_idle_timeout_s=5.0, **extra)
+    return Scheduler(make_registry(spec))
+
+
+def session_request(request_id: int, sid: int, *, start: bool = False, end: bool = False, now: float = 0.0,
+                    timeout: float = 10.0) -> Request:
+    return with_params(make_request(request_id, model="s", now=now, timeout=timeout),
+                       session=SessionParams(sid, start, end))
+
+
+def test_sessions_are_pinned_ordered_and_ended() -> None:
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 2, now=0.0)
+    scheduler.replica_up("r2", "s", "1", 2, now=0.0)
+    [a1] = dispatches(scheduler.submit(session_request(1, 7, start=True), now=0.0))
+    [b1] = dispatches(scheduler.submit(session_request(2, 8, start=True), now=0.0))
+    assert a1.replica != b1.replica, "sessions spread over replicas"
+    assert a1.items == [{"id": a1.items[0]["id"], "n": 1, "session": 7, "start": True, "end": False}]
+    # The session's next requests wait for the one at the replica: at most one in its hands, in order.
+    assert dispatches(scheduler.submit(session_request(3, 7), now=0.0)) == []
+    assert dispatches(scheduler.submit(session_request(4, 7, end=True), now=0.0)) == []
+    actions = echo_result(scheduler, a1, now=0.1)
+    [a2] = dispatches(actions)
+    assert a2.replica == a1.replica and a2.frames == ["x3"] and a2.items[0]["start"] is False
+    [a3] = dispatches(echo_result(scheduler, a2, now=0.2))
+    assert a3.frames == ["x4"] and a3.items[0]["end"] is True
+    echo_result(scheduler, a3, now=0.3)
+    assert 7 not in scheduler.sessions("s/1")
+    lost = only_reply(scheduler.submit(session_request(5, 7), now=0.4))
+    assert lost.code == "session_lost" and "sequence_end" in lost.header["message"]
+
+
+def test_a_stateful_model_needs_a_sequence_id_and_a_start() -> None:
+    scheduler = stateful()
+    assert only_reply(scheduler.submit(make_request(1, model="s"), now=0.0)).code == "bad_input"
+    assert only_reply(scheduler.submit(session_request(2, 9), now=0.0)).code == "session_lost"
+
+
+def test_new_sessions_wait_for_a_free_slot() -> None:
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 4, now=0.0)
+    first = dispatches(scheduler.submit(session_request(1, 1, start=True, end=True), now=0.0))
+    dispatches(scheduler.submit(session_request(2, 2, start=True), now=0.0))
+    assert scheduler.sessions_on("r1") == 2
+    # No slot: session 3 waits (its request too) until session 1 ends.
+    assert scheduler.submit(session_request(3, 3, start=True), now=0.0) == []
+    assert scheduler.sessions("s/1")[3] is None
+    [third] = dispatches(echo_result(scheduler, first[0], now=0.1))
+    assert third.items[0]["session"] == 3 and scheduler.sessions_on("r1") == 2
+
+
+def test_idle_sessions_end_and_the_replica_is_told() -> None:
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 2, now=0.0)
+    [batch] = dispatches(scheduler.submit(session_request(1, 4, start=True), now=0.0))
+    echo_result(scheduler, batch, now=1.0)
+    assert scheduler.next_wakeup() == pytest.approx(6.0)
+    [ends] = dispatches(scheduler.tick(6.0))
+    assert ends.items == [] and ends.header()["end_sessions"] == [4]
+    assert scheduler.sessions_on("r1") == 0
+    reply = only_reply(scheduler.submit(session_request(2, 4), now=6.1))
+    assert reply.code == "session_lost" and "idle" in reply.header["message"]
+    assert scheduler.on_result("r1", ends.batch_id, [], [], [], now=6.2) == []
+
+
+def test_a_dead_replica_loses_its_sessions_explicitly() -> None:
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 2, now=0.0)
+    [batch] = dispatches(scheduler.submit(session_request(1, 5, start=True), now=0.0))
+    scheduler.submit(session_request(2, 5), now=0.0)
+    lost = replies(scheduler.replica_down("r1", "exit code 137", now=0.1))
+    assert sorted(r.origin[1] for r in lost) == [1, 2] and {r.code for r in lost} == {"session_lost"}
+    assert only_reply(scheduler.submit(session_request(3, 5), now=0.2)).code == "session_lost"
+    # Starting again is explicit, and waits for a replica.
+    assert scheduler.submit(session_request(4, 5, start=True), now=0.3) == []
+    [fresh] = dispatches(scheduler.replica_up("r2", "s", "1", 2, now=0.4))
+    assert fresh.items[0]["start"] is True and fresh.replica == "r2"
+
+
+def test_draining_ends_sessions_but_takes_the_results_held() -> None:
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 2, now=0.0)
+    [batch] = dispatches(scheduler.submit(session_request(1, 6, start=True), now=0.0))
+    scheduler.submit(session_request(2, 6), now=0.0)
+    [queued] = replies(scheduler.replica_draining("r1", "rolling update", now=0.1))
+    assert queued.origin == (BRIDGE, 2) and queued.code == "session_lost"
+    [answer] = replies(echo_result(scheduler, batch, now=0.2))
+    assert answer.origin == (BRIDGE, 1) and answer.ok
+    assert scheduler.replica_down("r1", "stopped", now=0.3) == []
+
+
+def test_the_idle_watch_list_stays_bounded_for_a_busy_session() -> None:
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 2, now=0.0)
+    now = 0.0
+    for i in range(5000):
+        [batch] = dispatches(scheduler.submit(session_request(i, 1, start=i == 0), now=now))
+        # Each answer leaves the session idle once: the watch list is compacted rather than growing with traffic.
+        [reply] = replies(echo_result(scheduler, batch, now=now + 0.0005))
+        assert reply.ok
+        now += 0.001
+    assert len(scheduler._idle) <= 4 + 1024 + 1
+    assert scheduler.next_wakeup() == pytest.approx(now - 0.001 + 0.0005 + 5.0)

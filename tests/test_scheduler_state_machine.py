@@ -1,0 +1,220 @@
+"""A hypothesis state machine over the scheduler: random interleavings of requests (with priorities and
+sessions), results, failures, timeouts, cancels, replica deaths and drains, checked after every step.
+
+The machine plays the replicas too: it keeps, per replica, the sessions a real runtime would hold
+(applying every batch in the order it was sent, as the runtime's one worker thread does), so it can
+check that no request of a session ever reaches a replica that does not hold that session's state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from batch_manager.messages import ReplicaId
+from batch_manager.params import Priority, RequestParams, SessionParams
+from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
+from model_manager.spec import ModelSpec
+from model_manager.store import Registry
+
+BRIDGE = b"bridge"
+STATELESS = ModelSpec(name="m", model_class="x:Y", max_batch_size=4, max_batch_delay_ms=10, max_queue_size=5)
+STATEFUL = ModelSpec(name="s", model_class="x:Y", max_batch_size=4, max_batch_delay_ms=5, max_queue_size=6,
+                     stateful=True, max_sessions_per_replica=2, session_idle_timeout_s=1.0)
+SPECS = {"m": STATELESS, "s": STATEFUL}
+REPLICAS = [f"r{i}" for i in range(4)]
+SESSIONS = [1, 2, 3, 4, 5]
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        registry = Registry({spec.key: spec for spec in SPECS.values()}, {n: "1" for n in SPECS}, 1)
+        self.scheduler = Scheduler(registry, max_queue_size=100, priority_aging_s=0.05)
+        self.now = 0.0
+        self.next_id = 0
+        self.submitted: dict[tuple[bytes, int], tuple[str, int | None]] = {}  # origin -> (model, session)
+        self.cancelled: set[tuple[bytes, int]] = set()
+        self.answers: Counter[tuple[bytes, int]] = Counter()
+        self.replicas: dict[ReplicaId, dict[str, Any]] = {}  # id -> {model, capacity, draining}
+        self.outstanding: list[Dispatch] = []
+        self.held: dict[ReplicaId, set[int]] = {}  # sessions a real runtime would hold, per replica
+        self.last_item: dict[int, int] = {}  # session -> last item id dispatched (item ids grow with arrival)
+
+    # --- checking every action -----------------------------------------------------------------------
+
+    def check(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Reply):
+                assert action.origin in self.submitted, action
+                assert action.origin not in self.cancelled, f"{action.origin} answered after its cancel"
+                self.answers[action.origin] += 1
+                assert self.answers[action.origin] == 1, f"{action.origin} answered twice"
+            else:
+                self.check_dispatch(action)
+
+    def check_dispatch(self, batch: Dispatch) -> None:
+        replica = self.replicas.get(batch.replica)
+        assert replica is not None, "a batch for a replica that is not up"
+        assert not replica["draining"], "a batch for a draining replica"
+        assert batch.model == replica["model"]
+        assert sum(1 for d in self.outstanding if d.replica == batch.replica) < replica["capacity"], "credit"
+        self.outstanding.append(batch)
+        rows = sum(meta["shape"][0] for meta in batch.metas)
+        assert len(batch.items) <= 1 or rows <= SPECS[batch.model].max_batch_size
+        held = self.held.setdefault(batch.replica, set())
+        for session in batch.end_sessions or ():
+            held.discard(session)
+        sessions = [item["session"] for item in batch.items if "session" in item]
+        assert len(sessions) == len(set(sessions)), "two items of one session in one batch"
+        for item in batch.items:
+            if batch.model != "s":
+                continue
+            session = item["session"]
+            if item["start"]:
+                held.add(session)
+            # Never a silent fresh state: a session's request goes only where its state lives.
+            assert session in held, f"session {session} sent to {batch.replica}, which does not hold it"
+            # Order within a session: item ids grow with arrival.
+            assert item["id"] > self.last_item.get(session, -1), "a session's requests overtook each other"
+            self.last_item[session] = item["id"]
+            if item["end"]:
+                held.discard(session)
+
+    # --- rules ---------------------------------------------------------------------------------------
+
+    def _request(self, model: str, params: RequestParams, timeout: float, rows: int = 1,
+                 width: int = 3) -> Request:
+        origin = (BRIDGE, self.next_id)
+        self.next_id += 1
+        self.submitted[origin] = (model, params.session.id if params.session else None)
+        metas = [{"name": "x", "dtype": "float32", "shape": [rows, width]}]
+        return Request(origin, model, None, metas, [f"f{origin[1]}"], self.now + timeout, params)
+
+    @rule(rows=st.integers(1, 3), width=st.sampled_from([3, 4]), priority=st.sampled_from(list(Priority)),
+          timeout=st.sampled_from([0.05, 0.5, 5.0]))
+    def submit_stateless(self, rows: int, width: int, priority: Priority, timeout: float) -> None:
+        request = self._request("m", RequestParams(priority), timeout, rows, width)
+        self.check(self.scheduler.submit(request, self.now))
+
+    @rule(session=st.sampled_from(SESSIONS), start=st.booleans(), end=st.booleans(),
+          priority=st.sampled_from(list(Priority)), timeout=st.sampled_from([0.05, 0.5, 5.0]))
+    def submit_session(self, session: int, start: bool, end: bool, priority: Priority, timeout: float) -> None:
+        params = RequestParams(priority, SessionParams(session, start, end))
+        self.check(self.scheduler.submit(self._request("s", params, timeout), self.now))
+
+    @rule(replica=st.sampled_from(REPLICAS), model=st.sampled_from(["m", "s"]), capacity=st.integers(1, 3))
+    def replica_up(self, replica: str, model: str, capacity: int) -> None:
+        self.outstanding = [d for d in self.outstanding if d.replica != replica]  # a new incarnation
+        self.replicas[replica] = {"model": model, "capacity": capacity, "draining": False}
+        self.held[replica] = set()
+        self.check(self.scheduler.replica_up(replica, model, "1", capacity, self.now))
+
+    @rule(replica=st.sampled_from(REPLICAS))
+    def replica_down(self, replica: str) -> None:
+        self.outstanding = [d for d in self.outstanding if d.replica != replica]
+        self.replicas.pop(replica, None)
+        self.held.pop(replica, None)
+        self.check(self.scheduler.replica_down(replica, "killed", self.now))
+
+    @rule(replica=st.sampled_from(REPLICAS))
+    def replica_draining(self, replica: str) -> None:
+        if replica in self.replicas:
+            self.replicas[replica]["draining"] = True
+        self.check(self.scheduler.replica_draining(replica, "scale down", self.now))
+
+    @precondition(lambda self: self.outstanding)
+    @rule(pick=st.integers(0, 50), how=st.sampled_from(["result", "result", "model_error", "replica_lost",
+                                                         "session_lost_item"]))
+    def answer(self, pick: int, how: str) -> None:
+        batch = self.outstanding.pop(pick % len(self.outstanding))
+        s = self.scheduler
+        if how == "model_error":
+            self.check(s.on_failed(batch.replica, batch.batch_id, "model_error", "boom", self.now))
+        elif how == "replica_lost":
+            self.check(s.on_failed(batch.replica, batch.batch_id, "replica_lost", "undeliverable", self.now))
+        else:
+            counts = [item["n"] for item in batch.items]
+            errors: list[tuple[str, str] | None] | None = None
+            metas, frames = batch.metas, batch.frames
+            if how == "session_lost_item" and batch.items and batch.model == "s":
+                errors = [("session_lost", "gone")] + [None] * (len(batch.items) - 1)
+                counts[0] = 0
+                metas, frames = metas[1:], frames[1:]
+            self.check(s.on_result(batch.replica, batch.batch_id, counts, metas, frames, self.now, errors))
+
+    @rule(pick=st.integers(0, 200))
+    def cancel(self, pick: int) -> None:
+        if not self.submitted:
+            return
+        origins = list(self.submitted)
+        origin = origins[pick % len(origins)]
+        self.check(self.scheduler.cancel(origin, self.now))
+        if not self.answers[origin]:
+            self.cancelled.add(origin)
+
+    @rule(seconds=st.sampled_from([0.001, 0.01, 0.1, 0.6, 2.0]))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.check(self.scheduler.tick(self.now))
+
+    @rule()
+    def wake_up_when_asked(self) -> None:
+        wake = self.scheduler.next_wakeup()
+        if wake is not None:
+            self.now = max(self.now, wake)
+            self.check(self.scheduler.tick(self.now))
+
+    # --- invariants ----------------------------------------------------------------------------------
+
+    @invariant()
+    def queues_stay_within_their_bounds(self) -> None:
+        for spec in SPECS.values():
+            assert self.scheduler.queued(spec.key) <= (spec.max_queue_size or 0)
+
+    @invariant()
+    def session_slots_are_bounded_and_accounted(self) -> None:
+        pinned = Counter(r for r in self.scheduler.sessions("s/1").values() if r is not None)
+        for replica in REPLICAS:
+            taken = self.scheduler.sessions_on(replica)
+            assert taken <= STATEFUL.max_sessions_per_replica
+            assert taken == pinned.get(replica, 0), "a slot held by no open session (leaked)"
+
+    @invariant()
+    def nothing_is_answered_twice(self) -> None:
+        assert all(count == 1 for count in self.answers.values())
+
+    def teardown(self) -> None:
+        """Serve everything left, let every deadline and idle timeout pass, then count the answers."""
+        s = self.scheduler
+        for model in ("m", "s"):
+            self.replica_up(f"final-{model}", model, 3)
+        for _ in range(2000):
+            if self.outstanding:
+                self.answer(0, "result")
+                continue
+            wake = s.next_wakeup()
+            if wake is None:
+                break
+            self.now = max(self.now, wake)
+            self.check(s.tick(self.now))
+        # Batches held by replicas that never answered keep their requests until a deadline answers them.
+        assert s.pending() == 0
+        assert s.sessions("s/1") == {}, "sessions outlived their idle timeout"
+        for replica in [*REPLICAS, "final-m", "final-s"]:
+            assert s.sessions_on(replica) == 0, f"slots leaked on {replica}"
+        for origin in self.submitted:
+            expected = 0 if origin in self.cancelled else 1
+            assert self.answers[origin] == expected, (origin, self.answers[origin])
+
+
+# STATE_MACHINE_EXAMPLES=3000 for a deeper search (about a minute).
+SchedulerMachine.TestCase.settings = settings(max_examples=int(os.environ.get("STATE_MACHINE_EXAMPLES", "300")),
+                                              stateful_step_count=60, deadline=None,
+                                              suppress_health_check=[HealthCheck.too_slow])
+TestSchedulerStateMachine = SchedulerMachine.TestCase
