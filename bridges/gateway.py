@@ -235,13 +235,13 @@ class Gateway:
         frames: Sequence[Frame],
         timeout_s: float,
         callback: Callback,
-    ) -> None:
+    ) -> int:
         """Send one request; ``callback`` gets its outcome exactly once, later, from the event loop.
 
         ``header`` holds ``model``, ``version``, ``params`` and the inputs' ``tensors`` list; the
         frames go out untouched. Raises RequestError (``overloaded``) instead of queueing past
         ``max_outstanding`` or when the batch manager's socket is full; the callback is then
-        never called.
+        never called. Returns the request's id, for ``cancel``.
         """
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
@@ -265,6 +265,20 @@ class Gateway:
         self.reactor.wake_soon()
         timer = loop.call_later(timeout_s, self._expire, rid)
         self._pending[rid] = _Pending(callback, timeout_s, timer)
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """The client gave up: forget the request and let the batch manager drop it if it still queues it.
+
+        Its callback is never called."""
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        entry.timer.cancel()
+        self._settled_one()
+        if self._sock is not None:
+            send_nowait(self._sock, [pack_header({"t": CANCEL, "id": rid})])
+            self.reactor.wake_soon()
 
     async def submit(
         self, header: Mapping[str, Any], frames: Sequence[Frame], timeout_s: float
@@ -276,19 +290,22 @@ class Gateway:
             if not future.done():  # the awaiting handler may have been cancelled meanwhile
                 future.set_result(outcome)
 
-        self.start_request(header, frames, timeout_s, settle)
-        outcome = await future
+        rid = self.start_request(header, frames, timeout_s, settle)
+        try:
+            outcome = await future
+        except asyncio.CancelledError:
+            # The caller went away (a gRPC client cancelled, an HTTP client disconnected).
+            self.cancel(rid)
+            raise
         if isinstance(outcome, RequestError):
             raise outcome
         return outcome.header, outcome.frames
 
     def _expire(self, rid: int) -> None:
-        entry = self._pending.pop(rid, None)
+        entry = self._pending.get(rid)
         if entry is None:
             return
-        self._settled_one()
-        if self._sock is not None:
-            send_nowait(self._sock, [pack_header({"t": CANCEL, "id": rid})])
+        self.cancel(rid)
         _settle(
             entry.callback,
             RequestError(ErrorCode.DEADLINE, f"no answer within the request's timeout of {entry.timeout_s:g}s"),

@@ -20,6 +20,7 @@ import socket
 from collections.abc import Generator
 from typing import Any
 
+import numpy as np
 import orjson
 import uvicorn
 import zmq.asyncio
@@ -245,13 +246,7 @@ async def _infer(gateway: Gateway, request: Request, name: str, version: str | N
     metas, frames = tensors.to_wire(parsed.inputs)
     resolved.rules.check(metas)
     check_parameters(parsed.parameters)
-    timeout_s = gateway.default_timeout(requested_timeout_s(parsed.parameters))
-    header = {"model": spec.name, "version": spec.version, "params": parsed.parameters, "tensors": metas}
-    reply, reply_frames = await gateway.submit(header, frames, timeout_s)
-    try:
-        outputs = tensors.from_wire(check_tensors(reply, reply_frames), reply_frames)
-    except WireError as exc:
-        raise RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}") from None
+    reply, outputs = await _submit(gateway, request, spec, metas, frames, parsed.parameters)
     body, json_length = tensors.encode_infer_response(
         reply.get("model") or spec.name, reply.get("version") or spec.version, parsed, outputs
     )
@@ -262,6 +257,44 @@ async def _infer(gateway: Gateway, request: Request, name: str, version: str | N
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(json_length)},
     )
+
+
+async def _submit(
+    gateway: Gateway,
+    request: Request,
+    spec: ModelSpec,
+    metas: list[dict[str, Any]],
+    frames: list[Any],
+    parameters: dict[str, Any] | None,
+) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    """Send the request to the batch manager and wait for its reply, unless the HTTP client leaves first.
+
+    A client that disconnects cancels its request, so the batch manager drops it if it still queues it.
+    """
+    timeout_s = gateway.default_timeout(requested_timeout_s(parameters))
+    header = {"model": spec.name, "version": spec.version, "params": parameters, "tensors": metas}
+    answered = asyncio.ensure_future(gateway.submit(header, frames, timeout_s))
+    gone = asyncio.ensure_future(_client_disconnected(request))
+    try:
+        await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answered.done():
+            answered.cancel()  # the gateway sends the batch manager a cancel
+    if not answered.done() or answered.cancelled():
+        raise RequestError(ErrorCode.DEADLINE, "the client disconnected before the answer")
+    reply, reply_frames = answered.result()
+    try:
+        return reply, tensors.from_wire(check_tensors(reply, reply_frames), reply_frames)
+    except WireError as exc:
+        raise RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}") from None
+
+
+async def _client_disconnected(request: Request) -> None:
+    # Once the body is read, the next ASGI message is http.disconnect: when the client goes away
+    # (or after the response is sent, by which time nobody waits for this).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _infer_image(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
@@ -286,13 +319,7 @@ async def _infer_image(gateway: Gateway, request: Request, name: str, version: s
     metas, frames = tensors.to_wire(inputs)
     resolved.rules.check(metas)
     check_parameters(parameters)
-    timeout_s = gateway.default_timeout(requested_timeout_s(parameters))
-    header = {"model": spec.name, "version": spec.version, "params": parameters, "tensors": metas}
-    reply, reply_frames = await gateway.submit(header, frames, timeout_s)
-    try:
-        outputs = tensors.from_wire(check_tensors(reply, reply_frames), reply_frames)
-    except WireError as exc:
-        raise RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}") from None
+    reply, outputs = await _submit(gateway, request, spec, metas, frames, parameters)
     parsed = tensors.InferRequest(None, inputs, parameters, None, frozenset(), False)
     model, model_version = reply.get("model") or spec.name, reply.get("version") or spec.version
     body, _ = tensors.encode_infer_response(model, model_version, parsed, outputs)

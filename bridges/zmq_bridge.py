@@ -112,7 +112,12 @@ class ZmqBridge:
             metas = check_tensors(header, frames)
         except WireError as exc:
             raise RequestError(ErrorCode.BAD_INPUT, str(exc)) from None
-        timeout_s = self.gateway.default_timeout(requested_timeout_s(params, header.get("timeout_ms")))
+        requested_s = requested_timeout_s(params, header.get("timeout_ms"))
+        timeout_s = self.gateway.default_timeout(requested_s)
+        if requested_s is not None and (params is None or "timeout" not in params):
+            # The batch manager reads a client's own deadline from the Open Inference Protocol `timeout`
+            # parameter (µs); without it the model's default would apply over the client's `timeout_ms`.
+            params = {**(params or {}), "timeout": int(requested_s * 1_000_000)}
         resolved = self.gateway.resolve(model, version)
         resolved.rules.check(metas)
         check_parameters(params)

@@ -9,6 +9,7 @@ only after a cancel), ``fail`` (model_error), ``busy`` (overloaded) and ``garble
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -189,6 +190,18 @@ def test_zmq_explicit_version_and_shorter_timeouts(stack, ctx):
     np.testing.assert_array_equal(dict(outputs)["x"], x)
     infer = next(m for m in stack.batch_manager.messages("infer") if m["version"] == "2")
     assert infer["timeout_ms"] == 300
+
+
+def test_zmq_timeout_ms_reaches_the_batch_manager_as_the_clients_own_deadline(stack, ctx):
+    # Only `timeout_ms`, no parameters: the batch manager must still see a client-chosen deadline
+    # (the `timeout` parameter), or the model's default deadline would replace it.
+    sock = dealer(ctx, stack)
+    inputs = [("x", np.ones((1, 3), np.float32)), ("mask", np.ones((1, 4), bool))]
+    sock.send_multipart(encode({"id": "own-deadline", "model": "echo", "timeout_ms": 700}, inputs))
+    reply, _ = decode(receive(sock))
+    assert reply["ok"] is True, reply
+    infer = next(m for m in stack.batch_manager.messages("infer") if (m["params"] or {}).get("timeout") == 700_000)
+    assert infer["timeout_ms"] == 700
 
 
 def test_zmq_pipelined_requests_on_one_dealer_are_matched_by_id(stack, ctx):
@@ -486,3 +499,20 @@ def test_stopping_the_bridges_still_answers_requests_in_flight(ctx):
     finally:
         stack.tasks = stack.tasks[1:]  # already stopped
         stack.stop()
+
+
+def test_rest_client_that_disconnects_cancels_its_request(stack):
+    # A raw HTTP request for "slow" (never answered by the fake batch manager); the client hangs up
+    # while it waits, and the batch manager must be told to drop the request.
+    body = orjson.dumps({"inputs": [{"name": "a", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}]})
+    seen_before = {m["id"] for m in stack.batch_manager.messages("infer")}
+    port = int(stack.rest_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn:
+        conn.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        infer = wait_for(lambda: next((m for m in stack.batch_manager.messages("infer")
+                                       if m["model"] == "slow" and m["id"] not in seen_before), None),
+                         timeout=WAIT_S, what="the request to reach the batch manager")
+    wait_for(lambda: any(c["id"] == infer["id"] for c in stack.batch_manager.messages("cancel")),
+             timeout=WAIT_S, what="a cancel for the disconnected client's request")
+    assert infer["timeout_ms"] > 1000, "cancelled because the client left, not because a deadline passed"
