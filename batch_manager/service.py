@@ -14,7 +14,6 @@ wake-up, never a polling tick.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ from inferoxy.bus import plain_socket
 from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
+from inferoxy.tasks import cancel_and_wait
 from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
 from model_manager.store import Registry, open_store
 
@@ -107,11 +107,7 @@ class BatchManager:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = self._timer_at = None
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(tasks)
             self._bridges = self._task_manager = None
             for sock in sockets:
                 sock.close()

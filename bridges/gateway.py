@@ -35,6 +35,7 @@ from inferoxy.bus import plain_socket
 from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY, ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
+from inferoxy.tasks import cancel_and_wait
 from inferoxy.wire import Frame, WireError, pack_header, unpack_header
 from model_manager.spec import ModelSpec
 from model_manager.store import Registry, SpecStore, open_store
@@ -151,10 +152,7 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop; requests still waiting are answered with ``not_ready``."""
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         pending, self._pending = self._pending, {}
         for entry in pending.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import json
 import logging
@@ -15,6 +14,7 @@ import zmq.asyncio
 
 from inferoxy.service import Service
 from inferoxy.settings import Settings
+from inferoxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,12 @@ async def run_component(name: str, settings: Settings) -> None:
             _report_ready(name, service)
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for pending in (task, stopper, waiter):
-            pending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stopper.cancel()
+        waiter.cancel()
+        if task.done():
+            task.result()  # it ended on its own: a failure, raised so the process exits non-zero
+        else:
+            await cancel_and_wait([task])
 
     try:
         await run_until_signalled(main)
@@ -125,11 +127,7 @@ async def run_in_process(settings: Settings, on_ready: Callable[[Settings], None
     finally:
         # Bridges first, the registry last: the reverse of the start order.
         for task in reversed(tasks):
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("%s failed while stopping", task.get_name())
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("%s failed", task.get_name(), exc_info=task.exception())
+            await cancel_and_wait([task])
         ctx.destroy(linger=0)

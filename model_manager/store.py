@@ -259,7 +259,6 @@ class SpecStore:
                     await pubsub.subscribe(self.events_channel)
                     delay = 0.2
                     while True:
-                        _raise_if_cancel_was_swallowed()
                         revision = await self.revision()
                         state.reachable(revision)
                         wait_s = interval
@@ -288,7 +287,6 @@ class SpecStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors of every kind: keep serving what we know
-                _raise_if_cancel_was_swallowed()
                 state.unreachable(str(exc) or type(exc).__name__)
                 log.warning("model registry unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -343,15 +341,6 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self.specs)
-
-
-def _raise_if_cancel_was_swallowed() -> None:
-    # Python 3.11's asyncio.wait_for (which redis-py wraps around every command) can swallow a
-    # cancellation that lands as its inner step finishes. The task still counts the request, so
-    # honour it here; otherwise a component's shutdown would wait on this loop forever.
-    task = asyncio.current_task()
-    if task is not None and getattr(task, "cancelling", lambda: 0)():
-        raise asyncio.CancelledError
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -41,6 +41,7 @@ from inferoxy import bus, protocol, wire
 from inferoxy.protocol import ErrorCode
 from inferoxy.runtime import failed_message
 from inferoxy.settings import Settings
+from inferoxy.tasks import cancel_and_wait
 from model_manager.spec import ModelStatus, ServingState
 from model_manager.store import Registry, SpecStore, open_store
 from task_manager.gpus import GpuAllocator, gpu_inventory
@@ -127,11 +128,9 @@ class TaskManager:
                 task.result()  # a task that failed takes the task manager down with its error
         finally:
             if registry_task is not None:
-                registry_task.cancel()
+                await cancel_and_wait([registry_task])
             await self._stop_all_replicas()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
             await self._final_cleanup(runtime, store)
             for sock in (self._bm_sock, self._replica_sock):
                 if sock is not None:
@@ -576,9 +575,7 @@ class TaskManager:
         tasks = [replica.task for replica in replicas if replica.task is not None]
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 5.0)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(late)
         self._replicas.clear()
 
     async def _final_cleanup(self, runtime: Runtime, store: SpecStore) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
@@ -20,6 +19,7 @@ import zmq.asyncio
 
 from inferoxy import wire
 from inferoxy.settings import Settings
+from inferoxy.tasks import cancel_and_wait
 from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
 from task_manager.replicas import backoff_delay, replica_id, sanitize
@@ -92,9 +92,7 @@ class Harness:
 
     async def stop(self) -> None:
         for task in reversed(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         self._tasks.clear()
 
     async def __aexit__(self, *exc: object) -> None:
