@@ -134,7 +134,8 @@ class FakeBatchManager:
             identity, *frames = self.sock.recv_multipart()
             header = unpack_header(frames[0])
             with self.lock:
-                self.received.append(header)
+                # Each bridge numbers its own requests: the sender tells equal ids apart.
+                self.received.append({**header, "sender": identity})
             if header.get("t") == INFER:
                 answer = self.answer(header, frames[1:])
                 if header["model"] == "late":

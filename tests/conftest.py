@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.bridge_harness import BridgeStack
 from tests.support import require_service
 
 
@@ -29,3 +30,13 @@ def redis_prefix(real_redis_url: str, request: pytest.FixtureRequest) -> Iterato
     keys = list(client.scan_iter(f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[BridgeStack]:
+    """The bridges in-process against a fake batch manager and an embedded Redis (tests/bridge_harness.py)."""
+    stack = BridgeStack().start()
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -31,15 +31,6 @@ CLIENT_ERRORS_GRPC = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUN
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[BridgeStack]:
-    stack = BridgeStack().start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="module")
 def http(stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=stack.rest_url, timeout=WAIT_S) as client:
         yield client

@@ -30,15 +30,6 @@ from tests.bridge_harness import WAIT_S, BridgeStack
 from tests.support import wait_for
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[BridgeStack]:
-    stack = BridgeStack().start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
-
 @pytest.fixture
 def ctx() -> Iterator[zmq.Context]:
     ctx = zmq.Context()
@@ -504,15 +495,16 @@ def test_stopping_the_bridges_still_answers_requests_in_flight(ctx):
 def test_rest_client_that_disconnects_cancels_its_request(stack):
     # A raw HTTP request for "slow" (never answered by the fake batch manager); the client hangs up
     # while it waits, and the batch manager must be told to drop the request.
-    body = orjson.dumps({"inputs": [{"name": "a", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}]})
-    seen_before = {m["id"] for m in stack.batch_manager.messages("infer")}
+    body = orjson.dumps({"parameters": {"tag": "hang-up"},
+                         "inputs": [{"name": "a", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}]})
     port = int(stack.rest_url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn:
         conn.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         infer = wait_for(lambda: next((m for m in stack.batch_manager.messages("infer")
-                                       if m["model"] == "slow" and m["id"] not in seen_before), None),
+                                       if (m["params"] or {}).get("tag") == "hang-up"), None),
                          timeout=WAIT_S, what="the request to reach the batch manager")
-    wait_for(lambda: any(c["id"] == infer["id"] for c in stack.batch_manager.messages("cancel")),
+    wait_for(lambda: any((c["id"], c["sender"]) == (infer["id"], infer["sender"])
+                         for c in stack.batch_manager.messages("cancel")),
              timeout=WAIT_S, what="a cancel for the disconnected client's request")
     assert infer["timeout_ms"] > 1000, "cancelled because the client left, not because a deadline passed"

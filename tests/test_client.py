@@ -20,15 +20,6 @@ from tests.bridge_harness import WAIT_S, BridgeStack
 from tests.support import wait_for
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[BridgeStack]:
-    stack = BridgeStack().start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
-
 @pytest.fixture
 def client(stack: BridgeStack) -> Iterator[Client]:
     with Client(stack.zmq_url, timeout=WAIT_S) as client:
@@ -68,7 +59,8 @@ def test_version_and_parameters_reach_the_batch_manager(stack: BridgeStack, clie
     out = client.infer("echo", {"x": x}, version="2", parameters={"sequence_id": 77, "tag": "t"})
     np.testing.assert_array_equal(out["x"], x)
     sent = next(m for m in stack.batch_manager.messages("infer") if m["params"].get("sequence_id") == 77)
-    assert (sent["version"], sent["params"]) == ("2", {"sequence_id": 77, "tag": "t"})
+    # The client's own timeout travels too, as the Open Inference Protocol's `timeout` (µs).
+    assert (sent["version"], sent["params"]) == ("2", {"sequence_id": 77, "tag": "t", "timeout": 10_000_000})
 
 
 def test_server_errors_raise_inference_error_with_the_code(client: Client) -> None:

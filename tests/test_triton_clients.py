@@ -25,19 +25,9 @@ import tritonclient.http as httpclient  # noqa: E402
 import tritonclient.http.aio as httpclient_aio  # noqa: E402
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
-from tests.bridge_harness import BridgeStack  # noqa: E402
 from tests.support import ProxyProcess, wait_for  # noqa: E402
 
 Protocol = str  # "http" or "grpc"
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[BridgeStack]:
-    stack = BridgeStack().start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
 
 
 def client_for(stack_or_proxy: Any, protocol: Protocol) -> Any:
