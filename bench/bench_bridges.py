@@ -129,6 +129,23 @@ def summarise(bridge: str, concurrency: int, duration: float, latencies: list[fl
     }
 
 
+def print_row(row: dict[str, Any]) -> None:
+    print(f"{row['bridge']:5} c={row['concurrency']:<3} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.3f} ms"
+          f"  p99 {row['p99_ms']:.3f} ms", flush=True)
+
+
+def report(rows: list[dict[str, Any]], duration: float, path: str) -> None:
+    """Write the figures and the machine as JSON, and print them as a Markdown table."""
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"machine": machine, "duration_s": duration, "results": rows}, indent=2))
+    print("\n| bridge | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['bridge']} | {row['concurrency']} | {row['rps']:.0f} | {row['p50_ms']:.2f} "
+              f"| {row['p99_ms']:.2f} |")
+    print(f"\nwritten to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -149,18 +166,9 @@ def main() -> None:
                     latencies = asyncio.run(bench_rest(f"http://127.0.0.1:{proxy.rest_port}", concurrency,
                                                        args.duration))
                 rows.append(summarise(bridge, concurrency, args.duration, latencies))
-                print(f"{bridge:5} c={concurrency:<3} {rows[-1]['rps']:>9.1f} req/s  p50 {rows[-1]['p50_ms']:.3f} ms"
-                      f"  p99 {rows[-1]['p99_ms']:.3f} ms", flush=True)
+                print_row(rows[-1])
 
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": machine, "duration_s": args.duration, "results": rows},
-                                          indent=2))
-    print("\n| bridge | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['bridge']} | {row['concurrency']} | {row['rps']:.0f} | {row['p50_ms']:.2f} "
-              f"| {row['p99_ms']:.2f} |")
-    print(f"\nwritten to {args.json}")
+    report(rows, args.duration, args.json)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +22,7 @@ import tritonclient.grpc.aio as grpcclient
 import tritonclient.http.aio as httpclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bridges import ECHO_ONLY, Proxy, closed_loop, free_port, summarise  # noqa: E402
+from bench_bridges import ECHO_ONLY, Proxy, closed_loop, free_port, print_row, report, summarise  # noqa: E402
 
 PAYLOAD = np.arange(16, dtype=np.float32)[None]
 
@@ -79,20 +76,10 @@ def main() -> None:
                     latencies = asyncio.run(bench_http(f"127.0.0.1:{proxy.rest_port}", concurrency, args.duration))
                 else:
                     latencies = asyncio.run(bench_grpc(f"127.0.0.1:{grpc_port}", concurrency, args.duration))
-                row = summarise(f"{bridge} (tritonclient)", concurrency, args.duration, latencies)
-                rows.append(row)
-                print(f"{bridge:5} c={concurrency:<3} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.3f} ms"
-                      f"  p99 {row['p99_ms']:.3f} ms", flush=True)
+                rows.append(summarise(f"{bridge} (tritonclient)", concurrency, args.duration, latencies))
+                print_row(rows[-1])
 
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": machine, "duration_s": args.duration, "results": rows},
-                                          indent=2))
-    print("\n| bridge | concurrency | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['bridge']} | {row['concurrency']} | {row['rps']:.0f} | {row['p50_ms']:.2f} "
-              f"| {row['p99_ms']:.2f} |")
-    print(f"\nwritten to {args.json}")
+    report(rows, args.duration, args.json)
 
 
 if __name__ == "__main__":

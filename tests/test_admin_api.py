@@ -19,7 +19,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 ECHO = {"name": "echo", "model_class": "examples.models.echo.model:EchoModel", "max_batch_size": 8}
 
 
-def make_client(redis_url: str, prefix: str, *, key: str | None = KEY, host: str = "10.1.2.3") -> TestClient:
+# The peer address the in-process ASGI client claims to be: a documentation address (TEST-NET-3),
+# used only to look like a non-loopback caller. No traffic leaves this process.
+REMOTE_PEER = "203.0.113.7"
+
+
+def make_client(redis_url: str, prefix: str, *, key: str | None = KEY, host: str = REMOTE_PEER) -> TestClient:
     settings = Settings(redis_url=redis_url, redis_prefix=prefix, admin_key=key, models_file="")
     app = FastAPI()
     app.include_router(admin_router(settings))
