@@ -73,6 +73,8 @@ class Readiness(NamedTuple):
 
     ready: bool
     reason: str
+    state: str = "unknown"
+    """The task manager's serving state (``ModelStatus.state``), or ``unknown`` when none is recorded."""
 
 
 def server_version() -> str:
@@ -205,9 +207,9 @@ class Gateway:
         if status is None:
             return Readiness(False, f"model {spec.key} has no serving status yet (no task manager has reported it)")
         if status.state in _SERVING_STATES:
-            return Readiness(True, f"model {spec.key} is {status.state}")
+            return Readiness(True, f"model {spec.key} is {status.state}", status.state)
         detail = f": {status.reason}" if status.reason else ""
-        return Readiness(False, f"model {spec.key} is {status.state}{detail}")
+        return Readiness(False, f"model {spec.key} is {status.state}{detail}", status.state)
 
     def versions(self, name: str) -> list[str]:
         """Every registered version of ``name``, in version order."""

@@ -196,9 +196,12 @@ def build_app(gateway: Gateway) -> FastAPI:
         params = request.path_params
         try:
             resolved = gateway.resolve(params["name"], params.get("version"))
+            readiness = await gateway.readiness(params["name"], params.get("version"))
         except RequestError as exc:
             return error_response(exc)
-        return json_response(metadata(resolved.spec, gateway.versions(resolved.spec.name)))
+        # Beyond the protocol's fields (clients ignore extra ones): how the version is being served, and why not.
+        serving = {"state": readiness.state, "ready": readiness.ready, "reason": readiness.reason}
+        return json_response({**metadata(resolved.spec, gateway.versions(resolved.spec.name)), "serving": serving})
 
     async def live(request: Request) -> Response:
         return json_response({"live": True})

@@ -410,7 +410,12 @@ def test_rest_health_and_metadata(stack):
                 {"name": "x", "datatype": "FP32", "shape": [-1, 3]},
                 {"name": "mask", "datatype": "BOOL", "shape": [-1, -1]},
             ],
+            "serving": {"state": "ready", "ready": True, "reason": "model echo/1 is ready"},
         }
+        # A model the task manager reported failed says so, with the reason, in its metadata too.
+        failed = http.get("/v2/models/fail").json()["serving"]
+        assert (failed["state"], failed["ready"]) == ("failed", False)
+        assert "image inferoxy/fail not found" in failed["reason"]
         v2 = http.get("/v2/models/echo/versions/2").json()
         assert v2["inputs"] == [{"name": "x", "datatype": "INT64", "shape": [-1, -1, 2]}]
 
