@@ -13,19 +13,18 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpclient_aio
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-tritonclient = pytest.importorskip("tritonclient")
-import grpc  # noqa: E402
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.grpc.aio as grpcclient_aio  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-import tritonclient.http.aio as httpclient_aio  # noqa: E402
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
-
-from tests.support import ProxyProcess, wait_for  # noqa: E402
+from tests.bridge_harness import WAIT_S
+from tests.support import ProxyProcess, wait_for
 
 Protocol = str  # "http" or "grpc"
 
@@ -333,3 +332,26 @@ def test_real_proxy_echo_round_trips_through_the_runtime(proxy, protocol):
     result = client.infer("echo", [make_input(protocol, name, array) for name, array in inputs.items()])
     for name, array in inputs.items():
         np.testing.assert_array_equal(result.as_numpy(name), array)
+
+
+def test_a_cancelled_grpc_call_cancels_its_request(stack):
+    # "slow" is never answered; the client cancels its call while it waits, and the batch manager
+    # must be told to drop the request (rather than keep it until its deadline).
+    from bridges.proto import grpc_predict_v2_pb2 as pb
+    from bridges.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(stack.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="slow", id="to-cancel")
+        request.parameters["tag"].string_param = "grpc-cancel"
+        request.inputs.add(name="a", datatype="FP32", shape=[1, 1])
+        request.raw_input_contents.append(np.zeros((1, 1), np.float32).tobytes())
+        call = stub.ModelInfer.future(request)
+        infer = wait_for(lambda: next((m for m in stack.batch_manager.messages("infer")
+                                       if m["params"].get("tag") == "grpc-cancel"), None),
+                         timeout=WAIT_S, what="the request to reach the batch manager")
+        call.cancel()
+        wait_for(lambda: any((c["id"], c["sender"]) == (infer["id"], infer["sender"])
+                             for c in stack.batch_manager.messages("cancel")),
+                 timeout=WAIT_S, what="a cancel for the cancelled call's request")
+    assert infer["timeout_ms"] > 1000, "cancelled because the client did, not because a deadline passed"
