@@ -18,7 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-RuntimeKind = Literal["process", "docker", "kubernetes"]
+RuntimeKind = Literal["process", "docker"]  # a Kubernetes runtime is planned, not built
 
 
 class Settings(BaseSettings):

@@ -2,7 +2,7 @@
 
 Each runtime lives in its own module, ``task_manager/runtimes/<kind>.py``, which exposes
 ``create_runtime(settings: Settings) -> Runtime``. Modules are imported only when chosen, so
-a proxy that runs local processes never imports the Docker or Kubernetes clients.
+a proxy that runs local processes never imports the Docker client.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from task_manager.runtimes.base import Runtime, RuntimeStartError
 RUNTIME_MODULES: dict[str, str] = {
     "process": "task_manager.runtimes.process",
     "docker": "task_manager.runtimes.docker",
-    "kubernetes": "task_manager.runtimes.kubernetes",
 }
 
 
