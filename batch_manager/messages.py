@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, get_args
 
 from inferoxy import protocol
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import WireError
+from model_manager.spec import ServingState
 
 # A request as the bridge knows it: its DEALER identity and its own id for the request.
 Origin = tuple[bytes, int]
@@ -91,6 +92,19 @@ class ReplicaDown:
 
 
 @dataclass(slots=True, frozen=True)
+class ModelStatusUpdate:
+    """A model version's serving state as the task manager sees it, and why (``ModelStatus``)."""
+
+    model: str
+    version: str
+    state: ServingState
+    reason: str | None
+
+
+_SERVING_STATES: frozenset[str] = frozenset(get_args(ServingState))
+
+
+@dataclass(slots=True, frozen=True)
 class BatchRef:
     """Which batch a ``result`` or ``failed`` answers: enough to settle it even when the rest is garbled."""
 
@@ -119,6 +133,18 @@ def parse_replica_up(header: Mapping[str, Any]) -> ReplicaUp:
 def parse_replica_down(header: Mapping[str, Any]) -> ReplicaDown:
     reason = header.get("reason")
     return ReplicaDown(_replica(header), reason if isinstance(reason, str) and reason else "replica went down")
+
+
+def parse_model_status(header: Mapping[str, Any]) -> ModelStatusUpdate:
+    model, version, state, reason = (header.get(k) for k in ("model", "version", "state", "reason"))
+    if not isinstance(model, str) or not model or not isinstance(version, str) or not version:
+        raise WireError("model_status: 'model' and 'version' must be non-empty strings")
+    if state not in _SERVING_STATES:
+        # An unknown state could mean anything; guessing wrong would refuse or queue requests wrongly.
+        raise WireError(f"model_status: 'state' must be one of {sorted(_SERVING_STATES)}, got {state!r}")
+    if reason is not None and not isinstance(reason, str):
+        raise WireError("model_status: 'reason' must be a string or null")
+    return ModelStatusUpdate(model, version, state, reason or None)
 
 
 def parse_batch_ref(header: Mapping[str, Any]) -> BatchRef:

@@ -21,6 +21,10 @@ explains every rule below; in short it follows Triton's dynamic and sequence bat
   replica is told with an ``end_sessions`` batch), or when its replica goes: then its requests
   get ``session_lost``, and so does any later one that does not start a new session.
 * A stateless batch whose replica died before answering is retried once on another replica.
+* The task manager reports each model version's serving state (``model_status``). While it is
+  ``failed`` or ``unschedulable`` and no replica of it takes batches, waiting is pointless: its
+  queued requests, and new ones, are answered ``not_ready`` with the reason at once. A replica
+  coming up, or a hopeful state (starting, ready, degraded), lets requests queue again.
 
 Every submitted request gets exactly one reply (its result or an error), unless its bridge
 cancels it.
@@ -39,13 +43,15 @@ from batch_manager.messages import Origin, ReplicaId, TensorMeta, error_header, 
 from batch_manager.params import DEFAULT_PARAMS, RequestParams, SessionId
 from inferoxy import protocol
 from inferoxy.protocol import ErrorCode
-from model_manager.spec import DATATYPE_TO_DTYPE, ModelSpec
+from model_manager.spec import DATATYPE_TO_DTYPE, ModelSpec, ServingState
 from model_manager.store import Registry
 
 DEFAULT_MAX_QUEUE_SIZE = 10_000
 DEFAULT_PRIORITY_AGING_S = 0.1
 # Why a session ended, kept for the message of a later request to it; bounded per model version.
 ENDED_SESSIONS_REMEMBERED = 4096
+# Serving states in which no replica is on its way, so a request with no replica to go to is refused.
+REFUSING_STATES: frozenset[str] = frozenset({"failed", "unschedulable"})
 
 # (name, dtype, non-batch dims) of every tensor, sorted by name.
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -295,6 +301,9 @@ class Scheduler:
         self._live: dict[Origin, _Pending] = {}
         self._deadlines: list[tuple[float, int, _Pending]] = []
         self._idle: list[tuple[float, int, _Session]] = []  # (when it may be reaped, tie-break, session)
+        # The task manager's last word on each model version (key: name/version): (state, reason).
+        # Kept apart from ``_models``, which forgets idle model versions.
+        self._status: dict[str, tuple[ServingState, str | None]] = {}
         self._seq = 0
         self._batch_seq = 0
         self._use_seq = 0
@@ -313,20 +322,7 @@ class Scheduler:
                 for group in groups:
                     group.spec = spec
                 continue
-            message = f"model {key} was removed from the registry"
-            for session in list(model.sessions.values()):
-                self._lose_session(model, session, ErrorCode.UNKNOWN_MODEL, message, out, answer_in_flight=False)
-            for group in groups:
-                for level in group.levels:
-                    for pending in level:
-                        if pending.state is _State.QUEUED:
-                            model.queued -= 1
-                            self._fail(pending, ErrorCode.UNKNOWN_MODEL, message, out)
-                    level.clear()
-                group.rows = 0
-            model.groups.clear()
-            for replica in model.replicas.values():
-                replica.groups.clear()
+            self._fail_queued(model, ErrorCode.UNKNOWN_MODEL, f"model {key} was removed from the registry", out)
         self._pump_all(now, out)
         return out
 
@@ -359,6 +355,10 @@ class Scheduler:
         if spec.stateful and session_params is None:
             out.append(_error(request.origin, ErrorCode.BAD_INPUT,
                               f"model {spec.key} is stateful: every request needs the parameter 'sequence_id'"))
+            return out
+        refusal = self._refusal(spec.key)
+        if refusal is not None:
+            out.append(_error(request.origin, ErrorCode.NOT_READY, refusal))
             return out
         model = self._model(spec.key)
         limit = spec.max_queue_size or self._max_queue_size
@@ -442,6 +442,8 @@ class Scheduler:
         if known is not None:
             self._drop_replica(known, f"replica {replica_id!r} was started again; the batches it held are lost",
                                now, out, retry=False)
+            if known.model_key != key:  # the id now serves another model version: the old one may be left bare
+                self._refuse_if_bare(known.model_key, out)
         replica = self._replicas[replica_id] = _Replica(replica_id, key, max(capacity, 0))
         model_entry = self._model(key)
         model_entry.replicas[replica_id] = replica
@@ -464,6 +466,7 @@ class Scheduler:
         message = f"the session's replica {replica_id!r} is stopping ({reason}); its state is gone"
         for session in list(replica.sessions.values()):
             self._lose_session(model, session, ErrorCode.SESSION_LOST, message, out, answer_in_flight=False)
+        self._refuse_if_bare(replica.model_key, out)
         self._pump(model, now, out)
         return out
 
@@ -473,7 +476,21 @@ class Scheduler:
         replica = self._replicas.get(replica_id)
         if replica is not None:
             self._drop_replica(replica, reason, now, out, retry=True)
+            self._refuse_if_bare(replica.model_key, out)
             self._pump(self._model(replica.model_key), now, out)
+        return out
+
+    def model_status(self, model: str, version: str, state: ServingState, reason: str | None,
+                     now: float) -> list[Action]:
+        """The task manager's view of a model version changed. In a refusing state with no replica to take
+        batches, its queued requests are answered ``not_ready`` now rather than at their deadline."""
+        out: list[Action] = []
+        key = f"{model}/{version}"
+        self._status[key] = (state, reason)
+        self._refuse_if_bare(key, out)
+        model_entry = self._models.get(key)
+        if model_entry is not None:
+            self._pump(model_entry, now, out)
         return out
 
     def on_result(
@@ -627,6 +644,10 @@ class Scheduler:
         if model is None:
             return {}
         return {sid: (s.replica.id if s.replica else None) for sid, s in model.sessions.items()}
+
+    def refusing(self, model_key: str) -> bool:
+        """Whether requests for a model version (``name/version``) are refused ``not_ready`` rather than queued."""
+        return self._refusal(model_key) is not None
 
     def is_draining(self, replica_id: ReplicaId) -> bool:
         replica = self._replicas.get(replica_id)
@@ -944,6 +965,44 @@ class Scheduler:
         ended[session_id] = why
         if len(ended) > ENDED_SESSIONS_REMEMBERED:
             del ended[next(iter(ended))]
+
+    # --- internals: models that cannot run -------------------------------------------------------------
+
+    def _refusal(self, key: str) -> str | None:
+        """Why requests for ``key`` are refused now, or None while they may queue (on the request path: one
+        dict look-up for a model in a hopeful state)."""
+        status = self._status.get(key)
+        if status is None or status[0] not in REFUSING_STATES:
+            return None
+        model = self._models.get(key)
+        if model is not None and any(not replica.draining for replica in model.replicas.values()):
+            return None  # a replica still takes batches: the state will say degraded soon enough
+        state, reason = status
+        return f"model {key} is {state} and has no ready replica: {reason or 'no reason given'}"
+
+    def _refuse_if_bare(self, key: str, out: list[Action]) -> None:
+        """Answer every queued request of ``key`` ``not_ready`` if it is refusing: none would ever be served."""
+        refusal = self._refusal(key)
+        model = self._models.get(key)
+        if refusal is not None and model is not None:
+            self._fail_queued(model, ErrorCode.NOT_READY, refusal, out)
+
+    def _fail_queued(self, model: _Model, code: ErrorCode, message: str, out: list[Action]) -> None:
+        """Fail every request of ``model`` not yet at a replica and end its sessions; in-flight batches go on."""
+        for session in list(model.sessions.values()):
+            self._lose_session(model, session, code, message, out, answer_in_flight=False)
+        groups = list(model.groups.values()) + [g for r in model.replicas.values() for g in r.groups.values()]
+        for group in groups:
+            for level in group.levels:
+                for pending in level:
+                    if pending.state is _State.QUEUED:
+                        model.queued -= 1
+                        self._fail(pending, code, message, out)
+                level.clear()
+            group.rows = 0
+        model.groups.clear()
+        for replica in model.replicas.values():
+            replica.groups.clear()
 
     # --- internals: answering ----------------------------------------------------------------------------
 

@@ -186,6 +186,12 @@ class BatchManager:
                 draining = messages.parse_replica_down(header)
                 log.info("replica %r is draining: %s", draining.replica, draining.reason)
                 actions = self.scheduler.replica_draining(draining.replica, draining.reason, now)
+            elif kind == protocol.MODEL_STATUS:
+                status = messages.parse_model_status(header)
+                reason = f": {status.reason.splitlines()[0]}" if status.reason else ""
+                log.info("model %s/%s is %s%s", status.model, status.version, status.state, reason)
+                actions = self.scheduler.model_status(status.model, status.version, status.state, status.reason,
+                                                      now)
             elif kind == protocol.HEARTBEAT:
                 return
             else:

@@ -22,7 +22,9 @@ Placement: a ``run_on_gpu`` replica gets a GPU from the ``GpuAllocator`` (one pe
 GPU), any other replica one of ``cpu_slots``. A replica that cannot be placed leaves its model
 ``unschedulable`` (logged, in its status) until a replica elsewhere ends and frees room.
 
-Each model's ``ModelStatus`` goes to Redis whenever it changes.
+Each model's ``ModelStatus`` goes to Redis whenever it changes, and its serving state and reason
+to every batch manager (``model_status``), which answers requests for a model that cannot run at
+once instead of letting them wait for their deadline.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class TaskManager:
         self._dirty: dict[str, ModelGroup] = {}
         self._dirty_event = asyncio.Event()
         self._written: dict[str, tuple[Any, ...]] = {}  # what Redis holds, to write only changes
+        # Serving states to announce to batch managers, by spec key; sent after the handler that changed
+        # them, so they go out once, in their final form (``_ended`` sets the failure after the change).
+        self._to_announce: dict[str, ModelGroup] = {}
+        self._announce_scheduled = False
+        self._announced: dict[str, tuple[ServingState, str | None]] = {}  # what batch managers were told
 
     @property
     def _silence_limit_s(self) -> float:
@@ -201,6 +208,8 @@ class TaskManager:
             for replica in self._replicas.values():
                 if replica.announced and replica.state is ReplicaState.READY:
                     self._send_batch_manager(sender, self._replica_up(replica))
+            for group in self._groups.values():
+                self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
         self._batch_managers[sender] = time.monotonic()
 
     def _forward_batch(self, sender: bytes, header: Mapping[str, Any], frames: list[Any]) -> None:
@@ -275,6 +284,31 @@ class TaskManager:
     def _replica_up(self, replica: Replica) -> dict[str, Any]:
         return {"t": protocol.REPLICA_UP, "replica": replica.id, "model": replica.spec.name,
                 "version": replica.spec.version, "capacity": replica.capacity}
+
+    @staticmethod
+    def _model_status(group: ModelGroup, state: ServingState, reason: str | None) -> dict[str, Any]:
+        return {"t": protocol.MODEL_STATUS, "model": group.spec.name, "version": group.spec.version,
+                "state": state, "reason": reason}
+
+    @staticmethod
+    def _serving_state(group: ModelGroup) -> tuple[ServingState, str | None]:
+        state, reason = group.serving_state()
+        return state, clip_reason(reason) if reason else None
+
+    def _announce_states(self) -> None:
+        """Tell every batch manager of each changed serving state (only real changes: they log each one)."""
+        self._announce_scheduled = False
+        pending, self._to_announce = self._to_announce, {}
+        if self._bm_sock is None or self._bm_sock.closed:
+            return  # scheduled as the task manager stopped: no one left to tell
+        for key, group in pending.items():
+            if self._groups.get(key) is not group:
+                self._announced.pop(key, None)  # removed: a model added again under the key is news
+                continue
+            state = self._serving_state(group)
+            if self._announced.get(key) != state:
+                self._announced[key] = state
+                self._to_batch_managers(self._model_status(group, *state))
 
     def _announce_down(self, replica: Replica, reason: str) -> None:
         if replica.announced:
@@ -599,6 +633,10 @@ class TaskManager:
     def _status_changed(self, group: ModelGroup) -> None:
         self._dirty[group.spec.key] = group
         self._dirty_event.set()
+        self._to_announce[group.spec.key] = group
+        if not self._announce_scheduled:
+            self._announce_scheduled = True
+            asyncio.get_running_loop().call_soon(self._announce_states)
 
     async def _write_statuses(self, store: SpecStore) -> None:
         while True:

@@ -312,6 +312,40 @@ def test_deadline_replica_loss_and_late_results(redis_url: str) -> None:
     run(body())
 
 
+def test_a_model_the_task_manager_cannot_run_is_refused_at_once_with_the_reason(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            service, task_manager, bridge = running.service, running.task_manager, running.bridge()
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32), timeout_ms=60_000)
+            await poll(lambda: service.scheduler.queued("m/1") == 1, "a queued request")
+            await poll(lambda: task_manager.peer, "the batch manager's first heartbeat")
+            # Malformed statuses are logged and dropped (one socket keeps the order: they come before the real one).
+            for garbage in ({"model": "m", "version": "1", "state": "exploded", "reason": None},
+                            {"model": "m", "version": 1, "state": "failed", "reason": None},
+                            {"model": "m", "version": "1", "state": "failed", "reason": 7}):
+                await task_manager.send({"t": "model_status", **garbage})
+            await task_manager.send({"t": "model_status", "model": "m", "version": "1", "state": "starting",
+                                     "reason": None})
+            reason = "could not start: image 'ghost' is not on the Docker engine and the pull policy is 'never'"
+            await task_manager.send({"t": "model_status", "model": "m", "version": "1", "state": "failed",
+                                     "reason": reason})
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (1, "not_ready") and reason in reply["message"]
+            await bridge.infer(2, np.zeros((1, 3), dtype=np.float32))
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (2, "not_ready") and reason in reply["message"]
+
+            # A replica that comes up serves again.
+            await task_manager.replica_up("r1")
+            await poll(lambda: not service.scheduler.refusing("m/1"), "the replica to be known")
+            await bridge.infer(3, np.zeros((1, 3), dtype=np.float32))
+            reply, _ = await bridge.receive()
+            assert (reply["t"], reply["id"]) == ("reply", 3)
+            bridge.sock.close()
+
+    run(body())
+
+
 def test_cancelled_request_gets_no_reply(redis_url: str) -> None:
     async def body() -> None:
         async with running_batch_manager(redis_url) as running:

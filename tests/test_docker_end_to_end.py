@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,13 +152,18 @@ def test_echo_and_digits_from_containers_and_a_missing_image_fails_alone(
             (container,) = containers_of(engine, instance, model)
             assert container.status == "running" and container.attrs["Image"].startswith(image)
 
-        # The missing image: model failed, naming the image; its requests get an error; others serve on.
+        # The missing image: model failed, naming the image; its requests get not_ready with the reason at
+        # once, long before their deadline (20 s); others serve on.
         status = wait_for(lambda: (s := model_status(real_redis_url, redis_prefix, "ghost")) and s.state == "failed"
                           and s, timeout=30, what="ghost failed")
         assert MISSING_IMAGE in (status.reason or ""), status
         with Client(proxy.zmq_url, timeout=30) as client, pytest.raises(InferenceError) as failure:
-            client.infer("ghost", {"x": np.zeros((1, 1), np.float32)}, timeout=3)
-        assert failure.value.code, failure.value
+            asked = time.monotonic()
+            client.infer("ghost", {"x": np.zeros((1, 1), np.float32)}, timeout=20)
+        assert time.monotonic() - asked < 3.0, "answered at its deadline, not at once"
+        assert failure.value.code == "not_ready" and MISSING_IMAGE in failure.value.message, failure.value
+        response = rest_infer(proxy, "ghost", [1.0], [1, 1])
+        assert response.status_code == 503 and MISSING_IMAGE in response.text, response.text
         assert rest_infer(proxy, "echo", [5.0], [1, 1]).status_code == 200
         assert not containers_of(engine, instance, "ghost")
 

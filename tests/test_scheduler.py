@@ -679,3 +679,85 @@ def test_the_idle_watch_list_stays_bounded_for_a_busy_session() -> None:
         now += 0.001
     assert len(scheduler._idle) <= 4 + 1024 + 1
     assert scheduler.next_wakeup() == pytest.approx(now - 0.001 + 0.0005 + 5.0)
+
+
+# --- models the task manager reports as unable to run ---------------------------------------------------
+
+MISSING = "could not start: image 'ghost:1' is not on the Docker engine and the pull policy is 'never'"
+
+
+def test_queued_requests_of_a_failed_model_are_answered_at_once_with_the_reason(scheduler: Scheduler) -> None:
+    for i in range(3):
+        assert scheduler.submit(make_request(i), now=0.0) == []
+    assert scheduler.model_status("m", "1", "starting", None, now=0.1) == []
+    failed = replies(scheduler.model_status("m", "1", "failed", MISSING, now=0.2))
+    assert sorted(reply.origin[1] for reply in failed) == [0, 1, 2]
+    assert all(reply.code == "not_ready" and MISSING in reply.header["message"] for reply in failed)
+    assert scheduler.queued() == 0 and scheduler.pending() == 0 and scheduler.next_wakeup() is None
+    assert scheduler.tick(100.0) == [], "exactly one answer: no deadline error later"
+
+
+@pytest.mark.parametrize("state", ["failed", "unschedulable"])
+def test_new_requests_for_a_model_that_cannot_run_are_refused_not_queued(scheduler: Scheduler, state: str) -> None:
+    scheduler.model_status("m", "1", state, "all 2 CPU slots are taken", now=0.0)  # type: ignore[arg-type]
+    refused = only_reply(scheduler.submit(make_request(1), now=0.1))
+    assert refused.code == "not_ready" and "CPU slots" in refused.header["message"]
+    assert state in refused.header["message"] and scheduler.pending() == 0
+    # Other models are untouched.
+    assert scheduler.submit(make_request(2, model="wide"), now=0.1) == []
+    assert scheduler.queued("wide/1") == 1
+
+
+def test_a_failed_model_with_a_serving_replica_still_queues(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    assert scheduler.model_status("m", "1", "failed", MISSING, now=0.0) == []
+    [first] = dispatches(scheduler.submit(make_request(1, rows=4), now=0.0))
+    assert scheduler.submit(make_request(2), now=0.0) == [], "queued behind the batch the replica holds"
+    # Its last replica goes: the queued request is answered now, not at its deadline.
+    actions = scheduler.replica_down("r1", "exited with status 1", now=0.1)
+    codes = sorted((reply.origin[1], reply.code) for reply in replies(actions))
+    assert codes == [(1, "replica_lost"), (2, "not_ready")]
+    assert scheduler.pending() == 0
+
+
+def test_a_draining_replica_does_not_keep_a_failed_model_queueing(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    scheduler.model_status("m", "1", "failed", MISSING, now=0.0)
+    [held] = dispatches(scheduler.submit(make_request(1, rows=4), now=0.0))
+    scheduler.submit(make_request(2), now=0.0)
+    refused = only_reply(scheduler.replica_draining("r1", "scaled down", now=0.1))
+    assert (refused.origin[1], refused.code) == (2, "not_ready")
+    assert only_reply(echo_result(scheduler, held, now=0.2)).ok, "the batch it holds is still answered"
+
+
+def test_a_model_queues_again_once_a_replica_comes_up_or_its_state_is_hopeful(scheduler: Scheduler) -> None:
+    scheduler.model_status("m", "1", "failed", MISSING, now=0.0)
+    assert only_reply(scheduler.submit(make_request(1), now=0.0)).code == "not_ready"
+    scheduler.model_status("m", "1", "starting", "exited with status 1", now=0.1)
+    assert scheduler.submit(make_request(2), now=0.1) == [] and scheduler.queued("m/1") == 1
+
+    scheduler.model_status("m", "1", "unschedulable", "no GPU free", now=0.2)
+    assert only_reply(scheduler.submit(make_request(3), now=0.2)).code == "not_ready"
+    assert scheduler.queued("m/1") == 0, "request 2 was answered too"
+    # A replica that comes up serves even before the task manager reports the state again.
+    scheduler.replica_up("r1", "m", "1", 1, now=0.3)
+    [batch] = dispatches(scheduler.submit(make_request(4, rows=4), now=0.3))
+    assert only_reply(echo_result(scheduler, batch, now=0.4)).ok
+
+
+def test_sessions_of_a_failed_model_are_refused_and_their_queued_requests_fail() -> None:
+    scheduler = stateful()
+    assert scheduler.submit(session_request(1, 7, start=True), now=0.0) == []
+    assert scheduler.submit(session_request(2, 7), now=0.0) == []
+    failed = replies(scheduler.model_status("s", "1", "failed", MISSING, now=0.1))
+    assert sorted(reply.origin[1] for reply in failed) == [1, 2]
+    assert all(reply.code == "not_ready" and MISSING in reply.header["message"] for reply in failed)
+    assert scheduler.sessions("s/1") == {}
+    refused = only_reply(scheduler.submit(session_request(3, 8, start=True), now=0.2))
+    assert refused.code == "not_ready" and MISSING in refused.header["message"]
+
+    # Recovered: a new session runs; the old one's state is gone, and says why.
+    scheduler.replica_up("r1", "s", "1", 2, now=0.3)
+    assert dispatches(scheduler.submit(session_request(4, 8, start=True), now=0.3))
+    lost = only_reply(scheduler.submit(session_request(5, 7), now=0.3))
+    assert lost.code == "session_lost" and MISSING in lost.header["message"]

@@ -1,5 +1,6 @@
 """A hypothesis state machine over the scheduler: random interleavings of requests (with priorities and
-sessions), results, failures, timeouts, cancels, replica deaths and drains, checked after every step.
+sessions), results, failures, timeouts, cancels, replica deaths and drains, and the task manager's model
+statuses, checked after every step.
 
 The machine plays the replicas too: it keeps, per replica, the sessions a real runtime would hold
 (applying every batch in the order it was sent, as the runtime's one worker thread does), so it can
@@ -18,8 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from batch_manager.messages import ReplicaId
 from batch_manager.params import Priority, RequestParams, SessionParams
-from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
-from model_manager.spec import ModelSpec
+from batch_manager.scheduler import REFUSING_STATES, Action, Dispatch, Reply, Request, Scheduler
+from model_manager.spec import ModelSpec, ServingState
 from model_manager.store import Registry
 
 BRIDGE = b"bridge"
@@ -29,6 +30,7 @@ STATEFUL = ModelSpec(name="s", model_class="x:Y", max_batch_size=4, max_batch_de
 SPECS = {"m": STATELESS, "s": STATEFUL}
 REPLICAS = [f"r{i}" for i in range(4)]
 SESSIONS = [1, 2, 3, 4, 5]
+STATES: list[ServingState] = ["starting", "ready", "degraded", "failed", "unschedulable", "stopped"]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -45,6 +47,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.outstanding: list[Dispatch] = []
         self.held: dict[ReplicaId, set[int]] = {}  # sessions a real runtime would hold, per replica
         self.last_item: dict[int, int] = {}  # session -> last item id dispatched (item ids grow with arrival)
+        self.status: dict[str, ServingState] = {}  # model -> the state the task manager last reported
 
     # --- checking every action -----------------------------------------------------------------------
 
@@ -96,17 +99,33 @@ class SchedulerMachine(RuleBasedStateMachine):
         metas = [{"name": "x", "dtype": "float32", "shape": [rows, width]}]
         return Request(origin, model, None, metas, [f"f{origin[1]}"], self.now + timeout, params)
 
+    def refusing(self, model: str) -> bool:
+        """The model cannot run and no replica of it takes batches: its requests must not wait."""
+        return self.status.get(model) in REFUSING_STATES and not any(
+            r["model"] == model and not r["draining"] for r in self.replicas.values())
+
+    def submit(self, request: Request) -> None:
+        refused = self.refusing(request.model)
+        actions = self.scheduler.submit(request, self.now)
+        self.check(actions)
+        if refused:
+            assert [(a.origin, a.code) for a in actions if isinstance(a, Reply)] == [(request.origin, "not_ready")]
+
     @rule(rows=st.integers(1, 3), width=st.sampled_from([3, 4]), priority=st.sampled_from(list(Priority)),
           timeout=st.sampled_from([0.05, 0.5, 5.0]))
     def submit_stateless(self, rows: int, width: int, priority: Priority, timeout: float) -> None:
-        request = self._request("m", RequestParams(priority), timeout, rows, width)
-        self.check(self.scheduler.submit(request, self.now))
+        self.submit(self._request("m", RequestParams(priority), timeout, rows, width))
 
     @rule(session=st.sampled_from(SESSIONS), start=st.booleans(), end=st.booleans(),
           priority=st.sampled_from(list(Priority)), timeout=st.sampled_from([0.05, 0.5, 5.0]))
     def submit_session(self, session: int, start: bool, end: bool, priority: Priority, timeout: float) -> None:
         params = RequestParams(priority, SessionParams(session, start, end))
-        self.check(self.scheduler.submit(self._request("s", params, timeout), self.now))
+        self.submit(self._request("s", params, timeout))
+
+    @rule(model=st.sampled_from(["m", "s"]), state=st.sampled_from(STATES))
+    def model_status(self, model: str, state: ServingState) -> None:
+        self.status[model] = state
+        self.check(self.scheduler.model_status(model, "1", state, f"{model} is {state}", self.now))
 
     @rule(replica=st.sampled_from(REPLICAS), model=st.sampled_from(["m", "s"]), capacity=st.integers(1, 3))
     def replica_up(self, replica: str, model: str, capacity: int) -> None:
@@ -186,6 +205,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert taken == pinned.get(replica, 0), "a slot held by no open session (leaked)"
 
     @invariant()
+    def nothing_waits_for_a_model_that_cannot_run(self) -> None:
+        for model, spec in SPECS.items():
+            assert self.scheduler.refusing(spec.key) == self.refusing(model)
+            if self.refusing(model):
+                assert self.scheduler.queued(spec.key) == 0, f"a request queued for {model}, which cannot run"
+
+    @invariant()
     def nothing_is_answered_twice(self) -> None:
         assert all(count == 1 for count in self.answers.values())
 
@@ -194,6 +220,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.scheduler
         for model in ("m", "s"):
             self.replica_up(f"final-{model}", model, 3)
+            self.model_status(model, "ready")
         for _ in range(2000):
             if self.outstanding:
                 self.answer(0, "result")

@@ -333,6 +333,32 @@ def test_model_status_is_written_to_redis(redis_url: str) -> None:
     run(redis_url, scenario, crash_loop_failures=2)
 
 
+def test_batch_managers_hear_when_a_model_cannot_start_and_why(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        # The process runtime cannot run an image: every start fails, as a missing image does under Docker.
+        await h.store.put(ModelSpec(name="ghost", image="inferoxy/no-such-image:never"))
+        failed, _ = await h.expect("model_status", model="ghost", version="1", state="failed")
+        assert "could not start" in failed["reason"] and "names only an image" in failed["reason"], failed
+        await h.status_eventually("ghost", "failed")
+
+        # A batch manager that connects later hears the state with the reason, not just the (no) replicas.
+        late = h.batch_manager()
+        await late.send_multipart(wire.encode({"t": "hb"}))
+        async with asyncio.timeout(10):
+            header, _ = wire.decode(await late.recv_multipart())
+        assert (header["t"], header["model"], header["state"]) == ("model_status", "ghost", "failed")
+        assert header["reason"] == failed["reason"]
+        late.close()
+
+        # Restarts go on without news for the batch managers: the state and its reason stay the same.
+        restarts = h.tm.status()["ghost/1"]["restarts"]
+        await eventually(lambda: h.tm.status()["ghost/1"]["restarts"] > restarts, what="another start")
+        with pytest.raises(TimeoutError):
+            await h.expect("model_status", timeout=0.5)
+
+    run(redis_url, scenario)
+
+
 def test_a_gpu_model_gets_one_gpu_per_replica_and_the_rest_is_unschedulable(redis_url: str) -> None:
     async def scenario(h: Harness) -> None:
         await h.store.put(spec("g", ECHO, run_on_gpu=True, min_replicas=3, max_replicas=3))
@@ -387,6 +413,9 @@ def test_a_new_batch_manager_hears_of_every_ready_replica(redis_url: str) -> Non
             header, _ = wire.decode(await late.recv_multipart())
         assert header == {"t": "replica_up", "replica": up["replica"], "model": "echo", "version": "1",
                           "capacity": 2}
+        async with asyncio.timeout(10):
+            status, _ = wire.decode(await late.recv_multipart())
+        assert status == {"t": "model_status", "model": "echo", "version": "1", "state": "ready", "reason": None}
         assert await late.poll(500) == 0, "only the replica it started"
         late.close()
         intruder.close()
