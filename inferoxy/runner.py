@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -14,7 +15,6 @@ import zmq.asyncio
 
 from inferoxy.service import Service
 from inferoxy.settings import Settings
-from inferoxy.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,13 @@ async def run_component(name: str, settings: Settings) -> None:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         waiter.cancel()
-        if task.done():
-            task.result()  # it ended on its own: a failure, raised so the process exits non-zero
-        else:
-            await cancel_and_wait([task])
+        if not task.done():
+            # One cancel: the component's own shutdown (draining replicas, final statuses) must run to its end.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not task.cancelled():
+            task.result()  # it failed, on its own or while stopping: raised so the process exits non-zero
 
     try:
         await run_until_signalled(main)
@@ -127,7 +130,10 @@ async def run_in_process(settings: Settings, on_ready: Callable[[Settings], None
     finally:
         # Bridges first, the registry last: the reverse of the start order.
         for task in reversed(tasks):
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("%s failed", task.get_name(), exc_info=task.exception())
-            await cancel_and_wait([task])
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception:
+                    log.exception("%s failed", task.get_name())
         ctx.destroy(linger=0)

@@ -609,7 +609,10 @@ class TaskManager:
         tasks = [replica.task for replica in replicas if replica.task is not None]
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 5.0)
-            await cancel_and_wait(late)
+            # One cancel each: a replica task's cancellation handler still has to stop its process.
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._replicas.clear()
 
     async def _final_cleanup(self, runtime: Runtime, store: SpecStore) -> None:
