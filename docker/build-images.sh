@@ -8,6 +8,7 @@
 #   inferoxy/model-base:TAG     Python + numpy/pyzmq/msgpack + the model runtime
 #   inferoxy/echo:TAG           examples/models/echo
 #   inferoxy/digits:TAG         examples/models/digits
+#   inferoxy/counter:TAG        examples/models/counter
 #   inferoxy/proxy:TAG          the proxy, installed from a wheelhouse made here
 #
 # The proxy image is installed from build/docker-wheelhouse, so its build reaches no index: the
@@ -62,6 +63,7 @@ mkdir -p "$ROOT/build"
 build "$MODEL_BASE" docker/model-base/Dockerfile "$BASE"
 build "inferoxy/echo:$TAG" examples/models/echo/Dockerfile "$MODEL_BASE"
 build "inferoxy/digits:$TAG" examples/models/digits/Dockerfile "$MODEL_BASE"
+build "inferoxy/counter:$TAG" examples/models/counter/Dockerfile "$MODEL_BASE"
 
 begin "wheelhouse $WHEELHOUSE"
 # The project's own wheel (pure Python) is built here; its dependencies are downloaded by the base
@@ -97,6 +99,6 @@ took
 build "inferoxy/proxy:$TAG" docker/Dockerfile "$BASE"
 
 say "all images built in $((SECONDS - total_start))s:"
-for image in "$BASE" "$MODEL_BASE" "inferoxy/echo:$TAG" "inferoxy/digits:$TAG" "inferoxy/proxy:$TAG"; do
+for image in "$BASE" "$MODEL_BASE" "inferoxy/echo:$TAG" "inferoxy/digits:$TAG" "inferoxy/counter:$TAG" "inferoxy/proxy:$TAG"; do
     echo "$image"
 done
