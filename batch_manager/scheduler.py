@@ -25,6 +25,10 @@ explains every rule below; in short it follows Triton's dynamic and sequence bat
   ``failed`` or ``unschedulable`` and no replica of it takes batches, waiting is pointless: its
   queued requests, and new ones, are answered ``not_ready`` with the reason at once. A replica
   coming up, or a hopeful state (starting, ready, degraded), lets requests queue again.
+* A model version removed from the registry takes no new request (``unknown_model``), but the
+  requests it already holds are still served by its replicas; once none is queued or in flight the
+  scheduler says so (``ModelDrained``), and the task manager may stop its replicas. If it has no
+  replica left that takes batches, its queued requests fail at once.
 
 Every submitted request gets exactly one reply (its result or an error), unless its bridge
 cancels it.
@@ -120,7 +124,18 @@ class Dispatch:
         return header
 
 
-Action = Reply | Dispatch
+@dataclass(slots=True)
+class ModelDrained:
+    """Tell the task manager that a model version removed from the registry holds no request here any more."""
+
+    model: str
+    version: str
+
+    def header(self) -> dict[str, Any]:
+        return {"t": protocol.MODEL_DRAINED, "model": self.model, "version": self.version}
+
+
+Action = Reply | Dispatch | ModelDrained
 
 
 class _State(enum.Enum):
@@ -304,6 +319,8 @@ class Scheduler:
         # The task manager's last word on each model version (key: name/version): (state, reason).
         # Kept apart from ``_models``, which forgets idle model versions.
         self._status: dict[str, tuple[ServingState, str | None]] = {}
+        # Model versions removed from the registry that still hold requests, with their last spec.
+        self._deleting: dict[str, ModelSpec] = {}
         self._seq = 0
         self._batch_seq = 0
         self._use_seq = 0
@@ -312,18 +329,33 @@ class Scheduler:
     # --- inputs --------------------------------------------------------------------------------------
 
     def set_registry(self, registry: Registry, now: float) -> list[Action]:
-        """Take a new registry view. Queued requests of a model version that was removed fail ``unknown_model``."""
+        """Take a new registry view.
+
+        A model version that was removed takes no new request, but its queued requests are still served
+        (they fail ``unknown_model`` at once only if no replica of it takes batches); ``ModelDrained`` says
+        when it holds nothing more. A model version added again is served as before.
+        """
+        previous = self._registry
         self._registry = registry
         out: list[Action] = []
+        for key in [key for key in self._deleting if key in registry.specs]:
+            del self._deleting[key]  # added again before it drained
+        if previous is not None:
+            for key, old_spec in previous.specs.items():
+                if key not in registry.specs and key not in self._deleting:
+                    self._deleting[key] = old_spec
         for key, model in self._models.items():
             spec = registry.specs.get(key)
-            groups = list(model.groups.values()) + [g for r in model.replicas.values() for g in r.groups.values()]
-            if spec is not None:
-                for group in groups:
-                    group.spec = spec
+            if spec is None:
+                if key in self._deleting and not any(not r.draining for r in model.replicas.values()):
+                    self._fail_queued(model, ErrorCode.UNKNOWN_MODEL, f"model {key} was removed from the registry",
+                                      out)
                 continue
-            self._fail_queued(model, ErrorCode.UNKNOWN_MODEL, f"model {key} was removed from the registry", out)
+            groups = list(model.groups.values()) + [g for r in model.replicas.values() for g in r.groups.values()]
+            for group in groups:
+                group.spec = spec
         self._pump_all(now, out)
+        self._check_drained(out)
         return out
 
     def submit(self, request: Request, now: float) -> list[Action]:
@@ -426,6 +458,7 @@ class Scheduler:
         if queued and pending.session is not None:
             self._session_item_gone(pending, now, out)
             self._pump(self._model(pending.spec.key), now, out)
+        self._check_drained(out)
         return out
 
     def replica_up(self, replica_id: ReplicaId, model: str, version: str, capacity: int, now: float) -> list[Action]:
@@ -449,6 +482,7 @@ class Scheduler:
         model_entry.replicas[replica_id] = replica
         self._place_waiting(model_entry, now, out)
         self._pump(model_entry, now, out)
+        self._check_drained(out)
         return out
 
     def replica_draining(self, replica_id: ReplicaId, reason: str, now: float) -> list[Action]:
@@ -468,6 +502,7 @@ class Scheduler:
             self._lose_session(model, session, ErrorCode.SESSION_LOST, message, out, answer_in_flight=False)
         self._refuse_if_bare(replica.model_key, out)
         self._pump(model, now, out)
+        self._check_drained(out)
         return out
 
     def replica_down(self, replica_id: ReplicaId, reason: str, now: float) -> list[Action]:
@@ -478,6 +513,7 @@ class Scheduler:
             self._drop_replica(replica, reason, now, out, retry=True)
             self._refuse_if_bare(replica.model_key, out)
             self._pump(self._model(replica.model_key), now, out)
+        self._check_drained(out)
         return out
 
     def model_status(self, model: str, version: str, state: ServingState, reason: str | None,
@@ -491,6 +527,7 @@ class Scheduler:
         model_entry = self._models.get(key)
         if model_entry is not None:
             self._pump(model_entry, now, out)
+        self._check_drained(out)
         return out
 
     def on_result(
@@ -534,6 +571,7 @@ class Scheduler:
                                             and problem[0] == ErrorCode.SESSION_LOST.value)
                 start = end
         self._pump(self._model(batch.replica.model_key), now, out)
+        self._check_drained(out)
         return out
 
     def on_failed(self, replica_id: ReplicaId, batch_id: int, code: str, message: str, now: float) -> list[Action]:
@@ -551,6 +589,7 @@ class Scheduler:
                 self._fail(pending, error_code, message, out)
                 self._session_item_done(pending, now, out)
         self._pump(model, now, out)
+        self._check_drained(out)
         return out
 
     def tick(self, now: float) -> list[Action]:
@@ -571,12 +610,13 @@ class Scheduler:
             model = self._models.get(session.model_key)
             if model is None or model.sessions.get(session.id) is not session or not session.idle():
                 continue
-            spec = self._registry.specs.get(session.model_key) if self._registry else None
+            spec = self._spec(session.model_key)
             timeout = spec.session_idle_timeout_s if spec else 0.0
             if session.last_active + timeout > now:
                 continue  # it was busy since; going idle again pushed a later entry
             self._end_session(model, session, f"it was idle for more than {timeout:g}s", now, out, notify=True)
         self._pump_all(now, out)
+        self._check_drained(out)
         self._forget_idle_models()
         return out
 
@@ -826,7 +866,7 @@ class Scheduler:
 
     def _place(self, model: _Model, session: _Session) -> bool:
         """Pin ``session`` to the usable replica with the fewest sessions and a free slot, else let it wait."""
-        spec = self._registry.specs.get(session.model_key) if self._registry else None
+        spec = self._spec(session.model_key)
         slots = spec.max_sessions_per_replica if spec else 1
         best: _Replica | None = None
         for replica in model.replicas.values():
@@ -908,7 +948,7 @@ class Scheduler:
             self._advance(session, now, out)
 
     def _watch_idle(self, session: _Session) -> None:
-        spec = self._registry.specs.get(session.model_key) if self._registry else None
+        spec = self._spec(session.model_key)
         if spec is not None:
             self._idle_seq += 1
             session.idle_due = session.last_active + spec.session_idle_timeout_s
@@ -972,11 +1012,15 @@ class Scheduler:
         """Why requests for ``key`` are refused now, or None while they may queue (on the request path: one
         dict look-up for a model in a hopeful state)."""
         status = self._status.get(key)
-        if status is None or status[0] not in REFUSING_STATES:
+        deleted = key in self._deleting
+        if not deleted and (status is None or status[0] not in REFUSING_STATES):
             return None
         model = self._models.get(key)
         if model is not None and any(not replica.draining for replica in model.replicas.values()):
             return None  # a replica still takes batches: the state will say degraded soon enough
+        if deleted:
+            return f"model {key} was removed from the registry and has no replica left to serve its queued requests"
+        assert status is not None
         state, reason = status
         return f"model {key} is {state} and has no ready replica: {reason or 'no reason given'}"
 
@@ -986,6 +1030,21 @@ class Scheduler:
         model = self._models.get(key)
         if refusal is not None and model is not None:
             self._fail_queued(model, ErrorCode.NOT_READY, refusal, out)
+
+    def _check_drained(self, out: list[Action]) -> None:
+        """``ModelDrained`` for each removed model version with nothing queued and no batch at a replica."""
+        if not self._deleting:
+            return
+        for key, spec in list(self._deleting.items()):
+            model = self._models.get(key)
+            if model is None or (model.queued == 0 and not any(r.batches for r in model.replicas.values())):
+                del self._deleting[key]
+                out.append(ModelDrained(spec.name, spec.version))
+
+    def _spec(self, key: str) -> ModelSpec | None:
+        """The registry's spec of a model version, or the last one of a removed model version still draining."""
+        spec = self._registry.specs.get(key) if self._registry else None
+        return spec if spec is not None else self._deleting.get(key)
 
     def _fail_queued(self, model: _Model, code: ErrorCode, message: str, out: list[Action]) -> None:
         """Fail every request of ``model`` not yet at a replica and end its sessions; in-flight batches go on."""

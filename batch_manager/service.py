@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from batch_manager import messages
 from batch_manager.params import parse_params
-from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
+from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from inferoxy import protocol
 from inferoxy.bus import plain_socket
 from inferoxy.protocol import ErrorCode
@@ -220,6 +220,11 @@ class BatchManager:
             action = work.popleft()
             if isinstance(action, Reply):
                 self._send_to_bridge(action.origin[0], action.header, action.frames)
+            elif isinstance(action, ModelDrained):
+                log.info("model %s/%s was removed and holds no request here any more", action.model, action.version)
+                if not self._send(self._task_manager, [pack_header(action.header())]):
+                    log.warning("could not tell the task manager that model %s/%s drained; it stops its replicas "
+                                "after its grace", action.model, action.version)
             elif not self._send_batch(action):
                 work.extend(self.scheduler.on_failed(
                     action.replica, action.batch_id, ErrorCode.NOT_READY.value,

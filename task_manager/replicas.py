@@ -83,6 +83,10 @@ class ModelGroup:
     """Set once replicas crash-loop or cannot start; cleared when one serves long enough or the spec changes."""
     unschedulable: str | None = None
     """Why the last replica it wanted could not be placed (no GPU or CPU slot free); None once one is."""
+    retire_timer: asyncio.TimerHandle | None = None
+    """While removed but not yet drained: retires it when the grace for batch managers' ``model_drained`` ends."""
+    awaiting: set[bytes] = field(default_factory=set)
+    """While removed but not yet drained: the batch managers whose ``model_drained`` it still waits for."""
 
     @property
     def desired(self) -> int:

@@ -14,7 +14,9 @@ replaced after an exponential backoff, which resets once a replica has served fo
 refuses, such as a missing image) mark the model ``failed``, and restarts go on.
 
 Planned stops drain: batch managers get ``replica_draining`` (no new batches), the replica gets
-``stop`` and answers what it holds, and ``replica_down`` follows its exit. A spec change that
+``stop`` and answers what it holds, and ``replica_down`` follows its exit. A model removed from the
+registry first serves what batch managers still queue for it: its replicas are drained once every
+batch manager it knows sent ``model_drained`` for it, or after ``request_timeout_s``. A spec change that
 alters what replicas run is a rolling update: one replica of the new spec starts, and only once
 it is ready is one old replica drained, one at a time.
 
@@ -89,6 +91,10 @@ class TaskManager:
         self._to_announce: dict[str, ModelGroup] = {}
         self._announce_scheduled = False
         self._announced: dict[str, tuple[ServingState, str | None]] = {}  # what batch managers were told
+        # Removed models whose replicas still serve what batch managers queued for them, by spec key.
+        self._retiring: dict[str, ModelGroup] = {}
+        # ``model_drained`` notices that came before the task manager saw the removal: key -> sender -> when.
+        self._early_drained: dict[str, dict[bytes, float]] = {}
 
     @property
     def _silence_limit_s(self) -> float:
@@ -198,6 +204,8 @@ class TaskManager:
         kind = header.get("t")
         if kind == protocol.BATCH:
             self._forward_batch(sender, header, frames)
+        elif kind == protocol.MODEL_DRAINED:
+            self._on_model_drained(sender, header)
         elif kind != protocol.HEARTBEAT:
             log.warning("ignoring a %r message from a batch manager", kind)
 
@@ -211,6 +219,40 @@ class TaskManager:
             for group in self._groups.values():
                 self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
         self._batch_managers[sender] = time.monotonic()
+
+    def _on_model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
+        model, version = header.get("model"), header.get("version")
+        if not isinstance(model, str) or not isinstance(version, str):
+            log.warning("dropping a model_drained message without model and version: %r", header)
+            return
+        key = f"{model}/{version}"
+        group = self._retiring.get(key)
+        if group is None:
+            # The batch manager may see the removal before we do: keep the notice for a while.
+            self._early_drained.setdefault(key, {})[sender] = time.monotonic()
+            return
+        group.awaiting.discard(sender)
+        self._retire_if_drained(key)
+
+    def _retire_if_drained(self, key: str) -> None:
+        group = self._retiring.get(key)
+        if group is not None and not (group.awaiting & self._batch_managers.keys()):
+            self._retire(key, "every batch manager has answered what it queued for it")
+
+    def _retire(self, key: str, why: str) -> None:
+        """Drain and stop the replicas of a removed model (its retirement's wait is over)."""
+        group = self._retiring.pop(key, None)
+        if group is None:
+            return
+        if group.retire_timer is not None:
+            group.retire_timer.cancel()
+            group.retire_timer = None
+        live = group.live()
+        if live:
+            log.info("model %s was removed; draining its replicas (%s)", key, why)
+        for replica in live:
+            self._end(replica, "the model was removed", wanted=True)
+        self._status_changed(group)
 
     def _forward_batch(self, sender: bytes, header: Mapping[str, Any], frames: list[Any]) -> None:
         target, batch_id = header.get("replica"), header.get("batch")
@@ -356,10 +398,22 @@ class TaskManager:
                 if replica.state is ReplicaState.READY and silent > self._silence_limit_s:
                     self._end(replica, f"no heartbeat for {silent:.1f}s", wanted=False)
             self._forgive_recovered(now)
+            forgot = False
             for identity, seen in list(self._batch_managers.items()):
                 if now - seen > self._silence_limit_s:
                     log.info("batch manager %s went silent; forgetting it", identity.hex())
                     del self._batch_managers[identity]
+                    forgot = True
+            if forgot:
+                for key in list(self._retiring):
+                    self._retire_if_drained(key)
+            stale = now - self.settings.request_timeout_s
+            for key, senders in list(self._early_drained.items()):
+                for identity, when in list(senders.items()):
+                    if when < stale:
+                        del senders[identity]
+                if not senders:
+                    del self._early_drained[key]
 
     def _forgive_recovered(self, now: float) -> None:
         """A model whose replica has served for restart_backoff_max_s since its failures is healthy again."""
@@ -375,6 +429,15 @@ class TaskManager:
     def _apply_registry(self, registry: Registry) -> None:
         for spec in registry:
             group = self._groups.get(spec.key)
+            if group is None and spec.key in self._retiring:
+                # Added again before its replicas were drained: it keeps them.
+                group = self._groups[spec.key] = self._retiring.pop(spec.key)
+                log.info("model %s was added again; keeping its replicas", spec.key)
+                if group.retire_timer is not None:
+                    group.retire_timer.cancel()
+                    group.retire_timer = None
+                group.awaiting = set()
+                group.removed = False
             if group is None:
                 log.info("model %s: keeping %d replicas", spec.key, spec.min_replicas)
                 group = self._groups[spec.key] = ModelGroup(spec)
@@ -391,13 +454,23 @@ class TaskManager:
             self._reconcile(group)
         for key in set(self._groups) - set(registry.specs):
             group = self._groups.pop(key)
-            log.info("model %s was removed; draining its replicas", key)
             group.removed = True
             if group.retry is not None:
                 group.retry.cancel()
-            for replica in group.live():
-                self._end(replica, "the model was removed", wanted=True)
-            self._status_changed(group)
+                group.retry = None
+            # Batch managers still serve what they queued for it: its replicas stay until each says it
+            # holds nothing more (model_drained), or until a request's timeout has surely passed.
+            self._retiring[key] = group
+            early = self._early_drained.pop(key, {})
+            group.awaiting = set(self._batch_managers) - set(early)
+            if group.awaiting and group.live():
+                log.info("model %s was removed; its replicas stay until batch managers drained it (at most %gs)",
+                         key, self.settings.request_timeout_s)
+                group.retire_timer = asyncio.get_running_loop().call_later(
+                    self.settings.request_timeout_s, self._retire, key, "the grace for batch managers passed")
+                self._status_changed(group)
+            else:
+                self._retire(key, "no batch manager holds requests for it")
 
     def _reconcile(self, group: ModelGroup) -> None:
         """Start or drain replicas until the group runs as many of its current spec as it wants.
@@ -603,6 +676,10 @@ class TaskManager:
         for group in self._groups.values():
             if group.retry is not None:
                 group.retry.cancel()
+        for group in self._retiring.values():
+            if group.retire_timer is not None:
+                group.retire_timer.cancel()
+        self._retiring.clear()
         replicas = list(self._replicas.values())
         for replica in replicas:
             self._end(replica, "the task manager is stopping", wanted=True)

@@ -72,6 +72,7 @@ class FakeTaskManager:
         self.batches: list[dict[str, Any]] = []
         self.hold = False  # keep batches unanswered
         self.held: list[list[Any]] = []
+        self.others: list[dict[str, Any]] = []  # every other message
         self.task: asyncio.Task[None] | None = None
 
     async def serve(self) -> None:
@@ -87,6 +88,8 @@ class FakeTaskManager:
                     self.held.append([header, *frames])
                 else:
                     await self.answer(header, frames)
+            else:
+                self.others.append(header)
 
     async def answer(self, header: dict[str, Any], frames: list[bytes]) -> None:
         result = {"t": "result", "replica": header["replica"], "batch": header["batch"],
@@ -414,6 +417,36 @@ def test_request_parameters_are_read_and_bad_ones_refused(redis_url: str) -> Non
             await bridge.infer(3, np.zeros((1, 3), dtype=np.float32), params={"priority": 1, "timeout": 5_000_000})
             reply, _ = await bridge.receive()
             assert (reply["t"], reply["id"]) == ("reply", 3)
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_a_removed_model_serves_what_it_queued_then_says_model_drained(redis_url: str) -> None:
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=1)
+            await bridge.infer(1, np.zeros((4, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on r1")
+            await bridge.infer(2, np.zeros((1, 3), dtype=np.float32))  # queued: r1 has no credit left
+            await poll(lambda: running.service.scheduler.queued("m/1") == 1, "request 2 queued")
+            store = SpecStore.from_url(redis_url, running.service.settings.redis_prefix)
+            await store.delete("m")
+            await store.close()
+            scheduler = running.service.scheduler
+            await poll(lambda: scheduler._registry is not None and "m/1" not in scheduler._registry.specs,
+                       "the removal to land")
+            await bridge.infer(3, np.zeros((1, 3), dtype=np.float32))
+            header, _ = await bridge.receive()
+            assert (header["id"], header["code"]) == (3, "unknown_model")
+            task_manager.hold = False
+            await task_manager.answer(task_manager.held[0][0], task_manager.held[0][1:])
+            got = await bridge.receive_all(2)
+            assert all(header["t"] == "reply" for header, _ in got.values()), got
+            drained = await poll(lambda: [m for m in task_manager.others if m["t"] == "model_drained"], "model_drained")
+            assert drained == [{"t": "model_drained", "model": "m", "version": "1"}]
             bridge.sock.close()
 
     run(body())

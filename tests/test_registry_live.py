@@ -138,6 +138,25 @@ def test_a_deleted_model_stops_taking_requests_and_its_replicas_stop(proxy: Prox
     wait_for(lambda: not replica_pids(proxy), timeout=30, what="echo's replicas to stop")
 
 
+def test_a_deleted_model_answers_what_it_queued_before_its_replicas_stop(proxy: ProxyProcess) -> None:
+    slow = {"name": "slow", "model_class": "tests.models_for_tests:SlowModel", "max_batch_size": 1,
+            "max_batch_delay_ms": 0, "env": {"SLOW_MODEL_SECONDS": "0.4"}}
+    echo_replicas = wait_for(lambda: len(pids := replica_pids(proxy)) == 2 and pids, timeout=30, what="echo")
+    assert httpx.post(f"{proxy.rest_url}/v2/admin/models", json=slow, timeout=10).status_code == 201
+    wait_for(lambda: infer(proxy.rest_url, "slow").status_code == 200, timeout=30, interval=0.2, what="slow")
+    wait_for(lambda: len(pids := replica_pids(proxy)) == 3 and pids, timeout=30, what="slow's replica")
+    with ThreadPoolExecutor(6) as pool:
+        # One at the replica, the rest queued behind it (one row a batch, 0.4 s each) when it is deleted.
+        pending = [pool.submit(infer, proxy.rest_url, "slow") for _ in range(6)]
+        time.sleep(0.3)
+        assert httpx.delete(f"{proxy.rest_url}/v2/admin/models/slow", timeout=10).status_code == 200
+        wait_for(lambda: infer(proxy.rest_url, "slow").status_code == 404, timeout=1.0, interval=0.05,
+                 what="slow refused")
+        answers = [future.result() for future in pending]
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers if a.status_code != 200]
+    wait_for(lambda: replica_pids(proxy) == echo_replicas, timeout=30, what="slow's replica to stop")
+
+
 def test_changed_batching_limits_apply_to_the_next_batch(proxy: ProxyProcess) -> None:
     probe = {"name": "probe", "model_class": "tests.models_for_tests:BatchProbeModel", "max_batch_size": 64,
              "max_batch_delay_ms": 200}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from batch_manager.messages import ReplicaId
 from batch_manager.params import Priority, RequestParams, SessionParams, parse_params
-from batch_manager.scheduler import Action, Dispatch, Reply, Request, Scheduler
+from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import WireError
 from model_manager.spec import ModelSpec, TensorSpec
@@ -339,11 +339,83 @@ def test_oldest_ready_group_goes_first(scheduler: Scheduler) -> None:
     assert batch.frames == ["x2"]
 
 
-def test_removed_model_fails_its_queued_requests(scheduler: Scheduler) -> None:
+def drained(actions: list[Action]) -> list[tuple[str, str]]:
+    return [(a.model, a.version) for a in actions if isinstance(a, ModelDrained)]
+
+
+def test_removed_model_without_a_replica_fails_its_queued_requests(scheduler: Scheduler) -> None:
     scheduler.submit(make_request(1), now=0.0)
-    reply = only_reply(scheduler.set_registry(make_registry(make_spec("wide")), now=0.1))
-    assert reply.code == "unknown_model"
+    actions = scheduler.set_registry(make_registry(make_spec("wide")), now=0.1)
+    assert only_reply(actions).code == "unknown_model"
+    assert drained(actions) == [("m", "1")]
     assert scheduler.next_wakeup() is None
+
+
+def test_removed_model_serves_what_it_queued_and_refuses_new_requests(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    [first] = dispatches(scheduler.submit(make_request(0, rows=4), now=0.0))  # full: leaves at once
+    for i in range(1, 6):
+        scheduler.submit(make_request(i), now=0.0)
+    actions = scheduler.set_registry(make_registry(make_spec("wide")), now=0.01)
+    assert replies(actions) == [] and drained(actions) == []
+    assert scheduler.queued("m/1") == 5
+    assert only_reply(scheduler.submit(make_request(9), now=0.02)).code == "unknown_model"
+    answered: list[Reply] = []
+    actions = echo_result(scheduler, first, now=0.05)
+    answered += replies(actions)
+    assert drained(actions) == []
+    [second] = dispatches(actions)  # the queued requests still go, with the spec they had
+    assert second.model == "m" and second.frames == ["x1", "x2", "x3", "x4"]
+    actions = echo_result(scheduler, second, now=0.06)
+    answered += replies(actions)
+    [third] = dispatches(actions)
+    assert drained(actions) == [], "a batch is still at the replica"
+    actions = echo_result(scheduler, third, now=0.07)
+    answered += replies(actions)
+    assert drained(actions) == [("m", "1")]
+    assert [(r.origin[1], r.ok) for r in answered] == [(i, True) for i in range(6)]
+    assert drained(scheduler.tick(1.0)) == [], "said once"
+    assert scheduler.pending() == 0
+
+
+def test_removed_model_with_nothing_queued_is_drained_at_once(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    assert drained(scheduler.set_registry(make_registry(make_spec("wide")), now=0.0)) == [("m", "1")]
+    # A version that was never used here is reported too: the task manager waits for every batch manager.
+    assert drained(scheduler.set_registry(make_registry(), now=0.0)) == [("wide", "1")]
+
+
+def test_removed_model_added_again_before_it_drained_is_served_as_before(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    [first] = dispatches(scheduler.submit(make_request(0, rows=4), now=0.0))
+    scheduler.set_registry(make_registry(make_spec("wide")), now=0.01)
+    actions = scheduler.set_registry(make_registry(make_spec(), make_spec("wide")), now=0.02)
+    assert drained(actions) == []
+    assert drained(echo_result(scheduler, first, now=0.03)) == []
+    [batch] = dispatches(scheduler.submit(make_request(1, rows=4), now=0.04))
+    assert batch.frames == ["x1"]
+
+
+def test_removed_models_queued_requests_fail_once_when_its_replicas_go(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    [first] = dispatches(scheduler.submit(make_request(0, rows=4), now=0.0))
+    scheduler.submit(make_request(1), now=0.0)
+    scheduler.set_registry(make_registry(make_spec("wide")), now=0.01)
+    actions = scheduler.replica_draining("r1", "stopping", now=0.02)
+    # Nothing will ever serve the queued one now: it fails at once; the batch at the replica is still answered.
+    assert only_reply(actions).code == "not_ready" and drained(actions) == []
+    actions = echo_result(scheduler, first, now=0.03)
+    assert [r.origin[1] for r in replies(actions)] == [0] and drained(actions) == [("m", "1")]
+    assert replies(scheduler.replica_down("r1", "exited", now=0.04)) == []
+    assert scheduler.pending() == 0
+
+
+def test_removed_models_batch_lost_with_its_replica_fails_replica_lost(scheduler: Scheduler) -> None:
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    dispatches(scheduler.submit(make_request(0, rows=4), now=0.0))
+    scheduler.set_registry(make_registry(make_spec("wide")), now=0.01)
+    actions = scheduler.replica_down("r1", "crashed", now=0.02)
+    assert only_reply(actions).code == "replica_lost" and drained(actions) == [("m", "1")]
 
 
 def test_smaller_max_batch_size_takes_effect_for_queued_requests(scheduler: Scheduler) -> None:

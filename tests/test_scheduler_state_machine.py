@@ -1,6 +1,6 @@
 """A hypothesis state machine over the scheduler: random interleavings of requests (with priorities and
 sessions), results, failures, timeouts, cancels, replica deaths and drains, and the task manager's model
-statuses, checked after every step.
+statuses, models removed from the registry and added again, checked after every step.
 
 The machine plays the replicas too: it keeps, per replica, the sessions a real runtime would hold
 (applying every batch in the order it was sent, as the runtime's one worker thread does), so it can
@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from batch_manager.messages import ReplicaId
 from batch_manager.params import Priority, RequestParams, SessionParams
-from batch_manager.scheduler import REFUSING_STATES, Action, Dispatch, Reply, Request, Scheduler
+from batch_manager.scheduler import REFUSING_STATES, Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from model_manager.spec import ModelSpec, ServingState
 from model_manager.store import Registry
 
@@ -48,6 +48,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.held: dict[ReplicaId, set[int]] = {}  # sessions a real runtime would hold, per replica
         self.last_item: dict[int, int] = {}  # session -> last item id dispatched (item ids grow with arrival)
         self.status: dict[str, ServingState] = {}  # model -> the state the task manager last reported
+        self.registered: set[str] = set(SPECS)  # models in the registry
+        self.deleting: set[str] = set()  # removed from the registry, ModelDrained not yet said
 
     # --- checking every action -----------------------------------------------------------------------
 
@@ -58,6 +60,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert action.origin not in self.cancelled, f"{action.origin} answered after its cancel"
                 self.answers[action.origin] += 1
                 assert self.answers[action.origin] == 1, f"{action.origin} answered twice"
+            elif isinstance(action, ModelDrained):
+                model = action.model
+                assert model in self.deleting, f"ModelDrained for {model}, which is not being removed (or said twice)"
+                self.deleting.discard(model)
+                assert self.scheduler.queued(SPECS[model].key) == 0, "drained with requests queued"
+                assert not [d for d in self.outstanding if d.model == model], "drained with batches at replicas"
             else:
                 self.check_dispatch(action)
 
@@ -101,14 +109,17 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def refusing(self, model: str) -> bool:
         """The model cannot run and no replica of it takes batches: its requests must not wait."""
-        return self.status.get(model) in REFUSING_STATES and not any(
+        return (self.status.get(model) in REFUSING_STATES or model in self.deleting) and not any(
             r["model"] == model and not r["draining"] for r in self.replicas.values())
 
     def submit(self, request: Request) -> None:
         refused = self.refusing(request.model)
+        unknown = request.model not in self.registered
         actions = self.scheduler.submit(request, self.now)
         self.check(actions)
-        if refused:
+        if unknown:
+            assert [(a.origin, a.code) for a in actions if isinstance(a, Reply)] == [(request.origin, "unknown_model")]
+        elif refused:
             assert [(a.origin, a.code) for a in actions if isinstance(a, Reply)] == [(request.origin, "not_ready")]
 
     @rule(rows=st.integers(1, 3), width=st.sampled_from([3, 4]), priority=st.sampled_from(list(Priority)),
@@ -126,6 +137,16 @@ class SchedulerMachine(RuleBasedStateMachine):
     def model_status(self, model: str, state: ServingState) -> None:
         self.status[model] = state
         self.check(self.scheduler.model_status(model, "1", state, f"{model} is {state}", self.now))
+
+    @rule(present=st.sets(st.sampled_from(sorted(SPECS))))
+    def set_registry(self, present: set[str]) -> None:
+        """Models removed from the registry (and added again): what they queued is still served."""
+        for model in self.registered - present:
+            self.deleting.add(model)
+        self.deleting &= set(SPECS) - present  # one added again before it drained is served as before
+        self.registered = set(present)
+        registry = Registry({SPECS[m].key: SPECS[m] for m in present}, {m: "1" for m in present}, 1)
+        self.check(self.scheduler.set_registry(registry, self.now))
 
     @rule(replica=st.sampled_from(REPLICAS), model=st.sampled_from(["m", "s"]), capacity=st.integers(1, 3))
     def replica_up(self, replica: str, model: str, capacity: int) -> None:
@@ -212,12 +233,19 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert self.scheduler.queued(spec.key) == 0, f"a request queued for {model}, which cannot run"
 
     @invariant()
+    def a_removed_model_says_it_drained_once_empty(self) -> None:
+        for model in self.deleting:
+            assert self.scheduler.queued(SPECS[model].key) > 0 or [d for d in self.outstanding if d.model == model], \
+                f"{model} holds nothing any more, yet ModelDrained was not said"
+
+    @invariant()
     def nothing_is_answered_twice(self) -> None:
         assert all(count == 1 for count in self.answers.values())
 
     def teardown(self) -> None:
         """Serve everything left, let every deadline and idle timeout pass, then count the answers."""
         s = self.scheduler
+        self.set_registry(set(SPECS))
         for model in ("m", "s"):
             self.replica_up(f"final-{model}", model, 3)
             self.model_status(model, "ready")

@@ -120,6 +120,15 @@ class Harness:
                     return header, tensors
                 self.inbox.append((header, tensors))
 
+    async def drained(self, name: str, version: str = "1", sock: zmq.asyncio.Socket | None = None) -> None:
+        """What a batch manager says once it holds nothing more of a removed model."""
+        await (sock or self.bm).send_multipart(wire.encode({"t": "model_drained", "model": name, "version": version}))
+
+    async def delete(self, name: str) -> None:
+        """Remove a model, and play a batch manager that held nothing of it."""
+        await self.store.delete(name)
+        await self.drained(name)
+
     async def send_batch(self, replica: str, batch: int, tensors: Tensors) -> None:
         header = {"t": "batch", "replica": replica, "batch": batch, "model": "m", "version": "1",
                   "items": [{"id": batch, "n": len(tensors)}]}
@@ -128,12 +137,19 @@ class Harness:
     def replicas(self, key: str) -> list[dict[str, Any]]:
         return self.tm.status().get(key, {}).get("replicas", [])
 
-    async def status_eventually(self, name: str, state: str | None, timeout: float = 20.0) -> Any:
-        """The model's status record in Redis once its state is ``state`` (None: once it has none)."""
+    async def status_eventually(self, name: str, state: str | None, timeout: float = 20.0,
+                                ready_replicas: int | None = None) -> Any:
+        """The model's status record in Redis once its state is ``state`` (None: once it has none), and once
+        it counts ``ready_replicas`` if given (a state can be written before its last replica is ready)."""
+
+        def reached(status: Any) -> bool:
+            found = status.state if status else None
+            return found == state and (ready_replicas is None or status.ready_replicas == ready_replicas)
+
         status = None
         try:
             async with asyncio.timeout(timeout):
-                while ((status := await self.store.status(name, "1")) and status.state) != state:  # noqa: ASYNC110
+                while not reached(status := await self.store.status(name, "1")):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         except TimeoutError:
             raise AssertionError(f"status of {name} after {timeout}s: {status}") from None
@@ -264,7 +280,7 @@ def test_specs_coming_and_going_start_and_stop_replicas(redis_url: str) -> None:
         assert len(ups) == 2
         pids = [r["pid"] for r in h.replicas("echo/1")]
 
-        await h.store.delete("echo")
+        await h.delete("echo")
         downs = {(await h.expect("replica_down"))[0]["replica"] for _ in range(2)}
         assert downs == ups
         await eventually(lambda: not any(alive(pid) for pid in pids), what="replicas of the removed model to exit")
@@ -308,7 +324,7 @@ def test_a_removed_model_drains_then_goes_down(redis_url: str) -> None:
         up, _ = await h.expect("replica_up")
         await h.send_batch(up["replica"], 5, [("sleep_s", np.array([1.0], np.float32))])
         await eventually(lambda: h.replicas("slow/1")[0]["in_flight"] == 1)
-        await h.store.delete("slow")
+        await h.delete("slow")
         await h.expect("replica_draining", replica=up["replica"])
         await h.expect("result", batch=5)
         await h.expect("replica_down", replica=up["replica"])
@@ -316,6 +332,75 @@ def test_a_removed_model_drains_then_goes_down(redis_url: str) -> None:
         await h.status_eventually("slow", None)
 
     run(redis_url, scenario)
+
+
+def test_a_removed_models_replicas_serve_until_batch_managers_drained_it(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        await h.store.delete("slow")
+        await eventually(lambda: "slow/1" in h.tm._retiring, what="the removal to be seen")
+        # The batch manager still holds requests for it: its replica takes and answers batches.
+        await h.send_batch(up["replica"], 7, [("sleep_s", np.array([0.2], np.float32))])
+        await h.expect("result", batch=7)
+        assert not [m for m in h.inbox if m[0]["t"] in ("replica_draining", "replica_down")]
+        assert h.tm._replicas[up["replica"].encode()].live
+        await h.drained("slow")
+        await h.expect("replica_draining", replica=up["replica"])
+        await h.expect("replica_down", replica=up["replica"])
+        await eventually(lambda: "slow/1" not in h.tm.status())
+
+    run(redis_url, scenario)
+
+
+def test_a_removed_model_drains_once_every_batch_manager_said_model_drained(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        other = h.batch_manager()
+        await other.send_multipart(wire.encode({"t": "hb"}))
+        await eventually(lambda: len(h.tm._batch_managers) == 2, what="the second batch manager")
+        await h.store.delete("slow")
+        await eventually(lambda: "slow/1" in h.tm._retiring, what="the removal to be seen")
+        await h.drained("slow")
+        await asyncio.sleep(0.3)
+        assert h.tm._replicas[up["replica"].encode()].live, "one batch manager still holds requests for it"
+        await h.drained("slow", sock=other)
+        await h.expect("replica_draining", replica=up["replica"])
+        await h.expect("replica_down", replica=up["replica"])
+        await eventually(lambda: "slow/1" not in h.tm.status())
+        other.close()
+
+    run(redis_url, scenario)
+
+
+def test_a_removed_model_drains_after_the_grace_without_model_drained(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        await h.store.delete("slow")
+        await eventually(lambda: "slow/1" in h.tm._retiring, what="the removal to be seen")
+        removed_at = asyncio.get_running_loop().time()
+        await h.expect("replica_draining", replica=up["replica"])
+        assert asyncio.get_running_loop().time() - removed_at > 1.0, "drained before the grace"
+        await h.expect("replica_down", replica=up["replica"])
+
+    run(redis_url, scenario, request_timeout_s=1.5)
+
+
+def test_a_removed_model_added_again_before_it_drained_keeps_its_replicas(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        await h.store.delete("slow")
+        await eventually(lambda: "slow/1" in h.tm._retiring, what="the removal to be seen")
+        await h.store.put(spec("slow", SLOW))
+        await eventually(lambda: "slow/1" not in h.tm._retiring, what="the model to be back")
+        await asyncio.sleep(2.0)  # past the grace
+        assert [r["id"] for r in h.replicas("slow/1")] == [up["replica"]]
+        assert not [m for m in h.inbox if m[0]["t"] in ("replica_draining", "replica_down")]
+
+    run(redis_url, scenario, request_timeout_s=1.0)
 
 
 def test_model_status_is_written_to_redis(redis_url: str) -> None:
@@ -330,7 +415,7 @@ def test_model_status_is_written_to_redis(redis_url: str) -> None:
         assert "weights missing" in (failed.reason or ""), failed.reason
         assert (await h.store.status("echo", "1")).state == "ready"  # type: ignore[union-attr]
 
-        await h.store.delete("broken")
+        await h.delete("broken")
         await h.status_eventually("broken", None)
 
     run(redis_url, scenario, crash_loop_failures=2)
@@ -371,14 +456,14 @@ def test_a_gpu_model_gets_one_gpu_per_replica_and_the_rest_is_unschedulable(redi
             await h.expect("replica_up")
         gpus = sorted(r["gpu"] for r in h.replicas("g/1"))
         assert gpus == ["0", "1"], "never two replicas of one model on one GPU"
-        status = await h.status_eventually("g", "degraded")
-        assert "no GPU free" in (status.reason or "") and status.ready_replicas == 2
+        status = await h.status_eventually("g", "degraded", ready_replicas=2)
+        assert "no GPU free" in (status.reason or "")
         # Sharing is off: another GPU model has nowhere to go, and says so.
         await h.store.put(spec("h", ECHO, run_on_gpu=True))
         status = await h.status_eventually("h", "unschedulable")
         assert "INFEROXY_GPU_SHARING" in (status.reason or "")
         # A freed GPU is taken by the model that waits for one.
-        await h.store.delete("g")
+        await h.delete("g")
         await h.expect("replica_up", model="h")
         await h.status_eventually("h", "ready")
 
@@ -393,7 +478,7 @@ def test_cpu_replicas_are_bounded_by_slots(redis_url: str) -> None:
         status = await h.status_eventually("b", "unschedulable")
         assert "CPU slots" in (status.reason or "")
         assert not h.replicas("b/1")
-        await h.store.delete("a")
+        await h.delete("a")
         await h.expect("replica_up", model="b")
 
     run(redis_url, scenario, cpu_slots=1)
