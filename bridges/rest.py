@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,8 @@ from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors
 from model_manager.spec import ModelSpec, TensorSpec
 
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
@@ -161,25 +163,20 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     # Plain Starlette routes: the handlers read the raw request themselves, so FastAPI's
     # per-request dependency solving would be pure overhead on the hot path.
-    async def infer(request: Request) -> Response:
-        params = request.path_params
-        try:
-            return await _infer(gateway, request, params["name"], params.get("version"))
-        except RequestError as exc:
-            return error_response(exc)
-        except Exception:
-            log.exception("failed to handle a REST inference request")
-            return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
+    def inference(handle: Callable[[Gateway, Request, str, str | None], Awaitable[Response]]) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            params = request.path_params
+            try:
+                return await handle(gateway, request, params["name"], params.get("version"))
+            except RequestError as exc:
+                return error_response(exc)
+            except Exception:
+                log.exception("failed to handle %s %s", request.method, request.url.path)
+                return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
 
-    async def infer_image(request: Request) -> Response:
-        params = request.path_params
-        try:
-            return await _infer_image(gateway, request, params["name"], params.get("version"))
-        except RequestError as exc:
-            return error_response(exc)
-        except Exception:
-            log.exception("failed to handle a REST image request")
-            return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
+        return endpoint
+
+    infer, infer_image = inference(_infer), inference(_infer_image)
 
     async def model_ready(request: Request) -> Response:
         params = request.path_params

@@ -119,6 +119,19 @@ def _expire(future: asyncio.Future[Any], timeout_s: float) -> None:
         future.set_exception(_deadline_error(timeout_s))
 
 
+def _dealer(url: str, context: zmq.Context[Any] | None, hwm: int | None = None) -> zmq.Socket[Any]:
+    base = context if context is not None else zmq.Context.instance()
+    # A plain socket even on a zmq.asyncio context (sharing it, so inproc:// works): reads are ours.
+    ctx = zmq.Context.shadow(base.underlying) if isinstance(base, zmq.asyncio.Context) else base
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if hwm is not None:
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.connect(url)
+    return sock
+
+
 class Client:
     """A blocking client: one request at a time over one DEALER socket. Not thread-safe (no ZeroMQ socket is)."""
 
@@ -133,10 +146,7 @@ class Client:
         self.url = url
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        ctx = context if context is not None else zmq.Context.instance()
-        self._sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(url)
+        self._sock = _dealer(url, context)
         self._ids = itertools.count(1)
 
     @property
@@ -205,14 +215,7 @@ class AsyncClient:
         self.url = url
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        base = context if context is not None else zmq.Context.instance()
-        # A plain socket even on a zmq.asyncio context (sharing it, so inproc:// works): reads are ours.
-        ctx = zmq.Context.shadow(base.underlying) if isinstance(base, zmq.asyncio.Context) else base
-        self._sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, MAX_QUEUED)
-        self._sock.setsockopt(zmq.RCVHWM, MAX_QUEUED)
-        self._sock.connect(url)
+        self._sock = _dealer(url, context, hwm=MAX_QUEUED)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
