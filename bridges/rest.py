@@ -41,7 +41,6 @@ from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors
 from model_manager.spec import ModelSpec, TensorSpec
 
-
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
 
