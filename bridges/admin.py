@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inferoxy.settings import Settings
-from model_manager.editing import SpecError, apply_patch, validate_spec
+from model_manager.editing import SpecError, apply_patch, check_runnable, validate_spec
 from model_manager.health import registry_health
 from model_manager.spec import ModelSpec, ModelStatus
 from model_manager.store import SpecStore, open_store
@@ -132,8 +132,11 @@ class AdminApi:
 
     # -- writes --------------------------------------------------------------------------------
 
+    def _runnable(self, spec: ModelSpec) -> ModelSpec:
+        return check_runnable(spec, self.settings.runtime)
+
     async def create(self, request: Request) -> Response:
-        spec = validate_spec(await _body(request))
+        spec = self._runnable(validate_spec(await _body(request)))
         if spec.version in await self.store.versions(spec.name):
             raise AdminError(409, f"model {spec.key} exists already; replace it with PUT "
                                   f"/v2/admin/models/{spec.name}/versions/{spec.version} or change it with PATCH")
@@ -148,7 +151,7 @@ class AdminApi:
                 if document.setdefault(field, expected) != expected:
                     message = f"the body's {field} {document[field]!r} differs from the path's {expected!r}"
                     raise AdminError(400, message, fields=[{"field": field, "reason": "differs from the path"}])
-        spec = validate_spec(document)
+        spec = self._runnable(validate_spec(document))
         existed = version in await self.store.versions(name)
         revision = await self.store.put(spec, make_default=_flag(request, "default"))
         return _json({"revision": revision, "spec": spec.model_dump(mode="json")}, 200 if existed else 201)
@@ -157,7 +160,7 @@ class AdminApi:
         name = request.path_params["name"]
         version = request.path_params.get("version") or await self._default_version(name)
         current = await self._existing(name, version)
-        spec = apply_patch(current, await _body(request))
+        spec = self._runnable(apply_patch(current, await _body(request)))
         revision = await self.store.put(spec)
         return _json({"revision": revision, "spec": spec.model_dump(mode="json")})
 
@@ -202,10 +205,10 @@ class AdminApi:
         config = parameters.get("config")
         if config is not None:
             # Triton's load may carry the model's configuration: here, a spec (JSON text or object).
-            document = orjson.loads(config) if isinstance(config, str | bytes) else config
+            document = _config_document(config)
             if isinstance(document, dict):
                 document.setdefault("name", name)
-            spec = validate_spec(document)
+            spec = self._runnable(validate_spec(document))
             if spec.name != name:
                 raise AdminError(400, f"the config names model {spec.name!r}, not {name!r}")
             await self.store.put(spec)
@@ -314,6 +317,17 @@ async def _body(request: Request, *, optional: bool = False) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise AdminError(400, f"the body is not JSON: {exc}") from None
+
+
+def _config_document(config: Any) -> Any:
+    """Triton's load ``config`` parameter: JSON text, or the object itself."""
+    if not isinstance(config, str | bytes):
+        return config
+    try:
+        return orjson.loads(config)
+    except orjson.JSONDecodeError as exc:
+        raise AdminError(400, f"parameters.config is not JSON: {exc}",
+                         fields=[{"field": "parameters.config", "reason": "not JSON"}]) from None
 
 
 def _parameters(body: Any) -> dict[str, Any]:

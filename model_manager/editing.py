@@ -34,6 +34,19 @@ def validate_spec(document: Any) -> ModelSpec:
         raise SpecError(f"invalid model spec: {summary}", fields) from None
 
 
+def check_runnable(spec: ModelSpec, runtime: str) -> ModelSpec:
+    """``spec``, or SpecError when the proxy's runtime could never start it.
+
+    The docker runtime starts replicas from images only, so a spec without one would be stored and then fail
+    at every start; the process runtime runs ``command`` or ``model_class`` and needs no image.
+    """
+    if runtime == "docker" and not spec.image:
+        raise SpecError(f"model {spec.key} has no image, and this proxy runs replicas as containers "
+                        "(INFEROXY_RUNTIME=docker), which start from an image",
+                        [{"field": "image", "reason": "required by the docker runtime"}])
+    return spec
+
+
 def apply_patch(spec: ModelSpec, patch: Any) -> ModelSpec:
     """``spec`` with a JSON merge patch (RFC 7386) applied: objects merge, ``null`` resets a field.
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from bridges.admin import admin_router
-from inferoxy.settings import Settings
+from inferoxy.settings import RuntimeKind, Settings
 from tests.support import free_port
 
 KEY = "s3cret"
@@ -24,8 +24,9 @@ ECHO = {"name": "echo", "model_class": "examples.models.echo.model:EchoModel", "
 REMOTE_PEER = "203.0.113.7"
 
 
-def make_client(redis_url: str, prefix: str, *, key: str | None = KEY, host: str = REMOTE_PEER) -> TestClient:
-    settings = Settings(redis_url=redis_url, redis_prefix=prefix, admin_key=key, models_file="")
+def make_client(redis_url: str, prefix: str, *, key: str | None = KEY, host: str = REMOTE_PEER,
+                runtime: RuntimeKind = "process") -> TestClient:
+    settings = Settings(redis_url=redis_url, redis_prefix=prefix, admin_key=key, models_file="", runtime=runtime)
     app = FastAPI()
     app.include_router(admin_router(settings))
     return TestClient(app, client=(host, 40000))
@@ -139,6 +140,39 @@ def test_repository_load_unload(client: TestClient) -> None:
     loaded = client.post("/v2/repository/models/fresh/load", json={"parameters": {"config": config}}, headers=AUTH)
     assert loaded.status_code == 200, loaded.text
     assert client.get("/v2/admin/models/fresh/versions/1", headers=AUTH).json()["max_batch_size"] == 3
+
+
+@pytest.mark.parametrize("config", ["{not json", "", "echo", b"\xff".decode("latin-1")])
+def test_load_with_a_config_that_is_not_json_is_refused_with_400(
+    client: TestClient, real_redis_url: str, redis_prefix: str, config: str
+) -> None:
+    # Bad input: Triton's load carrying a `config` string that does not parse as JSON (it used to be a bare 500).
+    response = client.post("/v2/repository/models/fresh/load", json={"parameters": {"config": config}}, headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert "config" in response.json()["error"] and "JSON" in response.json()["error"]
+    assert redis.Redis.from_url(real_redis_url).hgetall(f"{redis_prefix}:models") == {}
+
+
+def test_a_spec_without_an_image_is_refused_on_the_docker_runtime(real_redis_url: str, redis_prefix: str) -> None:
+    # Bad input: a spec that names only a model_class while replicas run as containers; it could never start.
+    with make_client(real_redis_url, redis_prefix, runtime="docker") as client:
+        created = client.post("/v2/admin/models", json=ECHO, headers=AUTH)
+        assert created.status_code == 400, created.text
+        assert "image" in created.json()["error"] and "docker" in created.json()["error"]
+        assert created.json()["fields"] == [{"field": "image", "reason": created.json()["fields"][0]["reason"]}]
+        replaced = client.put("/v2/admin/models/echo/versions/1", json=ECHO, headers=AUTH)
+        assert replaced.status_code == 400, replaced.text
+        loaded = client.post("/v2/repository/models/echo/load", json={"parameters": {"config": json.dumps(ECHO)}},
+                             headers=AUTH)
+        assert loaded.status_code == 400, loaded.text
+        assert redis.Redis.from_url(real_redis_url).hgetall(f"{redis_prefix}:models") == {}
+
+        with_image = {**ECHO, "image": "inferoxy/echo"}
+        assert client.post("/v2/admin/models", json=with_image, headers=AUTH).status_code == 201
+        # A patch that takes the image away is refused the same way, and stores nothing.
+        unset = client.patch("/v2/admin/models/echo", json={"image": None}, headers=AUTH)
+        assert unset.status_code == 400 and "image" in unset.json()["error"], unset.text
+        assert client.get("/v2/admin/models/echo/versions/1", headers=AUTH).json()["image"] == "inferoxy/echo"
 
 
 def test_access_needs_the_key(real_redis_url: str, redis_prefix: str) -> None:
