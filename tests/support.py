@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,12 +71,21 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def require_service(name: str, variable: str) -> None:
+def require_service(name: str, variable: str, problem: str = "is not reachable") -> None:
     """Fail (in CI, or when ``variable`` is set) or skip (on a developer's machine) for a missing service."""
-    message = f"{name} is not reachable"
+    message = f"{name} {problem}"
     if os.environ.get("CI") or os.environ.get(variable):
         pytest.fail(f"{message}, and this run requires it ({variable} or CI is set)")
     pytest.skip(message)
+
+
+def require_program(program: str, variable: str) -> str:
+    """The path of ``program``; when it is not on PATH, a skip or a failure as ``require_service`` decides."""
+    path = shutil.which(program)
+    if path is None:
+        require_service(program, variable, "is not installed (not on PATH)")
+    assert path is not None
+    return path
 
 
 class ProxyProcess:

@@ -58,7 +58,12 @@ def images(engine: Any) -> None:
     """The example and proxy images (built once when missing), plus a test image with a slow model."""
     missing = [name for name in IMAGES if not engine.images.list(name=name)]
     if missing:
-        subprocess.run(["bash", str(REPO / "docker/build-images.sh")], check=True, cwd=REPO)
+        # A fresh machine may have an engine but not what building needs (debootstrap, a network for pip).
+        built = subprocess.run(["bash", str(REPO / "docker/build-images.sh")], cwd=REPO, capture_output=True,
+                               text=True)
+        if built.returncode != 0:
+            require_service(f"the images {', '.join(missing)}", "INFEROXY_REQUIRE_DOCKER",
+                            f"are missing and docker/build-images.sh failed:\n{built.stderr[-2000:]}")
     with tempfile.TemporaryDirectory() as context:
         (Path(context) / "tests").mkdir()
         (Path(context) / "tests/__init__.py").write_text("")

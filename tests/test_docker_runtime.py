@@ -1,6 +1,6 @@
 """The Docker runtime against a real engine (start one with .ci/docker.sh), plus its pure parts.
 
-Without an engine these tests skip, unless INFEROXY_REQUIRE_DOCKER=1, where they fail. Containers use
+Without an engine these tests skip, unless CI or INFEROXY_REQUIRE_DOCKER is set, where they fail. Containers use
 host networking and talk to the test over 127.0.0.1 only. Every container a test starts carries this
 session's label and is removed afterwards, whatever the test's outcome.
 """
@@ -35,6 +35,7 @@ from task_manager.runtimes.docker import (
     container_name,
     memory_bytes,
 )
+from tests.support import require_service
 
 BASE_IMAGE = os.environ.get("INFEROXY_BASE_IMAGE", "inferoxy/base:bookworm")
 SESSION_LABEL = "inferoxy.test-session"
@@ -52,10 +53,8 @@ TIMEOUT_S = 30.0
 # --- the engine and the test image ----------------------------------------------------------------
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("INFEROXY_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"{reason}; INFEROXY_REQUIRE_DOCKER=1 requires it (start one with: bash .ci/docker.sh)")
-    pytest.skip(reason)
+def _unavailable(what: str, problem: str) -> None:
+    require_service(what, "INFEROXY_REQUIRE_DOCKER", f"{problem} (start one with: bash .ci/docker.sh)")
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +63,7 @@ def engine() -> Iterator[DockerClient]:
         client = from_env(version="auto")
         client.ping()
     except DockerException as exc:
-        _unavailable(f"no Docker engine answers ({exc})")
+        _unavailable("a Docker engine", f"does not answer ({exc})")
     yield client
     client.close()
 
@@ -74,7 +73,7 @@ def test_image(engine: DockerClient) -> str:
     try:
         base_id = engine.images.get(BASE_IMAGE).id
     except ImageNotFound:
-        _unavailable(f"the offline base image {BASE_IMAGE} is missing (build it: bash .ci/docker.sh)")
+        _unavailable(f"the offline base image {BASE_IMAGE}", "is missing")
     tag = "inferoxy/test-runtime:" + hashlib.sha256(f"{base_id}\n{TEST_DOCKERFILE}".encode()).hexdigest()[:12]
     try:
         engine.images.get(tag)

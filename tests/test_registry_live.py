@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support import ProxyProcess, free_port, wait_for
+from tests.support import ProxyProcess, free_port, require_program, wait_for
 
 ECHO = {"name": "echo", "model_class": "examples.models.echo.model:EchoModel", "max_batch_size": 8,
         "max_batch_delay_ms": 0}
@@ -181,7 +181,8 @@ def test_changed_batching_limits_apply_to_the_next_batch(proxy: ProxyProcess) ->
 @contextmanager
 def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A redis-server of this test's own, without persistence: a restart loses everything, on purpose."""
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    program = require_program("redis-server", "INFEROXY_REQUIRE_REDIS")
+    process = subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _pings(port), timeout=10, what=f"redis-server on {port}")

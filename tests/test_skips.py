@@ -1,0 +1,65 @@
+"""Tests that need a missing service skip with a reason on a developer's machine and fail in CI.
+
+Each case runs one real test in a subprocess with the service taken away (a PATH without
+redis-server, a Docker host that does not exist) and reads its outcome from pytest's report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO
+
+REQUIRE_VARIABLES = ("CI", "INFEROXY_REQUIRE_REDIS", "INFEROXY_REQUIRE_DOCKER")
+
+
+def run_test(node: str, tmp_path: Path, *, ci: bool, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in REQUIRE_VARIABLES}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", node],
+        cwd=REPO, env={**base, **env, **({"CI": "true"} if ci else {})}, capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+def no_redis_server_path(tmp_path: Path) -> str:
+    """A PATH with every directory of this one, less any that holds redis-server."""
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "redis-server").exists()]
+    return os.pathsep.join(keep) or str(tmp_path)
+
+
+CASES = {
+    # Missing: the redis-server binary this test restarts on purpose (it used to raise FileNotFoundError).
+    "redis-server": ("tests/test_registry_live.py::test_serving_survives_a_redis_restart", "redis-server"),
+    # Missing: the Docker engine (this file used to skip even in CI).
+    "dockerd": ("tests/test_docker_runtime.py::test_stop_ends_and_removes_the_container", "Docker engine"),
+    "dockerd-e2e": ("tests/test_docker_end_to_end.py::test_a_sigkilled_proxy_leaves_no_container_after_its_restart",
+                    "Docker engine"),
+}
+
+
+def environment_without(service: str, tmp_path: Path) -> dict[str, str]:
+    if service == "redis-server":
+        return {"PATH": no_redis_server_path(tmp_path)}
+    return {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+
+
+@pytest.mark.parametrize("service", sorted(CASES))
+def test_a_missing_service_skips_with_a_reason_outside_ci(service: str, tmp_path: Path) -> None:
+    node, named = CASES[service]
+    result = run_test(node, tmp_path, ci=False, **environment_without(service, tmp_path))
+    assert result.returncode == 0 and "1 skipped" in result.stdout, result.stdout + result.stderr
+    assert "SKIPPED" in result.stdout and named in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("service", sorted(CASES))
+def test_a_missing_service_fails_in_ci(service: str, tmp_path: Path) -> None:
+    node, named = CASES[service]
+    result = run_test(node, tmp_path, ci=True, **environment_without(service, tmp_path))
+    assert result.returncode == 1 and ("1 failed" in result.stdout or "1 error" in result.stdout), result.stdout
+    assert named in result.stdout and "CI is set" in result.stdout, result.stdout
