@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -14,6 +15,9 @@ from inferoxy.logs import setup_logging
 from inferoxy.runner import COMPONENTS, run_component, run_in_process
 from inferoxy.settings import Settings, load_settings
 from inferoxy.supervisor import Supervisor, print_endpoints
+from model_manager.models_file import ModelsFileError, models_file_to_seed
+
+log = logging.getLogger("inferoxy.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError) as exc:
         print(f"inferoxy: bad settings: {exc}", file=sys.stderr)
         return 2
+    if args.command == "serve" or args.component == "model_manager":
+        try:  # the model manager refuses it too; checked here first to say so in one line, not a traceback
+            models_file_to_seed(settings)
+        except ModelsFileError as exc:
+            print(f"inferoxy: {exc}", file=sys.stderr)
+            return 2
 
     if args.command == "run":
         setup_logging(settings.log_level, args.component)
@@ -56,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     setup_logging(settings.log_level, "serve")
+    if not settings.redis_url:
+        warn_registry_in_memory()
     if args.in_process:
         embedded = not settings.redis_url
 
@@ -65,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_in_process(settings, on_ready))
         return 0
     return Supervisor(settings).serve()
+
+
+def warn_registry_in_memory() -> None:
+    log.warning("the embedded Redis keeps the model registry in memory: models added through the admin API or "
+                "`inferoxy models` are lost when Inferoxy stops (models.yaml seeds it again at each start); "
+                "set INFEROXY_REDIS_URL to a Redis of your own to keep them")
 
 
 if __name__ == "__main__":

@@ -8,19 +8,44 @@ translated field by field so existing files keep working.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _LEGACY_FIELDS = {"address": "image", "batch_size": "max_batch_size", "run_on_gpu": "run_on_gpu"}
 
 
 class ModelsFileError(ValueError):
     pass
+
+
+def models_file_to_seed(settings: Settings) -> Path | None:
+    """The models file to seed the registry from, or None for none.
+
+    A file the operator named (``INFEROXY_MODELS_FILE``, ``--models``, the config file; the proxy image names
+    /etc/inferoxy/models.yaml) must exist: a forgotten mount or a typo would otherwise start a proxy that
+    serves nothing. Only the default, ``models.yaml`` in the working directory, may be absent.
+    """
+    if not settings.models_file:
+        return None
+    path = Path(settings.models_file)
+    if path.is_file():
+        return path
+    if "models_file" in settings.model_fields_set:
+        raise ModelsFileError(
+            f"the models file {path.absolute()} (INFEROXY_MODELS_FILE) does not exist; create or mount it, or set "
+            "INFEROXY_MODELS_FILE= (empty) to start with only what Redis holds"
+        )
+    log.info("no %s in %s; the registry starts with what Redis holds", path, Path.cwd())
+    return None
 
 
 def load_models_file(path: str | Path) -> list[ModelSpec]:

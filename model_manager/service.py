@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from pathlib import Path
 
 import zmq.asyncio
 from fakeredis import TcpFakeServer
 from redis.exceptions import RedisError
 
 from inferoxy.settings import Settings
-from model_manager.models_file import load_models_file
+from model_manager.models_file import load_models_file, models_file_to_seed
 from model_manager.store import Registry, SpecStore
 
 log = logging.getLogger(__name__)
@@ -110,11 +109,8 @@ class ModelManager:
 
     async def seed(self, store: SpecStore) -> None:
         """models.yaml only adds what Redis lacks, unless INFEROXY_MODELS_OVERWRITE says it wins."""
-        path = self.settings.models_file
-        if not path:
-            return
-        if not await asyncio.to_thread(Path(path).is_file):
-            log.warning("models file %s not found; the registry starts with what Redis holds", path)
+        path = await asyncio.to_thread(models_file_to_seed, self.settings)  # a named file that is missing raises
+        if path is None:
             return
         specs = await asyncio.to_thread(load_models_file, path)
         written = await store.seed(specs, overwrite=self.settings.models_overwrite)

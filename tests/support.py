@@ -91,7 +91,7 @@ def require_program(program: str, variable: str) -> str:
 class ProxyProcess:
     """``inferoxy serve`` in a subprocess, on free loopback ports, stopped (with all it started) by ``stop``."""
 
-    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None, cwd: Path = REPO) -> None:
         self.rest_port = free_port()
         self.zmq_port = free_port()
         self.grpc_port = free_port()
@@ -111,6 +111,7 @@ class ProxyProcess:
             **(env or {}),
         }
         self.args = args or []
+        self.cwd = cwd
         self.process: subprocess.Popen[str] | None = None
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -127,7 +128,7 @@ class ProxyProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "inferoxy", "serve", *self.args],
             env=self.env,
-            cwd=REPO,
+            cwd=self.cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
