@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     replica_start_timeout_s: float = 120.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
+    shutdown_drain_s: float = Field(
+        2.0, ge=0, description="At shutdown, how long replicas may finish the batches they hold before they are "
+        "killed (containers removed); keep the whole stop inside docker stop's 10 s."
+    )
     crash_loop_failures: int = Field(
         3, ge=1, description="Failed starts in a row (none served for restart_backoff_max_s) that mark a model failed."
     )

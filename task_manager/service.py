@@ -64,8 +64,10 @@ log = logging.getLogger(__name__)
 
 # A reason travels in message headers and may reach clients: the first line (how it ended) and the last log lines.
 MAX_REASON_CHARS = 4000
-STOP_GRACE_S = 5.0  # at shutdown, a replica asked to stop may finish the batches it holds
+STOP_GRACE_S = 5.0  # a replica drained while the proxy runs may finish the batches it holds (at least this long)
 KILL_GRACE_S = 1.0  # a replica that stopped answering gets little patience
+# At shutdown, past the drain budget (INFEROXY_SHUTDOWN_DRAIN_S): time for the runtime to kill and remove.
+SHUTDOWN_KILL_MARGIN_S = 3.0
 
 
 class TaskManager:
@@ -599,8 +601,8 @@ class TaskManager:
             if not waiting.done():
                 await handle.stop(replica.stop_grace_s)
             how = (await waiting).describe()
-        except asyncio.CancelledError:  # the task manager is shutting down
-            await _stop_quietly(handle, STOP_GRACE_S)
+        except asyncio.CancelledError:  # the task manager is shutting down, past its drain budget
+            await _stop_quietly(handle, 0)
             raise
         except Exception as exc:  # the runtime failed us; the replica is as good as gone
             log.exception("lost track of replica %s", replica.id)
@@ -628,7 +630,8 @@ class TaskManager:
             if replica.announced:
                 self._to_batch_managers({"t": protocol.REPLICA_DRAINING, "replica": replica.id, "reason": reason})
             self._send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
-            replica.stop_grace_s = STOP_GRACE_S if self._closing else max(STOP_GRACE_S, self.settings.request_timeout_s)
+            replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
+                                    else max(STOP_GRACE_S, self.settings.request_timeout_s))
         else:
             self._announce_down(replica, reason)
             self._fail_in_flight(replica, reason)
@@ -671,7 +674,11 @@ class TaskManager:
                 self._reconcile(other)
 
     async def _stop_all_replicas(self) -> None:
-        """Drain every replica (as a planned stop), give them STOP_GRACE_S to exit, then cancel the stragglers."""
+        """Drain every replica (as a planned stop) within the shutdown drain budget, then cancel the stragglers.
+
+        The budget is short (``shutdown_drain_s``): by now the bridges have stopped, so what a replica still
+        holds has nobody to answer, and ``docker stop`` kills the proxy after 10 s, orphaning its replicas.
+        """
         self._closing = True
         for group in self._groups.values():
             if group.retry is not None:
@@ -685,7 +692,8 @@ class TaskManager:
             self._end(replica, "the task manager is stopping", wanted=True)
         tasks = [replica.task for replica in replicas if replica.task is not None]
         if tasks:
-            _done, late = await asyncio.wait(tasks, timeout=STOP_GRACE_S + 5.0)
+            budget_s = self.settings.shutdown_drain_s + SHUTDOWN_KILL_MARGIN_S
+            _done, late = await asyncio.wait(tasks, timeout=budget_s)
             # One cancel each: a replica task's cancellation handler still has to stop its process.
             for task in late:
                 task.cancel()
@@ -768,7 +776,7 @@ async def _start_uncancelled(runtime: Runtime, plan: ReplicaPlan) -> ReplicaHand
         return await asyncio.shield(starting)
     except asyncio.CancelledError:
         with contextlib.suppress(Exception):
-            await _stop_quietly(await starting, STOP_GRACE_S)
+            await _stop_quietly(await starting, KILL_GRACE_S)  # cancelled: the task manager is stopping
         raise
 
 

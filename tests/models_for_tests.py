@@ -52,6 +52,9 @@ class BadOutputModel(Model):
         return broken.get(name, dict(batch))  # type: ignore[return-value]
 
 
+SLOW_MODEL_SLEEPING = "slow model: sleeping"
+
+
 class SlowModel(Model):
     """Sleeps, then echoes: for the largest value of the input ``sleep_s`` if there is one, else for
     ``SLOW_MODEL_SECONDS`` (default 1) seconds."""
@@ -60,7 +63,9 @@ class SlowModel(Model):
         self.seconds = float(os.environ.get("SLOW_MODEL_SECONDS", "1"))
 
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        time.sleep(float(batch["sleep_s"].max()) if "sleep_s" in batch else self.seconds)
+        seconds = float(batch["sleep_s"].max()) if "sleep_s" in batch else self.seconds
+        print(f"{SLOW_MODEL_SLEEPING} {seconds}s", flush=True)  # tests wait for this line: the replica holds a batch
+        time.sleep(seconds)
         return dict(batch)
 
 

@@ -9,11 +9,14 @@ Every container a test starts carries its instance label and is removed afterwar
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,12 +36,14 @@ from task_manager.gpus import GpuAllocator, gpu_inventory
 from task_manager.replicas import ModelGroup, Replica
 from task_manager.runtimes.docker import DockerRuntime
 from task_manager.service import TaskManager
+from tests.models_for_tests import SLOW_MODEL_SLEEPING
 from tests.support import REPO, ProxyProcess, free_port, require_service, wait_for
 
 docker = pytest.importorskip("docker")
 
 IMAGES = ("inferoxy/echo", "inferoxy/digits", "inferoxy/proxy")
-SLOW_IMAGE = "inferoxy/test-slow:e2e"
+# Tagged by content: a test run from another checkout may build its own version under the same name.
+SLOW_IMAGE = "inferoxy/test-slow:" + hashlib.sha256((REPO / "tests/models_for_tests.py").read_bytes()).hexdigest()[:12]
 MISSING_IMAGE = "inferoxy/no-such-image:never-built"
 
 
@@ -207,6 +212,38 @@ def test_a_killed_container_fails_its_requests_and_is_replaced(
         assert result["sleep_s"].tolist() == [np.float32(0.1)]
         assert "exited with status 137" in proxy.log()
     assert not containers_of(engine, instance)
+
+
+def test_sigterm_with_a_replica_holding_a_long_batch_removes_everything_within_docker_stops_10_s(
+    engine: Any, images: None, instance: str, tmp_path: Path, real_redis_url: str, redis_prefix: str
+) -> None:
+    # The failure: `docker stop` SIGKILLs the proxy 10 s after SIGTERM; the task manager gave a replica holding a
+    # batch 5 s after the bridges' own 5 s, so the proxy died first and the replica's container was orphaned.
+    models = models_file(tmp_path, SLOW)
+    proxy = docker_proxy(instance, models, real_redis_url, redis_prefix).start()
+    try:
+        wait_for(lambda: (s := model_status(real_redis_url, redis_prefix, "slow")) and s.state == "ready",
+                 timeout=60, what="slow ready")
+        (replica,) = containers_of(engine, instance, "slow")
+        caller = hold_a_batch(proxy, "slow")
+        wait_for(lambda: SLOW_MODEL_SLEEPING in replica.logs().decode(errors="replace"), timeout=30,
+                 interval=0.2, what="the replica to hold the batch")
+    finally:
+        code = proxy.stop(timeout=10.0)  # SIGTERM; fails unless serve (so everything below it) ended within 10 s
+    assert code == 0, proxy.log()
+    assert not containers_of(engine, instance), "the replica's container outlived the proxy"
+    caller.join(timeout=30)
+
+
+def hold_a_batch(proxy: ProxyProcess, model: str) -> threading.Thread:
+    """A request the slow model sleeps on (30 s); what it is answered once the proxy stops is not the point."""
+    def call() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            rest_infer(proxy, model, [1.0], [1, 1])
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_a_sigkilled_proxy_leaves_no_container_after_its_restart(
