@@ -81,6 +81,7 @@ class TaskManager:
         self._replicas: dict[bytes, Replica] = {}  # by ZeroMQ identity, which is the replica id
         self._batch_managers: dict[bytes, float] = {}  # identity -> when last heard
         self._closing = False
+        self._owns_instance = False  # only the instance's owner may sweep what is labelled with it
         self._bm_sock: zmq.asyncio.Socket | None = None
         self._replica_sock: zmq.asyncio.Socket | None = None
         self.gpus = GpuAllocator([], allow_sharing=settings.gpu_sharing)  # the inventory is read in run()
@@ -112,6 +113,8 @@ class TaskManager:
         tasks: list[asyncio.Task[None]] = []
         registry_task: asyncio.Task[None] | None = None
         try:
+            await runtime.claim_instance()  # another live proxy with this instance name: refuse to start
+            self._owns_instance = True
             # nvidia-smi may take seconds: not on the event loop.
             inventory = await asyncio.to_thread(gpu_inventory, settings.gpus)
             self.gpus = GpuAllocator(inventory, allow_sharing=settings.gpu_sharing)
@@ -703,7 +706,7 @@ class TaskManager:
     async def _final_cleanup(self, runtime: Runtime, store: SpecStore) -> None:
         """Sweep containers of this instance a failed stop left, record every model stopped, let go."""
         try:
-            swept = await runtime.remove_orphans()
+            swept = await runtime.remove_orphans() if self._owns_instance else 0
             if swept:
                 log.warning("removed %d replicas that outlived their stop", swept)
         except Exception as exc:

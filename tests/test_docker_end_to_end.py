@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
 from task_manager.gpus import GpuAllocator, gpu_inventory
 from task_manager.replicas import ModelGroup, Replica
-from task_manager.runtimes.docker import DockerRuntime
+from task_manager.runtimes.docker import LABEL_CLAIM, DockerRuntime
 from task_manager.service import TaskManager
 from tests.models_for_tests import SLOW_MODEL_SLEEPING
 from tests.support import REPO, ProxyProcess, free_port, require_service, wait_for
@@ -85,6 +86,8 @@ def instance(engine: Any) -> Iterator[str]:
     for label in (f"inferoxy.instance={name}", f"inferoxy.test={name}"):
         for container in engine.containers.list(all=True, sparse=True, filters={"label": label}):
             container.remove(force=True)
+    for volume in engine.volumes.list(filters={"label": f"{LABEL_CLAIM}={name}"}):
+        volume.remove(force=True)
 
 
 def containers_of(engine: Any, instance: str, model: str | None = None) -> list[Any]:
@@ -244,6 +247,30 @@ def hold_a_batch(proxy: ProxyProcess, model: str) -> threading.Thread:
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     return thread
+
+
+def test_a_second_proxy_with_the_same_instance_refuses_to_start_and_leaves_the_first_alone(
+    engine: Any, images: None, instance: str, tmp_path: Path, real_redis_url: str, redis_prefix: str
+) -> None:
+    # The failure: the second proxy took the first one's replicas for leftovers of a crash and removed them.
+    models = models_file(tmp_path, ECHO)
+    with docker_proxy(instance, models, real_redis_url, redis_prefix) as first:
+        wait_for(lambda: rest_infer(first, "echo", [1.0], [1, 1]).status_code == 200, timeout=60, interval=0.5,
+                 what="echo served by the first proxy")
+        (replica,) = containers_of(engine, instance, "echo")
+        second = docker_proxy(instance, models, real_redis_url, f"{redis_prefix}-second")
+        try:
+            with pytest.raises(AssertionError, match="exited before printing"):
+                second.start(timeout=60)
+        finally:
+            if second.process is not None and second.process.poll() is None:
+                second.stop()
+        refusal = re.search(r"another Inferoxy proxy \(its task manager is pid (\d+) .*INFEROXY_INSTANCE", second.log())
+        assert refusal and int(refusal.group(1)) in first.pids(), second.log()
+        assert [c.id for c in containers_of(engine, instance, "echo")] == [replica.id], "the first one's replica"
+        assert rest_infer(first, "echo", [2.0], [1, 1]).status_code == 200
+    assert not containers_of(engine, instance)
+    assert not engine.volumes.list(filters={"label": f"{LABEL_CLAIM}={instance}"}), "the name was given back"
 
 
 def test_a_sigkilled_proxy_leaves_no_container_after_its_restart(

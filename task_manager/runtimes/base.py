@@ -58,6 +58,13 @@ class Runtime(abc.ABC):
     async def start(self, plan: ReplicaPlan) -> ReplicaHandle:
         """Start a replica. Raises RuntimeStartError with a reason users can act on."""
 
+    async def claim_instance(self) -> None:  # noqa: B027 (optional hook: local runtimes share nothing)
+        """Make sure no other live proxy runs replicas under this instance name, and mark it ours.
+
+        Raises InstanceTaken (naming INFEROXY_INSTANCE) when one does. Call it before ``remove_orphans``:
+        only the instance's owner may remove what is labelled with it. ``close`` gives the name back.
+        """
+
     async def remove_orphans(self) -> int:
         """Remove replicas an earlier run of this proxy instance left behind; returns how many."""
         return 0
@@ -68,3 +75,7 @@ class Runtime(abc.ABC):
 
 class RuntimeStartError(RuntimeError):
     """A replica could not be started (image missing, no engine, bad command)."""
+
+
+class InstanceTaken(RuntimeStartError):
+    """Another live proxy owns this instance name on the same engine."""

@@ -6,7 +6,9 @@ life, so each wait gets a daemon thread of its own instead of a slot in the defa
 has few, and which start() and stop() need), and it polls in short slices so it notices a stop.
 
 Every container carries the labels below. ``inferoxy.instance`` is how ``remove_orphans`` finds what
-an earlier run of the same proxy instance left behind (invariant: no orphans).
+an earlier run of the same proxy instance left behind (invariant: no orphans). Before that, the proxy
+claims the instance name with a labelled volume (``claim_instance``), so that a second proxy with the
+same name refuses to start instead of removing the first one's replicas as leftovers.
 
 Exits are learned two ways: one thread follows the engine's ``die`` events for this instance's
 containers (an exit is known within moments), and each replica's wait thread is the backstop for
@@ -34,7 +36,15 @@ from docker.utils import parse_repository_tag
 from urllib3.exceptions import ReadTimeoutError
 
 from inferoxy.settings import Settings
-from task_manager.runtimes.base import ReplicaExit, ReplicaHandle, ReplicaPlan, Runtime, RuntimeStartError
+from task_manager.runtimes.base import (
+    InstanceTaken,
+    ReplicaExit,
+    ReplicaHandle,
+    ReplicaPlan,
+    Runtime,
+    RuntimeStartError,
+)
+from task_manager.runtimes.ownership import Owner, own_container_id, owner_alive
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,8 @@ LABEL_INSTANCE = "inferoxy.instance"
 LABEL_MODEL = "inferoxy.model"
 LABEL_VERSION = "inferoxy.version"
 LABEL_REPLICA = "inferoxy.replica"
+LABEL_CLAIM = "inferoxy.claim"  # on the volume that marks who owns an instance name (see claim_instance)
+CLAIM_ATTEMPTS = 3
 
 PULL_POLICIES = ("if-not-present", "always", "never")
 LOG_TAIL_LINES = 50
@@ -94,6 +106,7 @@ class DockerRuntime(Runtime):
         self._client: DockerClient | None = None
         self._client_lock = asyncio.Lock()
         self._events = _EventFollower(instance)
+        self._claim: Any = None  # the volume that says this proxy owns the instance name, once claimed
         # One pull per image at a time: replicas of one model start together.
         self._image_locks: dict[str, asyncio.Lock] = {}
 
@@ -124,13 +137,24 @@ class DockerRuntime(Runtime):
         self._events.follow(client, replica)
         return replica
 
+    async def claim_instance(self) -> None:
+        client = await self._engine()
+        try:
+            self._claim = await asyncio.to_thread(self._claim_blocking, client)
+        except _ENGINE_ERRORS as exc:
+            raise RuntimeStartError(f"cannot claim instance {self.instance!r} on the Docker engine: "
+                                    f"{_explain(exc)}") from exc
+
     async def remove_orphans(self) -> int:
-        """Remove every container labelled with this instance. Call it before starting replicas."""
+        """Remove every container labelled with this instance. Call it, once claimed, before starting replicas."""
         client = await self._engine()
         return await asyncio.to_thread(self._remove_orphans, client)
 
     async def close(self) -> None:
         self._events.close()
+        if self._claim is not None:
+            claim, self._claim = self._claim, None
+            await asyncio.to_thread(_release_claim, claim)
         if self._client is not None:
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
@@ -233,6 +257,30 @@ class DockerRuntime(Runtime):
         handover.deliver(container)
         return container
 
+    def _claim_blocking(self, client: DockerClient) -> Any:
+        """Create the instance's claim volume, or take over a dead owner's; InstanceTaken for a live one.
+
+        Creating a volume whose name exists returns the existing one with its labels unchanged, so of two
+        proxies claiming at once exactly one finds its own labels there.
+        """
+        me = Owner.this_process(_known_container(client, own_container_id()))
+        name = claim_volume_name(self.instance)
+        for _ in range(CLAIM_ATTEMPTS):
+            volume = client.volumes.create(name, labels={LABEL_CLAIM: self.instance, **me.labels()})
+            holder = Owner.from_labels(volume.attrs.get("Labels") or {})
+            if holder == me:
+                log.info("claimed instance %s on the Docker engine (volume %s)", self.instance, name)
+                return volume
+            alive = False if holder is None else owner_alive(holder, me, partial(_container_running, client))
+            if alive is not False:
+                raise InstanceTaken(_instance_taken(self.instance, name, holder, alive))
+            log.warning("instance %s was owned by %s, which is gone; taking it over", self.instance,
+                        holder.describe() if holder else "an unreadable claim")
+            with contextlib.suppress(NotFound):
+                volume.remove(force=True)
+        raise InstanceTaken(f"instance {self.instance!r} is being claimed by another proxy at the same time; "
+                            "give each proxy on one Docker engine its own name: set INFEROXY_INSTANCE")
+
     def _remove_orphans(self, client: DockerClient) -> int:
         leftovers = client.containers.list(
             all=True, sparse=True, filters={"label": f"{LABEL_INSTANCE}={self.instance}"}
@@ -257,6 +305,42 @@ def create_runtime(settings: Settings) -> DockerRuntime:
         pull_policy=settings.docker_pull_policy,
         registry_auth=registry_auth(settings),
     )
+
+
+def claim_volume_name(instance: str) -> str:
+    return container_name(f"{instance}-claim")
+
+
+def _instance_taken(instance: str, volume: str, holder: Owner | None, alive: bool | None) -> str:
+    who = holder.describe() if holder else "another proxy"
+    if alive:
+        return (f"another Inferoxy proxy ({who}) is running with INFEROXY_INSTANCE={instance!r} on this Docker "
+                "engine; two proxies with one instance name remove each other's replicas. Give this one a name of "
+                "its own: set INFEROXY_INSTANCE")
+    return (f"instance {instance!r} is owned by another Inferoxy proxy ({who}) that this one cannot see from here "
+            "(another machine or PID namespace). Set INFEROXY_INSTANCE to give this proxy a name of its own; or, "
+            f"if that proxy is no longer running, remove its claim (docker volume rm {volume}) and start again")
+
+
+def _known_container(client: DockerClient, container_id: str) -> str:
+    """``container_id`` if this engine runs that container (the proxy's own), else empty."""
+    return container_id if container_id and _container_running(client, container_id) else ""
+
+
+def _container_running(client: DockerClient, container_id: str) -> bool:
+    try:
+        return bool(client.containers.get(container_id).status == "running")
+    except NotFound:
+        return False
+
+
+def _release_claim(volume: Any) -> None:
+    try:
+        volume.remove(force=True)
+    except NotFound:
+        pass
+    except _ENGINE_ERRORS as exc:  # the next start sees a dead owner and takes over
+        log.warning("could not release the instance claim %s: %s", getattr(volume, "name", "?"), _explain(exc))
 
 
 def registry_auth(settings: Settings) -> dict[str, str] | None:
