@@ -265,7 +265,7 @@ def test_a_second_proxy_with_the_same_instance_refuses_to_start_and_leaves_the_f
         finally:
             if second.process is not None and second.process.poll() is None:
                 second.stop()
-        refusal = re.search(r"another Inferoxy proxy \(its task manager is pid (\d+) .*INFEROXY_INSTANCE", second.log())
+        refusal = re.search(r"another Inferoxy proxy \(task manager pid (\d+) .*INFEROXY_INSTANCE", second.log())
         assert refusal and int(refusal.group(1)) in first.pids(), second.log()
         assert [c.id for c in containers_of(engine, instance, "echo")] == [replica.id], "the first one's replica"
         assert rest_infer(first, "echo", [2.0], [1, 1]).status_code == 200

@@ -274,8 +274,8 @@ class DockerRuntime(Runtime):
             alive = False if holder is None else owner_alive(holder, me, partial(_container_running, client))
             if alive is not False:
                 raise InstanceTaken(_instance_taken(self.instance, name, holder, alive))
-            log.warning("instance %s was owned by %s, which is gone; taking it over", self.instance,
-                        holder.describe() if holder else "an unreadable claim")
+            log.warning("instance %s was owned by a proxy that is gone (%s); taking it over", self.instance,
+                        holder.describe() if holder else "its claim is unreadable")
             with contextlib.suppress(NotFound):
                 volume.remove(force=True)
         raise InstanceTaken(f"instance {self.instance!r} is being claimed by another proxy at the same time; "

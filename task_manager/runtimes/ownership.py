@@ -58,7 +58,7 @@ class Owner:
 
     def describe(self) -> str:
         where = f"in container {self.container[:12]}" if self.container else f"on host {self.host}"
-        return f"its task manager is pid {self.pid} {where}"
+        return f"task manager pid {self.pid} {where}"
 
 
 def owner_alive(owner: Owner, me: Owner, container_running: Callable[[str], bool]) -> bool | None:
