@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
     shutdown_drain_s: float = Field(
-        2.0, ge=0, description="At shutdown, how long replicas may finish the batches they hold before they are "
+        1.0, ge=0, description="At shutdown, how long replicas may finish the batches they hold before they are "
         "killed (containers removed); keep the whole stop inside docker stop's 10 s."
     )
     crash_loop_failures: int = Field(
