@@ -6,6 +6,7 @@ other's replicas at start, each taking the other's containers for leftovers of a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 import sys
@@ -13,13 +14,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import docker
 import pytest
 
 from task_manager.runtimes.base import InstanceTaken
+from task_manager.runtimes.docker import LABEL_CLAIM, DockerRuntime, claim_volume_name
 from task_manager.runtimes.ownership import Owner, owner_alive, process_start
 from tests.support import require_service
-
-docker = pytest.importorskip("docker")
 
 
 def never_asked(container_id: str) -> bool:
@@ -90,8 +91,6 @@ def engine() -> Iterator[Any]:
 
 @pytest.fixture
 def instance(engine: Any) -> Iterator[str]:
-    from task_manager.runtimes.docker import claim_volume_name
-
     name = f"claim{uuid.uuid4().hex[:8]}"
     yield name
     for volume in engine.volumes.list(filters={"name": claim_volume_name(name)}):
@@ -101,10 +100,6 @@ def instance(engine: Any) -> Iterator[str]:
 def test_a_live_owner_keeps_the_instance_and_a_dead_ones_claim_is_taken_over(
     engine: Any, instance: str, other_process: tuple[Any, Owner]
 ) -> None:
-    import asyncio
-
-    from task_manager.runtimes.docker import LABEL_CLAIM, DockerRuntime, claim_volume_name
-
     process, other = other_process
     volume = claim_volume_name(instance)
     engine.volumes.create(volume, labels={LABEL_CLAIM: instance, **other.labels()})
