@@ -20,11 +20,16 @@ explains every rule below; in short it follows Triton's dynamic and sequence bat
   replica only. A session ends on ``sequence_end``, after ``session_idle_timeout_s`` idle (the
   replica is told with an ``end_sessions`` batch), or when its replica goes: then its requests
   get ``session_lost``, and so does any later one that does not start a new session.
-* A stateless batch whose replica died before answering is retried once on another replica.
+* A batch also closes early when its header would pass ``max_header_bytes`` (the bus's header limit)
+  or its tensors ``max_batch_bytes``: a batch the bus cannot carry would never be answered.
+* A stateless batch whose replica died before answering is retried once on another replica. A
+  replica known dead (``replica_down``, or any batch of it failed ``replica_lost``) never gets
+  credit back, so neither the retry nor a queued request is sent to it.
 * The task manager reports each model version's serving state (``model_status``). While it is
-  ``failed`` or ``unschedulable`` and no replica of it takes batches, waiting is pointless: its
-  queued requests, and new ones, are answered ``not_ready`` with the reason at once. A replica
-  coming up, or a hopeful state (starting, ready, degraded), lets requests queue again.
+  ``failed``, ``unschedulable`` or ``stopped`` and no replica of it takes batches, waiting is
+  pointless: its queued requests, and new ones, are answered ``not_ready`` with the reason at once.
+  A replica coming up, or a hopeful state (starting, ready, degraded), lets requests queue again;
+  a replica being started for a stopped model (an autoscaler's) makes the state ``starting``.
 * A model version removed from the registry takes no new request (``unknown_model``), but the
   requests it already holds are still served by its replicas; once none is queued or in flight the
   scheduler says so (``ModelDrained``), and the task manager may stop its replicas. If it has no
@@ -47,6 +52,7 @@ from batch_manager.messages import Origin, ReplicaId, TensorMeta, error_header, 
 from batch_manager.params import DEFAULT_PARAMS, RequestParams, SessionId
 from inferoxy import protocol
 from inferoxy.protocol import ErrorCode
+from inferoxy.wire import MAX_HEADER_BYTES, pack_header
 from model_manager.spec import DATATYPE_TO_DTYPE, ModelSpec, ServingState
 from model_manager.store import Registry
 
@@ -55,7 +61,20 @@ DEFAULT_PRIORITY_AGING_S = 0.1
 # Why a session ended, kept for the message of a later request to it; bounded per model version.
 ENDED_SESSIONS_REMEMBERED = 4096
 # Serving states in which no replica is on its way, so a request with no replica to go to is refused.
-REFUSING_STATES: frozenset[str] = frozenset({"failed", "unschedulable"})
+# ``stopped``: min_replicas is 0 (unloaded, or scaled to zero) and no replica is starting.
+REFUSING_STATES: frozenset[str] = frozenset({"failed", "unschedulable", "stopped"})
+# The bus's message limit (Settings.max_message_bytes): a batch's tensors stay within it.
+DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
+# Upper bounds of what a batch header spends besides its items' tensor descriptions: its fixed keys and
+# values (``t``, ``batch``, ``ragged``, map and list headers), and each item's entry (``id``, ``n``; a
+# session's ``session``, ``start``, ``end`` plus its id).
+BATCH_HEADER_FIXED_BYTES = 160
+ITEM_HEADER_BYTES = 32
+SESSION_ITEM_HEADER_BYTES = 48
+# Replica ids are the task manager's (at most 63 characters); a longer one only makes its batches smaller.
+MAX_REPLICA_ID_BYTES = 64
+# Batches dropped with their replica, remembered so a late answer for one is known as late, not as unknown.
+SETTLED_BATCHES_REMEMBERED = 65_536
 
 # (name, dtype, non-batch dims) of every tensor, sorted by name.
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -74,6 +93,9 @@ class Request:
     frames: list[Any]
     deadline: float
     params: RequestParams = DEFAULT_PARAMS
+    # Bytes of the ``infer`` header it came in: an upper bound of what its tensor descriptions add to a batch
+    # header, known without encoding anything. 0: the scheduler measures its tensor descriptions itself.
+    header_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -148,10 +170,10 @@ class _Pending:
     """A request the scheduler holds until it is answered."""
 
     __slots__ = ("seq", "origin", "spec", "signature", "group", "metas", "frames", "rows", "arrival", "rank",
-                 "deadline", "state", "priority", "session", "start", "end", "retried")
+                 "deadline", "state", "priority", "session", "start", "end", "retried", "header_bytes", "nbytes")
 
     def __init__(self, seq: int, request: Request, spec: ModelSpec, signature: Signature, rows: int, now: float,
-                 aging_s: float) -> None:
+                 aging_s: float, header_bytes: int) -> None:
         self.seq = seq  # also the item id replicas see: bridges' ids never leave the batch manager
         self.origin = request.origin
         self.spec = spec
@@ -170,6 +192,8 @@ class _Pending:
         self.start = session.start if session else False
         self.end = session.end if session else False
         self.retried = False
+        self.header_bytes = header_bytes  # its share of a batch header, at most
+        self.nbytes = sum(len(frame) for frame in request.frames)
 
 
 class _Group:
@@ -304,12 +328,17 @@ class Scheduler:
     """
 
     def __init__(self, registry: Registry | None = None, *, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-                 priority_aging_s: float = DEFAULT_PRIORITY_AGING_S) -> None:
+                 priority_aging_s: float = DEFAULT_PRIORITY_AGING_S, max_header_bytes: int = MAX_HEADER_BYTES,
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1")
         self._registry = registry
         self._max_queue_size = max_queue_size
         self._aging_s = priority_aging_s
+        self._max_header_bytes = max_header_bytes
+        self._max_batch_bytes = max_batch_bytes
+        # Batch ids dropped with their replica (replica_down, a new incarnation), oldest first; bounded.
+        self._settled: dict[int, None] = {}
         self._models: dict[str, _Model] = {}
         self._replicas: dict[ReplicaId, _Replica] = {}
         self._batches: dict[int, _Batch] = {}
@@ -388,6 +417,12 @@ class Scheduler:
             out.append(_error(request.origin, ErrorCode.BAD_INPUT,
                               f"model {spec.key} is stateful: every request needs the parameter 'sequence_id'"))
             return out
+        header_bytes = _item_header_bytes(request)
+        if header_bytes > self._header_room(spec.name, spec.version, MAX_REPLICA_ID_BYTES):
+            out.append(_error(request.origin, ErrorCode.BAD_INPUT,
+                              f"model {spec.key}: the request's tensor descriptions take up to {header_bytes} bytes, "
+                              f"more than a batch header may hold (the bus's limit is {self._max_header_bytes} bytes)"))
+            return out
         refusal = self._refusal(spec.key)
         if refusal is not None:
             out.append(_error(request.origin, ErrorCode.NOT_READY, refusal))
@@ -426,7 +461,7 @@ class Scheduler:
                 self._place(model, session)
 
         self._seq += 1
-        pending = _Pending(self._seq, request, spec, signature, rows, now, self._aging_s)
+        pending = _Pending(self._seq, request, spec, signature, rows, now, self._aging_s, header_bytes)
         model.queued += 1
         self._live[request.origin] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.seq, pending))
@@ -495,15 +530,22 @@ class Scheduler:
         replica = self._replicas.get(replica_id)
         if replica is None or replica.draining:
             return out
-        replica.draining = True
-        model = self._model(replica.model_key)
-        message = f"the session's replica {replica_id!r} is stopping ({reason}); its state is gone"
-        for session in list(replica.sessions.values()):
-            self._lose_session(model, session, ErrorCode.SESSION_LOST, message, out, answer_in_flight=False)
+        self._stop_dispatching(replica, reason, out)
         self._refuse_if_bare(replica.model_key, out)
-        self._pump(model, now, out)
+        self._pump(self._model(replica.model_key), now, out)
         self._check_drained(out)
         return out
+
+    def _stop_dispatching(self, replica: _Replica, reason: str, out: list[Action]) -> None:
+        """No batch goes to ``replica`` any more (results of those it holds are still taken); its sessions
+        cannot go on elsewhere, so they end: their queued requests get ``session_lost``."""
+        if replica.draining:
+            return
+        replica.draining = True
+        model = self._model(replica.model_key)
+        message = f"the session's replica {replica.id!r} is stopping ({reason}); its state is gone"
+        for session in list(replica.sessions.values()):
+            self._lose_session(model, session, ErrorCode.SESSION_LOST, message, out, answer_in_flight=False)
 
     def replica_down(self, replica_id: ReplicaId, reason: str, now: float) -> list[Action]:
         """A replica is gone: stateless batches it held are retried once elsewhere, the rest fail."""
@@ -583,7 +625,11 @@ class Scheduler:
         error_code = _code(code)
         model = self._model(batch.replica.model_key)
         if error_code is ErrorCode.REPLICA_LOST:
+            # The replica is dead or going: its credit must never come back, or the retry and the queue
+            # would be sent to it. ``replica_down`` (before or after this) forgets it.
+            self._stop_dispatching(batch.replica, f"it lost batch {batch_id}: {message}", out)
             self._fail_lost_batch(model, batch, message, now, out, retry=True)
+            self._refuse_if_bare(batch.replica.model_key, out)
         else:
             for pending in batch.requests:
                 self._fail(pending, error_code, message, out)
@@ -689,6 +735,15 @@ class Scheduler:
         """Whether requests for a model version (``name/version``) are refused ``not_ready`` rather than queued."""
         return self._refusal(model_key) is not None
 
+    def knows_batch(self, replica_id: ReplicaId, batch_id: int) -> bool:
+        """Whether an answer for the batch is expected: it is at ``replica_id``, or was settled when that
+        replica went (the task manager answers such a batch too, after ``replica_down``). False: nothing
+        sent it, so the answer is a peer's bug or a mix-up worth a loud log line."""
+        batch = self._batches.get(batch_id)
+        if batch is not None:
+            return batch.replica.id == replica_id
+        return batch_id in self._settled
+
     def is_draining(self, replica_id: ReplicaId) -> bool:
         replica = self._replicas.get(replica_id)
         return replica is not None and replica.draining
@@ -743,8 +798,9 @@ class Scheduler:
         """Send the group's first requests by rank, up to max_batch_size rows, as one batch to ``replica``."""
         spec = group.spec
         limit = spec.max_batch_size
+        header_room = self._header_room(spec.name, spec.version, len(str(replica.id)))
         taken: list[_Pending] = []
-        rows = 0
+        rows = header_bytes = nbytes = 0
         while True:
             pending = group.head()
             if pending is None:
@@ -756,14 +812,19 @@ class Scheduler:
                 self._session_item_gone(pending, now, out)
                 continue
             # Rank order is kept: a request that does not fit waits for the next batch. The first one
-            # always goes, even if max_batch_size shrank below its rows since it was queued.
-            if taken and rows + pending.rows > limit:
+            # always goes, even if max_batch_size shrank below its rows since it was queued (submit made sure
+            # its header fits). A batch the bus could not carry would never be answered, so the header and
+            # tensor bytes close it early too.
+            if taken and (rows + pending.rows > limit or header_bytes + pending.header_bytes > header_room
+                          or nbytes + pending.nbytes > self._max_batch_bytes):
                 break
             group.take(pending)
             model.queued -= 1
             pending.state = _State.IN_FLIGHT
             taken.append(pending)
             rows += pending.rows
+            header_bytes += pending.header_bytes
+            nbytes += pending.nbytes
         if not taken:
             return
         batch = self._new_batch(replica, taken)
@@ -787,6 +848,11 @@ class Scheduler:
                 frames += pending.frames
         out.append(Dispatch(replica.id, batch.id, spec.name, spec.version, items, metas, frames,
                             ragged=spec.ragged_batches))
+
+    def _header_room(self, model: str, version: str, replica_id_bytes: int) -> int:
+        """How many bytes of a batch header its items may take: the bus's limit less the fixed part."""
+        fixed = BATCH_HEADER_FIXED_BYTES + len(model.encode()) + len(version.encode()) + replica_id_bytes
+        return self._max_header_bytes - fixed
 
     def _send_ends(self, replica: _Replica, out: list[Action]) -> None:
         """A batch with no items that tells the replica to run the end hook of sessions that idled out."""
@@ -812,8 +878,11 @@ class Scheduler:
 
     def _take_batch(self, replica_id: ReplicaId, batch_id: int) -> _Batch | None:
         batch = self._batches.get(batch_id)
-        # Batch ids are never reused, so an unknown one is a late answer for a replica declared down.
+        # Batch ids are never reused, so an unknown one is a late answer for a replica declared down
+        # (or a mix-up the service has logged: ``knows_batch``). Either way no credit comes back with it.
         if batch is None or batch.replica.id != replica_id:
+            if batch is None:
+                self._settled.pop(batch_id, None)  # its one answer came
             return None
         del self._batches[batch_id]
         del batch.replica.batches[batch_id]
@@ -830,9 +899,15 @@ class Scheduler:
             self._lose_session(model, session, ErrorCode.SESSION_LOST, message, out, answer_in_flight=True)
         for batch in list(replica.batches.values()):
             del self._batches[batch.id]
+            self._remember_settled(batch.id)
             self._fail_lost_batch(model, batch, reason, now, out, retry=retry)
         replica.batches.clear()
         replica.groups.clear()
+
+    def _remember_settled(self, batch_id: int) -> None:
+        self._settled[batch_id] = None
+        if len(self._settled) > SETTLED_BATCHES_REMEMBERED:
+            del self._settled[next(iter(self._settled))]
 
     def _fail_lost_batch(self, model: _Model, batch: _Batch, reason: str, now: float, out: list[Action], *,
                          retry: bool) -> None:
@@ -1100,6 +1175,16 @@ def _code(code: str) -> ErrorCode:
 
 def _error(origin: Origin, code: ErrorCode, message: str) -> Reply:
     return Reply(origin, error_header(origin[1], code, message))
+
+
+def _item_header_bytes(request: Request) -> int:
+    """At most how many bytes ``request`` adds to a batch header: its entry in ``items`` and its tensor
+    descriptions, bounded by the size of the ``infer`` header they came in (measured once otherwise)."""
+    described = request.header_bytes or len(pack_header({"tensors": request.metas}))
+    session = request.params.session
+    if session is None:
+        return described + ITEM_HEADER_BYTES
+    return described + SESSION_ITEM_HEADER_BYTES + len(str(session.id).encode())
 
 
 def _oldest_ready(groups: dict[Signature, _Group], now: float) -> _Group | None:

@@ -52,7 +52,8 @@ class BatchManager:
         self.settings = settings
         self.ctx = ctx
         self.scheduler = Scheduler(max_queue_size=max_queue_size or settings.max_queue_size,
-                                   priority_aging_s=settings.priority_aging_ms / 1000.0)
+                                   priority_aging_s=settings.priority_aging_ms / 1000.0,
+                                   max_batch_bytes=settings.max_message_bytes)
         self._default_timeout_s = settings.request_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         # Plain sockets: the reactor reads them, sends never wait.
@@ -131,7 +132,7 @@ class BatchManager:
             request_id = messages.request_id_of(header)
             kind = header.get("t")
             if kind == protocol.INFER:
-                self._on_infer(identity, header, message[2:])
+                self._on_infer(identity, header, message[2:], len(message[1]))
             elif kind == protocol.CANCEL:
                 self._perform(self.scheduler.cancel((identity, messages.parse_cancel(header)), self._now()))
             else:
@@ -143,14 +144,14 @@ class BatchManager:
             log.exception("failed to handle a message from bridge %r", identity)
             self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.INTERNAL, "internal error"))
 
-    def _on_infer(self, identity: bytes, header: dict[str, Any], frames: list[Any]) -> None:
+    def _on_infer(self, identity: bytes, header: dict[str, Any], frames: list[Any], header_bytes: int) -> None:
         fields = messages.parse_infer(header)
         metas = check_tensors(header, frames)
         params = parse_params(header.get("params"))
         timeout_s = self._default_timeout_s if fields.timeout_ms is None else fields.timeout_ms / 1000.0
         now = self._now()
         request = Request((identity, fields.request_id), fields.model, fields.version, metas, frames, now + timeout_s,
-                          params)
+                          params, header_bytes)
         self._perform(self.scheduler.submit(request, now))
 
     def _on_task_manager_message(self, message: list[Any]) -> None:
@@ -160,6 +161,7 @@ class BatchManager:
             now = self._now()
             if kind == protocol.RESULT:
                 batch = messages.parse_batch_ref(header)
+                self._check_known(kind, batch.replica, batch.batch_id, header)
                 try:
                     counts = messages.parse_result_items(header)
                     errors = messages.parse_result_item_errors(header)
@@ -173,6 +175,7 @@ class BatchManager:
                                                        errors)
             elif kind == protocol.FAILED:
                 failed = messages.parse_failed(header)
+                self._check_known(kind, failed.replica, failed.batch_id, header)
                 actions = self.scheduler.on_failed(failed.replica, failed.batch_id, failed.code, failed.message, now)
             elif kind == protocol.REPLICA_UP:
                 up = messages.parse_replica_up(header)
@@ -204,6 +207,14 @@ class BatchManager:
             log.exception("failed to handle a message from the task manager")
             return
         self._perform(actions)
+
+    def _check_known(self, kind: str, replica: messages.ReplicaId, batch_id: int, header: dict[str, Any]) -> None:
+        """An answer for a batch this batch manager never sent (or already had answered) settles nothing: say so
+        loudly, since a request or a replica's credit may be waiting for the answer that went astray."""
+        if not self.scheduler.knows_batch(replica, batch_id):
+            detail = f" ({header.get('code')}: {header.get('message')})" if kind == protocol.FAILED else ""
+            log.warning("a %s from the task manager for batch %s of replica %r matches no batch sent here; "
+                        "dropped%s", kind, batch_id, replica, detail)
 
     def _on_registry(self, registry: Registry) -> None:
         log.info("model registry at revision %d: %d model versions", registry.revision, len(registry))

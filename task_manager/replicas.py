@@ -38,6 +38,9 @@ class Replica:
     capacity: int = 0
     ready_at: float | None = None
     last_seen: float = 0.0
+    progress_at: float = 0.0
+    """When it last answered a batch, or took one while holding none: a stuck replica is one that holds
+    batches and made no progress for longer than its model's timeout."""
     announced: bool = False
     """A `replica_up` went out, so a `replica_down` is owed."""
     in_flight: dict[Any, bytes] = field(default_factory=dict)
@@ -87,6 +90,8 @@ class ModelGroup:
     """While removed but not yet drained: retires it when the grace for batch managers' ``model_drained`` ends."""
     awaiting: set[bytes] = field(default_factory=set)
     """While removed but not yet drained: the batch managers whose ``model_drained`` it still waits for."""
+    replacing: dict[str, str] = field(default_factory=dict)
+    """Replicas lost (dead, silent, stuck) and not yet gone, by id: why. Readiness names them meanwhile."""
 
     @property
     def desired(self) -> int:
@@ -101,12 +106,17 @@ class ModelGroup:
     def serving_state(self) -> tuple[ServingState, str | None]:
         """The model's state as ``ModelStatus`` spells it, and the reason behind it (see its docstring)."""
         ready = self.ready_count()
-        if self.desired == 0 and ready == 0:
-            return "stopped", None
+        starting = any(replica.state is ReplicaState.STARTING for replica in self.replicas.values())
+        if self.desired == 0 and ready == 0 and not starting:
+            # A replica starting although none is wanted (an autoscaler's) makes it `starting`: requests wait.
+            return "stopped", "min_replicas is 0 (the model is unloaded or scaled to zero) and no replica is running"
         if self.failed_reason is not None:
             return ("degraded" if ready else "failed"), self.failed_reason
         if self.unschedulable is not None:
             return ("degraded" if ready else "unschedulable"), self.unschedulable
+        if self.replacing:
+            lost = "; ".join(f"replica {rid} is being replaced: {why}" for rid, why in self.replacing.items())
+            return ("degraded" if ready else "starting"), lost
         if ready == 0:
             return "starting", self.last_error if self.failures else None
         if self.failures:

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -198,13 +199,14 @@ class TaskManager:
 
     def _on_batch_manager_message(self, frames: list[Any]) -> None:
         if len(frames) < 2:
+            log.warning("dropping an empty message from a batch manager")
             return
         sender = frames[0].bytes
         self._heard_batch_manager(sender)
         try:
             header = wire.unpack_header(frames[1])
         except wire.WireError as exc:
-            log.warning("dropping an unreadable message from a batch manager: %s", exc)
+            self._refuse_unreadable(sender, frames[1], exc)
             return
         kind = header.get("t")
         if kind == protocol.BATCH:
@@ -213,6 +215,20 @@ class TaskManager:
             self._on_model_drained(sender, header)
         elif kind != protocol.HEARTBEAT:
             log.warning("ignoring a %r message from a batch manager", kind)
+
+    def _refuse_unreadable(self, sender: bytes, frame: Any, exc: wire.WireError) -> None:
+        """A batch that cannot be read (such as a header over the bus's limit) is answered ``failed``, never
+        dropped: its requests hear now and its replica's credit comes back to the batch manager."""
+        ref = _peek_batch_ref(frame)
+        if ref is None:
+            log.error("dropping an unreadable message from batch manager %s that names no batch: %s",
+                      sender.hex(), exc)
+            return
+        target, batch_id = ref
+        log.error("batch %r for replica %r from batch manager %s is unreadable; answered failed: %s",
+                  batch_id, target, sender.hex(), exc)
+        message = f"the task manager could not read the batch: {exc}"
+        self._send_batch_manager(sender, failed_message(str(target), batch_id, ErrorCode.INTERNAL, message))
 
     def _heard_batch_manager(self, sender: bytes) -> None:
         if sender not in self._batch_managers:
@@ -276,6 +292,8 @@ class TaskManager:
         elif not self._send_replica(replica, frames[1:]):
             problem = (ErrorCode.REPLICA_LOST, f"replica {target} is not connected")
         else:
+            if not replica.in_flight:
+                replica.progress_at = time.monotonic()  # the wait for its next answer starts now
             replica.in_flight[batch_id] = sender
             return
         code, message = problem
@@ -286,7 +304,12 @@ class TaskManager:
             return
         replica = self._replicas.get(frames[0].bytes)
         if replica is None:
-            return  # not a replica we started (or one we already gave up on)
+            # Not a replica we started, or one we already gave up on (its batches were answered then).
+            ref = _peek_batch_ref(frames[1])
+            if ref is not None:
+                log.warning("replica %r, which is not one of ours (any more), answered batch %r; dropped",
+                            frames[0].bytes.decode(errors="replace"), ref[1])
+            return
         replica.last_seen = time.monotonic()
         try:
             header = wire.unpack_header(frames[1])
@@ -325,6 +348,7 @@ class TaskManager:
         if sender is None:
             log.warning("replica %s answered batch %r, which it does not hold; dropped", replica.id, batch_id)
             return
+        replica.progress_at = time.monotonic()
         if not bus.send_nowait(self._sock(self._bm_sock), [sender, *frames[1:]]):
             log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
 
@@ -402,6 +426,8 @@ class TaskManager:
                 silent = now - replica.last_seen
                 if replica.state is ReplicaState.READY and silent > self._silence_limit_s:
                     self._end(replica, f"no heartbeat for {silent:.1f}s", wanted=False)
+                elif replica.state is ReplicaState.READY:
+                    self._recycle_if_stuck(replica, now)
             self._forgive_recovered(now)
             forgot = False
             for identity, seen in list(self._batch_managers.items()):
@@ -419,6 +445,15 @@ class TaskManager:
                         del senders[identity]
                 if not senders:
                     del self._early_drained[key]
+
+    def _recycle_if_stuck(self, replica: Replica, now: float) -> None:
+        """A replica that holds batches and answers none for longer than its model's timeout heartbeats
+        fine (a hung ``predict``, an answer lost on the way) but holds its credit for ever: replace it."""
+        timeout_s = replica.spec.default_timeout_s or self.settings.request_timeout_s
+        stuck_s = now - replica.progress_at
+        if replica.in_flight and stuck_s > timeout_s:
+            self._end(replica, f"replica {replica.id} held {len(replica.in_flight)} batches for {stuck_s:.1f}s "
+                      f"without answering any (the model's timeout is {timeout_s:g}s)", wanted=False)
 
     def _forgive_recovered(self, now: float) -> None:
         """A model whose replica has served for restart_backoff_max_s since its failures is healthy again."""
@@ -636,7 +671,8 @@ class TaskManager:
             replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
                                     else max(STOP_GRACE_S, self.settings.request_timeout_s))
         else:
-            self._announce_down(replica, reason)
+            replica.group.replacing[replica.id] = reason  # readiness says which replica is replaced, and why
+            self._announce_down(replica, reason)  # before the `failed`s: see `_ended`
             self._fail_in_flight(replica, reason)
             replica.stop_grace_s = KILL_GRACE_S
         replica.stop_requested.set()
@@ -648,9 +684,12 @@ class TaskManager:
         self.gpus.release(replica.id)
         group = replica.group
         group.replicas.pop(replica.id, None)
+        group.replacing.pop(replica.id, None)
         reason = clip_reason(f"{replica.end_reason}; {how}" if replica.end_reason else how)
-        self._fail_in_flight(replica, reason)
+        # Down first: a batch manager must know the replica is dead before any `failed` of its batches, or
+        # the credit each returns would send the retry and the queue to the corpse.
         self._announce_down(replica, reason)
+        self._fail_in_flight(replica, reason)
         self._status_changed(group)
         if self._closing:
             return
@@ -770,6 +809,33 @@ class TaskManager:
             # Popped only once written: a failed write leaves it for the retry.
             if self._dirty.get(key) is group:
                 del self._dirty[key]
+
+
+def _peek_batch_ref(frame: Any) -> tuple[Any, Any] | None:
+    """``replica`` and ``batch`` of a header too large or too broken to decode whole, or None.
+
+    Reads the map key by key and skips every other value, so the items and tensor descriptions of an
+    oversize batch are never built.
+    """
+    try:
+        data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
+        unpacker.feed(data)
+        found: dict[str, Any] = {}
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in ("replica", "batch"):
+                found[key] = unpacker.unpack()
+                if len(found) == 2:
+                    break
+            else:
+                unpacker.skip()
+    except Exception:  # garbage: msgpack raises several unrelated types
+        return None
+    replica, batch = found.get("replica"), found.get("batch")
+    if not isinstance(replica, str) or not isinstance(batch, (int, str)) or isinstance(batch, bool):
+        return None
+    return replica, batch
 
 
 async def _start_uncancelled(runtime: Runtime, plan: ReplicaPlan) -> ReplicaHandle:
