@@ -177,6 +177,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         if how == "model_error":
             self.check(s.on_failed(batch.replica, batch.batch_id, "model_error", "boom", self.now))
         elif how == "replica_lost":
+            # A replica that lost a batch is dead or going: it takes no batch any more, as if draining.
+            if batch.replica in self.replicas:
+                self.replicas[batch.replica]["draining"] = True
             self.check(s.on_failed(batch.replica, batch.batch_id, "replica_lost", "undeliverable", self.now))
         else:
             counts = [item["n"] for item in batch.items]

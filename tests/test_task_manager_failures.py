@@ -1,0 +1,92 @@
+"""The task manager when a replica dies, hangs, or a batch cannot be read (issue 9): nothing is dropped
+silently, and a batch manager always hears that a replica is dead before it hears about its batches."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+
+from inferoxy import wire
+from tests.support import alive
+from tests.test_task_manager import ECHO, SLOW, Harness, eventually, redis_url, run, spec
+
+__all__ = ["redis_url"]  # the fixture, shared with tests/test_task_manager.py
+
+
+def test_a_killed_replica_is_reported_down_before_any_of_its_batches_fails(redis_url: str) -> None:
+    # The failure: `failed` came first, so the batch manager gave the dead replica its credit back and sent
+    # the retry (and queued requests) to it.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        victim = h.pid_of("slow/1", up["replica"])
+        for batch in (1, 2):
+            await h.send_batch(up["replica"], batch, [("sleep_s", np.array([30.0], np.float32))])
+        await eventually(lambda: h.replicas("slow/1")[0]["in_flight"] == 2)
+
+        os.kill(victim, signal.SIGKILL)
+        order: list[str] = []
+        while len(order) < 3:
+            header, _ = wire.decode(await h.bm.recv_multipart())
+            if header.get("replica") == up["replica"] and header["t"] in ("replica_down", "failed"):
+                order.append(header["t"])
+        assert order == ["replica_down", "failed", "failed"], order
+
+    run(redis_url, scenario)
+
+
+def test_a_batch_whose_header_passes_the_bus_limit_is_answered_failed_and_credit_is_kept(redis_url: str) -> None:
+    # The failure: the task manager could not read the header (over 1 MiB), dropped the batch with a warning,
+    # and the batch manager's credit for the replica never came back.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up")
+        header = {"t": "batch", "replica": up["replica"], "batch": 5, "model": "echo", "version": "1",
+                  "items": [{"id": 5, "n": 0, "pad": "x" * (wire.MAX_HEADER_BYTES + 10)}], "tensors": []}
+        await h.bm.send_multipart([wire.pack_header(header)])
+        failed, _ = await h.expect("failed", batch=5, timeout=5)
+        assert (failed["replica"], failed["code"]) == (up["replica"], "internal")
+        assert str(wire.MAX_HEADER_BYTES) in failed["message"], failed["message"]
+
+        x = np.ones((1, 2), np.float32)
+        await h.send_batch(up["replica"], 6, [("x", x)])
+        await h.expect("result", batch=6)
+
+    run(redis_url, scenario)
+
+
+def test_a_replica_that_holds_a_batch_past_the_models_timeout_is_replaced_and_readiness_names_it(
+        redis_url: str) -> None:
+    # The failure: a replica whose predict hangs keeps heartbeating, so it held its credit for ever while
+    # readiness said ready.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("slow", SLOW))
+        up, _ = await h.expect("replica_up")
+        stuck = h.pid_of("slow/1", up["replica"])
+        await h.send_batch(up["replica"], 1, [("sleep_s", np.array([3600.0], np.float32))])
+
+        down, _ = await h.expect("replica_down", replica=up["replica"])
+        assert "without answering" in down["reason"], down["reason"]
+        lost, _ = await h.expect("failed", batch=1)
+        assert lost["code"] == "replica_lost"
+        status, _ = await h.expect("model_status", model="slow", state="starting")
+        while status["reason"] is None:  # the one from before the first replica was ready
+            status, _ = await h.expect("model_status", model="slow", state="starting")
+        assert up["replica"] in status["reason"] and "without answering" in status["reason"], status
+        again, _ = await h.expect("replica_up")
+        assert again["replica"] != up["replica"]
+        await eventually(lambda: not alive(stuck), what="the stuck replica to be killed")
+
+    run(redis_url, scenario, request_timeout_s=1.0)
+
+
+def test_a_model_with_no_replica_wanted_is_stopped_with_a_reason(redis_url: str) -> None:
+    # The failure: `stopped` came with no reason, so batch managers could not say why they refuse.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("idle", ECHO, min_replicas=0))
+        status, _ = await h.expect("model_status", model="idle", state="stopped")
+        assert "min_replicas is 0" in status["reason"], status
+
+    run(redis_url, scenario)
