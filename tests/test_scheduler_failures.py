@@ -9,7 +9,7 @@ import pytest
 
 from batch_manager.scheduler import Action, Dispatch, Scheduler
 from inferoxy.protocol import ErrorCode
-from inferoxy.wire import pack_header
+from inferoxy.wire import MAX_HEADER_BYTES, pack_header
 from tests.test_scheduler import dispatches, echo_result, make_registry, make_request, make_spec, only_reply, replies
 
 
@@ -139,3 +139,18 @@ def test_a_stopped_model_answers_not_ready_at_once() -> None:
     assert scheduler.submit(make_request(2, now=0.3), now=0.3) == []
     [batch] = dispatches(scheduler.replica_up("r1", "m", "1", 1, now=0.4))
     assert [item["id"] for item in batch.items] and scheduler.queued() == 0
+
+
+def test_the_issues_burst_8000_requests_of_4_inputs_never_makes_a_header_over_the_bus_limit() -> None:
+    # The reproduction from issue 9: max_batch_size 8192, 4 inputs, an 8,000-request burst, real limits.
+    inputs = [f"input_tensor_{i}" for i in range(4)]
+    scheduler = Scheduler(make_registry(make_spec(max_batch_size=8192, delay_ms=50, max_queue_size=10_000)))
+    for i in range(8000):
+        request = make_request(i)
+        request.metas = [{"name": name, "dtype": "float32", "shape": [1, 3]} for name in inputs]
+        request.frames = [b"\0" * 12] * 4
+        scheduler.submit(request, now=0.0)
+    batches = dispatches(scheduler.replica_up("r1", "m", "1", 64, now=0.1))  # past the delay: all go
+    assert sum(len(batch.items) for batch in batches) == 8000
+    assert len(batches) > 1
+    assert max(len(pack_header(batch.header())) for batch in batches) <= MAX_HEADER_BYTES
