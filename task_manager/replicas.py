@@ -40,7 +40,7 @@ class Replica:
     last_seen: float = 0.0
     progress_at: float = 0.0
     """When it last answered a batch, or took one while holding none: a stuck replica is one that holds
-    batches and made no progress for longer than its model's timeout."""
+    batches and made no progress for longer than any request may wait."""
     announced: bool = False
     """A `replica_up` went out, so a `replica_down` is owed."""
     in_flight: dict[Any, bytes] = field(default_factory=dict)

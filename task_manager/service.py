@@ -447,13 +447,18 @@ class TaskManager:
                     del self._early_drained[key]
 
     def _recycle_if_stuck(self, replica: Replica, now: float) -> None:
-        """A replica that holds batches and answers none for longer than its model's timeout heartbeats
-        fine (a hung ``predict``, an answer lost on the way) but holds its credit for ever: replace it."""
-        timeout_s = replica.spec.default_timeout_s or self.settings.request_timeout_s
+        """Replace a replica that holds batches but answered none for longer than any request may wait: it
+        heartbeats fine (a hung ``predict``, an answer lost on the way) yet would hold its credit for ever.
+
+        The timeout is ``request_timeout_s``, not the spec's ``default_timeout_s``: a client may ask for
+        longer than the model's default, never for longer than the server's, so by then no request in
+        those batches is waiting for the answer any more.
+        """
+        timeout_s = self.settings.request_timeout_s
         stuck_s = now - replica.progress_at
         if replica.in_flight and stuck_s > timeout_s:
             self._end(replica, f"replica {replica.id} held {len(replica.in_flight)} batches for {stuck_s:.1f}s "
-                      f"without answering any (the model's timeout is {timeout_s:g}s)", wanted=False)
+                      f"without answering any (longer than any request may wait: {timeout_s:g}s)", wanted=False)
 
     def _forgive_recovered(self, now: float) -> None:
         """A model whose replica has served for restart_backoff_max_s since its failures is healthy again."""

@@ -57,7 +57,7 @@ def test_a_batch_whose_header_passes_the_bus_limit_is_answered_failed_and_credit
     run(redis_url, scenario)
 
 
-def test_a_replica_that_holds_a_batch_past_the_models_timeout_is_replaced_and_readiness_names_it(
+def test_a_replica_that_holds_a_batch_past_the_request_timeout_is_replaced_and_readiness_names_it(
         redis_url: str) -> None:
     # The failure: a replica whose predict hangs keeps heartbeating, so it held its credit for ever while
     # readiness said ready.
