@@ -193,7 +193,7 @@ class _Pending:
         self.end = session.end if session else False
         self.retried = False
         self.header_bytes = header_bytes  # its share of a batch header, at most
-        self.nbytes = sum(len(frame) for frame in request.frames)
+        self.nbytes = sum(map(len, request.frames))  # frames are 1-D byte buffers (zmq.Frame, bytes)
 
 
 class _Group:
