@@ -291,6 +291,9 @@ class TaskManager:
             problem = (ErrorCode.OVERLOADED, f"replica {target} already holds {replica.capacity} batches")
         elif not self._send_replica(replica, frames[1:]):
             problem = (ErrorCode.REPLICA_LOST, f"replica {target} is not connected")
+            # A batch manager stops using a replica that lost a batch: one that cannot be reached is
+            # replaced, so `replica_lost` always means gone (and `replica_down` goes out before the `failed`).
+            self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
         else:
             if not replica.in_flight:
                 replica.progress_at = time.monotonic()  # the wait for its next answer starts now

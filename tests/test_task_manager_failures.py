@@ -3,12 +3,19 @@ silently, and a batch manager always hears that a replica is dead before it hear
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import zmq.asyncio
 
 from inferoxy import wire
+from inferoxy.settings import Settings
+from task_manager.replicas import ModelGroup, Replica, ReplicaState
+from task_manager.service import TaskManager
 from tests.support import alive
 from tests.test_task_manager import ECHO, SLOW, Harness, eventually, redis_url, run, spec
 
@@ -90,3 +97,29 @@ def test_a_model_with_no_replica_wanted_is_stopped_with_a_reason(redis_url: str)
         assert "min_replicas is 0" in status["reason"], status
 
     run(redis_url, scenario)
+
+
+def test_a_replica_a_batch_cannot_reach_is_announced_down_then_the_batch_fails() -> None:
+    # The failure: the task manager answered `replica_lost` for a replica it kept as ready (not connected at
+    # that moment); batch managers stop using a replica that lost a batch, so it would have sat unused.
+    async def main() -> None:
+        tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
+        told: list[dict[str, Any]] = []
+        tm._send_batch_manager = lambda _identity, message: told.append(  # type: ignore[method-assign]
+            dict(message) if isinstance(message, Mapping) else wire.unpack_header(message[0]))
+        tm._send_replica = lambda _replica, _frames: False  # type: ignore[method-assign]
+        model = spec("echo", ECHO)
+        group = ModelGroup(model)
+        replica = Replica("r-0", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2, announced=True)
+        group.replicas[replica.id] = replica
+        tm._groups[model.key] = group
+        tm._replicas[replica.identity] = replica
+        tm._batch_managers[b"bm"] = 0.0
+
+        tm._forward_batch(b"bm", {"t": "batch", "replica": "r-0", "batch": 9}, [b"bm", b"header"])
+        assert [(m["t"], m.get("batch")) for m in told] == [("replica_down", None), ("failed", 9)]
+        assert told[1]["code"] == "replica_lost"
+        assert replica.state is ReplicaState.STOPPING and replica.stop_requested.is_set()
+        assert "r-0" in (group.serving_state()[1] or "")
+
+    asyncio.run(main())
