@@ -76,6 +76,14 @@ def test_a_replica_that_holds_a_batch_past_the_request_timeout_is_replaced_and_r
 
         down, _ = await h.expect("replica_down", replica=up["replica"])
         assert "without answering" in down["reason"], down["reason"]
+
+        async def named_in_redis() -> bool:  # what /ready and GET /v2/models/{name} read
+            status = await h.store.status("slow", "1")
+            return status is not None and up["replica"] in (status.reason or "")
+
+        async with asyncio.timeout(10):
+            while not await named_in_redis():  # noqa: ASYNC110 (a Redis record has no event to wait on)
+                await asyncio.sleep(0.02)
         lost, _ = await h.expect("failed", batch=1)
         assert lost["code"] == "replica_lost"
         status, _ = await h.expect("model_status", model="slow", state="starting")
