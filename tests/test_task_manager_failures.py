@@ -131,3 +131,14 @@ def test_a_replica_a_batch_cannot_reach_is_announced_down_then_the_batch_fails()
         assert "r-0" in (group.serving_state()[1] or "")
 
     asyncio.run(main())
+
+
+def test_a_stopped_model_with_a_replica_starting_is_starting_so_requests_wait() -> None:
+    # The hook for an autoscaler that starts a replica on demand: batch managers refuse a `stopped` model's
+    # requests at once, but must keep them while a replica is on its way.
+    model = spec("idle", ECHO, min_replicas=0)
+    group = ModelGroup(model)
+    state, reason = group.serving_state()
+    assert state == "stopped" and "min_replicas is 0" in (reason or "")
+    group.replicas["r-0"] = Replica("r-0", model, group, started_at=0.0)  # starting
+    assert group.serving_state()[0] == "starting"
