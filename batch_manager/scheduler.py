@@ -420,8 +420,9 @@ class Scheduler:
         header_bytes = _item_header_bytes(request)
         if header_bytes > self._header_room(spec.name, spec.version, MAX_REPLICA_ID_BYTES):
             out.append(_error(request.origin, ErrorCode.BAD_INPUT,
-                              f"model {spec.key}: the request's tensor descriptions take up to {header_bytes} bytes, "
-                              f"more than a batch header may hold (the bus's limit is {self._max_header_bytes} bytes)"))
+                              f"model {spec.key}: the request's header ({header_bytes} bytes with its entry in a "
+                              f"batch) does not fit in a batch header (the bus's limit is {self._max_header_bytes} "
+                              "bytes); send shorter tensor names or fewer parameters"))
             return out
         refusal = self._refusal(spec.key)
         if refusal is not None:
