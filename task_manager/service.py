@@ -317,7 +317,7 @@ class TaskManager:
         try:
             header = wire.unpack_header(frames[1])
         except wire.WireError as exc:
-            log.warning("dropping an unreadable message from replica %s: %s", replica.id, exc)
+            self._fail_unreadable_answer(replica, frames[1], exc)
             return
         kind = header.get("t")
         if kind == protocol.READY:
@@ -354,6 +354,20 @@ class TaskManager:
         replica.progress_at = time.monotonic()
         if not bus.send_nowait(self._sock(self._bm_sock), [sender, *frames[1:]]):
             log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
+
+    def _fail_unreadable_answer(self, replica: Replica, frame: Any, exc: wire.WireError) -> None:
+        """An answer that cannot be read (such as a header over the bus's limit) fails its batch, so its
+        requests hear now and the batch manager gets the replica's credit back."""
+        ref = _peek_batch_ref(frame)
+        sender = replica.in_flight.pop(ref[1], None) if ref is not None and ref[0] == replica.id else None
+        if ref is None or sender is None:
+            log.error("dropping an unreadable message from replica %s that answers no batch it holds: %s",
+                      replica.id, exc)
+            return
+        replica.progress_at = time.monotonic()
+        log.error("replica %s answered batch %r unreadably; the batch fails: %s", replica.id, ref[1], exc)
+        message = f"replica {replica.id} answered with a message the task manager could not read: {exc}"
+        self._send_batch_manager(sender, failed_message(replica.id, ref[1], ErrorCode.INTERNAL, message))
 
     def _replica_up(self, replica: Replica) -> dict[str, Any]:
         return {"t": protocol.REPLICA_UP, "replica": replica.id, "model": replica.spec.name,

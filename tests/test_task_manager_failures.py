@@ -142,3 +142,26 @@ def test_a_stopped_model_with_a_replica_starting_is_starting_so_requests_wait() 
     assert state == "stopped" and "min_replicas is 0" in (reason or "")
     group.replicas["r-0"] = Replica("r-0", model, group, started_at=0.0)  # starting
     assert group.serving_state()[0] == "starting"
+
+
+def test_an_answer_the_task_manager_cannot_read_fails_its_batch() -> None:
+    # The failure: a replica's answer with a header over the bus's limit was dropped with a warning, so the
+    # batch's requests waited for their deadline and the batch manager never got the replica's credit back.
+    async def main() -> None:
+        tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
+        told: list[tuple[bytes, dict[str, Any]]] = []
+        tm._send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
+            (identity, wire.unpack_header(message[0]) if not isinstance(message, Mapping) else dict(message)))
+        model = spec("echo", ECHO)
+        group = ModelGroup(model)
+        replica = Replica("r-0", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2, announced=True)
+        replica.in_flight[4] = b"bm"
+        tm._replicas[replica.identity] = replica
+
+        huge = {"t": "result", "replica": "r-0", "batch": 4, "items": [{"n": 0, "pad": "x" * wire.MAX_HEADER_BYTES}]}
+        tm._on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(wire.pack_header(huge))])
+        [(identity, failed)] = told
+        assert identity == b"bm" and (failed["t"], failed["batch"], failed["code"]) == ("failed", 4, "internal")
+        assert replica.in_flight == {}
+
+    asyncio.run(main())
