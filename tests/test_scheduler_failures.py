@@ -82,6 +82,8 @@ def test_with_one_replica_only_the_batch_it_held_fails_and_the_queue_waits_for_i
 
 
 def test_an_answer_for_a_batch_nobody_sent_is_recognised_as_unknown_and_changes_nothing() -> None:
+    # The failure tried: an answer naming another replica's batch, or a batch never sent; it must neither
+    # return credit nor answer anyone, and the service must be able to tell (it logs such answers loudly).
     scheduler, on_r1, _ = two_replicas_one_batch_each()
     assert scheduler.knows_batch("r1", on_r1.batch_id)
     assert not scheduler.knows_batch("r2", on_r1.batch_id), "another replica's batch"
@@ -104,6 +106,7 @@ def test_a_burst_is_cut_into_batches_whose_header_fits_the_bus_limit() -> None:
 
 
 def test_a_batch_closes_early_when_its_tensors_would_pass_the_message_limit() -> None:
+    # The failure tried: tensors of many requests adding up past INFEROXY_MAX_MESSAGE_BYTES in one batch.
     scheduler = Scheduler(make_registry(make_spec(max_batch_size=8, delay_ms=5)), max_batch_bytes=10)
     for i in range(6):
         request = make_request(i)
@@ -114,6 +117,8 @@ def test_a_batch_closes_early_when_its_tensors_would_pass_the_message_limit() ->
 
 
 def test_a_request_whose_descriptions_alone_pass_the_header_limit_is_refused_at_once() -> None:
+    # The failure tried: one request (a ~2 kB tensor name here, ~1 MB in the issue) that no batch header can
+    # carry; it must be refused at once, not dispatched into a batch the bus then drops.
     scheduler = Scheduler(make_registry(make_spec()), max_header_bytes=1000)
     scheduler.replica_up("r1", "m", "1", 1, now=0.0)
     request = make_request(0)
