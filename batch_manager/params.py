@@ -1,15 +1,26 @@
-"""Reading the request parameters the batch manager gives meaning to: priority and sequence (session) fields.
+"""The one reader of request parameters: every bridge and the batch manager call ``parse_params``.
 
 Bridges pass the client's Open Inference Protocol ``parameters`` map through as the ``infer``
-message's ``params``. Only these names mean something here (docs/BATCHING.md):
+message's ``params``. A bridge runs ``parse_params`` before it sends a request (so a bad
+parameter is refused at the edge, in the client's own protocol) and the batch manager runs it
+again on what arrives; both therefore accept and refuse exactly the same maps. Only these
+names mean something (docs/BATCHING.md, docs/PROTOCOL.md):
 
 * ``priority``: ``"high"``, ``"normal"``, ``"low"``, or an int the way Triton spells it, where 1 is
   the highest: 1 -> high, 0 (Triton's "use the default") and 2 -> normal, 3 and above -> low.
-* ``sequence_id`` (int or non-empty string), ``sequence_start``, ``sequence_end`` (bools): a session
-  of a stateful model. A stateless model ignores them, as Triton does.
-* ``timeout`` (microseconds): read by the bridges; here only whether it was given matters.
+* ``sequence_id`` (int in [0, 2**64) or a string of at most ``MAX_SEQUENCE_ID_BYTES``),
+  ``sequence_start``, ``sequence_end`` (bools): a session of a stateful model. A stateless model
+  ignores them, as Triton does.
+* ``timeout`` (microseconds, an int in [1, 2**63)): the bridges read the deadline from it; the batch
+  manager only needs to know whether it was given.
 
-Every reader raises ``WireError`` with a message that can go back to the client as ``bad_input``.
+Any other parameter travels untouched, but the map is bounded: keys of at most
+``MAX_PARAMETER_KEY_BYTES`` and at most ``MAX_PARAMETERS_BYTES`` packed, because every request's
+parameters ride in the header of the batch it joins, and a header has a hard size limit.
+
+This module depends on the standard library and ``inferoxy.wire`` only, so the bridges import it
+without pulling in the batch manager. Every reader raises ``WireError`` with a message that can
+go back to the client as ``bad_input``.
 """
 
 from __future__ import annotations
@@ -19,9 +30,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from inferoxy.wire import WireError
+from inferoxy.wire import WireError, pack_header
 
 MAX_SEQUENCE_ID_BYTES = 128
+MAX_PARAMETER_KEY_BYTES = 256
+MAX_PARAMETERS_BYTES = 16 * 1024
+# msgpack carries integers up to 2**64 - 1; larger ones cannot travel on the bus at all.
+_UINT64_END = 1 << 64
+# Timeouts are int64 as in gRPC's int64_param (and Triton); a larger one is a client's mistake, not a wish.
+_INT64_END = 1 << 63
 
 
 class Priority(enum.IntEnum):
@@ -49,6 +66,7 @@ class RequestParams:
     priority: Priority = Priority.NORMAL
     session: SessionParams | None = None
     timeout_given: bool = False
+    timeout_us: int | None = None
 
 
 DEFAULT_PARAMS = RequestParams()
@@ -60,19 +78,13 @@ def parse_params(params: Any) -> RequestParams:
         return DEFAULT_PARAMS
     if not isinstance(params, Mapping):
         raise WireError("'params' must be a map")
+    _check_size(params)
     priority = parse_priority(params.get("priority"))
-    session: SessionParams | None = None
-    sequence_id = params.get("sequence_id")
-    # Triton: sequence_id 0 (or "") means "no sequence".
-    if sequence_id is not None and sequence_id != 0 and sequence_id != "":
-        if isinstance(sequence_id, bool) or not isinstance(sequence_id, (int, str)):
-            raise WireError(f"parameter 'sequence_id' must be an int or a string, got {sequence_id!r}")
-        if isinstance(sequence_id, str) and len(sequence_id.encode()) > MAX_SEQUENCE_ID_BYTES:
-            raise WireError(f"parameter 'sequence_id' is longer than {MAX_SEQUENCE_ID_BYTES} bytes")
-        session = SessionParams(sequence_id, _flag(params, "sequence_start"), _flag(params, "sequence_end"))
-    if priority is Priority.NORMAL and session is None and "timeout" not in params:
+    session = _session(params)
+    timeout_us = parse_timeout_us(params.get("timeout"))
+    if priority is Priority.NORMAL and session is None and timeout_us is None:
         return DEFAULT_PARAMS
-    return RequestParams(priority, session, "timeout" in params)
+    return RequestParams(priority, session, timeout_us is not None, timeout_us)
 
 
 def parse_priority(value: Any) -> Priority:
@@ -81,10 +93,10 @@ def parse_priority(value: Any) -> Priority:
     if isinstance(value, str):
         found = _NAMES.get(value.lower())
         if found is None:
-            raise WireError(f"parameter 'priority' must be high, normal, low or an int >= 0, got {value!r}")
+            raise WireError(f"parameter 'priority' must be high, normal, low or an int >= 0, got {_show(value)}")
         return found
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise WireError(f"parameter 'priority' must be high, normal, low or an int >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _UINT64_END:
+        raise WireError(f"parameter 'priority' must be high, normal, low or an int >= 0, got {_show(value)}")
     if value == 1:
         return Priority.HIGH
     if value in (0, 2):
@@ -92,8 +104,63 @@ def parse_priority(value: Any) -> Priority:
     return Priority.LOW
 
 
+def parse_timeout_us(value: Any) -> int | None:
+    """The ``timeout`` parameter (µs), or None when absent."""
+    if value is None:
+        return None
+    return positive_int(value, "parameter 'timeout' (microseconds)")
+
+
+def positive_int(value: Any, what: str) -> int:
+    """``value`` if it is an int in [1, 2**63), else WireError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < _INT64_END:
+        raise WireError(f"{what} must be a positive integer below 2**63, got {_show(value)}")
+    return value
+
+
+def _session(params: Mapping[str, Any]) -> SessionParams | None:
+    sequence_id = params.get("sequence_id")
+    # Triton: sequence_id 0 (or "") means "no sequence".
+    if sequence_id is None or sequence_id == 0 or sequence_id == "":
+        _flag(params, "sequence_start")  # still typed, so a typo is caught whether or not a session is named
+        _flag(params, "sequence_end")
+        return None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, (int, str)):
+        raise WireError(f"parameter 'sequence_id' must be an int or a string, got {_show(sequence_id)}")
+    if isinstance(sequence_id, int) and not 0 <= sequence_id < _UINT64_END:
+        raise WireError(f"parameter 'sequence_id' must lie in [0, 2**64), got {sequence_id}")
+    if isinstance(sequence_id, str) and len(sequence_id.encode()) > MAX_SEQUENCE_ID_BYTES:
+        raise WireError(
+            f"parameter 'sequence_id' is {len(sequence_id.encode())} bytes, more than the limit of "
+            f"{MAX_SEQUENCE_ID_BYTES}"
+        )
+    return SessionParams(sequence_id, _flag(params, "sequence_start"), _flag(params, "sequence_end"))
+
+
 def _flag(params: Mapping[str, Any], name: str) -> bool:
     value = params.get(name, False)
     if not isinstance(value, bool):
-        raise WireError(f"parameter {name!r} must be a bool, got {value!r}")
+        raise WireError(f"parameter {name!r} must be a bool, got {_show(value)}")
     return value
+
+
+def _check_size(params: Mapping[str, Any]) -> None:
+    for key in params:
+        if not isinstance(key, str):
+            raise WireError(f"parameter names must be strings, got {_show(key)}")
+        if len(key.encode()) > MAX_PARAMETER_KEY_BYTES:
+            raise WireError(
+                f"a parameter name is {len(key.encode())} bytes, more than the limit of {MAX_PARAMETER_KEY_BYTES}"
+            )
+    try:
+        size = len(pack_header(params))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"the parameters cannot be sent: {exc}") from None
+    if size > MAX_PARAMETERS_BYTES:
+        raise WireError(f"the parameters take {size} bytes, more than the limit of {MAX_PARAMETERS_BYTES}")
+
+
+def _show(value: Any) -> str:
+    # A client's value goes back in the message; a huge one must not make a huge error.
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."

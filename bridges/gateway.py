@@ -5,7 +5,8 @@ request gets an int id unique to this gateway, goes out as an ``infer`` message
 (docs/PROTOCOL.md), and is settled exactly once: by the matching ``reply`` or ``error``, by its
 deadline (a ``deadline`` error, and a ``cancel`` to the batch manager so it can drop the work),
 or by the gateway closing. Answers are matched to requests by id; an id the gateway no longer
-holds (a late answer after the deadline) is dropped.
+holds (a late answer after the deadline) is dropped, and an error that matches no request this
+gateway ever sent (the batch manager could not read it) is logged as an error.
 
 The hot path is callback based (``start_request``): the ZeroMQ bridge answers from the
 callback without a task or a future per request. ``submit`` wraps it for handlers that await.
@@ -30,13 +31,13 @@ import zmq
 import zmq.asyncio
 
 from bridges.errors import RequestError
-from bridges.validation import InputRules
+from bridges.validation import InputRules, check_name
 from inferoxy.bus import plain_socket
 from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY, ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
-from inferoxy.wire import Frame, WireError, pack_header, unpack_header
+from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError, pack_header, unpack_header
 from model_manager.spec import ModelSpec
 from model_manager.store import Registry, SpecStore, open_store
 
@@ -117,6 +118,7 @@ class Gateway:
         self._sock: zmq.Socket[Any] | None = None
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
+        self._last_id = 0
         self._models: dict[str, ResolvedModel] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,6 +180,9 @@ class Gateway:
 
     def resolve(self, name: str, version: str | None = None) -> ResolvedModel:
         """The model a request for ``name`` (at ``version``, else the default) goes to."""
+        check_name(name, "the model name")
+        if version is not None:
+            check_name(version, "the model version")
         registry = self.registry
         if registry is None:
             raise RequestError(ErrorCode.NOT_READY, "the model registry has not been read yet; retry shortly")
@@ -250,7 +255,7 @@ class Gateway:
             raise RequestError(
                 ErrorCode.OVERLOADED, f"{self.max_outstanding} requests are already in flight; retry later"
             )
-        rid = next(self._ids)
+        rid = self._last_id = next(self._ids)
         message = {
             "t": INFER,
             "id": rid,
@@ -260,12 +265,30 @@ class Gateway:
             "params": header.get("params") or {},
             "tensors": header["tensors"],
         }
-        if not send_nowait(sock, [pack_header(message), *frames]):
+        packed = pack_header(message)
+        self._check_size(packed, frames)
+        if not send_nowait(sock, [packed, *frames]):
             raise RequestError(ErrorCode.OVERLOADED, "the batch manager's queue is full; retry later")
         self.reactor.wake_soon()
         timer = loop.call_later(timeout_s, self._expire, rid)
         self._pending[rid] = _Pending(callback, timeout_s, timer)
         return rid
+
+    def _check_size(self, packed: bytes, frames: Sequence[Frame]) -> None:
+        if len(packed) > MAX_HEADER_BYTES:
+            raise RequestError(
+                ErrorCode.BAD_INPUT,
+                f"the request's header (names, shapes, parameters) takes {len(packed)} bytes, more than the "
+                f"bus limit of {MAX_HEADER_BYTES}",
+            )
+        limit = self.settings.max_message_bytes
+        size = len(packed) + sum(len(frame) for frame in frames)
+        if size > limit:
+            raise RequestError(
+                ErrorCode.BAD_INPUT,
+                f"the request's tensors take {size} bytes, more than the message limit of {limit} "
+                "(INFEROXY_MAX_MESSAGE_BYTES)",
+            )
 
     def cancel(self, rid: int) -> None:
         """The client gave up: forget the request and let the batch manager drop it if it still queues it.
@@ -321,7 +344,8 @@ class Gateway:
         rid = header.get("id")
         entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
         if entry is None:
-            return  # answered already: its deadline passed, or the batch manager repeated itself
+            self._unmatched(header)
+            return
         entry.timer.cancel()
         self._settled_one()
         kind = header.get("t")
@@ -342,6 +366,30 @@ class Gateway:
         else:
             outcome = RequestError(ErrorCode.INTERNAL, f"the batch manager answered with {kind!r}")
         _settle(entry.callback, outcome)
+
+
+    def _unmatched(self, header: Mapping[str, Any]) -> None:
+        """An answer no request waits for. A late one (its request timed out or was cancelled) is normal;
+        an error for an id this gateway never issued means the batch manager could not read a request,
+        whose client then waits for its deadline, so it is logged loudly."""
+        rid, kind, code = header.get("id"), header.get("t"), header.get("code")
+        # Ids count up from 1, so every id up to the last one handed out has been issued.
+        issued = isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid <= self._last_id
+        if kind != ERROR:
+            log.debug("dropping a late %s for request %r", kind, rid)
+        elif not issued:
+            log.error("the batch manager sent an error for no request of this bridge (id %r): %s: %s",
+                      rid, code, _clip(header.get("message")))
+        elif code != ErrorCode.DEADLINE.value:
+            log.warning("the batch manager's %s error for request %r came after the request was settled: %s",
+                        code, rid, _clip(header.get("message")))
+        else:
+            log.debug("dropping a late deadline error for request %r", rid)
+
+
+def _clip(text: Any) -> str:
+    shown = str(text)
+    return shown if len(shown) <= 300 else shown[:297] + "..."
 
 
 def _settle(callback: Callback, outcome: Outcome) -> None:

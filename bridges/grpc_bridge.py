@@ -29,10 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bridges import tensors
+from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.proto import grpc_predict_v2_pb2 as pb
-from bridges.validation import check_parameters, requested_timeout_s
+from bridges.validation import check_name, check_parameters, check_requested_outputs, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors, tensor_frame
@@ -102,6 +103,9 @@ class GrpcBridge:
                 ("grpc.max_receive_message_length", limit + 64 * 1024),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),
+                # Calls one connection may have open at once; a client that never reads its answers keeps
+                # them open, so this bounds what it can make the bridge hold.
+                ("grpc.max_concurrent_streams", self.settings.client_max_outstanding),
             ]
         )
         servicer = InferenceServicer(self.gateway)
@@ -152,6 +156,10 @@ class InferenceServicer:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.stream_limits = ClientLimits(gateway.settings, "gRPC stream")
+        self.connection_limits = ClientLimits(gateway.settings, "gRPC connection")
+        # Unary ModelInfer calls in flight per connection (the peer address names the connection).
+        self._connections: dict[str, Usage] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary: dict[str, tuple[Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]], type[Message]]] = {
@@ -168,9 +176,8 @@ class InferenceServicer:
             )
             for name, (call, kind) in unary.items()
         }
-        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.model_stream_infer, response_serializer=_serialize
-        )
+        # Stream answers are serialized as they are queued, so their size is known while they wait.
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     async def server_live(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Message:
@@ -194,16 +201,46 @@ class InferenceServicer:
         return model_metadata(spec, self.gateway.versions(spec.name))
 
     async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Message:
-        return await self._infer(request, context.time_remaining())
+        peer = context.peer()
+        usage = self._connections.get(peer)
+        if usage is None:
+            usage = self._connections[peer] = Usage()
+        size = request.ByteSize()
+        try:
+            self.connection_limits.admit(usage, size)
+        except RequestError:
+            if usage.idle:
+                del self._connections[peer]
+            raise
+        try:
+            return await self._infer(request, context.time_remaining())
+        finally:
+            usage.add(-1, -size)
+            if usage.idle:
+                self._connections.pop(peer, None)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[bytes]:
         """Each request on the stream is served as it arrives; answers go back as they complete, each
         naming its request by ``id``. A failed request is an ``error_message`` on the stream, which
-        stays open for the next one."""
-        answers: asyncio.Queue[Message | None] = asyncio.Queue()
+        stays open for the next one.
+
+        What the stream holds is bounded (bridges/budget.py): requests in flight plus answers the client
+        has not read yet. Past the bound a request is refused ``RESOURCE_EXHAUSTED`` on the stream; while
+        unread answers alone fill it, the stream is not read at all, so HTTP/2 flow control holds the
+        client back instead of the bridge buffering what it sends."""
+        limits = self.stream_limits
+        usage = Usage()
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        written = asyncio.Event()  # set each time an answer leaves the queue
         running: set[asyncio.Task[None]] = set()
+
+        def queue(answer: pb.ModelStreamInferResponse, held: int) -> None:
+            # The request's bytes (``held``) are let go of; the answer's are held until it is written.
+            data = answer.SerializeToString()
+            usage.add(0, len(data) - held)
+            answers.put_nowait(data)
 
         async def serve(raw: bytes) -> None:
             request_id = ""
@@ -211,20 +248,31 @@ class InferenceServicer:
                 request = _parse(pb.ModelInferRequest, raw)
                 request_id = request.id
                 response = await self._infer(request, context.time_remaining())
-                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+                queue(pb.ModelStreamInferResponse(infer_response=response), len(raw))
             except RequestError as exc:
-                await answers.put(_stream_error(request_id, exc))
+                queue(_stream_error(request_id, exc), len(raw))
             except Exception:
                 log.exception("failed to handle a gRPC stream request")
                 failure = RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request")
-                await answers.put(_stream_error(request_id, failure))
+                queue(_stream_error(request_id, failure), len(raw))
+
+        def unread_fill_the_bound() -> bool:
+            return answers.qsize() >= limits.max_requests or usage.bytes >= limits.max_bytes
 
         async def read() -> None:
             try:
                 async for raw in requests:
-                    task = asyncio.create_task(serve(raw))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                    if limits.fits(usage, len(raw)):
+                        usage.add(1, len(raw))
+                        task = asyncio.create_task(serve(raw))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                    else:
+                        usage.add(1, 0)
+                        queue(_stream_error(_request_id_of(raw), limits.refusal(usage)), 0)
+                    while unread_fill_the_bound():
+                        written.clear()
+                        await written.wait()
                 if running:
                     await asyncio.wait(set(running))
             finally:
@@ -234,6 +282,8 @@ class InferenceServicer:
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                usage.add(-1, -len(answer))
+                written.set()
         finally:
             reader.cancel()
             for task in list(running):
@@ -243,14 +293,13 @@ class InferenceServicer:
         gateway = self.gateway
         resolved = gateway.resolve(request.model_name, request.model_version or None)
         spec = resolved.spec
-        inputs = decode_inputs(request)
+        inputs = decode_inputs(request, gateway.settings.max_message_bytes)
         parameters = decode_parameters(request.parameters)
         requested = [output.name for output in request.outputs] or None
-        _check_requested_outputs(spec, requested)
+        check_requested_outputs(spec, requested)
         metas, frames = tensors.to_wire(inputs)
         resolved.rules.check(metas)
-        check_parameters(parameters)
-        timeout_s = gateway.default_timeout(requested_timeout_s(parameters))
+        timeout_s = gateway.default_timeout(requested_timeout_s(check_parameters(parameters)))
         if time_left_s is not None:  # the client's own gRPC deadline
             timeout_s = min(timeout_s, max(time_left_s, 0.001))
         header = {"model": spec.name, "version": spec.version, "params": parameters, "tensors": metas}
@@ -289,6 +338,14 @@ def _parse(kind: type[M], raw: bytes) -> M:
         raise _bad(f"the request is not a valid {kind.DESCRIPTOR.name} message: {exc}") from None
 
 
+def _request_id_of(raw: bytes) -> str:
+    # Only to name a refused request in its error; an unreadable one gets no id.
+    try:
+        return pb.ModelInferRequest.FromString(raw).id
+    except (DecodeError, RuntimeError, ValueError):
+        return ""
+
+
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
@@ -313,37 +370,44 @@ class _Output(NamedTuple):
     array: np.ndarray
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> list[tuple[str, np.ndarray]]:
-    """The request's inputs as arrays, from ``raw_input_contents`` or each input's typed ``contents``."""
+def decode_inputs(request: pb.ModelInferRequest, max_bytes: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """The request's inputs as arrays, from ``raw_input_contents`` or each input's typed ``contents``.
+
+    ``max_bytes`` (the bus's message limit) bounds what typed contents may take once decoded (packed
+    varints expand up to 8x); it is checked from the shape and datatype before decoding."""
     if not request.inputs:
         raise _bad("the request has no inputs")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise _bad(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents; give one per input, in order")
     decoded = []
+    budget = tensors.Budget(max_bytes)
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if not name:
             raise _bad(f"input {index}: 'name' must be a non-empty string")
+        check_name(name, f"input {index}'s name")
         shape = list(tensor.shape)
         if raw:
             decoded.append((name, tensors.array_from_bytes(name, tensor.datatype, shape, raw[index])))
         else:
-            decoded.append((name, _from_contents(name, tensor.datatype, shape, tensor.contents)))
+            decoded.append((name, _from_contents(name, tensor.datatype, shape, tensor.contents, budget)))
     return decoded
 
 
-def _from_contents(name: str, datatype: str, shape: list[int], contents: pb.InferTensorContents) -> np.ndarray:
+def _from_contents(
+    name: str, datatype: str, shape: list[int], contents: pb.InferTensorContents, budget: tensors.Budget
+) -> np.ndarray:
     dtype = tensors.DATATYPES.get(datatype)
     if dtype is None:
         raise _bad(f"input {name!r}: datatype {datatype!r} is not one of {', '.join(tensors.DATATYPES)}")
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise _bad(f"input {name!r}: {datatype} has no typed contents; send it in raw_input_contents")
-    if any(d < 0 for d in shape):
-        raise _bad(f"input {name!r}: 'shape' must hold non-negative integers, got {shape}")
-    values = getattr(contents, field)
+    shape = tensors.check_shape(name, shape)
     count = math.prod(shape)
+    budget.take(name, datatype, shape, count, 4 if dtype.kind == "O" else dtype.itemsize)
+    values = getattr(contents, field)
     if len(values) != count:
         raise _bad(f"input {name!r}: shape {shape} holds {count} elements, contents.{field} has {len(values)}")
     if dtype.kind == "O":
@@ -366,17 +430,6 @@ def decode_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, 
         if choice is not None:
             found[key] = getattr(parameter, choice)
     return found
-
-
-def _check_requested_outputs(spec: ModelSpec, requested: list[str] | None) -> None:
-    if requested and spec.outputs:
-        declared = [t.name for t in spec.outputs]
-        unknown = [name for name in requested if name not in declared]
-        if unknown:
-            raise _bad(
-                f"model {spec.name!r} has no output(s) {', '.join(map(repr, unknown))}; "
-                f"its outputs are {', '.join(map(repr, declared))}"
-            )
 
 
 def encode_response(

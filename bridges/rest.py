@@ -27,15 +27,16 @@ import zmq.asyncio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from bridges import tensors
 from bridges.admin import admin_router
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.images import decode_image
-from bridges.validation import check_parameters, requested_timeout_s
+from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
 from inferoxy.wire import WireError, check_tensors
@@ -71,6 +72,8 @@ class RestBridge:
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                timeout_keep_alive=self.settings.http_keep_alive_s,  # type: ignore[arg-type]
+                http=head_deadline_protocol(self.settings.http_header_timeout_s),
             ),
             started,
         )
@@ -118,6 +121,56 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+class _HeadDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head (request line and headers).
+
+    uvicorn waits for a request head for ever: a connection that sends nothing, or sends its headers
+    a byte at a time (slowloris), would hold a socket and its buffers for good. The deadline starts
+    when the connection opens and again after each response; if no new request has begun (uvicorn
+    starts a request cycle once its head is complete) when it passes, the connection is closed.
+    Reading the body has the request's own deadline; idle keep-alive has uvicorn's timeout.
+    """
+
+    head_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_deadline(None)
+
+    def on_response_complete(self) -> None:
+        finished = self.cycle  # a pipelined request may start inside super(): it must not be timed out
+        super().on_response_complete()
+        self._arm_head_deadline(finished)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self, finished: Any) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_deadline_passed, finished)
+
+    def _head_deadline_passed(self, finished: Any) -> None:
+        self._head_timer = None
+        if self.cycle is finished and not self.transport.is_closing():
+            log.info("closing a connection from %s that sent no complete request within %gs",
+                     _peer_name(self.client), self.head_timeout_s)
+            self.transport.close()
+
+
+def head_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class, closing connections that send no complete request head within ``timeout_s``."""
+    return type("HeadDeadlineProtocol", (_HeadDeadline,), {"head_timeout_s": timeout_s})
+
+
+def _peer_name(client: Any) -> str:
+    return f"{client[0]}:{client[1]}" if client else "an unknown client"
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -169,6 +222,11 @@ def build_app(gateway: Gateway) -> FastAPI:
                 return await handle(gateway, request, params["name"], params.get("version"))
             except RequestError as exc:
                 return error_response(exc)
+            except ClientDisconnect:
+                # Nobody is left to answer; a client that hangs up mid-body is routine, not a bridge failure.
+                log.info("%s %s: the client disconnected before sending the whole body", request.method,
+                         request.url.path)
+                return error_response(RequestError(ErrorCode.BAD_INPUT, "the client disconnected"))
             except Exception:
                 log.exception("failed to handle %s %s", request.method, request.url.path)
                 return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
@@ -231,20 +289,12 @@ def build_app(gateway: Gateway) -> FastAPI:
 async def _infer(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
     resolved = gateway.resolve(name, version)
     spec = resolved.spec
-    body = await _read_body(request, gateway.settings.max_message_bytes)
-    parsed = tensors.parse_infer_request(body, _header_length(request))
-    if parsed.outputs and spec.outputs:
-        declared = [t.name for t in spec.outputs]
-        unknown = [n for n in parsed.outputs if n not in declared]
-        if unknown:
-            raise RequestError(
-                ErrorCode.BAD_INPUT,
-                f"model {spec.name!r} has no output(s) {', '.join(map(repr, unknown))}; "
-                f"its outputs are {', '.join(map(repr, declared))}",
-            )
+    limit = gateway.settings.max_message_bytes
+    body = await _read_body(request, limit)
+    parsed = tensors.parse_infer_request(body, _header_length(request), max_bytes=limit)
+    check_requested_outputs(spec, parsed.outputs)
     metas, frames = tensors.to_wire(parsed.inputs)
     resolved.rules.check(metas)
-    check_parameters(parsed.parameters)
     reply, outputs = await _submit(gateway, request, spec, metas, frames, parsed.parameters)
     body, json_length = tensors.encode_infer_response(
         reply.get("model") or spec.name, reply.get("version") or spec.version, parsed, outputs
@@ -270,7 +320,7 @@ async def _submit(
 
     A client that disconnects cancels its request, so the batch manager drops it if it still queues it.
     """
-    timeout_s = gateway.default_timeout(requested_timeout_s(parameters))
+    timeout_s = gateway.default_timeout(requested_timeout_s(check_parameters(parameters)))
     header = {"model": spec.name, "version": spec.version, "params": parameters, "tensors": metas}
     answered = asyncio.ensure_future(gateway.submit(header, frames, timeout_s))
     gone = asyncio.ensure_future(_client_disconnected(request))
@@ -317,7 +367,6 @@ async def _infer_image(gateway: Gateway, request: Request, name: str, version: s
     inputs = [(input_name, array)]
     metas, frames = tensors.to_wire(inputs)
     resolved.rules.check(metas)
-    check_parameters(parameters)
     reply, outputs = await _submit(gateway, request, spec, metas, frames, parameters)
     parsed = tensors.InferRequest(None, inputs, parameters, None, frozenset(), False)
     model, model_version = reply.get("model") or spec.name, reply.get("version") or spec.version

@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 
 from bridges.errors import RequestError
+from bridges.validation import check_name
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import (
     BYTES,
@@ -74,8 +75,11 @@ def _bad(message: str) -> RequestError:
 # -- requests ------------------------------------------------------------------------------------
 
 
-def parse_infer_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """Decode a request body; ``header_length`` is the ``Inference-Header-Content-Length`` header."""
+def parse_infer_request(body: bytes, header_length: int | None = None, max_bytes: int | None = None) -> InferRequest:
+    """Decode a request body; ``header_length`` is the ``Inference-Header-Content-Length`` header.
+
+    ``max_bytes`` (the bus's message limit) bounds what the inputs may take once decoded; it is
+    checked from each input's shape and datatype before its data is decoded."""
     binary = b""
     if header_length is not None:
         if not 0 <= header_length <= len(body):
@@ -91,11 +95,14 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _bad("'inputs' must be a non-empty list of tensors")
+    # Booleans mixed into numbers are only looked for when the JSON holds any at all (a byte search).
+    bools_possible = b"true" in body or b"false" in body
+    budget = Budget(max_bytes)
     inputs = []
     view = memoryview(binary)
     offset = 0
     for index, tensor in enumerate(raw_inputs):
-        name, array, used = _input_tensor(tensor, index, view[offset:])
+        name, array, used = _input_tensor(tensor, index, view[offset:], budget, bools_possible)
         offset += used
         inputs.append((name, array))
     if offset != len(binary):
@@ -105,6 +112,30 @@ def parse_infer_request(body: bytes, header_length: int | None = None) -> InferR
     return InferRequest(request_id, inputs, parameters, outputs, binary_outputs, binary_all and outputs is None)
 
 
+class Budget:
+    """What the inputs of one request may still take once decoded (None: no limit)."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, name: str, datatype: str, dims: list[int], count: int, itemsize: int) -> None:
+        """Refuse a tensor whose decoded size (``count`` x ``itemsize``) passes what is left."""
+        if self.limit is None or self.left is None:
+            return
+        size = count * itemsize
+        if size > self.left:
+            already = self.limit - self.left
+            more = f" after {already} bytes of other inputs" if already else ""
+            raise _bad(
+                f"input {name!r}: {datatype} {dims} takes {size} bytes once decoded{more}, more than the "
+                f"message limit of {self.limit} bytes (INFEROXY_MAX_MESSAGE_BYTES)"
+            )
+        self.left -= size
+
+
 def parse_json(body: bytes | memoryview) -> Any:
     try:
         return orjson.loads(body)
@@ -112,12 +143,15 @@ def parse_json(body: bytes | memoryview) -> Any:
         raise _bad(f"the request body is not valid JSON: {exc}") from None
 
 
-def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.ndarray, int]:
+def _input_tensor(
+    tensor: Any, index: int, binary: memoryview, budget: Budget, bools_possible: bool
+) -> tuple[str, np.ndarray, int]:
     if not isinstance(tensor, dict):
         raise _bad(f"input {index} must be a JSON object with name, shape, datatype and data")
     name = tensor.get("name")
     if not isinstance(name, str) or not name:
         raise _bad(f"input {index}: 'name' must be a non-empty string")
+    check_name(name, f"input {index}'s name")
     datatype = tensor.get("datatype")
     shape = tensor.get("shape")
     parameters = _optional_map(tensor.get("parameters"), f"input {name!r}: 'parameters'")
@@ -125,7 +159,8 @@ def _input_tensor(tensor: Any, index: int, binary: memoryview) -> tuple[str, np.
     if size is None:
         if "data" not in tensor:
             raise _bad(f"input {name!r}: 'data' is missing")
-        return name, array_from_data(name, datatype, shape, tensor["data"]), 0
+        data = tensor["data"]
+        return name, array_from_data(name, datatype, shape, data, budget=budget, bools_possible=bools_possible), 0
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
         raise _bad(
             f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} bytes of binary data left"
@@ -143,6 +178,7 @@ def _requested_outputs(raw: Any, binary_default: bool) -> tuple[list[str] | None
     for index, output in enumerate(raw):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise _bad(f"output {index} must be an object with a string 'name'")
+        check_name(output["name"], f"output {index}'s name")
         names.append(output["name"])
         params = _optional_map(output.get("parameters"), f"output {output['name']!r}: 'parameters'")
         if params.get("binary_data", binary_default) is True:
@@ -170,7 +206,7 @@ def _dtype(name: str, datatype: Any) -> np.dtype[Any]:
     return dtype
 
 
-def _shape(name: str, shape: Any) -> list[int]:
+def check_shape(name: str, shape: Any) -> list[int]:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
@@ -180,11 +216,25 @@ def _shape(name: str, shape: Any) -> list[int]:
     return shape
 
 
-def array_from_data(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarray:
-    """The array a JSON tensor stands for. ``data`` is flat or nested, row-major."""
+def array_from_data(
+    name: str,
+    datatype: Any,
+    shape: Any,
+    data: Any,
+    *,
+    budget: Budget | None = None,
+    bools_possible: bool = True,
+) -> np.ndarray:
+    """The array a JSON tensor stands for. ``data`` is flat or nested, row-major.
+
+    Booleans are not numbers: a numeric tensor holding ``true`` is refused, as a BOOL tensor holding
+    ``1`` is. ``bools_possible=False`` skips looking for them (the caller knows the JSON has none)."""
     dtype = _dtype(name, datatype)
-    dims = _shape(name, shape)
+    dims = check_shape(name, shape)
     count = math.prod(dims)
+    if budget is not None:
+        # BYTES: each element takes at least its 4-byte length; the gateway checks the exact size later.
+        budget.take(name, datatype, dims, count, 4 if dtype.kind == "O" else dtype.itemsize)
     if not isinstance(data, list):
         data = [data]  # a lone scalar, as some clients send for a single element
     if dtype.kind == "O":
@@ -203,12 +253,29 @@ def array_from_data(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarr
         values = np.array(data, dtype=object)
         if not all(type(v) is int for v in values.flat):
             raise _bad(f"input {name!r}: {datatype} data must be integers, got {_describe(values, (int,))}")
+    if count and dtype.kind != "b" and bools_possible and _holds_bool(data):
+        # numpy reads [true, 1] as integers: booleans mixed with numbers are refused like booleans alone.
+        raise _bad(f"input {name!r}: {datatype} data must be {_KIND_WORDS[dtype.kind]}, got booleans")
     if count and dtype.kind in "iu" and values.dtype != dtype:
         info = np.iinfo(dtype)
         low, high = values.min(), values.max()
         if low < info.min or high > info.max:
             raise _bad(f"input {name!r}: {datatype} values must lie in [{info.min}, {info.max}], got {low}..{high}")
+    if count and dtype.kind == "f" and values.dtype.itemsize > dtype.itemsize:
+        # A float64 beyond the narrower type's range would silently become inf (and null in the reply).
+        biggest = float(np.abs(values).max())
+        largest = float(np.finfo(dtype).max)
+        if biggest > largest:
+            raise _bad(f"input {name!r}: {datatype} values must lie within ±{largest:g}, got {biggest:g}")
     return values.astype(dtype, copy=False).reshape(dims)
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    # map(type) runs in C; nested rows are looked into only when there are any.
+    kinds = set(map(type, data))
+    if bool in kinds:
+        return True
+    return list in kinds and any(_holds_bool(item) for item in data if type(item) is list)
 
 
 def _bytes_from_data(name: str, dims: list[int], count: int, data: list[Any]) -> np.ndarray:
@@ -249,7 +316,7 @@ def array_from_bytes(name: str, datatype: Any, shape: Any, raw: bytes | memoryvi
     """The array raw little-endian bytes stand for (binary data extension, gRPC raw contents). No copy,
     except for BYTES, whose length-prefixed elements become an object array."""
     dtype = _dtype(name, datatype)
-    dims = _shape(name, shape)
+    dims = check_shape(name, shape)
     if dtype.kind == "O":
         try:
             return _object_array(deserialize_bytes(raw, math.prod(dims)), dims)

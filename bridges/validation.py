@@ -13,14 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batch_manager.params import RequestParams, parse_params, positive_int
 from bridges.errors import RequestError
 from inferoxy.protocol import ErrorCode
-from inferoxy.wire import BYTES
+from inferoxy.wire import BYTES, WireError
 from model_manager.spec import DATATYPE_TO_DTYPE, DTYPE_TO_DATATYPE, ModelSpec
 
 # Every declared datatype's wire dtype; BYTES travels as length-prefixed elements (inferoxy.wire).
 _WIRE_DTYPE = {**DATATYPE_TO_DTYPE, "BYTES": BYTES}
 _DATATYPE = {**DTYPE_TO_DATATYPE, BYTES: "BYTES"}
+# Longest model, version, input and output name a bridge passes on (docs/PROTOCOL.md).
+MAX_NAME_BYTES = 256
 
 
 class _Declared:
@@ -61,6 +64,7 @@ class InputRules:
         for meta in metas:
             name = meta["name"]
             shape = meta["shape"]
+            check_name(name, "an input name")
             if name in seen:
                 raise _bad(f"input {name!r} is given more than once")
             seen.add(name)
@@ -98,48 +102,52 @@ def _bad(message: str) -> RequestError:
     return RequestError(ErrorCode.BAD_INPUT, message)
 
 
-def requested_timeout_s(params: Mapping[str, Any] | None, timeout_ms: Any = None) -> float | None:
+def check_parameters(params: Mapping[str, Any] | None) -> RequestParams:
+    """The request parameters as the batch manager will read them (batch_manager/params.py, the one
+    reader every bridge shares), or a ``bad_input`` RequestError naming the parameter."""
+    try:
+        return parse_params(params)
+    except WireError as exc:
+        raise _bad(str(exc)) from None
+
+
+def requested_timeout_s(parsed: RequestParams, timeout_ms: Any = None) -> float | None:
     """The deadline a request asks for, in seconds, or None when it asks for none.
 
     ZeroMQ clients may send ``timeout_ms``; any client may send the Open Inference Protocol
-    parameter ``timeout`` in microseconds. With both, the shorter wins.
+    parameter ``timeout`` in microseconds (``parsed`` from ``check_parameters``). With both, the
+    shorter wins.
     """
     found: float | None = None
     if timeout_ms is not None:
-        found = _positive(timeout_ms, "'timeout_ms'") / 1000.0
-    timeout_us = params.get("timeout") if params else None
-    if timeout_us is not None:
-        seconds = _positive(timeout_us, "parameter 'timeout' (microseconds)") / 1e6
+        try:
+            found = positive_int(timeout_ms, "'timeout_ms'") / 1000.0
+        except WireError as exc:
+            raise _bad(str(exc)) from None
+    if parsed.timeout_us is not None:
+        seconds = parsed.timeout_us / 1e6
         found = seconds if found is None else min(found, seconds)
     return found
 
 
-# Request parameters that steer sessions and scheduling (Triton's names) and the types they may have.
-# They travel to the batch manager unchanged; a wrong type is refused here so it never gets that far.
-_SESSION_PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
-    "sequence_id": (int, str),
-    "sequence_start": (bool,),
-    "sequence_end": (bool,),
-    "priority": (int,),
-}
+def check_name(name: str, what: str) -> None:
+    """Refuse a name longer than ``MAX_NAME_BYTES``: names ride in bus headers, which have a hard limit."""
+    size = len(name.encode(errors="replace"))
+    if size > MAX_NAME_BYTES:
+        raise _bad(f"{what} is {size} bytes long, more than the limit of {MAX_NAME_BYTES} bytes")
 
 
-def check_parameters(params: Mapping[str, Any] | None) -> None:
-    """Refuse session and scheduling parameters of the wrong type, naming the parameter."""
-    if not params:
+def check_requested_outputs(spec: ModelSpec, requested: Sequence[str] | None) -> None:
+    """Refuse output names that are too long or, when the spec declares its outputs, not among them."""
+    if not requested:
         return
-    for key, types in _SESSION_PARAMETER_TYPES.items():
-        value = params.get(key)
-        if value is None:
-            continue
-        if (bool not in types and isinstance(value, bool)) or not isinstance(value, types):
-            kinds = " or ".join("a boolean" if t is bool else "an integer" if t is int else "a string" for t in types)
-            raise _bad(f"parameter {key!r} must be {kinds}, got {value!r}")
-        if key in ("sequence_id", "priority") and isinstance(value, int) and not 0 <= value < 1 << 64:
-            raise _bad(f"parameter {key!r} must lie in [0, 2**64), got {value}")
-
-
-def _positive(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _bad(f"{what} must be a positive integer, got {value!r}")
-    return value
+    for name in requested:
+        check_name(name, "an output name")
+    if spec.outputs:
+        declared = [t.name for t in spec.outputs]
+        unknown = [name for name in requested if name not in declared]
+        if unknown:
+            raise _bad(
+                f"model {spec.name!r} has no output(s) {', '.join(map(repr, unknown))}; "
+                f"its outputs are {', '.join(map(repr, declared))}"
+            )

@@ -10,17 +10,26 @@ or delay another client: each request is handed to the gateway with a callback t
 its reply, so the loop never waits on a request. The one case ZeroMQ itself answers is a
 single frame larger than ``max_message_bytes``: libzmq drops that connection (ZMQ_MAXMSGSIZE)
 before the bridge sees the message, and the client's own timeout reports it.
+
+What one client (a peer identity) may have buffered is bounded (bridges/budget.py): its requests
+in flight plus its replies that libzmq still holds because the client has not read them. Replies
+of ``TRACK_FROM_BYTES`` or more are sent with a ZeroMQ message tracker, so the bridge knows when
+libzmq has let go of them; smaller ones (and refusals) are bounded by the socket's per-peer send
+high-water mark, ``HWM_PER_REQUEST`` messages per allowed request. A reply for a peer that is gone
+is dropped at once (ZMQ_ROUTER_MANDATORY).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway, Outcome, Reply
 from bridges.validation import check_parameters, requested_timeout_s
@@ -33,6 +42,31 @@ from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
 log = logging.getLogger(__name__)
 
 MAX_ID_BYTES = 128
+# How often peers whose replies libzmq has all let go of are forgotten.
+SWEEP_S = 1.0
+# Replies this large are tracked until libzmq has written them; smaller ones are copied by pyzmq.
+TRACK_FROM_BYTES = 4096
+# The client socket's send high-water mark, in messages per allowed outstanding request: generous,
+# because libzmq drops what passes it even for a client that reads (its I/O thread lags a burst).
+HWM_PER_REQUEST = 10
+MIN_HWM = 1000
+
+
+class _Peer(Usage):
+    """One client's usage, with its large replies that libzmq may still hold (tracker, bytes), oldest first."""
+
+    __slots__ = ("unsent",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unsent: collections.deque[tuple[zmq.MessageTracker, int]] = collections.deque()
+
+    def prune(self) -> None:
+        # libzmq writes a peer's messages in order, so the oldest tracker finishes first.
+        unsent = self.unsent
+        while unsent and unsent[0][0].done:
+            _, size = unsent.popleft()
+            self.add(-1, -size)
 
 
 class ZmqBridge:
@@ -44,11 +78,22 @@ class ZmqBridge:
         self.gateway = gateway if gateway is not None else Gateway(settings, ctx)
         self.url = f"tcp://{settings.bind_host}:{settings.zmq_port}"
         self._sock: zmq.Socket[Any] | None = None
+        self.limits = ClientLimits(settings, "ZeroMQ client")
+        self._peers: dict[bytes, _Peer] = {}
 
     async def run(self, ready: asyncio.Event) -> None:
-        sock = plain_socket(self.ctx, zmq.ROUTER, bind=self.url, max_message_bytes=self.settings.max_message_bytes)
+        sock = plain_socket(
+            self.ctx,
+            zmq.ROUTER,
+            bind=self.url,
+            max_message_bytes=self.settings.max_message_bytes,
+            # Per peer: small replies a client has not read beyond this are dropped (it is refused by then).
+            hwm=max(MIN_HWM, HWM_PER_REQUEST * self.settings.client_max_outstanding),
+        )
+        sock.copy_threshold = TRACK_FROM_BYTES
         self._sock = sock
         reactor = self.gateway.reactor
+        sweeper = asyncio.create_task(self._sweep(), name="zmq-bridge-peers")
         try:
             await self.gateway.start()
             # The gateway's reactor drains both sockets: a reply to the client is sent from the same
@@ -62,12 +107,29 @@ class ZmqBridge:
         finally:
             # Stop reading new requests, give those in flight a moment to be answered, then fail the rest.
             reactor.remove(sock)
+            sweeper.cancel()
             try:
                 await self.gateway.wait_idle(GRACEFUL_SHUTDOWN_S)
             finally:
                 await self.gateway.close()
                 sock.close()
                 self._sock = None
+
+    @property
+    def peers(self) -> int:
+        """How many clients the bridge keeps usage for (for tests: it must come back to 0)."""
+        return len(self._peers)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            for identity, peer in list(self._peers.items()):
+                self._forget_if_idle(identity, peer)
+
+    def _forget_if_idle(self, identity: bytes, peer: _Peer) -> None:
+        peer.prune()
+        if peer.idle:
+            self._peers.pop(identity, None)
 
     def _handle(self, message: list[Any]) -> None:
         # ROUTER prepends the peer's identity; REQ peers then send an empty delimiter frame.
@@ -101,6 +163,7 @@ class ZmqBridge:
         params = header.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise RequestError(ErrorCode.BAD_INPUT, "'parameters' must be a map")
+        parsed = check_parameters(params)
         size = sum(len(frame) for frame in body)
         if size > self.settings.max_message_bytes:
             raise RequestError(
@@ -112,27 +175,40 @@ class ZmqBridge:
             metas = check_tensors(header, frames)
         except WireError as exc:
             raise RequestError(ErrorCode.BAD_INPUT, str(exc)) from None
-        requested_s = requested_timeout_s(params, header.get("timeout_ms"))
+        requested_s = requested_timeout_s(parsed, header.get("timeout_ms"))
         timeout_s = self.gateway.default_timeout(requested_s)
-        if requested_s is not None and (params is None or "timeout" not in params):
+        if requested_s is not None and parsed.timeout_us is None:
             # The batch manager reads a client's own deadline from the Open Inference Protocol `timeout`
             # parameter (µs); without it the model's default would apply over the client's `timeout_ms`.
-            params = {**(params or {}), "timeout": int(requested_s * 1_000_000)}
+            # The deadline capped by the server's is sent, so a huge `timeout_ms` cannot overflow it.
+            params = {**(params or {}), "timeout": max(1, int(timeout_s * 1_000_000))}
         resolved = self.gateway.resolve(model, version)
         resolved.rules.check(metas)
-        check_parameters(params)
         spec = resolved.spec
         internal = {"model": spec.name, "version": spec.version, "params": params, "tensors": metas}
+        identity = bytes(envelope[0].bytes if isinstance(envelope[0], zmq.Frame) else envelope[0])
+        peer = self._peers.get(identity)
+        if peer is None:
+            peer = self._peers[identity] = _Peer()
+        peer.prune()
+        self.limits.admit(peer, size)
 
         def answer(outcome: Outcome) -> None:
+            peer.add(-1, -size)
             if isinstance(outcome, Reply):
-                self._send_reply(envelope, rid, outcome)
+                self._send_reply(envelope, rid, outcome, peer)
             else:
                 self._send_error(envelope, rid, outcome.code, outcome.message)
+            self._forget_if_idle(identity, peer)
 
-        self.gateway.start_request(internal, frames, timeout_s, answer)
+        try:
+            self.gateway.start_request(internal, frames, timeout_s, answer)
+        except RequestError:
+            peer.add(-1, -size)
+            self._forget_if_idle(identity, peer)
+            raise
 
-    def _send_reply(self, envelope: list[Any], rid: int | str, reply: Reply) -> None:
+    def _send_reply(self, envelope: list[Any], rid: int | str, reply: Reply, peer: _Peer) -> None:
         header = reply.header
         out = {
             "id": rid,
@@ -141,7 +217,17 @@ class ZmqBridge:
             "version": header.get("version"),
             "tensors": header["tensors"],
         }
-        self._send([*envelope, pack_header(out), *reply.frames])
+        sock = self._sock
+        if sock is None:
+            return
+        tracked = send_tracked(sock, [*envelope, pack_header(out), *reply.frames], sock.copy_threshold)
+        if tracked is None:
+            log.debug("dropped a reply for a client that is gone or not reading")
+        elif not tracked.done:
+            # Counted against the client until libzmq has written it out (or dropped it with the peer).
+            size = sum(len(frame) for frame in reply.frames)
+            peer.add(1, size)
+            peer.unsent.append((tracked, size))
 
     def _send_error(self, envelope: list[Any], rid: int | str | None, code: str, message: str) -> None:
         self._send([*envelope, pack_header({"id": rid, "ok": False, "error": {"code": code, "message": message}})])
@@ -151,6 +237,30 @@ class ZmqBridge:
         # False when the client has gone or stopped reading (its queue is full): nobody to tell.
         if sock is not None and not send_nowait(sock, frames):
             log.debug("dropped a reply for a client that is gone or not reading")
+
+
+def send_tracked(sock: zmq.Socket[Any], frames: list[Any], track_from: int) -> zmq.MessageTracker | None:
+    """``send_nowait`` that tracks the message's last frame of at least ``track_from`` bytes (smaller ones
+    are copied by pyzmq and need no tracking). Returns that frame's tracker (a finished one when no frame
+    is large), or None when the message was dropped (the peer is gone or its queue is full)."""
+    last = len(frames) - 1
+    tracked = max((i for i, frame in enumerate(frames) if len(frame) >= track_from), default=-1)
+    tracker: zmq.MessageTracker = zmq.MessageTracker()
+    try:
+        for index, frame in enumerate(frames):
+            flags = _NOWAIT if index == last else _NOWAIT_MORE
+            if index == tracked:
+                data = frame.buffer if isinstance(frame, zmq.Frame) else frame  # a Frame object cannot be tracked
+                tracker = sock.send(data, flags, copy=False, track=True)
+            else:
+                sock.send(frame, flags, copy=False)
+    except zmq.ZMQError:  # EAGAIN (the client's queue is full), EHOSTUNREACH (the peer is gone)
+        return None
+    return tracker
+
+
+_NOWAIT = int(zmq.NOBLOCK)
+_NOWAIT_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 def _request_id(header: dict[str, Any]) -> int | str:

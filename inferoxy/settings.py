@@ -88,6 +88,18 @@ class Settings(BaseSettings):
     priority_aging_ms: float = Field(100.0, ge=0, description="Head start of each priority level over the next.")
     max_message_bytes: int = 64 * 1024 * 1024
 
+    # What one client may have buffered in a bridge (docs/PROTOCOL.md, "Limits"); beyond it: overloaded.
+    client_max_outstanding: int = Field(
+        1000, ge=1, description="Requests (and unread replies) per ZeroMQ peer, gRPC stream or gRPC connection."
+    )
+    client_max_buffered_bytes: int = Field(
+        128 * 1024 * 1024, ge=1, description="Bytes of requests and unread replies per ZeroMQ peer or gRPC stream."
+    )
+    http_keep_alive_s: float = Field(5.0, gt=0, description="REST: an idle keep-alive connection is closed after this.")
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="REST: a connection that has not sent a complete request head within this is closed."
+    )
+
     log_level: str = "INFO"
 
     @field_validator("replica_bind_url")

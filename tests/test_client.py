@@ -59,8 +59,9 @@ def test_version_and_parameters_reach_the_batch_manager(stack: BridgeStack, clie
     out = client.infer("echo", {"x": x}, version="2", parameters={"sequence_id": 77, "tag": "t"})
     np.testing.assert_array_equal(out["x"], x)
     sent = next(m for m in stack.batch_manager.messages("infer") if m["params"].get("sequence_id") == 77)
-    # The client's own timeout travels too, as the Open Inference Protocol's `timeout` (µs).
-    assert (sent["version"], sent["params"]) == ("2", {"sequence_id": 77, "tag": "t", "timeout": 10_000_000})
+    # The client's own timeout travels too, as the Open Inference Protocol's `timeout` (µs), capped by the
+    # server's (the stack's request_timeout_s is 5 s; the client's default is longer).
+    assert (sent["version"], sent["params"]) == ("2", {"sequence_id": 77, "tag": "t", "timeout": 5_000_000})
 
 
 def test_server_errors_raise_inference_error_with_the_code(client: Client) -> None:
