@@ -14,7 +14,11 @@ JSON FP16 numbers are accepted too and rounded to half precision.
 
 JSON data is never trusted to have the right types: numpy would quietly turn ``"1.5"``
 or ``null`` into floats and truncate ``1.7`` to an int, so the values' kind is checked
-before the cast. Every error is a ``bad_input`` RequestError that names the tensor.
+before the cast: booleans are not numbers (``[true, 1]`` is refused for FP32 as ``[true, true]`` is),
+and a float beyond FP32's or FP16's range is refused rather than cast to infinity. A tensor's
+decoded size is worked out from its shape and datatype before its data is decoded, so JSON that
+would grow past the message limit is refused first. Every error is a ``bad_input`` RequestError
+that names the tensor.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ spec's inputs give the Open Inference Protocol datatype and the shape without th
 dimension, -1 meaning any size. A spec that declares no inputs accepts any tensors, but
 every request still needs at least one tensor and one shared batch dimension of at least 1:
 the batch manager concatenates requests along that axis.
+
+Also here, for all three bridges: the 256-byte bound on names (they ride in bus headers, which
+have a hard size limit), the check of requested output names, and the bridges' door to
+``batch_manager.params``, the one reader of request parameters they share with the batch manager.
 """
 
 from __future__ import annotations
