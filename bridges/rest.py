@@ -130,7 +130,7 @@ class _HeadDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     a byte at a time (slowloris), would hold a socket and its buffers for good. The deadline starts
     when the connection opens and again after each response; if no new request has begun (uvicorn
     starts a request cycle once its head is complete) when it passes, the connection is closed.
-    Reading the body has the request's own deadline; idle keep-alive has uvicorn's timeout.
+    Reading the body has the server's request timeout (``_within``); idle keep-alive has uvicorn's.
     """
 
     head_timeout_s = 10.0
@@ -290,7 +290,7 @@ async def _infer(gateway: Gateway, request: Request, name: str, version: str | N
     resolved = gateway.resolve(name, version)
     spec = resolved.spec
     limit = gateway.settings.max_message_bytes
-    body = await _read_body(request, limit)
+    body = await _within(_read_body(request, limit), gateway.settings.request_timeout_s)
     parsed = tensors.parse_infer_request(body, _header_length(request), max_bytes=limit)
     check_requested_outputs(spec, parsed.outputs)
     metas, frames = tensors.to_wire(parsed.inputs)
@@ -357,9 +357,9 @@ async def _infer_image(gateway: Gateway, request: Request, name: str, version: s
     spec = resolved.spec
     limit = gateway.settings.max_message_bytes
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        data = await _uploaded_file(request, limit)
+        data = await _within(_uploaded_file(request, limit), gateway.settings.request_timeout_s)
     else:
-        data = await _read_body(request, limit)
+        data = await _within(_read_body(request, limit), gateway.settings.request_timeout_s)
     input_name = request.query_params.get("input") or (spec.inputs[0].name if len(spec.inputs) == 1 else "image")
     parameters = _query_parameters(request)
     # Three bytes a pixel: an image whose pixels would not fit in a message is refused before decoding.
@@ -400,6 +400,15 @@ def _query_parameters(request: Request) -> dict[str, Any]:
                 raise RequestError(ErrorCode.BAD_INPUT, f"query parameter {key!r} must be true or false, got {raw!r}")
             found[key] = raw.lower() in ("true", "1")
     return found
+
+
+async def _within(receiving: Awaitable[bytes], timeout_s: float) -> bytes:
+    """A request body that arrives within ``timeout_s`` (the server's request timeout), else ``deadline``:
+    a client that sends its body a byte at a time must not hold a connection for ever."""
+    try:
+        return await asyncio.wait_for(receiving, timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(ErrorCode.DEADLINE, f"the request body did not arrive within {timeout_s:g}s") from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -256,7 +256,8 @@ def test_bridges_and_batch_manager_accept_and_refuse_the_same_parameters(params)
 @pytest.fixture(scope="module")
 def tight() -> Iterator[BridgeStack]:
     """Bridges with small per-client bounds and a short REST header deadline."""
-    stack = BridgeStack(client_max_outstanding=4, client_max_buffered_bytes=256 * 1024, http_header_timeout_s=0.5)
+    stack = BridgeStack(client_max_outstanding=4, client_max_buffered_bytes=256 * 1024, http_header_timeout_s=0.5,
+                        request_timeout_s=1.0)
     stack.start()
     yield stack
     stack.stop()
@@ -385,3 +386,15 @@ def test_rest_client_that_leaves_mid_body_is_one_info_line(tight, caplog):
     assert [(r.levelno, r.exc_info) for r in gone] == [(logging.INFO, None)], [r.getMessage() for r in gone]
     loud = [r.getMessage() for r in caplog.records if r.name.startswith("bridges") and r.levelno >= logging.WARNING]
     assert not loud, loud
+
+
+def test_rest_body_that_never_finishes_gets_504_within_the_request_timeout(tight):
+    # The head is complete, the body is 10 of 1000 bytes and no more come. Before: the bridge waited for ever.
+    with socket.create_connection(("127.0.0.1", rest_port(tight)), timeout=WAIT_S) as conn:
+        conn.sendall(b"POST /v2/models/any/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"inputs\":")
+        answer = b""
+        while not answer.endswith(b"}") and (chunk := conn.recv(4096)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 504"), answer
+    assert b"did not arrive within 1s" in answer
