@@ -222,8 +222,11 @@ def test_zmq_req_socket_gets_answers_and_errors(stack, ctx):
 
 
 def test_zmq_frame_over_the_size_limit_drops_only_that_connection(stack, ctx):
-    big = dealer(ctx, stack)
+    big = ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    # The monitor first: a connection made before it is watched never reports EVENT_CONNECTED.
     monitor = big.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    big.connect(stack.zmq_url)
     event = recv_monitor_message(monitor) if monitor.poll(int(WAIT_S * 1000)) else None
     assert event is not None and event["event"] == zmq.EVENT_CONNECTED
 
