@@ -362,6 +362,7 @@ async def _infer_image(gateway: Gateway, request: Request, name: str, version: s
         data = await _within(_read_body(request, limit), gateway.settings.request_timeout_s)
     input_name = request.query_params.get("input") or (spec.inputs[0].name if len(spec.inputs) == 1 else "image")
     parameters = _query_parameters(request)
+    check_parameters(parameters)  # before the image is decoded: a bad parameter costs no decoding
     # Three bytes a pixel: an image whose pixels would not fit in a message is refused before decoding.
     array = decode_image(data, max_pixels=limit // 3)
     inputs = [(input_name, array)]
@@ -392,7 +393,8 @@ def _query_parameters(request: Request) -> dict[str, Any]:
     for key in ("timeout", "priority", "sequence_id"):
         raw = query.get(key)
         if raw is not None:
-            found[key] = int(raw) if raw.lstrip("-").isdigit() else raw
+            # A number only if it could be one (int() refuses over 4300 digits); else the string is refused by type.
+            found[key] = int(raw) if raw.lstrip("-").isdigit() and len(raw) <= 24 else raw
     for key in ("sequence_start", "sequence_end"):
         raw = query.get(key)
         if raw is not None:

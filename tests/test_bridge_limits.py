@@ -398,3 +398,9 @@ def test_rest_body_that_never_finishes_gets_504_within_the_request_timeout(tight
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 504"), answer
     assert b"did not arrive within 1s" in answer
+
+
+def test_rest_image_query_parameter_of_5000_digits_is_bad_input(http):
+    # int() refuses strings of more than 4300 digits; before, that ValueError was a 500 with a traceback.
+    response = http.post("/v2/models/any/infer/image", params={"timeout": "9" * 5000}, content=b"not an image")
+    assert response.status_code == 400 and "timeout" in response.json()["error"], response.text
