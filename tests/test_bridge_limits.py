@@ -8,9 +8,11 @@ message limit once decoded, a client that never reads, a connection that never f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+import types
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -22,8 +24,10 @@ import zmq
 
 from batch_manager.params import parse_params
 from bridges.errors import RequestError
+from bridges.grpc_bridge import InferenceServicer
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from bridges.validation import check_parameters
+from inferoxy.settings import Settings
 from inferoxy.wire import WireError, encode, pack_header, unpack_header
 from tests.bridge_harness import WAIT_S, BridgeStack
 from tests.support import wait_for
@@ -329,6 +333,40 @@ def test_grpc_stream_past_its_bound_gets_resource_exhausted_on_the_stream(tight)
     assert len(answers) == 12 and len({a.infer_response.id for a in answers}) == 12
     errors = sorted(a.error_message.split("]")[0] + "]" for a in answers)
     assert errors == ["[DEADLINE_EXCEEDED]"] * 4 + ["[RESOURCE_EXHAUSTED]"] * 8, errors
+
+
+def test_grpc_stream_whose_answers_are_not_read_is_not_read_either():
+    # A client that keeps sending on a stream and reads one answer only. Before: the bridge read every request
+    # and queued every answer (a stream that never read grew the bridge to 499 MB). Now it stops reading the
+    # stream once the unread answers fill the bound, and HTTP/2 flow control holds the client back.
+    # Driven on one event loop with instant answers, so what is pulled depends on scheduling only.
+    gateway = types.SimpleNamespace(settings=Settings(client_max_outstanding=4))
+    servicer = InferenceServicer(gateway)  # type: ignore[arg-type]
+
+    async def instant(request: pb.ModelInferRequest, time_left_s: float | None) -> pb.ModelInferResponse:
+        return pb.ModelInferResponse(id=request.id)
+
+    servicer._infer = instant  # type: ignore[method-assign]
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:  # as good as endless: far more than any bound
+        nonlocal pulled
+        for _ in range(10_000):
+            await asyncio.sleep(0)  # a network read gives the loop a turn
+            pulled += 1
+            yield pb.ModelInferRequest(id=str(pulled)).SerializeToString()
+
+    async def scenario() -> int:
+        answers = servicer.model_stream_infer(endless(), types.SimpleNamespace(time_remaining=lambda: None))
+        await answers.__anext__()  # the one answer the client reads
+        for _ in range(500):  # every task gets many turns; nothing here waits on time
+            await asyncio.sleep(0)
+        held = pulled
+        await answers.aclose()
+        return held
+
+    # At most the bound in flight plus the bound unread (refusals included), and the one answer that was read.
+    assert asyncio.run(scenario()) <= 2 * 4 + 2
 
 
 def test_grpc_connection_bytes_in_flight_are_bounded(tight):
