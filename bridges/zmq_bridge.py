@@ -220,7 +220,7 @@ class ZmqBridge:
         sock = self._sock
         if sock is None:
             return
-        tracked = send_tracked(sock, [*envelope, pack_header(out), *reply.frames], sock.copy_threshold)
+        tracked = send_tracked(sock, [*envelope, pack_header(out), *reply.frames])
         if tracked is None:
             log.debug("dropped a reply for a client that is gone or not reading")
         elif not tracked.done:
@@ -239,10 +239,11 @@ class ZmqBridge:
             log.debug("dropped a reply for a client that is gone or not reading")
 
 
-def send_tracked(sock: zmq.Socket[Any], frames: list[Any], track_from: int) -> zmq.MessageTracker | None:
-    """``send_nowait`` that tracks the message's last frame of at least ``track_from`` bytes (smaller ones
-    are copied by pyzmq and need no tracking). Returns that frame's tracker (a finished one when no frame
-    is large), or None when the message was dropped (the peer is gone or its queue is full)."""
+def send_tracked(sock: zmq.Socket[Any], frames: list[Any]) -> zmq.MessageTracker | None:
+    """``send_nowait`` that tracks the message's last frame of at least ``sock.copy_threshold`` bytes (pyzmq
+    copies smaller ones, which then need no tracking). Returns that frame's tracker (a finished one when no
+    frame is that large), or None when the message was dropped (the peer is gone or its queue is full)."""
+    track_from = sock.copy_threshold
     last = len(frames) - 1
     tracked = max((i for i, frame in enumerate(frames) if len(frame) >= track_from), default=-1)
     tracker: zmq.MessageTracker = zmq.MessageTracker()

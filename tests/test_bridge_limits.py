@@ -27,6 +27,7 @@ from bridges.errors import RequestError
 from bridges.grpc_bridge import InferenceServicer
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from bridges.validation import check_parameters
+from bridges.zmq_bridge import _Peer, send_tracked
 from inferoxy.settings import Settings
 from inferoxy.wire import WireError, encode, pack_header, unpack_header
 from tests.bridge_harness import WAIT_S, BridgeStack
@@ -301,6 +302,34 @@ def test_zmq_client_bytes_in_flight_are_bounded(tight, ctx):
     assert first is not None and (first["id"], first["error"]["code"]) == (2, "overloaded"), first
     assert "INFEROXY_CLIENT_MAX_BUFFERED_BYTES" in first["error"]["message"]
     sock.close()
+
+
+def test_zmq_large_reply_counts_against_its_client_until_the_client_reads_it(ctx):
+    # What the bound counts for a client that does not read: a reply libzmq still holds. Over inproc the message
+    # stays in the pipe until the client receives it, so the tracker says exactly when that happens.
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.copy_threshold = 4096  # as the bridge's: frames this large are sent without a copy, so trackable
+    router.bind("inproc://tracked-replies")
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.IDENTITY, b"client")
+    client.connect("inproc://tracked-replies")
+    client.send(b"hello")
+    router.recv_multipart()  # the route to the client exists from here
+    peer = _Peer()
+    tracker = send_tracked(router, [b"client", b"header", b"x" * 10_000])
+    assert tracker is not None and not tracker.done
+    peer.add(1, 10_000)
+    peer.unsent.append((tracker, 10_000))
+    peer.prune()
+    assert (peer.requests, peer.bytes) == (1, 10_000), "an unread reply was let go of"
+    client.recv_multipart()
+    tracker.wait(WAIT_S)
+    peer.prune()
+    assert peer.idle
+    assert send_tracked(router, [b"nobody", b"header"]) is None, "a reply for an unknown peer was queued"
+    client.close()
+    router.close()
 
 
 def test_zmq_replies_for_a_client_that_is_gone_are_dropped_and_forgotten(tight, ctx):
