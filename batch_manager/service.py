@@ -9,6 +9,13 @@ Everything after a receive is synchronous and sends without waiting, so one wake
 drains a burst of messages (``reactor.Reactor``, which reads the sockets without
 zmq.asyncio's per-message futures); the only timer is armed for the scheduler's next
 wake-up, never a polling tick.
+
+Liveness (docs/ARCHITECTURE.md, "When a component dies"): each bridge sends ``hb`` and is
+answered at once, so a bridge notices a silent batch manager. The task manager sends ``hb``
+(carrying its ``epoch``, fresh each run) and so does the batch manager. When the task manager
+is silent for ``heartbeat_interval_s x heartbeat_liveness``, or a new epoch shows it restarted,
+the replicas it announced are dropped (``replica_down``: their batches are retried once or fail
+``replica_lost``) until the task manager announces them again.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from batch_manager.params import parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from inferoxy import protocol
 from inferoxy.bus import plain_socket
+from inferoxy.liveness import PeerLiveness
 from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
@@ -63,10 +71,17 @@ class BatchManager:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._registry_loaded = asyncio.Event()
+        # Liveness of the peers (set up in run()): the task manager, its run's epoch, the replicas it
+        # announced (dropped together when it is lost), and when each bridge was last heard.
+        self._tm_peer: PeerLiveness | None = None
+        self._tm_epoch: str | None = None
+        self._tm_replicas: set[messages.ReplicaId] = set()
+        self._bridges_heard: dict[bytes, float] = {}
 
     async def run(self, ready: asyncio.Event) -> None:
         settings = self.settings
         self._loop = asyncio.get_running_loop()
+        self._tm_peer = PeerLiveness(settings.heartbeat_interval_s, settings.heartbeat_liveness, self._now())
         store = open_store(settings.redis_url, settings.redis_prefix)
         sockets: list[zmq.Socket[Any]] = []
         tasks: list[asyncio.Task[None]] = []
@@ -116,11 +131,48 @@ class BatchManager:
 
     async def _heartbeat(self) -> None:
         header = pack_header({"t": protocol.HEARTBEAT})
+        peer = self._tm_peer
+        assert peer is not None
         while True:
             # The first one makes a task manager that never heard of us announce its replicas.
             self._send(self._task_manager, [header])
+            now = self._now()
+            if peer.check(now):
+                self._lose_task_manager(f"the task manager is silent ({peer.silent_for(now):.1f}s without a "
+                                        "heartbeat)")
+            self._forget_silent_bridges(now, peer.limit_s)
             self._wake()
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await asyncio.sleep(peer.next_check_s(self._now()))
+
+    def _lose_task_manager(self, why: str) -> None:
+        """Drop every replica the task manager announced: it is gone, or restarted and lost them."""
+        lost, self._tm_replicas = list(self._tm_replicas), set()
+        log.warning("%s; dropping its %d replica(s) until it announces them again", why, len(lost))
+        for replica in lost:
+            self._perform(self.scheduler.replica_down(replica, why, self._now()))
+
+    def _heard_task_manager(self, header: dict[str, Any]) -> None:
+        peer = self._tm_peer
+        if peer is not None and peer.heard(self._now()):
+            log.info("the task manager answers again")
+        epoch = header.get("epoch") if header.get("t") == protocol.HEARTBEAT else None
+        if isinstance(epoch, str) and epoch != self._tm_epoch:
+            if self._tm_epoch is not None and self._tm_replicas:
+                self._lose_task_manager("the task manager restarted")
+            self._tm_epoch = epoch
+
+    def _on_bridge_heartbeat(self, identity: bytes) -> None:
+        if identity not in self._bridges_heard:
+            log.info("bridge %s connected", identity.hex())
+        self._bridges_heard[identity] = self._now()
+        self._send_to_bridge(identity, {"t": protocol.HEARTBEAT})
+
+    def _forget_silent_bridges(self, now: float, limit_s: float) -> None:
+        # Their replies are dropped anyway (the bridge failed those requests); this keeps the table bounded.
+        for identity, heard in list(self._bridges_heard.items()):
+            if now - heard > limit_s:
+                log.info("bridge %s went silent; forgetting it", identity.hex())
+                del self._bridges_heard[identity]
 
     def _on_bridge_message(self, message: list[Any]) -> None:
         identity: bytes = message[0].bytes
@@ -133,10 +185,13 @@ class BatchManager:
             kind = header.get("t")
             if kind == protocol.INFER:
                 self._on_infer(identity, header, message[2:], len(message[1]))
+            elif kind == protocol.HEARTBEAT:
+                self._on_bridge_heartbeat(identity)
             elif kind == protocol.CANCEL:
                 self._perform(self.scheduler.cancel((identity, messages.parse_cancel(header)), self._now()))
             else:
-                raise WireError(f"unknown message type {kind!r}; expected {protocol.INFER!r} or {protocol.CANCEL!r}")
+                raise WireError(f"unknown message type {kind!r}; expected {protocol.INFER!r}, {protocol.CANCEL!r} "
+                                f"or {protocol.HEARTBEAT!r}")
         except WireError as exc:
             self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.BAD_INPUT, str(exc)))
         except Exception:
@@ -158,6 +213,7 @@ class BatchManager:
         try:
             header = unpack_header(message[0])
             kind = header.get("t")
+            self._heard_task_manager(header)
             now = self._now()
             if kind == protocol.RESULT:
                 batch = messages.parse_batch_ref(header)
@@ -181,10 +237,12 @@ class BatchManager:
                 up = messages.parse_replica_up(header)
                 log.info("replica %r of %s/%s is up with capacity %d", up.replica, up.model, up.version, up.capacity)
                 actions = self.scheduler.replica_up(up.replica, up.model, up.version, up.capacity, now)
+                self._tm_replicas.add(up.replica)
             elif kind == protocol.REPLICA_DOWN:
                 down = messages.parse_replica_down(header)
                 log.info("replica %r is down: %s", down.replica, down.reason)
                 actions = self.scheduler.replica_down(down.replica, down.reason, now)
+                self._tm_replicas.discard(down.replica)
             elif kind == protocol.REPLICA_DRAINING:
                 draining = messages.parse_replica_down(header)
                 log.info("replica %r is draining: %s", draining.replica, draining.reason)

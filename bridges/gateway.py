@@ -4,14 +4,21 @@ Each bridge owns one Gateway: one DEALER connected to ``settings.batch_manager_u
 request gets an int id unique to this gateway, goes out as an ``infer`` message
 (docs/PROTOCOL.md), and is settled exactly once: by the matching ``reply`` or ``error``, by its
 deadline (a ``deadline`` error, and a ``cancel`` to the batch manager so it can drop the work),
-or by the gateway closing. Answers are matched to requests by id; an id the gateway no longer
-holds (a late answer after the deadline) is dropped, and an error that matches no request this
-gateway ever sent (the batch manager could not read it) is logged as an error.
+or by the gateway closing, or with ``unavailable`` when the batch manager falls silent.
+Answers are matched to requests by id; an id the gateway no longer holds (a late answer after the
+deadline) is dropped, and an error that matches no request this gateway ever sent (the batch
+manager could not read it) is logged as an error.
 
 The hot path is callback based (``start_request``): the ZeroMQ bridge answers from the
 callback without a task or a future per request. ``submit`` wraps it for handlers that await.
 The DEALER is read by a ``Reactor`` (inferoxy/reactor.py) that the ZeroMQ bridge shares for its
 client socket, so one drain serves both sides.
+
+Heartbeats: the gateway sends ``hb`` every heartbeat interval and the batch manager answers each
+one. When nothing comes back for ``heartbeat_interval_s x heartbeat_liveness`` the batch manager
+is taken as lost (killed, stopped, or restarting): every request in flight fails ``unavailable``
+(the batch manager that held it is gone) and new ones are refused ``unavailable`` at once, until
+it is heard again. ZeroMQ reconnects the DEALER to a restarted batch manager by itself.
 
 The gateway also follows the model registry in Redis in a background task, so a bridge
 answers unknown models, input errors and metadata without a round trip.
@@ -33,7 +40,8 @@ import zmq.asyncio
 from bridges.errors import RequestError
 from bridges.validation import InputRules, check_name
 from inferoxy.bus import plain_socket
-from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY, ErrorCode
+from inferoxy.liveness import PeerLiveness
+from inferoxy.protocol import CANCEL, ERROR, HEARTBEAT, INFER, REPLY, ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
@@ -123,6 +131,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle_waiter: asyncio.Future[None] | None = None
+        self._batch_manager: PeerLiveness | None = None  # set by start()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -133,8 +142,11 @@ class Gateway:
             # Raises at once when no Redis is configured, so a misconfigured bridge fails to start.
             self._store = open_store(self.settings.redis_url, self.settings.redis_prefix)
         self._sock = plain_socket(self._ctx, zmq.DEALER, connect=self.settings.batch_manager_url)
+        self._batch_manager = PeerLiveness(self.settings.heartbeat_interval_s, self.settings.heartbeat_liveness,
+                                           self._loop.time())
         self.reactor.add(self._sock, self._dispatch)
-        self._tasks = [asyncio.create_task(self._store.watch(self._on_registry), name="gateway-registry")]
+        self._tasks = [asyncio.create_task(self._store.watch(self._on_registry), name="gateway-registry"),
+                       asyncio.create_task(self._heartbeat(), name="gateway-heartbeat")]
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight, for at most ``timeout_s``; True if none is."""
@@ -170,6 +182,42 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await self._store.close()
             self._store = None
+
+    # -- the batch manager's liveness ----------------------------------------------------------
+
+    @property
+    def batch_manager_lost(self) -> bool:
+        """True while the batch manager is silent past the heartbeat limit."""
+        return self._batch_manager is not None and self._batch_manager.lost
+
+    async def _heartbeat(self) -> None:
+        header = pack_header({"t": HEARTBEAT})
+        peer, loop = self._batch_manager, self._loop
+        assert peer is not None and loop is not None
+        while True:
+            if self._sock is not None:
+                send_nowait(self._sock, [header])  # a full queue: the batch manager is not reading, a loss too
+                self.reactor.wake_soon()
+            if peer.check(loop.time()):
+                self._lose_batch_manager(peer.silent_for(loop.time()))
+            await asyncio.sleep(peer.next_check_s(loop.time()))
+
+    def _lose_batch_manager(self, silent_s: float) -> None:
+        """The batch manager went silent: what it held will never be answered, so answer it now."""
+        pending, self._pending = self._pending, {}
+        log.warning("the batch manager at %s is silent (%.1fs); failing %d request(s) in flight and refusing "
+                    "new ones until it answers again", self.settings.batch_manager_url, silent_s, len(pending))
+        message = f"the batch manager stopped answering ({silent_s:.1f}s without a heartbeat); retry shortly"
+        for entry in pending.values():
+            entry.timer.cancel()
+            _settle(entry.callback, RequestError(ErrorCode.UNAVAILABLE, message))
+        self._settled_one()
+        self.reactor.wake_soon()  # callbacks may have sent replies to clients
+
+    def _heard_batch_manager(self) -> None:
+        peer, loop = self._batch_manager, self._loop
+        if peer is not None and loop is not None and peer.heard(loop.time()):
+            log.info("the batch manager at %s answers again; taking requests", self.settings.batch_manager_url)
 
     # -- the registry ------------------------------------------------------------------------
 
@@ -251,6 +299,8 @@ class Gateway:
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
             raise RequestError(ErrorCode.NOT_READY, "the bridge is not connected to the batch manager")
+        if self.batch_manager_lost:
+            raise RequestError(ErrorCode.UNAVAILABLE, "the batch manager is not answering (restarting?); retry shortly")
         if len(self._pending) >= self.max_outstanding:
             raise RequestError(
                 ErrorCode.OVERLOADED, f"{self.max_outstanding} requests are already in flight; retry later"
@@ -340,6 +390,9 @@ class Gateway:
             header = unpack_header(message[0])
         except WireError as exc:
             log.error("dropping unreadable message from the batch manager: %s", exc)
+            return
+        self._heard_batch_manager()
+        if header.get("t") == HEARTBEAT:
             return
         rid = header.get("id")
         entry = self._pending.pop(rid, None) if isinstance(rid, int) else None

@@ -51,6 +51,7 @@ STATUS_OF_CODE: dict[str, grpc.StatusCode] = {
     ErrorCode.DEADLINE.value: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorCode.REPLICA_LOST.value: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.SESSION_LOST.value: grpc.StatusCode.ABORTED,
+    ErrorCode.UNAVAILABLE.value: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.MODEL_ERROR.value: grpc.StatusCode.INTERNAL,
     ErrorCode.INTERNAL.value: grpc.StatusCode.INTERNAL,
 }

@@ -19,6 +19,7 @@ class ErrorCode(str, enum.Enum):
     DEADLINE = "deadline"
     REPLICA_LOST = "replica_lost"
     SESSION_LOST = "session_lost"
+    UNAVAILABLE = "unavailable"  # a component on the request's path went silent or died while it held it
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
 
@@ -35,6 +36,7 @@ _HTTP_STATUS = {
     ErrorCode.DEADLINE: 504,
     ErrorCode.REPLICA_LOST: 503,
     ErrorCode.SESSION_LOST: 409,
+    ErrorCode.UNAVAILABLE: 503,
     ErrorCode.MODEL_ERROR: 500,
     ErrorCode.INTERNAL: 500,
 }

@@ -5,10 +5,22 @@ line to a pipe (``INFEROXY_READY_FD``), which is how the embedded Redis's addres
 reaches the components started after it. Children die with the supervisor (Linux
 parent-death signal), so even a SIGKILLed ``serve`` leaves nothing behind; on SIGINT or
 SIGTERM the supervisor stops them bridges-first and waits for each.
+
+A child that exits while Inferoxy serves is started again with the same settings, so with the
+same endpoints (the embedded Redis comes back on the port it had, so every other component's
+``INFEROXY_REDIS_URL`` stays valid). The first restart is immediate, later ones back off
+(``restart_backoff_s`` doubling up to ``restart_backoff_max_s``); a component that dies
+``COMPONENT_CRASH_LOOP`` times in a row, each time within ``restart_backoff_max_s`` of its start,
+is a crash loop: ``serve`` says so and stops with status 1. Its siblings ride out the gap on
+their own (heartbeats, ZeroMQ reconnection; docs/ARCHITECTURE.md). The components' PIDs are
+printed with the endpoints, and a restarted one logs ``COMPONENT is back (pid N)``. A child that
+is stopped (SIGSTOP) rather than dead is left alone: its peers notice its silence by heartbeats
+and route around it, and it carries on if it is continued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,9 +28,10 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from inferoxy.procutil import die_with_parent
 from inferoxy.runner import component_names
@@ -28,6 +41,8 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
+# Deaths in a row, each within restart_backoff_max_s of the start, after which serve gives up.
+COMPONENT_CRASH_LOOP = 5
 
 
 class StartupError(RuntimeError):
@@ -38,50 +53,123 @@ class StartupError(RuntimeError):
 class Child:
     name: str
     process: subprocess.Popen[bytes]
-    ready_pipe: int
+    ready_pipe: int | None  # open until the child reported ready
+    extra_env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    deaths: int = 0  # in a row, each soon after its start
+    restart_at: float | None = None  # set while the child is dead and waits for its restart
+    ready_buffer: bytes = b""
+
+
+def restart_delay(deaths: int, base_s: float, max_s: float) -> float:
+    """The first restart is at once (a kill is not a crash loop); later ones back off exponentially."""
+    if deaths <= 1:
+        return 0.0
+    return float(min(max_s, base_s * 2 ** min(deaths - 2, 30)))
 
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.children: list[Child] = []
-        self._wake = threading.Event()
 
     def serve(self) -> int:
         """Start everything, print where to reach it, and return an exit status once told to stop."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGCHLD, self._on_signal)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        previous_wakeup = signal.set_wakeup_fd(wake_w)  # a signal makes select() below return
         try:
             settings = self._start_all()
-            print_endpoints(settings, embedded_redis=not self.settings.redis_url)
-            while True:
-                self._wake.wait()
-                self._wake.clear()
-                if self._stop_requested:
-                    return 0
-                dead = [c for c in self.children if c.process.poll() is not None]
-                if dead:
-                    for child in dead:
-                        log.error("%s exited with status %s; stopping Inferoxy", child.name, child.process.returncode)
-                    return 1
+            print_endpoints(settings, embedded_redis=not self.settings.redis_url, children=self.children)
+            return self._watch(wake_r)
         except StartupError as exc:
             log.error("%s", exc)
             return 1
         finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
             self._stop_all()
+
+    def _watch(self, wake_fd: int) -> int:
+        """Restart children that die until told to stop (0) or a child crash-loops (1)."""
+        while not self._stop_requested:
+            for child in self.children:
+                if child.restart_at is None and child.process.poll() is not None and not self._schedule_restart(child):
+                    return 1
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is not None and child.restart_at <= now:
+                    self._restart(child)
+            due = [c.restart_at for c in self.children if c.restart_at is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
+            pipes = [c.ready_pipe for c in self.children if c.ready_pipe is not None]
+            readable, _, _ = select.select([wake_fd, *pipes], [], [], timeout)
+            if wake_fd in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_fd, 4096)
+            for child in self.children:
+                if child.ready_pipe is not None and child.ready_pipe in readable:
+                    self._read_restarted(child)
+        return 0
+
+    def _schedule_restart(self, child: Child) -> bool:
+        """A child died: plan its restart, or False when it is crash-looping."""
+        self._close_ready_pipe(child)
+        now = time.monotonic()
+        served_s = now - child.started_at
+        child.deaths = child.deaths + 1 if served_s < self.settings.restart_backoff_max_s else 1
+        status = child.process.returncode
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        if child.deaths >= COMPONENT_CRASH_LOOP:
+            log.error("%s (pid %d) %s, its %d death in a row within %.0fs of starting: a crash loop; stopping "
+                      "Inferoxy (see its log above)", child.name, child.process.pid, how, child.deaths,
+                      self.settings.restart_backoff_max_s)
+            return False
+        delay = restart_delay(child.deaths, self.settings.restart_backoff_s, self.settings.restart_backoff_max_s)
+        log.warning("%s (pid %d) %s after %.1fs; restarting it%s", child.name, child.process.pid, how, served_s,
+                    f" in {delay:.1f}s" if delay else "")
+        child.restart_at = now + delay
+        return True
+
+    def _restart(self, child: Child) -> None:
+        fresh = self._spawn(child.name, child.extra_env)
+        child.process, child.ready_pipe, child.started_at = fresh.process, fresh.ready_pipe, fresh.started_at
+        child.restart_at, child.ready_buffer = None, b""
+
+    def _read_restarted(self, child: Child) -> None:
+        assert child.ready_pipe is not None
+        chunk = os.read(child.ready_pipe, 4096)
+        child.ready_buffer += chunk
+        if not chunk:  # closed without a word: it failed to start, and its exit is handled as a death
+            self._close_ready_pipe(child)
+        elif b"\n" in child.ready_buffer:
+            self._close_ready_pipe(child)
+            log.warning("%s is back (pid %d)", child.name, child.process.pid)
+
+    @staticmethod
+    def _close_ready_pipe(child: Child) -> None:
+        if child.ready_pipe is not None:
+            os.close(child.ready_pipe)
+            child.ready_pipe = None
 
     _stop_requested = False
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum != signal.SIGCHLD:
             self._stop_requested = True
-        self._wake.set()
 
     def _start_all(self) -> Settings:
         names = component_names(self.settings)
         model_manager = self._start(names[0], {})
         redis_url = self._wait_ready(model_manager).get("redis_url") or self.settings.redis_url
+        if redis_url and not self.settings.redis_url:
+            # Restarted, the embedded Redis must come back where the other components look for it.
+            model_manager.extra_env["INFEROXY_EMBEDDED_REDIS_PORT"] = str(urlsplit(redis_url).port)
         env = {"INFEROXY_REDIS_URL": redis_url} if redis_url else {}
         started = [self._start(name, env) for name in names[1:]]
         for child in started:
@@ -89,6 +177,11 @@ class Supervisor:
         return self.settings.model_copy(update={"redis_url": redis_url})
 
     def _start(self, name: str, extra_env: dict[str, str]) -> Child:
+        child = self._spawn(name, extra_env)
+        self.children.append(child)
+        return child
+
+    def _spawn(self, name: str, extra_env: dict[str, str]) -> Child:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
         process = subprocess.Popen(
@@ -98,11 +191,10 @@ class Supervisor:
             preexec_fn=die_with_parent,
         )
         os.close(write_fd)
-        child = Child(name, process, read_fd)
-        self.children.append(child)
-        return child
+        return Child(name, process, read_fd, dict(extra_env))
 
     def _wait_ready(self, child: Child) -> dict[str, str]:
+        assert child.ready_pipe is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
         buffer = b""
         while b"\n" not in buffer:
@@ -117,11 +209,12 @@ class Supervisor:
                 child.process.wait(timeout=STOP_GRACE_S)
                 raise StartupError(f"{child.name} failed to start (exit status {child.process.returncode})")
             buffer += chunk
-        os.close(child.ready_pipe)
+        self._close_ready_pipe(child)
         return json.loads(buffer.split(b"\n", 1)[0])
 
     def _stop_all(self) -> None:
         for child in reversed(self.children):
+            self._close_ready_pipe(child)
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
                 try:
@@ -133,7 +226,7 @@ class Supervisor:
         log.info("Inferoxy stopped")
 
 
-def print_endpoints(settings: Settings, *, embedded_redis: bool) -> None:
+def print_endpoints(settings: Settings, *, embedded_redis: bool, children: Sequence[Child] = ()) -> None:
     host = settings.bind_host
     lines = ["Inferoxy is serving:"]
     if "rest" in settings.bridge_names:
@@ -145,4 +238,7 @@ def print_endpoints(settings: Settings, *, embedded_redis: bool) -> None:
     embedded = " (embedded)" if embedded_redis else ""
     lines.append(f"  model registry                  {settings.redis_url}{embedded}")
     lines.append(f"  replicas run as                 {settings.runtime}")
+    if children:
+        pids = ", ".join(f"{child.name} {child.process.pid}" for child in children)
+        lines.append(f"  components (pid)                {pids}")
     print("\n".join(lines), flush=True)

@@ -9,9 +9,15 @@ key                    type    holds
 ``P:defaults``         hash    field ``name`` -> the version served when a request names none
 ``P:revision``         string  an integer bumped by every write, so readers can tell they are stale
 ``P:events``           pubsub  a JSON message ``{"revision", "action", "name", "version"}`` per write
-``P:status``           hash    field ``name/version`` -> ``ModelStatus`` JSON, written by task managers
+``P:status:NAME/VER``  string  ``ModelStatus`` JSON, written by the task manager with a TTL it refreshes
 ``P:unloaded``         hash    field ``name/version`` -> the ``min_replicas`` an unloaded version had
 =====================  ======  ==========================================================
+
+A status key expires unless its task manager rewrites it (every heartbeat interval, TTL
+``heartbeat_interval_s x heartbeat_liveness``): a proxy whose task manager is gone has no status,
+so it never reads as ready. A TTL that Redis enforces, rather than a timestamp readers compare, needs
+no agreement between the clocks of the writer and the readers, and a status a reader finds is
+current by construction.
 
 Every write goes through one MULTI transaction, so a reader never sees a spec without
 its revision bump.
@@ -60,7 +66,7 @@ class SpecStore:
         self.defaults_key = f"{prefix}:defaults"
         self.revision_key = f"{prefix}:revision"
         self.events_channel = f"{prefix}:events"
-        self.status_key = f"{prefix}:status"
+        self.status_key_prefix = f"{prefix}:status:"
         self.unloaded_key = f"{prefix}:unloaded"
         # What the last ``watch`` loop saw; read by health checks in the same process.
         self.watch_state = WatchState()
@@ -206,24 +212,42 @@ class SpecStore:
                 written.append(spec.key)
         return written
 
-    async def put_status(self, status: ModelStatus) -> None:
-        await self.client.hset(self.status_key, f"{status.name}/{status.version}", status.model_dump_json())
+    def status_key(self, name: str, version: str) -> str:
+        return f"{self.status_key_prefix}{name}/{version}"
+
+    async def put_status(self, status: ModelStatus, *, ttl_s: float | None = None) -> None:
+        """Record a model's serving status; with ``ttl_s`` it vanishes unless written again in time."""
+        ttl_ms = None if ttl_s is None else max(1, int(ttl_s * 1000))
+        await self.client.set(self.status_key(status.name, status.version), status.model_dump_json(), px=ttl_ms)
+
+    async def put_statuses(self, statuses: Iterable[ModelStatus], *, ttl_s: float) -> None:
+        """Refresh several statuses in one round trip."""
+        ttl_ms = max(1, int(ttl_s * 1000))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for status in statuses:
+                pipe.set(self.status_key(status.name, status.version), status.model_dump_json(), px=ttl_ms)
+            await pipe.execute()
 
     async def delete_status(self, name: str, version: str) -> None:
-        await self.client.hdel(self.status_key, f"{name}/{version}")
+        await self.client.delete(self.status_key(name, version))
 
     async def statuses(self) -> dict[str, ModelStatus]:
-        """Every model's serving status, by ``name/version``."""
+        """Every model's serving status that has not expired, by ``name/version``."""
+        pattern = _glob_escape(self.status_key_prefix) + "*"
+        keys = [str(key) async for key in self.client.scan_iter(match=pattern, count=500)]
         found: dict[str, ModelStatus] = {}
-        for key, text in (await self.client.hgetall(self.status_key)).items():
+        texts = await self.client.mget(keys) if keys else []
+        for key, text in zip(keys, texts, strict=True):
+            if text is None:  # expired between the scan and the read
+                continue
             try:
-                found[str(key)] = ModelStatus.model_validate_json(text)
+                found[key.removeprefix(self.status_key_prefix)] = ModelStatus.model_validate_json(text)
             except ValidationError:
                 log.warning("ignoring unreadable status %s", key)
         return found
 
     async def status(self, name: str, version: str) -> ModelStatus | None:
-        text = await self.client.hget(self.status_key, f"{name}/{version}")
+        text = await self.client.get(self.status_key(name, version))
         return None if text is None else ModelStatus.model_validate_json(text)
 
     async def _publish(self, revision: int, action: str, name: str, version: str | None) -> None:
@@ -341,6 +365,11 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self.specs)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -90,6 +91,8 @@ class TaskManager:
         self._dirty: dict[str, ModelGroup] = {}
         self._dirty_event = asyncio.Event()
         self._written: dict[str, tuple[Any, ...]] = {}  # what Redis holds, to write only changes
+        # The status records last written, by spec key: rewritten every heartbeat interval, since they expire.
+        self._live_statuses: dict[str, ModelStatus] = {}
         # Serving states to announce to batch managers, by spec key; sent after the handler that changed
         # them, so they go out once, in their final form (``_ended`` sets the failure after the change).
         self._to_announce: dict[str, ModelGroup] = {}
@@ -99,6 +102,9 @@ class TaskManager:
         self._retiring: dict[str, ModelGroup] = {}
         # ``model_drained`` notices that came before the task manager saw the removal: key -> sender -> when.
         self._early_drained: dict[str, dict[bytes, float]] = {}
+        # Fresh each run and sent in every ``hb`` to batch managers: a new one tells them this task manager
+        # restarted, so the replicas the old one announced (and the batches they held) are gone.
+        self.epoch = os.urandom(8).hex()
 
     @property
     def _silence_limit_s(self) -> float:
@@ -126,6 +132,9 @@ class TaskManager:
                                             max_message_bytes=settings.max_message_bytes)
             self._replica_sock = bus.make_socket(self.ctx, zmq.ROUTER, bind=settings.replica_bind_url,
                                                  max_message_bytes=settings.max_message_bytes)
+            # Replica ids repeat across runs: after a restart, a new replica must not be refused because the
+            # previous run's replica of the same id is still connected while it exits.
+            self._replica_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             removed = await runtime.remove_orphans()
             if removed:
                 log.info("removed %d replicas an earlier run left behind", removed)
@@ -234,12 +243,16 @@ class TaskManager:
         if sender not in self._batch_managers:
             # A new or restarted batch manager learns every replica it can use.
             log.info("batch manager %s connected", sender.hex())
+            self._send_batch_manager(sender, self._heartbeat_header())  # first: our epoch, before what it announces
             for replica in self._replicas.values():
                 if replica.announced and replica.state is ReplicaState.READY:
                     self._send_batch_manager(sender, self._replica_up(replica))
             for group in self._groups.values():
                 self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
         self._batch_managers[sender] = time.monotonic()
+
+    def _heartbeat_header(self) -> dict[str, Any]:
+        return {"t": protocol.HEARTBEAT, "epoch": self.epoch}
 
     def _on_model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
         model, version = header.get("model"), header.get("version")
@@ -446,6 +459,7 @@ class TaskManager:
                 elif replica.state is ReplicaState.READY:
                     self._recycle_if_stuck(replica, now)
             self._forgive_recovered(now)
+            self._to_batch_managers(self._heartbeat_header())
             forgot = False
             for identity, seen in list(self._batch_managers.items()):
                 if now - seen > self._silence_limit_s:
@@ -790,12 +804,24 @@ class TaskManager:
             self._announce_scheduled = True
             asyncio.get_running_loop().call_soon(self._announce_states)
 
+    @property
+    def _status_ttl_s(self) -> float:
+        # Readers must find no status once this task manager is gone (docs/ARCHITECTURE.md): it expires
+        # after the same silence that makes every other peer give up on us.
+        return self._silence_limit_s
+
     async def _write_statuses(self, store: SpecStore) -> None:
+        interval = self.settings.heartbeat_interval_s
+        next_refresh = time.monotonic()
         while True:
-            await self._dirty_event.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty_event.wait(), max(0.0, next_refresh - time.monotonic()))
             self._dirty_event.clear()
             try:
                 await self._flush_statuses(store)
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + interval
+                    await self._refresh_statuses(store)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: keep serving, write when it is back
@@ -811,6 +837,7 @@ class TaskManager:
                 if not group.replicas:
                     await store.delete_status(spec.name, spec.version)
                     self._written.pop(key, None)
+                    self._live_statuses.pop(key, None)
                 self._dirty.pop(key, None)
                 continue
             record: tuple[ServingState, int, int, str | None]
@@ -820,9 +847,12 @@ class TaskManager:
                 state, reason = group.serving_state()
                 record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None)
             if self._written.get(key) != record:
-                await store.put_status(ModelStatus(name=spec.name, version=spec.version, state=record[0],
-                                                   ready_replicas=record[1], desired_replicas=record[2],
-                                                   reason=record[3], updated_at=time.time()))
+                status = ModelStatus(name=spec.name, version=spec.version, state=record[0],
+                                     ready_replicas=record[1], desired_replicas=record[2],
+                                     reason=record[3], updated_at=time.time())
+                # The final "stopped" record stays (it claims nothing, and says why); live ones expire.
+                await store.put_status(status, ttl_s=None if stopped else self._status_ttl_s)
+                self._live_statuses[key] = status
                 previous = self._written.get(key, ("none",))[0]
                 if previous != record[0]:
                     log.info("model %s is %s (%d of %d replicas ready)%s", key, record[0], record[1], record[2],
@@ -831,6 +861,11 @@ class TaskManager:
             # Popped only once written: a failed write leaves it for the retry.
             if self._dirty.get(key) is group:
                 del self._dirty[key]
+
+    async def _refresh_statuses(self, store: SpecStore) -> None:
+        """Write every live status again before its TTL runs out (and into a Redis that restarted empty)."""
+        if self._live_statuses:
+            await store.put_statuses(list(self._live_statuses.values()), ttl_s=self._status_ttl_s)
 
 
 def _peek_batch_ref(frame: Any) -> tuple[Any, Any] | None:

@@ -21,7 +21,7 @@ import zmq.asyncio
 from bridges.grpc_bridge import GrpcBridge
 from bridges.rest import RestBridge
 from bridges.zmq_bridge import ZmqBridge
-from inferoxy.protocol import CANCEL, ERROR, INFER, REPLY
+from inferoxy.protocol import CANCEL, ERROR, HEARTBEAT, INFER, REPLY
 from inferoxy.settings import Settings
 from inferoxy.wire import pack_header, unpack_header
 from model_manager.spec import ModelSpec, ModelStatus, TensorSpec
@@ -142,6 +142,8 @@ class FakeBatchManager:
                     self._late[header["id"]] = answer or []
                 elif answer is not None:
                     self.sock.send_multipart([identity, *answer])
+            elif header.get("t") == HEARTBEAT:  # a live batch manager answers each one
+                self.sock.send_multipart([identity, pack_header({"t": HEARTBEAT})])
             elif header.get("t") == CANCEL:
                 late = self._late.pop(header["id"], None)
                 if late is not None:  # the answer the bridge gave up waiting for, after all

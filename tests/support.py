@@ -159,6 +159,19 @@ class ProxyProcess:
     def log(self) -> str:
         return "".join(self.output[-200:])
 
+    def component_pids(self) -> dict[str, int]:
+        """Each component's PID, as ``serve`` printed them (updated by each ``X is back (pid N)`` line)."""
+        found: dict[str, int] = {}
+        for line in self.output:
+            if "components (pid)" in line:
+                for item in line.split("components (pid)", 1)[1].split(","):
+                    name, pid = item.split()
+                    found[name] = int(pid)
+            elif " is back (pid " in line:
+                name = line.split(" is back (pid ", 1)[0].rsplit(None, 1)[-1]
+                found[name] = int(line.split(" is back (pid ", 1)[1].split(")", 1)[0])
+        return found
+
     def pids(self) -> set[int]:
         assert self.process is not None
         return descendants(self.process.pid)

@@ -69,6 +69,8 @@ class FakeTaskManager:
         self.sock.bind(url)
         self.peer: bytes | None = None
         self.heartbeats = 0
+        self.answer_heartbeats = True
+        self.epoch = "e1"
         self.batches: list[dict[str, Any]] = []
         self.hold = False  # keep batches unanswered
         self.held: list[list[Any]] = []
@@ -82,6 +84,8 @@ class FakeTaskManager:
             self.peer = identity
             if header["t"] == "hb":
                 self.heartbeats += 1
+                if self.answer_heartbeats:  # a live task manager beats too; a silent one is a lost one
+                    await self.sock.send_multipart([identity, msgpack.packb({"t": "hb", "epoch": self.epoch})])
             elif header["t"] == "batch":
                 self.batches.append(header)
                 if self.hold:
