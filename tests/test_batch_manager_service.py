@@ -160,8 +160,7 @@ async def running_batch_manager(
         task_manager_url=f"inproc://{name}-tm",
         redis_url=redis_url,
         redis_prefix=name,
-        heartbeat_interval_s=0.05,
-        **overrides,
+        **{"heartbeat_interval_s": 0.05, **overrides},
     )
     store = SpecStore.from_url(redis_url, name)
     await store.put(spec or ModelSpec(name="m", model_class="examples.models.echo:Echo", max_batch_size=4,
@@ -451,6 +450,73 @@ def test_a_removed_model_serves_what_it_queued_then_says_model_drained(redis_url
             assert all(header["t"] == "reply" for header, _ in got.values()), got
             drained = await poll(lambda: [m for m in task_manager.others if m["t"] == "model_drained"], "model_drained")
             assert drained == [{"t": "model_drained", "model": "m", "version": "1"}]
+            bridge.sock.close()
+
+    run(body())
+
+
+# --- liveness: heartbeats on the bridge and task manager links (issue 9, item 3) ---------------------------
+
+
+def test_a_bridge_heartbeat_is_answered(redis_url: str) -> None:
+    """A bridge's `hb` must be answered with `hb` (it judges the batch manager alive by that), not refused as bad
+    input."""
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            bridge = running.bridge()
+            await bridge.send_raw([msgpack.packb({"t": "hb"})])
+            header, tensors = await bridge.receive()
+            assert header == {"t": "hb"} and tensors == []
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_a_silent_task_manager_fails_what_its_replicas_held_and_they_come_back_with_it(redis_url: str) -> None:
+    """The task manager stops beating (killed or SIGSTOPped): the batches its replicas held fail replica_lost
+    within the heartbeat limit, not at the request's deadline, and its replicas are forgotten until it
+    announces them again; then requests are served."""
+    async def body() -> None:
+        async with running_batch_manager(redis_url, request_timeout_s=60.0) as running:
+            service, task_manager, bridge = running.service, running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=1)
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on r1")
+
+            task_manager.answer_heartbeats = False
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (1, "replica_lost") and "silent" in reply["message"]
+            # r1 is forgotten: a new request waits for a replica instead of going to the lost one.
+            await bridge.infer(2, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: service.scheduler.queued("m/1") == 1, "request 2 queued")
+            assert len(task_manager.batches) == 1
+
+            # It comes back (restarted: a new epoch) and announces its replica again.
+            task_manager.hold, task_manager.held = False, []
+            task_manager.epoch = "e2"
+            task_manager.answer_heartbeats = True
+            await task_manager.replica_up("r1", capacity=1)
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["t"]) == (2, "reply")
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_a_restarted_task_manager_is_recognised_by_its_epoch(redis_url: str) -> None:
+    """A task manager that restarts faster than the heartbeat limit never goes silent; its new epoch must still
+    fail what the old run's replicas held, at once."""
+    async def body() -> None:
+        async with running_batch_manager(redis_url, request_timeout_s=60.0, heartbeat_interval_s=0.5) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=1)
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on r1")
+            await task_manager.send({"t": "hb", "epoch": "a-new-run"})
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (1, "replica_lost") and "restarted" in reply["message"]
             bridge.sock.close()
 
     run(body())

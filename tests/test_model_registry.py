@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from model_manager.models_file import ModelsFileError, load_models_file, parse_models
 from model_manager.service import EmbeddedRedis
-from model_manager.spec import ModelSpec
+from model_manager.spec import ModelSpec, ModelStatus
 from model_manager.store import Registry, SpecStore
 from tests.support import REPO, free_port
 
@@ -210,3 +210,29 @@ def test_patches_and_assignments() -> None:
     assert refused.value.fields[0]["field"] == "max_batch_size"
     with pytest.raises(SpecError):
         assignments_to_patch(["no-equals-sign"])
+
+
+def _status(name: str, state: str = "ready") -> ModelStatus:
+    return ModelStatus(name=name, version="1", state=state, ready_replicas=1, desired_replicas=1, updated_at=0)
+
+
+def test_a_status_written_with_a_ttl_vanishes_when_not_refreshed(real_redis_url: str, redis_prefix: str) -> None:
+    """The task manager is gone (killed, SIGSTOPped): its last "ready" must not stay readable for ever."""
+    async def body() -> None:
+        store = SpecStore.from_url(real_redis_url, redis_prefix)
+        try:
+            await store.put_status(_status("gone"), ttl_s=0.3)
+            await store.put_statuses([_status("kept")], ttl_s=60)
+            await store.put_status(_status("final", "stopped"))  # no TTL: a shutdown's last word stays
+            assert set(await store.statuses()) == {"gone/1", "kept/1", "final/1"}
+            deadline = asyncio.get_running_loop().time() + 10
+            while await store.status("gone", "1") is not None:
+                assert asyncio.get_running_loop().time() < deadline, "the status never expired"
+                await asyncio.sleep(0.05)
+            assert set(await store.statuses()) == {"kept/1", "final/1"}
+            await store.delete_status("kept", "1")
+            assert set(await store.statuses()) == {"final/1"}
+        finally:
+            await store.close()
+
+    asyncio.run(body())

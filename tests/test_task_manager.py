@@ -58,12 +58,8 @@ class Harness:
             replica_bind_url=f"tcp://127.0.0.1:{free_port()}",
             redis_url=redis_url,
             redis_prefix=f"tm-test-{os.getpid()}-{next(_prefixes)}",
-            instance="Test",
-            heartbeat_interval_s=0.1,
-            heartbeat_liveness=10,
-            restart_backoff_s=0.05,
-            restart_backoff_max_s=1.0,
-            **settings,
+            **{"instance": "Test", "heartbeat_interval_s": 0.1, "heartbeat_liveness": 10, "restart_backoff_s": 0.05,
+               "restart_backoff_max_s": 1.0, **settings},
         )
         self.ctx = zmq.asyncio.Context()
         self.tm = TaskManager(self.settings, self.ctx)
@@ -501,16 +497,65 @@ def test_a_new_batch_manager_hears_of_every_ready_replica(redis_url: str) -> Non
         await late.send_multipart(wire.encode({"t": "hb"}))
         async with asyncio.timeout(10):
             header, _ = wire.decode(await late.recv_multipart())
+        assert header == {"t": "hb", "epoch": h.tm.epoch}, "first the run it talks to, so it can tell a restart"
+        async with asyncio.timeout(10):
+            header = await next_not_heartbeat(late)
         assert header == {"t": "replica_up", "replica": up["replica"], "model": "echo", "version": "1",
                           "capacity": 2}
         async with asyncio.timeout(10):
-            status, _ = wire.decode(await late.recv_multipart())
+            status = await next_not_heartbeat(late)
         assert status == {"t": "model_status", "model": "echo", "version": "1", "state": "ready", "reason": None}
-        assert await late.poll(500) == 0, "only the replica it started"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                extra = await next_not_heartbeat(late)
+                raise AssertionError(f"only the replica it started; then {extra}")
         late.close()
         intruder.close()
 
     run(redis_url, scenario)
+
+
+async def next_not_heartbeat(sock: zmq.asyncio.Socket) -> dict[str, Any]:
+    while True:
+        header, _ = wire.decode(await sock.recv_multipart())
+        if header["t"] != "hb":
+            return header
+
+
+def test_the_task_manager_beats_to_each_batch_manager_with_its_epoch(redis_url: str) -> None:
+    """Without beats from the task manager a batch manager cannot tell it died (or was SIGSTOPped)."""
+    async def scenario(h: Harness) -> None:
+        first, _ = await h.expect("hb", timeout=5)
+        second, _ = await h.expect("hb", timeout=5)
+        assert first == second == {"t": "hb", "epoch": h.tm.epoch}
+        assert TaskManager(h.settings, h.ctx).epoch != h.tm.epoch, "each run has its own epoch"
+
+    run(redis_url, scenario)
+
+
+def test_a_silent_batch_manager_is_forgotten_and_gets_no_more_beats(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.expect("hb", timeout=5)
+        h._tasks.pop().cancel()  # the fake batch manager stops beating
+        await eventually(lambda: not h.tm._batch_managers, timeout=10, what="the batch manager forgotten")
+
+    run(redis_url, scenario, heartbeat_liveness=3)
+
+
+def test_model_status_has_an_expiry_that_the_task_manager_keeps_refreshing(redis_url: str) -> None:
+    """A status without expiry outlives its task manager, and /ready would say ready for a dead proxy."""
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        await h.status_eventually("echo", "ready")
+        key = h.store.status_key("echo", "1")
+        ttl_ms = h.settings.heartbeat_interval_s * h.settings.heartbeat_liveness * 1000
+        assert 0 < await h.store.client.pttl(key) <= ttl_ms
+        # Time passing is the point here: twice the TTL later, the refreshed record is still there.
+        await asyncio.sleep(2 * ttl_ms / 1000)
+        assert (await h.store.status("echo", "1")) is not None
+        assert 0 < await h.store.client.pttl(key) <= ttl_ms
+
+    run(redis_url, scenario, heartbeat_liveness=3)
 
 
 def test_shutdown_stops_every_replica(redis_url: str) -> None:
