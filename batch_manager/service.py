@@ -11,8 +11,8 @@ zmq.asyncio's per-message futures); the only timer is armed for the scheduler's 
 wake-up, never a polling tick.
 
 Liveness (docs/ARCHITECTURE.md, "When a component dies"): each bridge sends ``hb`` and is
-answered at once, so a bridge notices a silent batch manager. The task manager sends ``hb``
-(carrying its ``epoch``, fresh each run) and so does the batch manager. When the task manager
+answered at once with this run's ``epoch``, so a bridge notices a silent or restarted batch
+manager. The task manager sends ``hb`` (carrying its own ``epoch``) and so does the batch manager. When the task manager
 is silent for ``heartbeat_interval_s x heartbeat_liveness``, or a new epoch shows it restarted,
 the replicas it announced are dropped (``replica_down``: their batches are retried once or fail
 ``replica_lost``) until the task manager announces them again.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -77,6 +78,7 @@ class BatchManager:
         self._tm_epoch: str | None = None
         self._tm_replicas: set[messages.ReplicaId] = set()
         self._bridges_heard: dict[bytes, float] = {}
+        self.epoch = os.urandom(8).hex()  # fresh each run: bridges tell a restart by it
 
     async def run(self, ready: asyncio.Event) -> None:
         settings = self.settings
@@ -165,7 +167,7 @@ class BatchManager:
         if identity not in self._bridges_heard:
             log.info("bridge %s connected", identity.hex())
         self._bridges_heard[identity] = self._now()
-        self._send_to_bridge(identity, {"t": protocol.HEARTBEAT})
+        self._send_to_bridge(identity, {"t": protocol.HEARTBEAT, "epoch": self.epoch})
 
     def _forget_silent_bridges(self, now: float, limit_s: float) -> None:
         # Their replies are dropped anyway (the bridge failed those requests); this keeps the table bounded.

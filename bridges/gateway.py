@@ -18,7 +18,9 @@ Heartbeats: the gateway sends ``hb`` every heartbeat interval and the batch mana
 one. When nothing comes back for ``heartbeat_interval_s x heartbeat_liveness`` the batch manager
 is taken as lost (killed, stopped, or restarting): every request in flight fails ``unavailable``
 (the batch manager that held it is gone) and new ones are refused ``unavailable`` at once, until
-it is heard again. ZeroMQ reconnects the DEALER to a restarted batch manager by itself.
+it is heard again. ZeroMQ reconnects the DEALER to a restarted batch manager by itself; the
+batch manager's answers carry its ``epoch`` (fresh each run), so a restart quicker than the
+silence limit is noticed too, and what the old run held fails ``unavailable`` at once.
 
 The gateway also follows the model registry in Redis in a background task, so a bridge
 answers unknown models, input errors and metadata without a round trip.
@@ -57,6 +59,8 @@ SERVER_NAME = "inferoxy"
 EXTENSIONS = ["binary_tensor_data", "parameters", "sequence", "image_upload"]
 # Serving states in which a model takes requests (model_manager.spec.ModelStatus).
 _SERVING_STATES = ("ready", "degraded")
+# How long start() waits for the first registry snapshot before the bridge serves anyway (refusing until it loads).
+REGISTRY_WAIT_S = 5.0
 # How long a stopping bridge lets requests in flight finish before failing them.
 GRACEFUL_SHUTDOWN_S = 5
 
@@ -132,6 +136,7 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle_waiter: asyncio.Future[None] | None = None
         self._batch_manager: PeerLiveness | None = None  # set by start()
+        self._batch_manager_epoch: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -147,6 +152,11 @@ class Gateway:
         self.reactor.add(self._sock, self._dispatch)
         self._tasks = [asyncio.create_task(self._store.watch(self._on_registry), name="gateway-registry"),
                        asyncio.create_task(self._heartbeat(), name="gateway-heartbeat")]
+        # A bridge that answers before it knows the models refuses every request (not_ready); a restarted one
+        # would cost clients errors for nothing. Wait a little for the first snapshot, as the batch manager does.
+        loaded = asyncio.create_task(self.registry_loaded.wait())
+        await asyncio.wait({loaded, self._tasks[0]}, timeout=REGISTRY_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        loaded.cancel()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight, for at most ``timeout_s``; True if none is."""
@@ -199,25 +209,33 @@ class Gateway:
                 send_nowait(self._sock, [header])  # a full queue: the batch manager is not reading, a loss too
                 self.reactor.wake_soon()
             if peer.check(loop.time()):
-                self._lose_batch_manager(peer.silent_for(loop.time()))
+                silent_s = peer.silent_for(loop.time())
+                log.warning("the batch manager at %s is silent (%.1fs); refusing new requests until it answers "
+                            "again", self.settings.batch_manager_url, silent_s)
+                self._fail_in_flight(f"the batch manager stopped answering ({silent_s:.1f}s without a heartbeat); "
+                                     "retry shortly")
             await asyncio.sleep(peer.next_check_s(loop.time()))
 
-    def _lose_batch_manager(self, silent_s: float) -> None:
-        """The batch manager went silent: what it held will never be answered, so answer it now."""
+    def _fail_in_flight(self, message: str) -> None:
+        """The batch manager is gone (or restarted): what it held will never be answered, so answer it now."""
         pending, self._pending = self._pending, {}
-        log.warning("the batch manager at %s is silent (%.1fs); failing %d request(s) in flight and refusing "
-                    "new ones until it answers again", self.settings.batch_manager_url, silent_s, len(pending))
-        message = f"the batch manager stopped answering ({silent_s:.1f}s without a heartbeat); retry shortly"
+        if pending:
+            log.warning("failing %d request(s) in flight: %s", len(pending), message)
         for entry in pending.values():
             entry.timer.cancel()
             _settle(entry.callback, RequestError(ErrorCode.UNAVAILABLE, message))
         self._settled_one()
         self.reactor.wake_soon()  # callbacks may have sent replies to clients
 
-    def _heard_batch_manager(self) -> None:
+    def _heard_batch_manager(self, header: Mapping[str, Any]) -> None:
         peer, loop = self._batch_manager, self._loop
         if peer is not None and loop is not None and peer.heard(loop.time()):
             log.info("the batch manager at %s answers again; taking requests", self.settings.batch_manager_url)
+        epoch = header.get("epoch") if header.get("t") == HEARTBEAT else None
+        if isinstance(epoch, str) and epoch != self._batch_manager_epoch:
+            if self._batch_manager_epoch is not None:
+                self._fail_in_flight("the batch manager restarted and lost the request; retry")
+            self._batch_manager_epoch = epoch
 
     # -- the registry ------------------------------------------------------------------------
 
@@ -391,7 +409,7 @@ class Gateway:
         except WireError as exc:
             log.error("dropping unreadable message from the batch manager: %s", exc)
             return
-        self._heard_batch_manager()
+        self._heard_batch_manager(header)
         if header.get("t") == HEARTBEAT:
             return
         rid = header.get("id")

@@ -466,7 +466,7 @@ def test_a_bridge_heartbeat_is_answered(redis_url: str) -> None:
             bridge = running.bridge()
             await bridge.send_raw([msgpack.packb({"t": "hb"})])
             header, tensors = await bridge.receive()
-            assert header == {"t": "hb"} and tensors == []
+            assert header == {"t": "hb", "epoch": running.service.epoch} and tensors == []
             bridge.sock.close()
 
     run(body())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import fakeredis
@@ -33,6 +33,7 @@ class FakeBatchManager:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(url)
         self.alive = True
+        self.epoch = "run-1"
         self.heartbeats = 0
         self.requests: list[tuple[bytes, dict[str, Any]]] = []
 
@@ -43,7 +44,7 @@ class FakeBatchManager:
             if header["t"] == "hb":
                 self.heartbeats += 1
                 if self.alive:
-                    await self.sock.send_multipart([identity, pack_header({"t": "hb"})])
+                    await self.sock.send_multipart([identity, pack_header({"t": "hb", "epoch": self.epoch})])
             elif header["t"] == "infer":
                 self.requests.append((identity, header))
 
@@ -67,45 +68,21 @@ def request(gateway: Gateway, outcomes: list[Outcome], timeout_s: float = 60.0) 
     return gateway.start_request(header, [], timeout_s, outcomes.append)
 
 
-def test_a_silent_batch_manager_fails_requests_in_flight_with_unavailable_then_recovers() -> None:
-    """Before: a batch manager killed or SIGSTOPped left requests waiting for their own deadline (here 60 s),
-    and new ones were queued into the void."""
+Scenario = Callable[[Gateway, FakeBatchManager], Awaitable[None]]
+
+
+def with_gateway(scenario: Scenario, heartbeat_interval_s: float = 0.05) -> None:
     async def body() -> None:
         ctx = zmq.asyncio.Context()
         url = f"inproc://liveness-{next(_names)}"
         batch_manager = FakeBatchManager(ctx, url)
         serving = asyncio.create_task(batch_manager.serve())
-        settings = Settings(batch_manager_url=url, redis_url="redis://unused", heartbeat_interval_s=0.05,
-                            heartbeat_liveness=3, request_timeout_s=60.0)
+        settings = Settings(batch_manager_url=url, redis_url="redis://unused",
+                            heartbeat_interval_s=heartbeat_interval_s, heartbeat_liveness=3, request_timeout_s=60.0)
         gateway = Gateway(settings, ctx, store=SpecStore(fakeredis.aioredis.FakeRedis(decode_responses=True), "p"))
         await gateway.start()
         try:
-            await poll(lambda: batch_manager.heartbeats >= 2, "the bridge's heartbeats")
-            outcomes: list[Outcome] = []
-            request(gateway, outcomes)
-            await poll(lambda: batch_manager.requests, "the request at the batch manager")
-
-            batch_manager.alive = False  # killed or stopped: it holds the request and answers nothing
-            await poll(lambda: outcomes, "the request to fail", timeout=5.0)
-            (failure,) = outcomes
-            assert isinstance(failure, RequestError) and failure.code == "unavailable", failure
-            assert gateway.outstanding == 0 and gateway.batch_manager_lost
-            try:
-                request(gateway, [])
-            except RequestError as exc:
-                assert exc.code == "unavailable" and exc.http_status == 503
-            else:
-                raise AssertionError("a request was taken while the batch manager is known silent")
-
-            batch_manager.alive = True  # back (restarted): the next heartbeat is answered
-            await poll(lambda: not gateway.batch_manager_lost, "the batch manager to be heard again")
-            outcomes.clear()
-            request(gateway, outcomes)
-            identity, header = await poll(lambda: batch_manager.requests[1:] and batch_manager.requests[1],
-                                          "the new request")
-            await batch_manager.reply(identity, header)
-            await poll(lambda: outcomes, "the reply")
-            assert isinstance(outcomes[0], Reply)
+            await scenario(gateway, batch_manager)
         finally:
             await gateway.close()
             serving.cancel()
@@ -113,6 +90,57 @@ def test_a_silent_batch_manager_fails_requests_in_flight_with_unavailable_then_r
             ctx.destroy(linger=0)
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_silent_batch_manager_fails_requests_in_flight_with_unavailable_then_recovers() -> None:
+    """Before: a batch manager killed or SIGSTOPped left requests waiting for their own deadline (here 60 s),
+    and new ones were queued into the void."""
+    async def scenario(gateway: Gateway, batch_manager: FakeBatchManager) -> None:
+        await poll(lambda: batch_manager.heartbeats >= 2, "the bridge's heartbeats")
+        outcomes: list[Outcome] = []
+        request(gateway, outcomes)
+        await poll(lambda: batch_manager.requests, "the request at the batch manager")
+
+        batch_manager.alive = False  # killed or stopped: it holds the request and answers nothing
+        await poll(lambda: outcomes, "the request to fail", timeout=5.0)
+        (failure,) = outcomes
+        assert isinstance(failure, RequestError) and failure.code == "unavailable", failure
+        assert gateway.outstanding == 0 and gateway.batch_manager_lost
+        try:
+            request(gateway, [])
+        except RequestError as exc:
+            assert exc.code == "unavailable" and exc.http_status == 503
+        else:
+            raise AssertionError("a request was taken while the batch manager is known silent")
+
+        batch_manager.alive = True  # back (restarted): the next heartbeat is answered
+        await poll(lambda: not gateway.batch_manager_lost, "the batch manager to be heard again")
+        outcomes.clear()
+        request(gateway, outcomes)
+        identity, header = await poll(lambda: batch_manager.requests[1:] and batch_manager.requests[1],
+                                      "the new request")
+        await batch_manager.reply(identity, header)
+        await poll(lambda: outcomes, "the reply")
+        assert isinstance(outcomes[0], Reply)
+
+    with_gateway(scenario)
+
+
+def test_a_restarted_batch_manager_is_told_by_its_epoch_and_what_the_old_one_held_fails_at_once() -> None:
+    """A batch manager restarted faster than the silence limit never looks silent; before the epoch, what the
+    killed one held waited for its deadline."""
+    async def scenario(gateway: Gateway, batch_manager: FakeBatchManager) -> None:
+        await poll(lambda: batch_manager.heartbeats >= 1, "a heartbeat")
+        outcomes: list[Outcome] = []
+        request(gateway, outcomes)
+        await poll(lambda: batch_manager.requests, "the request at the batch manager")
+        batch_manager.epoch = "run-2"  # killed and back between two heartbeats; the request is gone with it
+        await poll(lambda: outcomes, "the request to fail", timeout=5.0)
+        assert isinstance(outcomes[0], RequestError) and outcomes[0].code == "unavailable", outcomes
+        assert not gateway.batch_manager_lost, "it is back: new requests are taken"
+
+    # Heartbeats far apart next to the test's wait: only the epoch can explain a failure within it.
+    with_gateway(scenario, heartbeat_interval_s=1.0)
 
 
 def test_liveness_notices_silence_once_and_recovery_once() -> None:
