@@ -276,7 +276,9 @@ class Gateway:
         except Exception as exc:  # Redis unreachable or a garbled status: not ready, and say why
             return Readiness(False, f"the serving status of {spec.key} cannot be read: {type(exc).__name__}")
         if status is None:
-            return Readiness(False, f"model {spec.key} has no serving status yet (no task manager has reported it)")
+            # Statuses expire unless the task manager keeps writing them: none means it is not (or no longer) running.
+            return Readiness(False, f"model {spec.key} has no serving status (no task manager has reported it "
+                                    "recently)")
         if status.state in _SERVING_STATES:
             return Readiness(True, f"model {spec.key} is {status.state}", status.state)
         detail = f": {status.reason}" if status.reason else ""
