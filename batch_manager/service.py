@@ -138,6 +138,8 @@ class BatchManager:
         while True:
             # The first one makes a task manager that never heard of us announce its replicas.
             self._send(self._task_manager, [header])
+            # Read what waits first: if we were the one frozen (SIGSTOP, a stalled loop), peers' beats are there.
+            self._wake()
             now = self._now()
             if peer.check(now):
                 self._lose_task_manager(f"the task manager is silent ({peer.silent_for(now):.1f}s without a "
@@ -156,7 +158,9 @@ class BatchManager:
     def _heard_task_manager(self, header: dict[str, Any]) -> None:
         peer = self._tm_peer
         if peer is not None and peer.heard(self._now()):
-            log.info("the task manager answers again")
+            # It may never have noticed our silence, and then would not announce its replicas again unasked.
+            log.info("the task manager answers again; asking it for its replicas")
+            self._send(self._task_manager, [pack_header({"t": protocol.HEARTBEAT, "resync": True})])
         epoch = header.get("epoch") if header.get("t") == protocol.HEARTBEAT else None
         if isinstance(epoch, str) and epoch != self._tm_epoch:
             if self._tm_epoch is not None and self._tm_replicas:
@@ -237,6 +241,10 @@ class BatchManager:
                 actions = self.scheduler.on_failed(failed.replica, failed.batch_id, failed.code, failed.message, now)
             elif kind == protocol.REPLICA_UP:
                 up = messages.parse_replica_up(header)
+                if up.replica in self._tm_replicas:
+                    # Within one task manager run an id is announced once until its replica_down: this is the
+                    # answer to a resync, and taking it as a new replica would fail what the replica holds.
+                    return
                 log.info("replica %r of %s/%s is up with capacity %d", up.replica, up.model, up.version, up.capacity)
                 actions = self.scheduler.replica_up(up.replica, up.model, up.version, up.capacity, now)
                 self._tm_replicas.add(up.replica)

@@ -207,7 +207,8 @@ class Gateway:
         while True:
             if self._sock is not None:
                 send_nowait(self._sock, [header])  # a full queue: the batch manager is not reading, a loss too
-                self.reactor.wake_soon()
+                # Read what waits first: if this bridge was the one frozen, the batch manager's answers are there.
+                self.reactor.wake()
             if peer.check(loop.time()):
                 silent_s = peer.silent_for(loop.time())
                 log.warning("the batch manager at %s is silent (%.1fs); refusing new requests until it answers "

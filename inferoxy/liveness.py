@@ -4,6 +4,10 @@ A peer is silent once nothing was heard from it for ``heartbeat_interval_s x hea
 (any message counts, not only ``hb``). The owner calls ``heard`` on every message and ``check``
 from its heartbeat loop, sleeping ``next_check_s`` between checks so a silent peer is noticed
 within the limit rather than up to one interval after it.
+
+A process that was itself frozen (SIGSTOP, an event loop blocked for seconds) wakes to find
+every peer "silent" while their messages wait unread in its sockets: owners read their sockets
+right before they ``check``, so what arrived meanwhile counts.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ class TaskManager:
             log.warning("dropping an empty message from a batch manager")
             return
         sender = frames[0].bytes
-        self._heard_batch_manager(sender)
+        new = self._heard_batch_manager(sender)
         try:
             header = wire.unpack_header(frames[1])
         except wire.WireError as exc:
@@ -220,6 +220,8 @@ class TaskManager:
         kind = header.get("t")
         if kind == protocol.BATCH:
             self._forward_batch(sender, header, frames)
+        elif kind == protocol.HEARTBEAT and header.get("resync") is True and not new:
+            self._announce_to(sender)  # it gave us up for lost and dropped our replicas; we never noticed
         elif kind == protocol.MODEL_DRAINED:
             self._on_model_drained(sender, header)
         elif kind != protocol.HEARTBEAT:
@@ -239,17 +241,23 @@ class TaskManager:
         message = f"the task manager could not read the batch: {exc}"
         self._send_batch_manager(sender, failed_message(str(target), batch_id, ErrorCode.INTERNAL, message))
 
-    def _heard_batch_manager(self, sender: bytes) -> None:
-        if sender not in self._batch_managers:
-            # A new or restarted batch manager learns every replica it can use.
+    def _heard_batch_manager(self, sender: bytes) -> bool:
+        """Record a sign of life; True (after announcing everything to it) when the batch manager is new."""
+        new = sender not in self._batch_managers
+        if new:
             log.info("batch manager %s connected", sender.hex())
-            self._send_batch_manager(sender, self._heartbeat_header())  # first: our epoch, before what it announces
-            for replica in self._replicas.values():
-                if replica.announced and replica.state is ReplicaState.READY:
-                    self._send_batch_manager(sender, self._replica_up(replica))
-            for group in self._groups.values():
-                self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
+            self._announce_to(sender)
         self._batch_managers[sender] = time.monotonic()
+        return new
+
+    def _announce_to(self, sender: bytes) -> None:
+        """A new, restarted or resyncing batch manager learns every replica it can use."""
+        self._send_batch_manager(sender, self._heartbeat_header())  # first: our epoch, before what it announces
+        for replica in self._replicas.values():
+            if replica.announced and replica.state is ReplicaState.READY:
+                self._send_batch_manager(sender, self._replica_up(replica))
+        for group in self._groups.values():
+            self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
 
     def _heartbeat_header(self) -> dict[str, Any]:
         return {"t": protocol.HEARTBEAT, "epoch": self.epoch}

@@ -70,6 +70,7 @@ class FakeTaskManager:
         self.peer: bytes | None = None
         self.heartbeats = 0
         self.answer_heartbeats = True
+        self.resyncs = 0
         self.epoch = "e1"
         self.batches: list[dict[str, Any]] = []
         self.hold = False  # keep batches unanswered
@@ -84,6 +85,7 @@ class FakeTaskManager:
             self.peer = identity
             if header["t"] == "hb":
                 self.heartbeats += 1
+                self.resyncs += header.get("resync") is True
                 if self.answer_heartbeats:  # a live task manager beats too; a silent one is a lost one
                     await self.sock.send_multipart([identity, msgpack.packb({"t": "hb", "epoch": self.epoch})])
             elif header["t"] == "batch":
@@ -496,6 +498,8 @@ def test_a_silent_task_manager_fails_what_its_replicas_held_and_they_come_back_w
             task_manager.hold, task_manager.held = False, []
             task_manager.epoch = "e2"
             task_manager.answer_heartbeats = True
+            # A real task manager's first message to a batch manager is its hb; the fake's replica_up waits for it.
+            await poll(lambda: task_manager.resyncs >= 1, "the batch manager to hear it again")
             await task_manager.replica_up("r1", capacity=1)
             reply, _ = await bridge.receive()
             assert (reply["id"], reply["t"]) == (2, "reply")
@@ -517,6 +521,36 @@ def test_a_restarted_task_manager_is_recognised_by_its_epoch(redis_url: str) -> 
             await task_manager.send({"t": "hb", "epoch": "a-new-run"})
             reply, _ = await bridge.receive()
             assert (reply["id"], reply["code"]) == (1, "replica_lost") and "restarted" in reply["message"]
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_a_task_manager_heard_again_is_asked_to_resync_and_a_repeated_announcement_costs_nothing(
+        redis_url: str) -> None:
+    """The batch manager gave up on a task manager that never noticed (the batch manager itself was frozen, or
+    the task manager was, briefly): unasked, that task manager would never announce its replicas again. And its
+    answer repeats replica_up for replicas the batch manager may hold batches at: taken as a new incarnation, that
+    would fail them."""
+    async def body() -> None:
+        async with running_batch_manager(redis_url, request_timeout_s=60.0) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            await task_manager.replica_up("r1", capacity=1)
+            task_manager.answer_heartbeats = False
+            await poll(lambda: "r1" not in running.service._tm_replicas,
+                       "r1 dropped with the silent task manager")
+            task_manager.answer_heartbeats = True
+            await poll(lambda: task_manager.resyncs >= 1, "an hb asking for a resync")
+
+            await task_manager.replica_up("r1", capacity=1)  # the resync's answer
+            task_manager.hold = True
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on r1")
+            await task_manager.replica_up("r1", capacity=1)  # announced once more (another resync)
+            header, *frames = task_manager.held.pop()
+            await task_manager.answer(header, frames)
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["t"]) == (1, "reply"), reply
             bridge.sock.close()
 
     run(body())

@@ -19,7 +19,7 @@ import pytest
 
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from bridges.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from inferoxy.client import Client
+from inferoxy.client import Client, InferenceError
 from inferoxy.settings import Settings
 from inferoxy.supervisor import COMPONENT_CRASH_LOOP, Child, Supervisor, restart_delay
 from tests.support import ProxyProcess, alive, wait_for
@@ -79,6 +79,18 @@ def test_every_component_killed_or_stopped_comes_back_and_serving_resumes(tmp_pa
             os.kill(task_manager, signal.SIGCONT)
         wait_for(lambda: echo_ready(proxy) and serves_everywhere(proxy), timeout=30, interval=0.1,
                  what="serving once the task manager is continued")
+
+        # A stopped batch manager: bridges notice its silence and answer `unavailable` instead of waiting 30 s.
+        batch_manager = pids["batch_manager"]
+        os.kill(batch_manager, signal.SIGSTOP)
+        try:
+            with Client(proxy.zmq_url, timeout=20) as client, pytest.raises(InferenceError) as refused:
+                client.infer("echo", {"x": np.ones((1, 2), np.float32)})
+            assert refused.value.code == "unavailable", refused.value
+        finally:
+            os.kill(batch_manager, signal.SIGCONT)
+        wait_for(lambda: serves_everywhere(proxy), timeout=30, interval=0.1,
+                 what="serving once the batch manager is continued")
 
         for name in ("model_manager", "task_manager", "batch_manager", "rest_bridge", "grpc_bridge", "zmq_bridge"):
             old = proxy.component_pids()[name]

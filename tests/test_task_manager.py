@@ -542,6 +542,19 @@ def test_a_silent_batch_manager_is_forgotten_and_gets_no_more_beats(redis_url: s
     run(redis_url, scenario, heartbeat_liveness=3)
 
 
+def test_a_known_batch_manager_that_asks_for_a_resync_hears_every_replica_again(redis_url: str) -> None:
+    """A batch manager that gave the task manager up for lost (while the task manager never noticed) has dropped
+    its replicas; it asks with `hb` + `resync`, and must hear them again."""
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up")
+        await h.bm.send_multipart(wire.encode({"t": "hb", "resync": True}))
+        again, _ = await h.expect("replica_up", replica=up["replica"], timeout=5)
+        assert again == up
+
+    run(redis_url, scenario)
+
+
 def test_model_status_has_an_expiry_that_the_task_manager_keeps_refreshing(redis_url: str) -> None:
     """A status without expiry outlives its task manager, and /ready would say ready for a dead proxy."""
     async def scenario(h: Harness) -> None:
