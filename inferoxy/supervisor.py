@@ -126,8 +126,8 @@ class Supervisor:
         status = child.process.returncode
         how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         if child.deaths >= COMPONENT_CRASH_LOOP:
-            log.error("%s (pid %d) %s, its %d death in a row within %.0fs of starting: a crash loop; stopping "
-                      "Inferoxy (see its log above)", child.name, child.process.pid, how, child.deaths,
+            log.error("%s (pid %d) %s: it died %d times in a row, each within %.0fs of its start, a crash loop; "
+                      "stopping Inferoxy (its log above says why)", child.name, child.process.pid, how, child.deaths,
                       self.settings.restart_backoff_max_s)
             return False
         delay = restart_delay(child.deaths, self.settings.restart_backoff_s, self.settings.restart_backoff_max_s)

@@ -110,7 +110,7 @@ def test_every_component_killed_or_stopped_comes_back_and_serving_resumes(tmp_pa
         assert proxy.stop() == 0
 
 
-def test_a_component_that_keeps_dying_is_a_crash_loop_and_stops_serve() -> None:
+def test_a_component_that_keeps_dying_is_a_crash_loop_and_stops_serve(caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(restart_backoff_s=0.5, restart_backoff_max_s=30.0)
     supervisor = Supervisor(settings)
     process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
@@ -120,6 +120,7 @@ def test_a_component_that_keeps_dying_is_a_crash_loop_and_stops_serve() -> None:
         assert supervisor._schedule_restart(child), "restarted while not yet a crash loop"
         child.restart_at = None
     assert not supervisor._schedule_restart(child), "the crash loop must stop serve"
+    assert "batch_manager" in caplog.records[-1].getMessage() and "crash loop" in caplog.records[-1].getMessage()
 
 
 def test_a_component_that_served_a_while_is_not_a_crash_loop() -> None:
