@@ -12,10 +12,10 @@ wake-up, never a polling tick.
 
 Liveness (docs/ARCHITECTURE.md, "When a component dies"): each bridge sends ``hb`` and is
 answered at once with this run's ``epoch``, so a bridge notices a silent or restarted batch
-manager. The task manager sends ``hb`` (carrying its own ``epoch``) and so does the batch manager. When the task manager
-is silent for ``heartbeat_interval_s x heartbeat_liveness``, or a new epoch shows it restarted,
-the replicas it announced are dropped (``replica_down``: their batches are retried once or fail
-``replica_lost``) until the task manager announces them again.
+manager. The task manager sends ``hb`` (carrying its own ``epoch``) and so does the batch
+manager. When the task manager is silent for ``heartbeat_interval_s x heartbeat_liveness``, or
+a new epoch shows it restarted, the replicas it announced are dropped (``replica_down``: their
+batches are retried once or fail ``replica_lost``) until the task manager announces them again.
 """
 
 from __future__ import annotations
