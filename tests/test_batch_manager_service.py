@@ -162,7 +162,9 @@ async def running_batch_manager(
         task_manager_url=f"inproc://{name}-tm",
         redis_url=redis_url,
         redis_prefix=name,
-        **{"heartbeat_interval_s": 0.05, **overrides},
+        # Beats 0.2 s apart: the fake task manager answers from this same loop, and a loaded machine must not make it
+        # look silent (the batch manager would drop its replicas).
+        **{"heartbeat_interval_s": 0.2, **overrides},
     )
     store = SpecStore.from_url(redis_url, name)
     await store.put(spec or ModelSpec(name="m", model_class="examples.models.echo:Echo", max_batch_size=4,
@@ -536,6 +538,7 @@ def test_a_task_manager_heard_again_is_asked_to_resync_and_a_repeated_announceme
         async with running_batch_manager(redis_url, request_timeout_s=60.0) as running:
             task_manager, bridge = running.task_manager, running.bridge()
             await task_manager.replica_up("r1", capacity=1)
+            await poll(lambda: "r1" in running.service._tm_replicas, "r1 up")
             task_manager.answer_heartbeats = False
             await poll(lambda: "r1" not in running.service._tm_replicas,
                        "r1 dropped with the silent task manager")

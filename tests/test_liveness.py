@@ -71,7 +71,7 @@ def request(gateway: Gateway, outcomes: list[Outcome], timeout_s: float = 60.0) 
 Scenario = Callable[[Gateway, FakeBatchManager], Awaitable[None]]
 
 
-def with_gateway(scenario: Scenario, heartbeat_interval_s: float = 0.05) -> None:
+def with_gateway(scenario: Scenario, heartbeat_interval_s: float = 0.2) -> None:
     async def body() -> None:
         ctx = zmq.asyncio.Context()
         url = f"inproc://liveness-{next(_names)}"

@@ -568,7 +568,7 @@ def test_model_status_has_an_expiry_that_the_task_manager_keeps_refreshing(redis
         assert (await h.store.status("echo", "1")) is not None
         assert 0 < await h.store.client.pttl(key) <= ttl_ms
 
-    run(redis_url, scenario, heartbeat_liveness=3)
+    run(redis_url, scenario)
 
 
 def test_shutdown_stops_every_replica(redis_url: str) -> None:
