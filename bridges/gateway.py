@@ -441,7 +441,6 @@ class Gateway:
             outcome = RequestError(ErrorCode.INTERNAL, f"the batch manager answered with {kind!r}")
         _settle(entry.callback, outcome)
 
-
     def _unmatched(self, header: Mapping[str, Any]) -> None:
         """An answer no request waits for. A late one (its request timed out or was cancelled) is normal;
         an error for an id this gateway never issued means the batch manager could not read a request,
