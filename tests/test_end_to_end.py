@@ -17,6 +17,7 @@ import zmq
 
 from examples.train_digits import held_out_split
 from inferoxy.client import AsyncClient, Client, InferenceError
+from tests.models_for_tests import SLOW_MODEL_SLEEPING
 from tests.support import ProxyProcess, alive, wait_for
 
 SLOW_MODELS = """
@@ -188,6 +189,9 @@ def replica_pids(proxy: ProxyProcess, model: str) -> list[int]:
 
 
 def test_killed_replica_fails_its_requests_and_is_replaced(tmp_path: Path) -> None:
+    # Two requests: the replica's credit (Model.capacity, 2 batches) covers both, so the dead replica held
+    # every one of them and each must fail with replica_lost at once. Requests it never held wait for the
+    # replacement instead (tests/test_failures_end_to_end.py), which here would sleep for 30 s as well.
     models = tmp_path / "models.yaml"
     models.write_text(SLOW_MODELS)
     with ProxyProcess(env={"INFEROXY_MODELS_FILE": str(models)}) as proxy:
@@ -196,9 +200,9 @@ def test_killed_replica_fails_its_requests_and_is_replaced(tmp_path: Path) -> No
         async def pending_then_kill() -> list[BaseException | dict]:
             async with AsyncClient(proxy.zmq_url, timeout=60) as client:
                 calls = [asyncio.ensure_future(client.infer("slow", {"x": np.zeros((1, 1), np.float32)}))
-                         for _ in range(6)]
-                # Give the requests time to reach the replica, which sleeps on them for 30 s.
-                await asyncio.sleep(1.0)
+                         for _ in range(2)]
+                # The replica says when it starts sleeping on a batch: from then on it holds the requests.
+                await asyncio.to_thread(proxy.wait_for_line, SLOW_MODEL_SLEEPING, 30)
                 assert not any(call.done() for call in calls)
                 os.kill(victim, signal.SIGKILL)
                 return await asyncio.gather(*calls, return_exceptions=True)
@@ -207,8 +211,7 @@ def test_killed_replica_fails_its_requests_and_is_replaced(tmp_path: Path) -> No
         results = asyncio.run(pending_then_kill())
         assert time.monotonic() - started < 20, "errors must come when the replica dies, not at a timeout"
         codes = [r.code for r in results if isinstance(r, InferenceError)]
-        assert len(codes) == len(results), results
-        assert "replica_lost" in codes, codes
+        assert codes == ["replica_lost", "replica_lost"], results
         assert not alive(victim)
 
         (replacement,) = wait_for(lambda: replica_pids(proxy, "slow"), timeout=30, what="a new slow replica")
