@@ -5,6 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from docker.client import DockerClient, from_env
+from docker.errors import DockerException
 
 from tests.bridge_harness import BridgeStack
 from tests.support import require_service
@@ -40,3 +42,16 @@ def stack() -> Iterator[BridgeStack]:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[DockerClient]:
+    """The Docker engine the tests use; a missing one skips outside CI and fails in it."""
+    try:
+        client = from_env(version="auto", timeout=30)
+        client.ping()
+    except DockerException as exc:
+        require_service("a Docker engine", "INFEROXY_REQUIRE_DOCKER",
+                        f"does not answer ({exc}) (start one with: bash .ci/docker.sh)")
+    yield client
+    client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -164,8 +165,7 @@ class ProxyProcess:
         found: dict[str, int] = {}
         for line in self.output:
             if "components (pid)" in line:
-                for item in line.split("components (pid)", 1)[1].split(","):
-                    name, pid = item.split()
+                for name, pid in re.findall(r"(\w+) (\d+)", line.split("components (pid)", 1)[1]):
                     found[name] = int(pid)
             elif " is back (pid " in line:
                 name = line.split(" is back (pid ", 1)[0].rsplit(None, 1)[-1]
@@ -175,6 +175,19 @@ class ProxyProcess:
     def pids(self) -> set[int]:
         assert self.process is not None
         return descendants(self.process.pid)
+
+    def replica_pids(self, model: str | None = None) -> list[int]:
+        """The replica processes below the proxy (of ``model`` only, when given), read from their environment."""
+        wanted = b"INFEROXY_MODEL_NAME=" + (model.encode() if model is not None else b"")
+        found = []
+        for pid in self.pids():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(entry.startswith(wanted) and (model is None or entry == wanted) for entry in environ):
+                found.append(pid)
+        return found
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then check that nothing it started survives it."""

@@ -155,18 +155,6 @@ class Load:
             ctx.term()
 
 
-def replica_pids(proxy: ProxyProcess, model: str) -> list[int]:
-    found = []
-    for pid in proxy.pids():
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"INFEROXY_MODEL_NAME={model}".encode() in environ:
-            found.append(pid)
-    return found
-
-
 def recovered(load: Load, killed_at: float) -> dict[str, float] | None:
     """Per bridge, seconds from the kill to the first success of a request sent after it; None until all three."""
     firsts: dict[str, float] = {}
@@ -183,7 +171,7 @@ def kill_and_recover(proxy: ProxyProcess, load: Load, what: str, pid_of: Callabl
     times = wait_for(lambda: recovered(load, killed_at), timeout=RECOVERY_WAIT_S, interval=0.05,
                      what=f"every bridge to serve again after killing the {what}")
     # Let what the kill set in motion settle (replacement replicas, restarted components) before the next one.
-    wait_for(lambda: len(replica_pids(proxy, "echo")) == 2, timeout=RECOVERY_WAIT_S, what="two echo replicas")
+    wait_for(lambda: len(proxy.replica_pids("echo")) == 2, timeout=RECOVERY_WAIT_S, what="two echo replicas")
     settle = time.monotonic()
     wait_for(lambda: recovered(load, settle), timeout=RECOVERY_WAIT_S, what="steady serving")
     return times
@@ -194,13 +182,13 @@ def test_chaos_kill_each_part_under_load(tmp_path: Path) -> None:
     models.write_text(MODELS)
     env = {"INFEROXY_MODELS_FILE": str(models), "INFEROXY_REQUEST_TIMEOUT_S": "10"}
     with ProxyProcess(env=env) as proxy:
-        wait_for(lambda: len(replica_pids(proxy, "echo")) == 2, timeout=30, what="two echo replicas")
+        wait_for(lambda: len(proxy.replica_pids("echo")) == 2, timeout=30, what="two echo replicas")
         start = time.monotonic()
         with Load(proxy) as load:
             wait_for(lambda: recovered(load, start), timeout=30, what="load served through every bridge")
             kills: list[tuple[str, float, float, dict[str, float]]] = []
             for what, pid_of in (
-                ("replica", lambda: replica_pids(proxy, "echo")[0]),
+                ("replica", lambda: proxy.replica_pids("echo")[0]),
                 ("batch_manager", lambda: proxy.component_pids()["batch_manager"]),
                 ("task_manager", lambda: proxy.component_pids()["task_manager"]),
                 ("rest_bridge", lambda: proxy.component_pids()["rest_bridge"]),

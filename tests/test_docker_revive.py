@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import wait_for
-from tests.test_docker_end_to_end import (  # noqa: F401  (fixtures: engine, images, instance)
+from tests.test_docker_end_to_end import (  # noqa: F401  (fixtures: images, instance)
     ECHO,
     containers_of,
     docker_proxy,
-    engine,
     images,
     instance,
     models_file,

@@ -21,8 +21,8 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from docker.client import DockerClient, from_env
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.client import DockerClient
+from docker.errors import ImageNotFound, NotFound
 
 from model_manager.spec import ModelSpec, Resources
 from task_manager.runtimes.base import ReplicaPlan, RuntimeStartError
@@ -55,17 +55,6 @@ TIMEOUT_S = 30.0
 
 def _unavailable(what: str, problem: str) -> None:
     require_service(what, "INFEROXY_REQUIRE_DOCKER", f"{problem} (start one with: bash .ci/docker.sh)")
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[DockerClient]:
-    try:
-        client = from_env(version="auto")
-        client.ping()
-    except DockerException as exc:
-        _unavailable("a Docker engine", f"does not answer ({exc})")
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -176,18 +176,6 @@ def test_unknown_model_over_zmq_client(proxy: ProxyProcess) -> None:
     assert raised.value.code == "unknown_model"
 
 
-def replica_pids(proxy: ProxyProcess, model: str) -> list[int]:
-    pids = []
-    for pid in proxy.pids():
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"INFEROXY_MODEL_NAME={model}".encode() in environ:
-            pids.append(pid)
-    return pids
-
-
 def test_killed_replica_fails_its_requests_and_is_replaced(tmp_path: Path) -> None:
     # Two requests: the replica's credit (Model.capacity, 2 batches) covers both, so the dead replica held
     # every one of them and each must fail with replica_lost at once. Requests it never held wait for the
@@ -195,7 +183,7 @@ def test_killed_replica_fails_its_requests_and_is_replaced(tmp_path: Path) -> No
     models = tmp_path / "models.yaml"
     models.write_text(SLOW_MODELS)
     with ProxyProcess(env={"INFEROXY_MODELS_FILE": str(models)}) as proxy:
-        (victim,) = wait_for(lambda: replica_pids(proxy, "slow"), timeout=30, what="the slow replica")
+        (victim,) = wait_for(lambda: proxy.replica_pids("slow"), timeout=30, what="the slow replica")
 
         async def pending_then_kill() -> list[BaseException | dict]:
             async with AsyncClient(proxy.zmq_url, timeout=60) as client:
@@ -214,7 +202,7 @@ def test_killed_replica_fails_its_requests_and_is_replaced(tmp_path: Path) -> No
         assert codes == ["replica_lost", "replica_lost"], results
         assert not alive(victim)
 
-        (replacement,) = wait_for(lambda: replica_pids(proxy, "slow"), timeout=30, what="a new slow replica")
+        (replacement,) = wait_for(lambda: proxy.replica_pids("slow"), timeout=30, what="a new slow replica")
         assert replacement != victim
         with Client(proxy.zmq_url, timeout=30) as client:
             np.testing.assert_array_equal(client.infer("echo", {"x": np.ones((1, 1), np.float32)})["x"], 1)
@@ -238,7 +226,7 @@ def test_serve_in_one_process_over_inproc_endpoints() -> None:
 
 def test_sigterm_stops_everything() -> None:
     proxy = ProxyProcess().start()
-    children = wait_for(lambda: replica_pids(proxy, "echo") and proxy.pids(), timeout=30, what="replicas")
+    children = wait_for(lambda: proxy.replica_pids("echo") and proxy.pids(), timeout=30, what="replicas")
     assert len(children) >= 6, "supervisor children plus replicas"
     assert proxy.stop() == 0
     assert not [pid for pid in children if alive(pid)]

@@ -13,7 +13,6 @@ import pytest
 
 from inferoxy.client import AsyncClient, Client, InferenceError
 from tests.support import ProxyProcess, alive, wait_for
-from tests.test_end_to_end import replica_pids
 
 CLIENTS = 16
 REQUEST_TIMEOUT_S = 20.0
@@ -53,7 +52,7 @@ def serve_replicas(tmp_path: Path, count: int) -> ProxyProcess:
 def load_while_killing(proxy: ProxyProcess, victim: int) -> tuple[int, list[InferenceError]]:
     """CLIENTS closed-loop clients; once 200 requests were answered (every replica busy, requests queued),
     ``kill -9`` the victim; stop once a replacement process is up. (answered, errors)."""
-    before = set(replica_pids(proxy, "busy"))
+    before = set(proxy.replica_pids("busy"))
 
     async def load() -> tuple[int, list[InferenceError]]:
         answered = 0
@@ -79,7 +78,7 @@ def load_while_killing(proxy: ProxyProcess, victim: int) -> tuple[int, list[Infe
         async def kill_then_wait_for_replacement() -> None:
             await killed.wait()
             os.kill(victim, signal.SIGKILL)
-            while not {pid for pid in replica_pids(proxy, "busy") if alive(pid)} - before:  # noqa: ASYNC110
+            while not {pid for pid in proxy.replica_pids("busy") if alive(pid)} - before:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # a process table has no event to wait on
             replaced.set()
 
@@ -102,7 +101,7 @@ def test_killing_one_of_two_replicas_under_load_fails_no_stateless_request(tmp_p
     # The failure: the requests the dead replica held failed `replica_lost` (3 times out of 3) although the
     # other replica was healthy, because the retry was sent to the dead one.
     with serve_replicas(tmp_path, 2) as proxy:
-        victim, _ = wait_for(lambda: sorted(pids) if len(pids := replica_pids(proxy, "busy")) == 2 else None,
+        victim, _ = wait_for(lambda: sorted(pids) if len(pids := proxy.replica_pids("busy")) == 2 else None,
                              timeout=30, what="two replicas")
         _, errors = load_while_killing(proxy, victim)
         assert not errors, [f"{e.code}: {e}" for e in errors[:5]]
@@ -112,7 +111,7 @@ def test_killing_the_only_replica_fails_only_the_requests_it_held(tmp_path: Path
     # The failure: with one replica, the dead replica got its credit back from each `failed`, so requests
     # queued behind it (which it never held) were sent to it and failed too.
     with serve_replicas(tmp_path, 1) as proxy:
-        (victim,) = wait_for(lambda: replica_pids(proxy, "busy"), timeout=30, what="the replica")
+        (victim,) = wait_for(lambda: proxy.replica_pids("busy"), timeout=30, what="the replica")
         _, errors = load_while_killing(proxy, victim)
         assert {e.code for e in errors} <= {"replica_lost"}, [f"{e.code}: {e}" for e in errors[:5]]
         # At most what its credit let it hold; CLIENTS - that many were queued and waited for the replacement.

@@ -14,13 +14,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import docker
 import pytest
 
 from task_manager.runtimes.base import InstanceTaken
 from task_manager.runtimes.docker import LABEL_CLAIM, DockerRuntime, claim_volume_name
 from task_manager.runtimes.ownership import Owner, owner_alive, process_start
-from tests.support import require_service
 
 
 def never_asked(container_id: str) -> bool:
@@ -76,17 +74,6 @@ def test_owner_labels_round_trip() -> None:
 
 
 # --- the claim on a real engine ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env(version="auto", timeout=30)
-        client.ping()
-    except Exception:
-        require_service("a Docker engine", "INFEROXY_REQUIRE_DOCKER")
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -76,19 +76,6 @@ class Streamer:
             thread.join(timeout=40)
 
 
-def replica_pids(proxy: ProxyProcess) -> set[int]:
-    """Processes running the model runtime below the proxy."""
-    found = set()
-    for pid in proxy.pids():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"inferoxy.runtime" in cmdline:
-            found.add(pid)
-    return found
-
-
 @pytest.fixture
 def proxy(real_redis_url: str, redis_prefix: str) -> Iterator[ProxyProcess]:
     client = redis.Redis.from_url(real_redis_url)
@@ -114,37 +101,37 @@ def test_a_change_written_directly_to_redis_is_picked_up_live(proxy: ProxyProces
 
 
 def test_a_changed_command_env_rolls_replicas_without_failing_requests(proxy: ProxyProcess) -> None:
-    old = wait_for(lambda: len(pids := replica_pids(proxy)) == 2 and pids, timeout=30, what="two replicas")
+    old = wait_for(lambda: len(pids := set(proxy.replica_pids())) == 2 and pids, timeout=30, what="two replicas")
     headers = {}
     with Streamer(proxy.rest_url) as streamer:
         wait_for(lambda: streamer.ok > 20, timeout=20, what="requests flowing")
         response = httpx.patch(f"{proxy.rest_url}/v2/admin/models/echo", json={"env": {"ROLLED": "1"}},
                                headers=headers, timeout=10)
         assert response.status_code == 200, response.text
-        wait_for(lambda: (pids := replica_pids(proxy)) and not (pids & old) and len(pids) == 2, timeout=60,
+        wait_for(lambda: (pids := set(proxy.replica_pids())) and not (pids & old) and len(pids) == 2, timeout=60,
                  interval=0.1, what="every replica replaced")
         served_before = streamer.ok
         wait_for(lambda: streamer.ok > served_before + 20, timeout=20, what="the new replicas to serve")
     assert streamer.failures == [], f"{len(streamer.failures)} failed during the roll: {streamer.failures[:5]}"
-    for pid in replica_pids(proxy):
+    for pid in set(proxy.replica_pids()):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"ROLLED=1" in environ, "the new replicas run the new spec"
 
 
 def test_a_deleted_model_stops_taking_requests_and_its_replicas_stop(proxy: ProxyProcess) -> None:
-    assert wait_for(lambda: replica_pids(proxy), timeout=30, what="replicas")
+    assert wait_for(lambda: set(proxy.replica_pids()), timeout=30, what="replicas")
     assert httpx.delete(f"{proxy.rest_url}/v2/admin/models/echo", timeout=10).status_code == 200
     wait_for(lambda: infer(proxy.rest_url).status_code == 404, timeout=1.0, interval=0.05, what="echo refused")
-    wait_for(lambda: not replica_pids(proxy), timeout=30, what="echo's replicas to stop")
+    wait_for(lambda: not set(proxy.replica_pids()), timeout=30, what="echo's replicas to stop")
 
 
 def test_a_deleted_model_answers_what_it_queued_before_its_replicas_stop(proxy: ProxyProcess) -> None:
     slow = {"name": "slow", "model_class": "tests.models_for_tests:SlowModel", "max_batch_size": 1,
             "max_batch_delay_ms": 0, "env": {"SLOW_MODEL_SECONDS": "0.4"}}
-    echo_replicas = wait_for(lambda: len(pids := replica_pids(proxy)) == 2 and pids, timeout=30, what="echo")
+    echo_replicas = wait_for(lambda: len(pids := set(proxy.replica_pids())) == 2 and pids, timeout=30, what="echo")
     assert httpx.post(f"{proxy.rest_url}/v2/admin/models", json=slow, timeout=10).status_code == 201
     wait_for(lambda: infer(proxy.rest_url, "slow").status_code == 200, timeout=30, interval=0.2, what="slow")
-    wait_for(lambda: len(pids := replica_pids(proxy)) == 3 and pids, timeout=30, what="slow's replica")
+    wait_for(lambda: len(pids := set(proxy.replica_pids())) == 3 and pids, timeout=30, what="slow's replica")
     with ThreadPoolExecutor(6) as pool:
         # One at the replica, the rest queued behind it (one row a batch, 0.4 s each) when it is deleted.
         pending = [pool.submit(infer, proxy.rest_url, "slow") for _ in range(6)]
@@ -154,7 +141,7 @@ def test_a_deleted_model_answers_what_it_queued_before_its_replicas_stop(proxy: 
                  what="slow refused")
         answers = [future.result() for future in pending]
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers if a.status_code != 200]
-    wait_for(lambda: replica_pids(proxy) == echo_replicas, timeout=30, what="slow's replica to stop")
+    wait_for(lambda: set(proxy.replica_pids()) == echo_replicas, timeout=30, what="slow's replica to stop")
 
 
 def test_changed_batching_limits_apply_to_the_next_batch(proxy: ProxyProcess) -> None:

@@ -15,7 +15,6 @@ import pytest
 
 from inferoxy.client import AsyncClient, Client, InferenceError
 from tests.support import ProxyProcess, wait_for
-from tests.test_end_to_end import replica_pids
 
 COUNTER_MODELS = """
 models:
@@ -38,7 +37,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     env = {"INFEROXY_MODELS_FILE": str(models), "INFEROXY_BRIDGES": "rest,zmq,grpc",
            "INFEROXY_HEARTBEAT_INTERVAL_S": "0.2"}
     with ProxyProcess(env=env) as running:
-        wait_for(lambda: replica_pids(running, "counter"), timeout=30, what="the counter replica")
+        wait_for(lambda: running.replica_pids("counter"), timeout=30, what="the counter replica")
         yield running
 
 
@@ -138,7 +137,7 @@ def test_a_killed_replica_loses_its_sessions(tmp_path: Path) -> None:
     models.write_text(COUNTER_MODELS)
     env = {"INFEROXY_MODELS_FILE": str(models), "INFEROXY_HEARTBEAT_INTERVAL_S": "0.2"}
     with ProxyProcess(env=env) as proxy, Client(proxy.zmq_url, timeout=30) as client:
-        (victim,) = wait_for(lambda: replica_pids(proxy, "counter"), timeout=30, what="the counter replica")
+        (victim,) = wait_for(lambda: proxy.replica_pids("counter"), timeout=30, what="the counter replica")
         client.infer("counter", frame(1.0), parameters={"sequence_id": 501, "sequence_start": True})
         os.kill(victim, signal.SIGKILL)
         # Whether it reaches the batch manager before or after the replica's death is noticed, the
@@ -150,7 +149,7 @@ def test_a_killed_replica_loses_its_sessions(tmp_path: Path) -> None:
             client.infer("counter", frame(1.0), parameters={"sequence_id": 501})
         assert again.value.code == "session_lost", again.value
         # A new session works once the replacement is up.
-        (replacement,) = wait_for(lambda: replica_pids(proxy, "counter"), timeout=30, what="a new counter replica")
+        (replacement,) = wait_for(lambda: proxy.replica_pids("counter"), timeout=30, what="a new counter replica")
         assert replacement != victim
         out = wait_for(lambda: client.infer("counter", frame(2.0), parameters={"sequence_id": 501,
                                                                                 "sequence_start": True}),
