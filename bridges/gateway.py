@@ -61,8 +61,9 @@ EXTENSIONS = ["binary_tensor_data", "parameters", "sequence", "image_upload"]
 _SERVING_STATES = ("ready", "degraded")
 # How long start() waits for the first registry snapshot before the bridge serves anyway (refusing until it loads).
 REGISTRY_WAIT_S = 5.0
-# How long a stopping bridge lets requests in flight finish before failing them.
-GRACEFUL_SHUTDOWN_S = 5
+# How long a stopping bridge lets requests in flight finish before failing them. Short enough that the bridges'
+# wait, the task manager's drain and container removal fit inside `docker stop`'s 10 s with room to spare.
+GRACEFUL_SHUTDOWN_S = 3
 
 
 class Reply(NamedTuple):

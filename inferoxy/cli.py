@@ -16,6 +16,7 @@ from inferoxy.runner import COMPONENTS, run_component, run_in_process
 from inferoxy.settings import Settings, load_settings
 from inferoxy.supervisor import Supervisor, print_endpoints
 from model_manager.models_file import ModelsFileError, models_file_to_seed
+from task_manager.runtimes.base import RuntimeStartError
 
 log = logging.getLogger("inferoxy.serve")
 
@@ -62,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         setup_logging(settings.log_level, args.component)
-        asyncio.run(run_component(args.component, settings))
+        try:
+            asyncio.run(run_component(args.component, settings))
+        except RuntimeStartError as exc:
+            # A refusal to start (another live proxy owns the instance name, say): the message is the whole
+            # story, and a traceback in front of it only hides what the operator must do.
+            logging.getLogger("inferoxy").error("%s", exc)
+            return 2
         return 0
 
     setup_logging(settings.log_level, "serve")

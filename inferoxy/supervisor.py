@@ -213,10 +213,16 @@ class Supervisor:
         return json.loads(buffer.split(b"\n", 1)[0])
 
     def _stop_all(self) -> None:
-        for child in reversed(self.children):
-            self._close_ready_pipe(child)
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+        # The reverse of the start order, so each part still has what it needs to finish; the bridges all stop
+        # together, since their graceful waits are independent and in sequence they would add up.
+        bridges = [child for child in self.children if child.name.endswith("_bridge")]
+        others = [child for child in reversed(self.children) if child not in bridges]
+        for group in (bridges, *([child] for child in others)):
+            for child in group:
+                self._close_ready_pipe(child)
+                if child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            for child in group:
                 try:
                     child.process.wait(timeout=STOP_GRACE_S)
                 except subprocess.TimeoutExpired:

@@ -49,27 +49,18 @@ MISSING_IMAGE = "inferoxy/no-such-image:never-built"
 
 
 @pytest.fixture(scope="session")
-def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env(version="auto", timeout=30)
-        client.ping()
-    except Exception:
-        require_service("a Docker engine", "INFEROXY_REQUIRE_DOCKER")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="session")
 def images(engine: Any) -> None:
-    """The example and proxy images (built once when missing), plus a test image with a slow model."""
-    missing = [name for name in IMAGES if not engine.images.list(name=name)]
-    if missing:
-        # A fresh machine may have an engine but not what building needs (debootstrap, a network for pip).
-        built = subprocess.run(["bash", str(REPO / "docker/build-images.sh")], cwd=REPO, capture_output=True,
-                               text=True)
-        if built.returncode != 0:
-            require_service(f"the images {', '.join(missing)}", "INFEROXY_REQUIRE_DOCKER",
-                            f"are missing and docker/build-images.sh failed:\n{built.stderr[-2000:]}")
+    """The example and proxy images, built from this checkout, plus a test image with a slow model.
+
+    Built every session, not only when missing: an image left by an older checkout carries an older runtime
+    and proxy, and testing against it tests the wrong code. Docker's layer cache makes an unchanged rebuild
+    cheap.
+    """
+    # A fresh machine may have an engine but not what building needs (debootstrap, a network for pip).
+    built = subprocess.run(["bash", str(REPO / "docker/build-images.sh")], cwd=REPO, capture_output=True, text=True)
+    if built.returncode != 0:
+        require_service(f"the images {', '.join(IMAGES)}", "INFEROXY_REQUIRE_DOCKER",
+                        f"could not be built by docker/build-images.sh:\n{built.stderr[-2000:]}")
     with tempfile.TemporaryDirectory() as context:
         (Path(context) / "tests").mkdir()
         (Path(context) / "tests/__init__.py").write_text("")
@@ -193,17 +184,22 @@ def test_a_killed_container_fails_its_requests_and_is_replaced(
                  timeout=60, what="slow ready")
         (victim,) = containers_of(engine, instance, "slow")
 
+        def holding() -> bool:
+            return SLOW_MODEL_SLEEPING in victim.logs().decode(errors="replace")
+
         async def under_load() -> list[Any]:
+            # Two requests, one batch each: the replica's credit (2 batches) covers both, so the dead replica
+            # held every one of them. A request it never held would wait for the replacement instead.
             async with AsyncClient(proxy.zmq_url, timeout=60) as client:
                 calls = [asyncio.ensure_future(client.infer("slow", {"sleep_s": np.array([30.0], np.float32)}))
-                         for _ in range(3)]
-                await asyncio.sleep(2.0)  # dispatched: one held by the replica, the others queued
+                         for _ in range(2)]
+                await asyncio.to_thread(wait_for, holding, timeout=30, what="the replica sleeping on a batch")
                 await asyncio.to_thread(victim.kill)
                 return await asyncio.gather(*calls, return_exceptions=True)
 
         outcomes = asyncio.run(under_load())
         lost = [o for o in outcomes if isinstance(o, InferenceError) and o.code == "replica_lost"]
-        assert lost, outcomes
+        assert len(lost) == 2, outcomes
         assert all("exited with status 137" in o.message for o in lost), [o.message for o in lost]
 
         def replaced() -> bool:
@@ -267,6 +263,7 @@ def test_a_second_proxy_with_the_same_instance_refuses_to_start_and_leaves_the_f
                 second.stop()
         refusal = re.search(r"another Inferoxy proxy \(task manager pid (\d+) .*INFEROXY_INSTANCE", second.log())
         assert refusal and int(refusal.group(1)) in first.pids(), second.log()
+        assert "Traceback" not in second.log(), "a refusal is one clear message, not a stack trace"
         assert [c.id for c in containers_of(engine, instance, "echo")] == [replica.id], "the first one's replica"
         assert rest_infer(first, "echo", [2.0], [1, 1]).status_code == 200
     assert not containers_of(engine, instance)
