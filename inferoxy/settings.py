@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFEROXY_", extra="ignore")
 
     # Where clients reach the bridges.
-    bind_host: str = Field("0.0.0.0", description="Address the REST, gRPC and ZeroMQ bridges listen on.")
+    bind_host: str = Field(
+        "127.0.0.1", description="Address the REST, gRPC and ZeroMQ bridges listen on; 0.0.0.0 for every address "
+        "(the proxy image sets it)."
+    )
     rest_port: int = 8698
     grpc_port: int = 50051
     zmq_port: int = 7787
