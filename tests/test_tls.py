@@ -214,6 +214,15 @@ def test_a_client_ca_makes_both_bridges_require_a_client_certificate(pki: Pki) -
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert grpc_live(grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
                                                       pki.client_cert.read_bytes()))
+
+        # The CLI presents its certificate with --cert/--cert-key; without one it is refused (unreachable).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFEROXY_")}
+        base = [sys.executable, "-m", "inferoxy", "models", "--url", https_url(stack), "--cacert", str(pki.ca)]
+        with_client_cert = subprocess.run([*base, "--cert", str(pki.client_cert), "--cert-key", str(pki.client_key),
+                                           "list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert with_client_cert.returncode == 0, with_client_cert.stderr
+        without = subprocess.run([*base, "list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert without.returncode == admin_cli.UNREACHABLE, without.stderr
     finally:
         stack.stop()
 
