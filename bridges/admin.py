@@ -345,8 +345,14 @@ def require_json(request: Request) -> None:
 def _from_browser(request: Request) -> bool:
     if any(name in request.headers for name in _BROWSER_HEADERS):
         return True
-    hostname = _authority(request.headers.get("host", "")).rsplit(":", 1)[0].strip("[]")
+    hostname = _hostname(_authority(request.headers.get("host", "")))
     return not (hostname == "localhost" or _is_loopback(hostname))
+
+
+def _hostname(authority: str) -> str:
+    if authority.startswith("["):  # [IPv6]:port
+        return authority[1:].split("]", 1)[0]
+    return authority.rsplit(":", 1)[0]
 
 
 def _authority_of_origin(origin: str) -> str:
