@@ -6,12 +6,16 @@ sees what is stored, not what one bridge last heard.
 
 Access: with ``INFEROXY_ADMIN_KEY`` set, every admin call must carry it
 (``Authorization: Bearer KEY`` or ``X-Inferoxy-Admin-Key: KEY``); without one, admin
-calls are accepted from loopback clients only. ``GET /v2/health/registry`` is open, like
-the other health endpoints.
+calls are accepted from loopback clients only, and only from those that are not a browser
+(no ``Origin``, no ``Sec-Fetch-*``, a loopback ``Host``). Whatever the key and the address,
+a call a browser makes on another site's behalf (``Origin`` not this host, ``Sec-Fetch-Site``
+other than same-origin or none) is refused 403, and a body must be ``application/json``
+(415 otherwise): a web page can send neither without a CORS preflight, which this API never
+answers (docs/SECURITY.md). ``GET /v2/health/registry`` is open, like the other health endpoints.
 
 Errors are ``{"error": "..."}`` (plus ``fields`` for an invalid spec) with 400 (bad
 spec or patch), 401/403 (refused), 404 (no such model or version), 409 (exists
-already), 503 (Redis unreachable: serving continues, changes cannot be stored).
+already), 415 (a body that is not JSON), 503 (Redis unreachable: serving continues, changes cannot be stored).
 """
 
 from __future__ import annotations
@@ -93,6 +97,10 @@ class AdminApi:
         if not _is_loopback(host):
             raise AdminError(403, "admin calls are accepted from loopback only while INFEROXY_ADMIN_KEY is unset; "
                                   "set it to administer this proxy remotely")
+        if _from_browser(request):
+            # A page in the operator's browser runs on loopback too; with DNS rebinding it even looks same-origin.
+            raise AdminError(403, "without INFEROXY_ADMIN_KEY the admin API answers no browser (it sent Origin, "
+                                  "Sec-Fetch-* or a Host that is not loopback); use the CLI or curl, or set the key")
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -274,7 +282,9 @@ def admin_router(
         @functools.wraps(handler)
         async def guarded(request: Request) -> Response:
             try:
+                refuse_cross_site(request)
                 api.check_access(request)
+                require_json(request)
                 return await handler(request)
             except AdminError as exc:
                 return _json({"error": str(exc), **exc.extra}, exc.status)
@@ -302,6 +312,61 @@ def admin_router(
     add("/v2/repository/models/{name}/unload", admin(api.unload), methods=["POST"])
     add("/v2/health/registry", api.registry_health, methods=["GET"])
     return router
+
+
+# -- browsers ------------------------------------------------------------------------------------
+
+# Sec-Fetch-Site values a browser sends for the proxy's own pages and for an address the user typed.
+_OWN_SITE = frozenset({"same-origin", "none"})
+_BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest", "sec-fetch-user")
+
+
+def refuse_cross_site(request: Request) -> None:
+    """403 for a call a browser makes on another site's behalf (CSRF), whoever and wherever the caller is."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in _OWN_SITE:
+        raise AdminError(403, f"refused: a browser sent this call from another site (Sec-Fetch-Site: {site})")
+    origin = request.headers.get("origin")
+    if origin is not None and _authority_of_origin(origin) != _authority(request.headers.get("host", "")):
+        raise AdminError(403, f"refused: a browser sent this call from another site (Origin: {origin})")
+
+
+def require_json(request: Request) -> None:
+    """415 for a body not declared ``application/json``: the kinds a page may send cross-site unasked are not."""
+    declared = request.headers.get("content-type")
+    has_body = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+    if declared is None and not has_body:
+        return  # no body (load, unload, delete, reads)
+    media_type = (declared or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise AdminError(415, f"admin calls take application/json bodies only, not {declared or 'an undeclared body'}")
+
+
+def _from_browser(request: Request) -> bool:
+    if any(name in request.headers for name in _BROWSER_HEADERS):
+        return True
+    hostname = _hostname(_authority(request.headers.get("host", "")))
+    return not (hostname == "localhost" or _is_loopback(hostname))
+
+
+def _hostname(authority: str) -> str:
+    if authority.startswith("["):  # [IPv6]:port
+        return authority[1:].split("]", 1)[0]
+    return authority.rsplit(":", 1)[0]
+
+
+def _authority_of_origin(origin: str) -> str:
+    scheme, _, rest = origin.strip().partition("://")
+    return _authority(rest) if scheme and rest else "(opaque origin)"  # "null": sandboxed frames, file:// pages
+
+
+def _authority(host: str) -> str:
+    """``host[:port]`` in lower case without a default port, so an Origin compares with a Host header."""
+    host = host.strip().lower().rstrip("/")
+    for default in (":80", ":443"):
+        if host.endswith(default):
+            return host[: -len(default)]
+    return host
 
 
 # -- small pure helpers ---------------------------------------------------------------------------

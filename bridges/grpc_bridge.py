@@ -33,6 +33,7 @@ from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.proto import grpc_predict_v2_pb2 as pb
+from bridges.tls import grpc_server_credentials
 from bridges.validation import check_name, check_parameters, check_requested_outputs, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
@@ -119,7 +120,10 @@ class GrpcBridge:
             server,
             pool=pb.POOL,
         )
-        if server.add_insecure_port(self.address) == 0:
+        credentials = grpc_server_credentials(self.settings)
+        port = (server.add_insecure_port(self.address) if credentials is None
+                else server.add_secure_port(self.address, credentials))
+        if port == 0:
             raise OSError(f"the gRPC bridge cannot listen on {self.address}")
         try:
             await self.gateway.start()
@@ -130,7 +134,7 @@ class GrpcBridge:
             await health_servicer.set(health.OVERALL_HEALTH, serving)
             await health_servicer.set(SERVICE, serving)
             ready.set()
-            log.info("gRPC bridge listening on %s", self.address)
+            log.info("gRPC bridge listening on %s%s", self.address, " (TLS)" if self.settings.tls else "")
             await server.wait_for_termination()
         finally:
             # Refuse new calls, let those in flight finish for a while, then fail the rest. In a task of its

@@ -36,6 +36,7 @@ from bridges.admin import admin_router
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.images import decode_image
+from bridges.tls import uvicorn_tls_options
 from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
@@ -73,7 +74,10 @@ class RestBridge:
                 access_log=False,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                 timeout_keep_alive=self.settings.http_keep_alive_s,  # type: ignore[arg-type]
+                # With TLS the protocol sees the connection once the handshake is done (asyncio's own
+                # handshake timeout bounds that), so the head deadline works the same over https.
                 http=head_deadline_protocol(self.settings.http_header_timeout_s),
+                **uvicorn_tls_options(self.settings),
             ),
             started,
         )
@@ -92,7 +96,8 @@ class RestBridge:
             # (and /v2/health/ready says 503).
             await self.gateway.registry_loaded.wait()
             ready.set()
-            log.info("REST bridge listening on http://%s:%d", self.settings.bind_host, self.settings.rest_port)
+            log.info("REST bridge listening on %s://%s:%d", "https" if self.settings.tls else "http",
+                     self.settings.bind_host, self.settings.rest_port)
             await asyncio.wait({serving})
             serving.result()
         finally:

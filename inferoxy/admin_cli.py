@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,12 @@ def add_models_parser(commands: Any) -> None:
     models.add_argument("--key", default=os.environ.get("INFEROXY_ADMIN_KEY"),
                         help="the admin key (INFEROXY_ADMIN_KEY)")
     models.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the proxy")
+    models.add_argument("--cacert", default=os.environ.get("INFEROXY_CA_FILE"),
+                        help="PEM CA bundle that verifies an https proxy (INFEROXY_CA_FILE; default: the system's)")
+    models.add_argument("--cert", default=os.environ.get("INFEROXY_CLIENT_CERT_FILE"),
+                        help="PEM client certificate, for a proxy that requires one (INFEROXY_CLIENT_CERT_FILE)")
+    models.add_argument("--cert-key", default=os.environ.get("INFEROXY_CLIENT_KEY_FILE"),
+                        help="the client certificate's PEM key, unless in --cert (INFEROXY_CLIENT_KEY_FILE)")
     sub = models.add_subparsers(dest="models_command", required=True)
 
     listing = sub.add_parser("list", help="every model version, its state and replicas")
@@ -88,7 +95,8 @@ def add_models_parser(commands: Any) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     try:
-        with AdminClient(args.url, args.key, args.timeout) as client:
+        tls = tls_context(args.cacert, args.cert, args.cert_key)
+        with AdminClient(args.url, args.key, args.timeout, tls) as client:
             return COMMANDS[args.models_command](client, args)
     except CliError as exc:
         print(f"inferoxy models: {exc}", file=sys.stderr)
@@ -98,10 +106,12 @@ def run_models(args: argparse.Namespace) -> int:
 class AdminClient:
     """The admin API over httpx, turning failures into ``CliError`` with the right exit code."""
 
-    def __init__(self, url: str, key: str | None, timeout: float) -> None:
+    def __init__(self, url: str, key: str | None, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # JSON bodies only and no browser headers: what the admin API requires (docs/ADMIN.md, Access).
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
+                                 verify=tls if tls is not None else True)
 
     def __enter__(self) -> AdminClient:
         return self
@@ -124,6 +134,19 @@ class AdminClient:
         for problem in payload.get("fields", []) if isinstance(payload, dict) else []:
             message += f"\n  {problem.get('field') or 'spec'}: {problem.get('reason')}"
         raise CliError(_STATUS_EXIT.get(response.status_code, FAILED), f"{message} (HTTP {response.status_code})")
+
+
+def tls_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The context that verifies an https proxy (and presents a client certificate); None: the system's CAs."""
+    if not (cafile or certfile):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+        if certfile:
+            context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(USAGE, f"cannot use the TLS files: {exc}") from None
+    return context
 
 
 # -- commands -------------------------------------------------------------------------------------

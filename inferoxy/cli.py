@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     setup_logging(settings.log_level, "serve")
+    warn_if_exposed(settings)
     if not settings.redis_url:
         warn_registry_in_memory()
     if args.in_process:
@@ -90,6 +92,30 @@ def warn_registry_in_memory() -> None:
     log.warning("the embedded Redis keeps the model registry in memory: models added through the admin API or "
                 "`inferoxy models` are lost when Inferoxy stops (models.yaml seeds it again at each start); "
                 "set INFEROXY_REDIS_URL to a Redis of your own to keep them")
+
+
+def auth_is_off(settings: Settings) -> bool:
+    """Whether a caller that reaches the bridges needs no credential (today: no admin key is set)."""
+    return not settings.admin_key
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to an address other machines reach
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    if is_loopback_host(settings.bind_host) or not auth_is_off(settings):
+        return
+    log.warning("the bridges listen on %s with authentication off: anyone who reaches ports %d (REST), %d (gRPC) "
+                "and %d (ZeroMQ) may run inference, and the admin API is closed to them only by its loopback "
+                "rule; set INFEROXY_ADMIN_KEY and set up keys (docs/SECURITY.md), or set "
+                "INFEROXY_BIND_HOST=127.0.0.1", settings.bind_host, settings.rest_port, settings.grpc_port,
+                settings.zmq_port)
 
 
 if __name__ == "__main__":

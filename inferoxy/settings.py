@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,12 +25,24 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFEROXY_", extra="ignore")
 
     # Where clients reach the bridges.
-    bind_host: str = Field("0.0.0.0", description="Address the REST, gRPC and ZeroMQ bridges listen on.")
+    bind_host: str = Field(
+        "127.0.0.1", description="Address the REST, gRPC and ZeroMQ bridges listen on; 0.0.0.0 for every address "
+        "(the proxy image sets it)."
+    )
     rest_port: int = 8698
     grpc_port: int = 50051
     zmq_port: int = 7787
 
     bridges: str = Field("rest,zmq,grpc", description="Comma-separated bridges `inferoxy serve` starts.")
+
+    # TLS on the REST and gRPC bridges (docs/SECURITY.md); the ZeroMQ bridge has no TLS.
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate (chain) REST and gRPC serve TLS with; set with tls_key_file."
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA bundle: set, REST and gRPC clients must present a certificate it signed."
+    )
 
     # The internal bus. Any ZeroMQ URL: tcp://, ipc://, or inproc:// when components share a process.
     batch_manager_url: str = Field("tcp://127.0.0.1:7790", description="Bridges -> batch manager.")
@@ -108,6 +120,18 @@ class Settings(BaseSettings):
         if url.startswith("inproc://"):
             raise ValueError("replicas run in their own processes, so replica_bind_url cannot be inproc://")
         return url
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS needs both INFEROXY_TLS_CERT_FILE and INFEROXY_TLS_KEY_FILE")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("INFEROXY_TLS_CLIENT_CA_FILE needs TLS on: set INFEROXY_TLS_CERT_FILE and _KEY_FILE")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
 
     @property
     def bridge_names(self) -> list[str]:

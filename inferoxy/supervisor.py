@@ -236,9 +236,10 @@ def print_endpoints(settings: Settings, *, embedded_redis: bool, children: Seque
     host = settings.bind_host
     lines = ["Inferoxy is serving:"]
     if "rest" in settings.bridge_names:
-        lines.append(f"  REST (Open Inference Protocol)  http://{host}:{settings.rest_port}/v2")
+        scheme = "https" if settings.tls else "http"
+        lines.append(f"  REST (Open Inference Protocol)  {scheme}://{host}:{settings.rest_port}/v2")
     if "grpc" in settings.bridge_names:
-        lines.append(f"  gRPC (Open Inference Protocol)  {host}:{settings.grpc_port}")
+        lines.append(f"  gRPC (Open Inference Protocol)  {host}:{settings.grpc_port}{' (TLS)' if settings.tls else ''}")
     if "zmq" in settings.bridge_names:
         lines.append(f"  ZeroMQ clients                  tcp://{host}:{settings.zmq_port}")
     embedded = " (embedded)" if embedded_redis else ""

@@ -29,7 +29,8 @@ def make_client(redis_url: str, prefix: str, *, key: str | None = KEY, host: str
     settings = Settings(redis_url=redis_url, redis_prefix=prefix, admin_key=key, models_file="", runtime=runtime)
     app = FastAPI()
     app.include_router(admin_router(settings))
-    return TestClient(app, client=(host, 40000))
+    # A loopback Host, as curl and the CLI send it: without a key, any other Host is refused (DNS rebinding).
+    return TestClient(app, base_url="http://127.0.0.1:8698", client=(host, 40000))
 
 
 @pytest.fixture
@@ -98,7 +99,9 @@ def test_bad_patch_is_refused_with_field_and_reason_and_stores_nothing(
 def test_bad_specs_are_refused(client: TestClient) -> None:
     no_runner = client.post("/v2/admin/models", json={"name": "x"}, headers=AUTH)
     assert no_runner.status_code == 400 and "image, a model_class or a command" in no_runner.json()["error"]
-    assert client.post("/v2/admin/models", content=b"{not json", headers=AUTH).status_code == 400
+    declared = {**AUTH, "Content-Type": "application/json"}
+    not_json = client.post("/v2/admin/models", content=b"{not json", headers=declared)
+    assert not_json.status_code == 400
     mismatch = client.put("/v2/admin/models/a/versions/1", json={**ECHO, "name": "b"}, headers=AUTH)
     assert mismatch.status_code == 400 and "differs" in mismatch.json()["error"]
 
