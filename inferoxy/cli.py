@@ -11,6 +11,7 @@ import sys
 from pydantic import ValidationError
 
 from inferoxy.admin_cli import add_models_parser, run_models
+from inferoxy.keys_cli import add_keys_parser, run_keys
 from inferoxy.logs import setup_logging
 from inferoxy.runner import COMPONENTS, run_component, run_in_process
 from inferoxy.settings import Settings, load_settings
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start one component alone (for separate containers or pods)")
     run.add_argument("component", choices=sorted(COMPONENTS))
     add_models_parser(commands)
+    add_keys_parser(commands)
     return parser
 
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":  # a client of the admin API: needs no settings of its own
         return run_models(args)
+    if args.command == "keys":
+        return run_keys(args)
     # Children of `serve` read the same environment, so options become variables here.
     if args.config:
         os.environ["INFEROXY_CONFIG"] = os.path.abspath(args.config)
