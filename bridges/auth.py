@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 BOOTSTRAP = "INFEROXY_ADMIN_KEY"
+# Longer than any key this proxy makes (47 characters) or an operator would pick; a longer credential
+# is refused before it is hashed, so a megabyte "key" costs the bridge nothing.
+MAX_CREDENTIAL_CHARS = 1024
 _MISSING = ("this server needs an API key: send Authorization: Bearer KEY (REST), authorization metadata (gRPC) "
             "or api_key (ZeroMQ)")
 
@@ -158,6 +161,8 @@ class Authorizer:
             raise RequestError(ErrorCode.NOT_READY, "the API keys have not been read yet; retry shortly")
         if not isinstance(credential, str) or not credential:
             raise RequestError(ErrorCode.UNAUTHENTICATED, _MISSING)
+        if len(credential) > MAX_CREDENTIAL_CHARS:
+            raise RequestError(ErrorCode.UNAUTHENTICATED, "unknown or revoked API key")
         wanted = _digest(credential)
         key = self._by_digest.get(wanted)
         # The dict finds the candidate; the comparison that decides is constant-time.

@@ -8,8 +8,9 @@ typed ``contents``; outputs always go back as ``raw_output_contents``, as Triton
 Requests are read as raw bytes and parsed by the handler rather than by grpcio, so an
 unparseable message is INVALID_ARGUMENT, not grpcio's INTERNAL. Every failure is a
 RequestError mapped to a status code: bad_input -> INVALID_ARGUMENT, unknown_model ->
-NOT_FOUND, not_ready / replica_lost / unavailable -> UNAVAILABLE, overloaded -> RESOURCE_EXHAUSTED,
-deadline -> DEADLINE_EXCEEDED.
+NOT_FOUND, not_ready / replica_lost / unavailable -> UNAVAILABLE, overloaded / rate_limited ->
+RESOURCE_EXHAUSTED, deadline -> DEADLINE_EXCEEDED, unauthenticated -> UNAUTHENTICATED, forbidden ->
+PERMISSION_DENIED. The API key comes from the call's ``authorization: Bearer KEY`` metadata.
 """
 
 from __future__ import annotations

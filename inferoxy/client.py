@@ -9,7 +9,8 @@
 Inputs travel as raw frames (no copy for C-contiguous arrays); outputs come back as numpy
 arrays over the received frames (copied only when a frame is not aligned for its dtype).
 Failures raise ``InferenceError`` with the bridge's error code (``bad_input``,
-``unknown_model``, ``deadline``, ...). This module depends on pyzmq, numpy and msgpack
+``unknown_model``, ``deadline``, ``unauthenticated``, ...). ``api_key=`` sends an API key with
+every request. This module depends on pyzmq, numpy and msgpack
 only, so it fits any client image.
 """
 

@@ -155,7 +155,9 @@ def test_authorizer_modes_scopes_and_models() -> None:
     auto = authorizer("auto", admin_key="bootstrap")
     assert code(auto, None) == "ok", "auto with no key: open"
     auto.apply([infer, admin])
-    assert [code(auto, c) for c in (None, "", 7, "wrong", "k-app")] == ["unauthenticated"] * 4 + ["ok"]
+    # No key, an empty one, one of the wrong type, a wrong one, a megabyte one (refused unhashed), the right one.
+    tries = (None, "", 7, "wrong", "k" * 1_000_000, "k-app")
+    assert [code(auto, c) for c in tries] == ["unauthenticated"] * 5 + ["ok"]
     assert code(auto, "k-app", "other") == "forbidden", "a key limited to echo asks for another model"
     assert code(auto, "k-ops") == "forbidden", "an admin-only key asks to infer"
     assert code(auto, "bootstrap") == "forbidden", "INFEROXY_ADMIN_KEY is an admin key, not an inference key"

@@ -1,0 +1,158 @@
+"""What API keys cost: requests per second through each bridge with no key configured and with one, in one run.
+
+    python bench/bench_auth.py [--duration 3] [--concurrency 16] [--repeats 3] [--json bench/results/auth.json]
+
+Starts its own `inferoxy serve` (bench_bridges.Proxy, all three bridges, echo model only). Each
+repeat measures every bridge twice: with no API key in Redis (``INFEROXY_AUTH=auto`` is then open,
+and requests carry nothing), and with a key created through the admin API (auth then required; each
+request carries the key, which has a rate limit far above the load, so the token bucket is paid for
+too). The order of the two phases alternates between repeats, so drift in the machine's speed falls
+on both. Prints each measurement, then the median of the repeats per bridge and the slowdown.
+
+Clients: ZeroMQ `inferoxy.client.AsyncClient(api_key=...)`; REST aiohttp with
+`Authorization: Bearer KEY`; gRPC `tritonclient.grpc.aio` with `headers={"authorization": ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bridges import ECHO_ONLY, Proxy, closed_loop, free_port, print_row, report, summarise  # noqa: E402
+
+from inferoxy.client import AsyncClient, InferenceError  # noqa: E402
+
+PAYLOAD = np.arange(16, dtype=np.float32)[None]
+REST_BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32",
+                                    "data": list(map(float, range(16)))}]}).encode()
+Bench = Callable[[str, str | None, int, float], Awaitable[list[float]]]
+
+
+async def measure(call: Callable[[], Awaitable[None]], concurrency: int, duration: float) -> list[float]:
+    await closed_loop(call, concurrency, min(1.0, duration))  # warm-up
+    return await closed_loop(call, concurrency, duration)
+
+
+async def bench_zmq(url: str, key: str | None, concurrency: int, duration: float) -> list[float]:
+    async with AsyncClient(url, timeout=30, api_key=key) as client:
+        async def call() -> None:
+            await client.infer("echo", {"x": PAYLOAD})
+
+        return await measure(call, concurrency, duration)
+
+
+async def bench_rest(url: str, key: str | None, concurrency: int, duration: float) -> list[float]:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def call() -> None:
+            async with session.post(f"{url}/v2/models/echo/infer", data=REST_BODY, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"REST answered {response.status}")
+
+        return await measure(call, concurrency, duration)
+
+
+async def bench_grpc(address: str, key: str | None, concurrency: int, duration: float) -> list[float]:
+    client = grpcclient.InferenceServerClient(address)
+    tensor = grpcclient.InferInput("x", list(PAYLOAD.shape), "FP32")
+    tensor.set_data_from_numpy(PAYLOAD)
+    headers = {"authorization": f"Bearer {key}"} if key is not None else None
+    try:
+        async def call() -> None:
+            await client.infer("echo", [tensor], headers=headers)
+
+        return await measure(call, concurrency, duration)
+    finally:
+        await client.close()
+
+
+async def open_to_anyone(url: str) -> bool:
+    """True when a ZeroMQ request without a key is served (no key exists, as every bridge sees it)."""
+    async with AsyncClient(url, timeout=5) as client:
+        try:
+            await client.infer("echo", {"x": PAYLOAD})
+        except InferenceError as exc:
+            if exc.code == "unauthenticated":
+                return False
+            raise
+    return True
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default="bench/results/auth.json", help="where to write the figures")
+    args = parser.parse_args()
+
+    models = Path(tempfile.mkdtemp()) / "models.yaml"
+    models.write_text(ECHO_ONLY)
+    proxy = Proxy(str(models))
+    grpc_port = free_port()
+    proxy.env.update({"INFEROXY_GRPC_PORT": str(grpc_port), "INFEROXY_BRIDGES": "rest,zmq,grpc"})
+    rows: list[dict[str, Any]] = []
+    with proxy:
+        rest_url, zmq_url = f"http://127.0.0.1:{proxy.rest_port}", f"tcp://127.0.0.1:{proxy.zmq_port}"
+        targets: dict[str, tuple[Bench, str]] = {
+            "zmq": (bench_zmq, zmq_url), "rest": (bench_rest, rest_url), "grpc": (bench_grpc, f"127.0.0.1:{grpc_port}"),
+        }
+        for repeat in range(args.repeats):
+            phases = ["none", "key"] if repeat % 2 == 0 else ["key", "none"]
+            for phase in phases:
+                key = None
+                if phase == "key":
+                    # A rate far above the load: the bucket is checked on every request, and never refuses.
+                    created = httpx.post(f"{rest_url}/v2/admin/keys", timeout=10, json={
+                        "name": "bench", "scopes": ["infer"], "rate": 1e9, "burst": 1_000_000_000})
+                    created.raise_for_status()
+                    key = created.json()["key"]
+                    wait_until(lambda: not asyncio.run(open_to_anyone(zmq_url)), "the key to reach the bridges")
+                for bridge, (bench, address) in targets.items():
+                    latencies = asyncio.run(bench(address, key, args.concurrency, args.duration))
+                    rows.append({**summarise(f"{bridge} ({'key' if key else 'no key'})", args.concurrency,
+                                             args.duration, latencies), "repeat": repeat})
+                    print_row(rows[-1])
+                if key is not None:
+                    httpx.delete(f"{rest_url}/v2/admin/keys/bench", timeout=10).raise_for_status()
+                    wait_until(lambda: asyncio.run(open_to_anyone(zmq_url)), "the revocation to reach the bridges")
+
+    report(rows, args.duration, args.json)
+    print_summary(rows, list(targets))
+
+
+def print_summary(rows: list[dict[str, Any]], bridges: list[str]) -> None:
+    print("\n| bridge | no key: req/s (median) | key: req/s (median) | slower by |\n|---|---|---|---|")
+    for bridge in bridges:
+        plain = statistics.median(r["rps"] for r in rows if r["bridge"] == f"{bridge} (no key)")
+        keyed = statistics.median(r["rps"] for r in rows if r["bridge"] == f"{bridge} (key)")
+        print(f"| {bridge} | {plain:.0f} | {keyed:.0f} | {100 * (plain - keyed) / plain:+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
