@@ -9,6 +9,9 @@ request carries the key, which has a rate limit far above the load, so the token
 too). The order of the two phases alternates between repeats, so drift in the machine's speed falls
 on both. Prints each measurement, then the median of the repeats per bridge and the slowdown.
 
+It also times the check itself in this process (``Authorizer.check``, no sockets), which a shared
+machine's noise does not drown: what a key adds to each request, in microseconds.
+
 Clients: ZeroMQ `inferoxy.client.AsyncClient(api_key=...)`; REST aiohttp with
 `Authorization: Bearer KEY`; gRPC `tritonclient.grpc.aio` with `headers={"authorization": ...}`.
 """
@@ -144,6 +147,28 @@ def main() -> None:
 
     report(rows, args.duration, args.json)
     print_summary(rows, list(targets))
+    costs = check_costs()
+    print("\nAuthorizer.check per request: " + ", ".join(f"{name} {us:.2f} µs" for name, us in costs.items()))
+    written = json.loads(Path(args.json).read_text())
+    Path(args.json).write_text(json.dumps({**written, "check_us": costs}, indent=2))
+
+
+def check_costs(calls: int = 200_000) -> dict[str, float]:
+    """Microseconds per ``Authorizer.check``: open (no key exists), and with a key and its token bucket."""
+    from bridges.auth import Authorizer
+    from inferoxy.settings import Settings
+    from model_manager.keys import ApiKey, digest
+
+    open_auth, keyed_auth = Authorizer(Settings()), Authorizer(Settings())
+    open_auth.apply([])
+    keyed_auth.apply([ApiKey(name="bench", digest=digest("k" * 47), scopes=["infer"], rate=1e9, burst=10**9)])
+    costs = {}
+    for name, auth, credential in (("open", open_auth, None), ("key", keyed_auth, "k" * 47)):
+        started = time.perf_counter()
+        for _ in range(calls):
+            auth.check(credential, "echo")
+        costs[name] = round((time.perf_counter() - started) / calls * 1e6, 3)
+    return costs
 
 
 def print_summary(rows: list[dict[str, Any]], bridges: list[str]) -> None:

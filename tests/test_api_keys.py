@@ -294,9 +294,11 @@ def test_rate_limit_is_accurate_under_four_times_the_offered_load(keyed: BridgeS
 
     accepted, refused, sent_for = asyncio.run(drive())
     assert accepted + refused == offered * window_s, "every request is answered, accepted or rate_limited"
-    assert sent_for < window_s * 1.2, f"the load generator could not offer 200 req/s ({sent_for:.2f}s for 5s)"
-    per_second = accepted / window_s
-    assert rate * 0.9 <= per_second <= rate * 1.1, f"{accepted} accepted in {window_s}s: {per_second:.1f}/s"
+    # The window is how long the load was offered (5 s, a little more on a loaded machine); it must have been
+    # well above the limit throughout, or the count would say nothing about the bucket.
+    assert offered * window_s / sent_for >= 2 * rate, f"the load generator offered too little ({sent_for:.2f}s)"
+    per_second = accepted / sent_for
+    assert rate * 0.9 <= per_second <= rate * 1.1, f"{accepted} accepted in {sent_for:.2f}s: {per_second:.1f}/s"
 
 
 def test_keys_never_reach_the_logs_or_the_bus(keyed: BridgeStack, caplog: pytest.LogCaptureFixture) -> None:
