@@ -9,6 +9,10 @@ request carries the key, which has a rate limit far above the load, so the token
 too). The order of the two phases alternates between repeats, so drift in the machine's speed falls
 on both. Prints each measurement, then the median of the repeats per bridge and the slowdown.
 
+Throughput on a shared machine swings with the neighbours' load, so each measurement also records
+the CPU time the bridge's own process spent per request (utime + stime from /proc, over the
+measured window only): the cost a key adds shows there even when req/s is noise.
+
 It also times the check itself in this process (``Authorizer.check``, no sockets), which a shared
 machine's noise does not drown: what a key adds to each request, in microseconds.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,9 +50,46 @@ REST_BODY = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "
 Bench = Callable[[str, str | None, int, float], Awaitable[list[float]]]
 
 
+class CpuProbe:
+    """CPU seconds one process has used, read around the measured window (warm-up excluded)."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.window_s = 0.0
+
+    def read(self) -> float:
+        if self.pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+PROBE = CpuProbe()
+
+
 async def measure(call: Callable[[], Awaitable[None]], concurrency: int, duration: float) -> list[float]:
     await closed_loop(call, concurrency, min(1.0, duration))  # warm-up
-    return await closed_loop(call, concurrency, duration)
+    before = PROBE.read()
+    latencies = await closed_loop(call, concurrency, duration)
+    PROBE.window_s = PROBE.read() - before
+    return latencies
+
+
+def bridge_pids(root: int) -> dict[str, int]:
+    """The bridge processes `inferoxy serve` (pid ``root``) started, by bridge: zmq, rest, grpc."""
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        for bridge in ("zmq", "rest", "grpc"):
+            if parent == root and f"{bridge}_bridge".encode() in command:
+                found[bridge] = int(entry)
+    return found
 
 
 async def bench_zmq(url: str, key: str | None, concurrency: int, duration: float) -> list[float]:
@@ -125,6 +167,12 @@ def main() -> None:
         targets: dict[str, tuple[Bench, str]] = {
             "zmq": (bench_zmq, zmq_url), "rest": (bench_rest, rest_url), "grpc": (bench_grpc, f"127.0.0.1:{grpc_port}"),
         }
+        assert proxy.process is not None
+        pids = bridge_pids(proxy.process.pid)
+        # One discarded pass first: the first measurement of a fresh proxy runs faster than the rest (its
+        # processes have not yet grown their heaps and caches), and would favour whichever phase comes first.
+        for bench, address in targets.values():
+            asyncio.run(bench(address, None, args.concurrency, args.duration))
         for repeat in range(args.repeats):
             phases = ["none", "key"] if repeat % 2 == 0 else ["key", "none"]
             for phase in phases:
@@ -137,10 +185,14 @@ def main() -> None:
                     key = created.json()["key"]
                     wait_until(lambda: not asyncio.run(open_to_anyone(zmq_url)), "the key to reach the bridges")
                 for bridge, (bench, address) in targets.items():
+                    PROBE.pid = pids.get(bridge)
                     latencies = asyncio.run(bench(address, key, args.concurrency, args.duration))
-                    rows.append({**summarise(f"{bridge} ({'key' if key else 'no key'})", args.concurrency,
-                                             args.duration, latencies), "repeat": repeat})
+                    row = summarise(f"{bridge} ({'key' if key else 'no key'})", args.concurrency, args.duration,
+                                    latencies)
+                    cpu_us = round(PROBE.window_s / len(latencies) * 1e6, 1) if PROBE.pid else None
+                    rows.append({**row, "repeat": repeat, "bridge_cpu_us_per_request": cpu_us})
                     print_row(rows[-1])
+                    print(f"      bridge process CPU: {cpu_us} µs/request", flush=True)
                 if key is not None:
                     httpx.delete(f"{rest_url}/v2/admin/keys/bench", timeout=10).raise_for_status()
                     wait_until(lambda: asyncio.run(open_to_anyone(zmq_url)), "the revocation to reach the bridges")
@@ -172,11 +224,18 @@ def check_costs(calls: int = 200_000) -> dict[str, float]:
 
 
 def print_summary(rows: list[dict[str, Any]], bridges: list[str]) -> None:
-    print("\n| bridge | no key: req/s (median) | key: req/s (median) | slower by |\n|---|---|---|---|")
+    print("\n| bridge | req/s, no key | req/s, key | slower by | bridge CPU µs/req, no key | key | more by |\n"
+          "|---|---|---|---|---|---|---|")
+
+    def median(bridge: str, phase: str, field: str) -> float:
+        values = [r[field] for r in rows if r["bridge"] == f"{bridge} ({phase})" and r[field] is not None]
+        return statistics.median(values) if values else float("nan")
+
     for bridge in bridges:
-        plain = statistics.median(r["rps"] for r in rows if r["bridge"] == f"{bridge} (no key)")
-        keyed = statistics.median(r["rps"] for r in rows if r["bridge"] == f"{bridge} (key)")
-        print(f"| {bridge} | {plain:.0f} | {keyed:.0f} | {100 * (plain - keyed) / plain:+.1f}% |")
+        plain, keyed = median(bridge, "no key", "rps"), median(bridge, "key", "rps")
+        cpu_plain, cpu_keyed = (median(bridge, phase, "bridge_cpu_us_per_request") for phase in ("no key", "key"))
+        print(f"| {bridge} | {plain:.0f} | {keyed:.0f} | {100 * (plain - keyed) / plain:+.1f}% "
+              f"| {cpu_plain:.0f} | {cpu_keyed:.0f} | {100 * (cpu_keyed - cpu_plain) / cpu_plain:+.1f}% |")
 
 
 if __name__ == "__main__":
