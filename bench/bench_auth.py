@@ -2,12 +2,12 @@
 
     python bench/bench_auth.py [--duration 3] [--concurrency 16] [--repeats 3] [--json bench/results/auth.json]
 
-Starts its own `inferoxy serve` (bench_bridges.Proxy, all three bridges, echo model only). Each
-repeat measures every bridge twice: with no API key in Redis (``INFEROXY_AUTH=auto`` is then open,
-and requests carry nothing), and with a key created through the admin API (auth then required; each
-request carries the key, which has a rate limit far above the load, so the token bucket is paid for
-too). The order of the two phases alternates between repeats, so drift in the machine's speed falls
-on both. Prints each measurement, then the median of the repeats per bridge and the slowdown.
+Starts two `inferoxy serve` side by side (bench_bridges.Proxy, all three bridges, echo model only):
+one with ``INFEROXY_AUTH=off`` (requests carry nothing), one with a key created through the admin API
+(auth then required; each request carries the key, which has a rate limit far above the load, so the
+token bucket is paid for too). Each repeat measures every bridge of each, one proxy at a time (the
+idle one costs next to nothing); the order alternates between repeats, so drift in the machine's
+speed falls on both. Prints each measurement, then the median of the repeats per bridge and the slowdown.
 
 Throughput on a shared machine swings with the neighbours' load, so each measurement also records
 the CPU time the bridge's own process spent per request (utime + stime from /proc, over the
@@ -148,6 +148,29 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> No
         time.sleep(0.05)
 
 
+BRIDGES = ["zmq", "rest", "grpc"]
+
+
+def bench_proxy(models_file: str, label: str, auth: str) -> Proxy:
+    """An `inferoxy serve` with all three bridges, its own bus addresses and instance name, INFEROXY_AUTH=auth."""
+    proxy = Proxy(models_file)
+    tag = f"{os.getpid()}-{label.replace(' ', '')}"
+    proxy.env.update({
+        "INFEROXY_GRPC_PORT": str(free_port()), "INFEROXY_BRIDGES": "rest,zmq,grpc", "INFEROXY_AUTH": auth,
+        "INFEROXY_BATCH_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-auth-bm-{tag}",
+        "INFEROXY_TASK_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-auth-tm-{tag}",
+        "INFEROXY_INSTANCE": f"benchauth{tag}",
+    })
+    return proxy
+
+
+def bench_targets(proxy: Proxy) -> dict[str, tuple[Bench, str]]:
+    grpc_port = proxy.env["INFEROXY_GRPC_PORT"]
+    return {"zmq": (bench_zmq, f"tcp://127.0.0.1:{proxy.zmq_port}"),
+            "rest": (bench_rest, f"http://127.0.0.1:{proxy.rest_port}"),
+            "grpc": (bench_grpc, f"127.0.0.1:{grpc_port}")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
@@ -158,47 +181,38 @@ def main() -> None:
 
     models = Path(tempfile.mkdtemp()) / "models.yaml"
     models.write_text(ECHO_ONLY)
-    proxy = Proxy(str(models))
-    grpc_port = free_port()
-    proxy.env.update({"INFEROXY_GRPC_PORT": str(grpc_port), "INFEROXY_BRIDGES": "rest,zmq,grpc"})
+    # Two proxies side by side, measured in turn (the idle one costs next to nothing): one with auth off,
+    # one with a key. Revoking the key would not reopen the second: in `auto`, keys once created stay required.
+    proxies = {phase: bench_proxy(str(models), phase, auth) for phase, auth in (("no key", "off"), ("key", "auto"))}
     rows: list[dict[str, Any]] = []
-    with proxy:
-        rest_url, zmq_url = f"http://127.0.0.1:{proxy.rest_port}", f"tcp://127.0.0.1:{proxy.zmq_port}"
-        targets: dict[str, tuple[Bench, str]] = {
-            "zmq": (bench_zmq, zmq_url), "rest": (bench_rest, rest_url), "grpc": (bench_grpc, f"127.0.0.1:{grpc_port}"),
-        }
-        assert proxy.process is not None
-        pids = bridge_pids(proxy.process.pid)
-        # One discarded pass first: the first measurement of a fresh proxy runs faster than the rest (its
-        # processes have not yet grown their heaps and caches), and would favour whichever phase comes first.
-        for bench, address in targets.values():
-            asyncio.run(bench(address, None, args.concurrency, args.duration))
+    with proxies["no key"] as plain, proxies["key"] as keyed:
+        # A rate far above the load: the bucket is checked on every request, and never refuses.
+        created = httpx.post(f"http://127.0.0.1:{keyed.rest_port}/v2/admin/keys", timeout=10, json={
+            "name": "bench", "scopes": ["infer"], "rate": 1e9, "burst": 1_000_000_000})
+        created.raise_for_status()
+        keys = {"no key": None, "key": created.json()["key"]}
+        zmq_of_keyed = f"tcp://127.0.0.1:{keyed.zmq_port}"
+        wait_until(lambda: not asyncio.run(open_to_anyone(zmq_of_keyed)), "the key to reach the bridges")
+        targets = {phase: bench_targets(proxy) for phase, proxy in (("no key", plain), ("key", keyed))}
+        pids = {phase: bridge_pids(proxy.process.pid) for phase, proxy in (("no key", plain), ("key", keyed))
+                if proxy.process is not None}
+        # One discarded pass over each first: a fresh proxy's first measurement is not like the others.
+        for phase in targets:
+            for bench, address in targets[phase].values():
+                asyncio.run(bench(address, keys[phase], args.concurrency, min(1.0, args.duration)))
         for repeat in range(args.repeats):
-            phases = ["none", "key"] if repeat % 2 == 0 else ["key", "none"]
-            for phase in phases:
-                key = None
-                if phase == "key":
-                    # A rate far above the load: the bucket is checked on every request, and never refuses.
-                    created = httpx.post(f"{rest_url}/v2/admin/keys", timeout=10, json={
-                        "name": "bench", "scopes": ["infer"], "rate": 1e9, "burst": 1_000_000_000})
-                    created.raise_for_status()
-                    key = created.json()["key"]
-                    wait_until(lambda: not asyncio.run(open_to_anyone(zmq_url)), "the key to reach the bridges")
-                for bridge, (bench, address) in targets.items():
-                    PROBE.pid = pids.get(bridge)
-                    latencies = asyncio.run(bench(address, key, args.concurrency, args.duration))
-                    row = summarise(f"{bridge} ({'key' if key else 'no key'})", args.concurrency, args.duration,
-                                    latencies)
+            for phase in (["no key", "key"] if repeat % 2 == 0 else ["key", "no key"]):
+                for bridge, (bench, address) in targets[phase].items():
+                    PROBE.pid = pids[phase].get(bridge)
+                    latencies = asyncio.run(bench(address, keys[phase], args.concurrency, args.duration))
+                    row = summarise(f"{bridge} ({phase})", args.concurrency, args.duration, latencies)
                     cpu_us = round(PROBE.window_s / len(latencies) * 1e6, 1) if PROBE.pid else None
                     rows.append({**row, "repeat": repeat, "bridge_cpu_us_per_request": cpu_us})
                     print_row(rows[-1])
                     print(f"      bridge process CPU: {cpu_us} µs/request", flush=True)
-                if key is not None:
-                    httpx.delete(f"{rest_url}/v2/admin/keys/bench", timeout=10).raise_for_status()
-                    wait_until(lambda: asyncio.run(open_to_anyone(zmq_url)), "the revocation to reach the bridges")
 
     report(rows, args.duration, args.json)
-    print_summary(rows, list(targets))
+    print_summary(rows, BRIDGES)
     costs = check_costs()
     print("\nAuthorizer.check per request: " + ", ".join(f"{name} {us:.2f} µs" for name, us in costs.items()))
     written = json.loads(Path(args.json).read_text())

@@ -7,7 +7,9 @@ gRPC from the ``authorization`` metadata (the same text), ZeroMQ from the reques
 ``api_key``; ``credential_of_header`` turns the first two into the key.
 
 ``INFEROXY_AUTH``: ``off`` checks nothing; ``required`` refuses every request without a valid
-key; ``auto`` (the default) is ``off`` while no key exists and ``required`` from the first one.
+key; ``auto`` (the default) is ``off`` while no key was ever created and ``required`` from the
+first one on, even once every key is revoked: revoking a leaked last key must not open the proxy
+to everyone (``P:keys:revision`` above 0 records that keys existed).
 Until the keys have been read once, a bridge in ``required`` or ``auto`` mode refuses with
 ``not_ready`` rather than guess (the gateway is not ready before that either).
 
@@ -93,6 +95,7 @@ class Authorizer:
         self._resync_s = settings.registry_resync_s
         self._clock = clock
         self._by_digest: dict[str, ApiKey] = {}
+        self._keys_existed = False
         self._buckets: dict[str, TokenBucket] = {}
         self._task: asyncio.Task[None] | None = None
         self.loaded = asyncio.Event()
@@ -103,7 +106,7 @@ class Authorizer:
     @property
     def required(self) -> bool:
         if self.mode == "auto":
-            return bool(self._by_digest) or not self.loaded.is_set()
+            return self._keys_existed or not self.loaded.is_set()
         return self.mode == "required"
 
     @property
@@ -124,9 +127,11 @@ class Authorizer:
             await cancel_and_wait([self._task])
             self._task = None
 
-    def apply(self, keys: list[ApiKey]) -> None:
-        """Take the keys Redis holds now; buckets of keys whose limit did not change keep their tokens."""
+    def apply(self, keys: list[ApiKey], revision: int = 0) -> None:
+        """Take the keys Redis holds now (at the keys' ``revision``); buckets of keys whose limit did not
+        change keep their tokens."""
         self._by_digest = {key.digest: key for key in keys}
+        self._keys_existed = bool(keys) or revision > 0
         limits = {key.name: (key.rate, key.effective_burst) for key in keys if key.rate is not None}
         self._buckets = {name: bucket for name, bucket in self._buckets.items()
                          if limits.get(name) == (bucket.rate, bucket.burst)}

@@ -6,7 +6,8 @@ Key schema, beside the model registry's (``P`` is ``INFEROXY_REDIS_PREFIX``):
 key                      type    holds
 =======================  ======  =====================================================
 ``P:keys``               hash    field ``NAME`` -> the key's record as JSON (no secret)
-``P:keys:revision``      string  an integer bumped by every create and revoke
+``P:keys:revision``      string  an integer bumped by every create and revoke; above 0, keys have
+                                 existed, and ``INFEROXY_AUTH=auto`` stays required
 ``P:keys:events``        pubsub  ``{"revision", "action", "name"}`` per create / revoke
 =======================  ======  =====================================================
 
@@ -155,9 +156,14 @@ class KeyStore:
                                                                    "name": name}))
 
     async def watch(
-        self, on_change: Callable[[list[ApiKey]], None], *, resync_interval_s: float = 2.0, retry_max_s: float = 5.0
+        self,
+        on_change: Callable[[list[ApiKey], int], None],
+        *,
+        resync_interval_s: float = 2.0,
+        retry_max_s: float = 5.0,
     ) -> None:
-        """Call ``on_change`` with every key now and whenever they change; runs until cancelled.
+        """Call ``on_change`` with every key and the keys' revision, now and whenever they change; runs until
+        cancelled. A revision above 0 means keys have been created here, even if every one is revoked since.
 
         While Redis is unreachable the caller keeps the keys it has (a revoked key may then work
         until Redis is back: the registry of models behaves the same way)."""
@@ -172,7 +178,7 @@ class KeyStore:
                         revision = await self.revision()
                         if revision != seen:
                             # Subscribed before reading, so a change made meanwhile still brings a message.
-                            on_change(await self.all())
+                            on_change(await self.all(), revision)
                             seen = revision
                         await pubsub.get_message(ignore_subscribe_messages=True, timeout=resync_interval_s)
             except asyncio.CancelledError:

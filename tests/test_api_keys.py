@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +33,7 @@ from inferoxy.client import AsyncClient, Client, InferenceError
 from inferoxy.settings import Settings
 from model_manager.keys import ApiKey, KeyStore, digest
 from tests.bridge_harness import BridgeStack
-from tests.support import wait_for
+from tests.support import ProxyProcess, wait_for
 
 ROW = np.arange(3, dtype=np.float32)[None]
 ECHO = {"x": ROW, "mask": np.ones((1, 2), dtype=bool)}
@@ -161,8 +163,8 @@ def test_authorizer_modes_scopes_and_models() -> None:
     assert code(auto, "k-app", "other") == "forbidden", "a key limited to echo asks for another model"
     assert code(auto, "k-ops") == "forbidden", "an admin-only key asks to infer"
     assert code(auto, "bootstrap") == "forbidden", "INFEROXY_ADMIN_KEY is an admin key, not an inference key"
-    auto.apply([])
-    assert code(auto, None) == "ok", "the last key revoked: auto opens again"
+    auto.apply([], revision=4)
+    assert code(auto, None) == "unauthenticated", "the last key revoked (a leaked one?): auto stays closed"
 
     required = authorizer("required")
     assert code(required, None) == "unauthenticated", "required with no key at all refuses everyone"
@@ -359,6 +361,12 @@ def test_auto_mode_requires_keys_once_the_first_one_is_created(real_redis_url: s
         wait_for(lambda: zmq_code(stack, None) == "unauthenticated", timeout=2, what="auto to require a key")
         assert rest_call(stack, None).status_code == 401
         assert grpc_status(stack, None) == "UNAUTHENTICATED"
+        # Revoking the only key (a leaked one, say) must not open the proxy to everyone again.
+        assert cli_main(["keys", "--url", stack.rest_url, "revoke", "first"]) == 0
+        bridges = (stack.zmq_bridge, stack.rest_bridge, stack.grpc_bridge)
+        wait_for(lambda: not any(b.gateway.auth.key_names for b in bridges), timeout=2, what="the revocation")
+        assert (zmq_code(stack, None), rest_call(stack, None).status_code, grpc_status(stack, None)) == (
+            "unauthenticated", 401, "UNAUTHENTICATED")
     finally:
         stack.stop()
 
@@ -397,3 +405,41 @@ def test_admin_api_takes_keys_with_the_admin_scope(real_redis_url: str, redis_pr
                                                                    for k in listed)
         assert remote.delete("/v2/admin/keys/ops", headers={"Authorization": f"Bearer {ops_key}"}).status_code == 200
         assert remote.get("/v2/admin/models", headers={"Authorization": f"Bearer {ops_key}"}).status_code == 403
+
+
+def test_a_whole_proxy_logs_no_key_at_debug_level(real_redis_url: str, redis_prefix: str) -> None:
+    """`inferoxy serve` (every component, DEBUG logs) and the CLI as a user runs them: the key is printed by
+    `keys create` and nowhere else, while it is used, guessed at, and revoked."""
+    env = {"INFEROXY_REDIS_URL": real_redis_url, "INFEROXY_REDIS_PREFIX": redis_prefix, "INFEROXY_LOG_LEVEL": "DEBUG"}
+    with ProxyProcess(env=env) as proxy:
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "inferoxy", "keys", "--url", proxy.rest_url, *args],
+                                  capture_output=True, text=True, timeout=30, env=proxy.env)
+
+        created = cli("create", "e2e", "--scopes", "infer", "--rate", "100")
+        assert created.returncode == 0, created.stderr
+        secret = created.stdout.rstrip("\n").split("\n")[-1]
+        inputs = {"x": np.ones((1, 2), np.float32)}
+
+        def code(key: str | None) -> str:
+            with Client(proxy.zmq_url, timeout=30, api_key=key) as client:
+                try:
+                    client.infer("echo", inputs)
+                except InferenceError as exc:
+                    return exc.code
+            return "ok"
+
+        wait_for(lambda: code(None) == "unauthenticated", timeout=5, what="the proxy to require a key")
+        assert code(secret) == "ok" and code(FORGED) == "unauthenticated"
+        assert rest_call_at(proxy.rest_url, secret).status_code == 200
+        assert cli("revoke", "e2e").returncode == 0
+        wait_for(lambda: code(secret) == "unauthenticated", timeout=1, what="the revocation")
+        proxy.stop()
+    everything = "".join(proxy.output)
+    assert "e2e" in everything, "the key's name is logged"
+    assert secret not in everything and FORGED not in everything
+
+
+def rest_call_at(url: str, key: str) -> httpx.Response:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 1.0]}]}
+    return httpx.post(f"{url}/v2/models/echo/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
