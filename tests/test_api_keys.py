@@ -231,8 +231,31 @@ def test_missing_wrong_unscoped_and_forbidden_keys_are_refused_on_every_bridge(k
     assert zmq_code(keyed, any_only, model="any") == "ok", "the model it is limited to"
 
     # Health and metadata stay open without a key.
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/echo", "/v2"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/echo", "/v2/models/echo/ready", "/v2"):
         assert httpx.get(keyed.rest_url + path, timeout=5).status_code == 200, path
+
+    # INFEROXY_AUTH_METADATA=true (switched on the running bridges): model metadata needs a key, health does not.
+    gateways = (keyed.rest_bridge.gateway, keyed.grpc_bridge.gateway)
+    for gateway in gateways:
+        gateway.auth.metadata_closed = True
+    try:
+        assert httpx.get(f"{keyed.rest_url}/v2/models/echo", timeout=5).status_code == 401
+        assert httpx.get(f"{keyed.rest_url}/v2/models/echo", headers={"Authorization": f"Bearer {good}"},
+                         timeout=5).status_code == 200
+        assert httpx.get(f"{keyed.rest_url}/v2/models/echo", headers={"Authorization": f"Bearer {any_only}"},
+                         timeout=5).status_code == 403, "a key limited to another model"
+        assert httpx.get(f"{keyed.rest_url}/v2/models/echo/ready", timeout=5).status_code == 200
+        client = grpcclient.InferenceServerClient(keyed.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                client.get_model_metadata("echo")
+            assert str(refused.value.status()) == "StatusCode.UNAUTHENTICATED"
+            assert client.get_model_metadata("echo", headers={"authorization": f"Bearer {good}"}).name == "echo"
+        finally:
+            client.close()
+    finally:
+        for gateway in gateways:
+            gateway.auth.metadata_closed = False
 
 
 def test_a_key_over_its_rate_is_refused_with_retry_after_on_every_bridge(keyed: BridgeStack) -> None:
