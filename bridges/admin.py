@@ -4,14 +4,15 @@ Every write goes through ``SpecStore``, so it is one Redis transaction plus a ch
 that every component applies within a second. Reads come from Redis too, so an admin
 sees what is stored, not what one bridge last heard.
 
-Access: with ``INFEROXY_ADMIN_KEY`` set, every admin call must carry it
-(``Authorization: Bearer KEY`` or ``X-Inferoxy-Admin-Key: KEY``); without one, admin
-calls are accepted from loopback clients only, and only from those that are not a browser
-(no ``Origin``, no ``Sec-Fetch-*``, a loopback ``Host``). Whatever the key and the address,
-a call a browser makes on another site's behalf (``Origin`` not this host, ``Sec-Fetch-Site``
-other than same-origin or none) is refused 403, and a body must be ``application/json``
-(415 otherwise): a web page can send neither without a CORS preflight, which this API never
-answers (docs/SECURITY.md). ``GET /v2/health/registry`` is open, like the other health endpoints.
+Access: with ``INFEROXY_ADMIN_KEY`` set, every admin call must carry it or an API key with the
+``admin`` scope (``Authorization: Bearer KEY`` or ``X-Inferoxy-Admin-Key: KEY``); without it,
+admin calls are accepted from loopback clients only, and only from those that are not a browser
+(no ``Origin``, no ``Sec-Fetch-*``, a loopback ``Host``), until an API key with the ``admin`` scope
+exists (then that key is needed, from anywhere). Whatever the key and the address, a call a browser
+makes on another site's behalf (``Origin`` not this host, ``Sec-Fetch-Site`` other than same-origin
+or none) is refused 403, and a body must be ``application/json`` (415 otherwise): a web page can
+send neither without a CORS preflight, which this API never answers (docs/SECURITY.md).
+``GET /v2/health/registry`` is open, like the other health endpoints.
 
 Errors are ``{"error": "..."}`` (plus ``fields`` for an invalid spec) with 400 (bad
 spec or patch), 401/403 (refused), 404 (no such model or version), 409 (exists
@@ -38,6 +39,8 @@ from starlette.responses import Response
 from inferoxy.settings import Settings
 from model_manager.editing import SpecError, apply_patch, check_runnable, validate_spec
 from model_manager.health import registry_health
+from model_manager.keys import ApiKey, KeyStore
+from model_manager.keys import digest as key_digest
 from model_manager.spec import ModelSpec, ModelStatus
 from model_manager.store import SpecStore, open_store
 
@@ -80,17 +83,41 @@ class AdminApi:
 
     # -- access --------------------------------------------------------------------------------
 
-    def check_access(self, request: Request) -> None:
+    @property
+    def keys(self) -> KeyStore:
+        return KeyStore(self.store.client, self.settings.redis_prefix)
+
+    async def admit(self, request: Request) -> None:
+        """``check_access``, after looking the presented key up among the API keys when it is not the admin key.
+
+        The loopback exemption holds only while no key can administer the proxy: neither
+        ``INFEROXY_ADMIN_KEY`` nor an API key with the ``admin`` scope exists."""
+        supplied = _supplied_key(request)
+        admin_key = self.settings.admin_key
+        if supplied is not None and admin_key and hmac.compare_digest(supplied.encode(), admin_key.encode()):
+            self.check_access(request)
+            return
+        known = await self.keys.all()
+        wanted = key_digest(supplied) if supplied is not None else None
+        api_key = None
+        for candidate in known:
+            if wanted is not None and hmac.compare_digest(candidate.digest, wanted):
+                api_key = candidate
+        loopback = not admin_key and not any("admin" in candidate.scopes for candidate in known)
+        self.check_access(request, api_key, loopback=loopback)
+
+    def check_access(self, request: Request, api_key: ApiKey | None = None, *, loopback: bool = True) -> None:
+        if api_key is not None:
+            if "admin" not in api_key.scopes:
+                raise AdminError(403, f"API key {api_key.name!r} lacks the 'admin' scope")
+            return
         key = self.settings.admin_key
-        if key:
-            supplied = request.headers.get(ADMIN_KEY_HEADER)
-            auth = request.headers.get("authorization", "")
-            if supplied is None and auth.lower().startswith("bearer "):
-                supplied = auth[7:].strip()
+        if key or not loopback:
+            supplied = _supplied_key(request)
             if supplied is None:
-                raise AdminError(401, "admin calls need the admin key: Authorization: Bearer KEY "
-                                      "or X-Inferoxy-Admin-Key: KEY")
-            if not hmac.compare_digest(supplied.encode(), key.encode()):
+                raise AdminError(401, "admin calls need the admin key or an API key with the admin scope: "
+                                      "Authorization: Bearer KEY or X-Inferoxy-Admin-Key: KEY")
+            if not key or not hmac.compare_digest(supplied.encode(), key.encode()):
                 raise AdminError(403, "wrong admin key")
             return
         host = request.client.host if request.client else ""
@@ -282,8 +309,8 @@ def admin_router(
         @functools.wraps(handler)
         async def guarded(request: Request) -> Response:
             try:
-                refuse_cross_site(request)
-                api.check_access(request)
+                refuse_cross_site(request)  # before any key is looked at: a browser's call never gets further
+                await api.admit(request)
                 require_json(request)
                 return await handler(request)
             except AdminError as exc:
@@ -311,6 +338,9 @@ def admin_router(
     add("/v2/repository/models/{name}/load", admin(api.load), methods=["POST"])
     add("/v2/repository/models/{name}/unload", admin(api.unload), methods=["POST"])
     add("/v2/health/registry", api.registry_health, methods=["GET"])
+    from bridges.admin_keys import add_key_routes  # here: that module builds on this one
+
+    add_key_routes(add, admin, api)
     return router
 
 
@@ -402,6 +432,15 @@ def _parameters(body: Any) -> dict[str, Any]:
 
 def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "").lower() in {"1", "true", "yes"}
+
+
+def _supplied_key(request: Request) -> str | None:
+    """The key an admin call carries: ``X-Inferoxy-Admin-Key: KEY`` or ``Authorization: Bearer KEY``."""
+    supplied = request.headers.get(ADMIN_KEY_HEADER)
+    auth = request.headers.get("authorization", "")
+    if supplied is None and auth.lower().startswith("bearer "):
+        supplied = auth[7:].strip()
+    return supplied
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,10 +8,12 @@ from inferoxy.protocol import ErrorCode
 class RequestError(Exception):
     """A request that ends in an error reply. ``message`` is written for the client and safe to send."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code.value if isinstance(code, ErrorCode) else code
         self.message = message
+        # When a client may try again (``rate_limited``): REST's Retry-After, gRPC's retry-after metadata.
+        self.retry_after_s = retry_after_s
 
     @property
     def http_status(self) -> int:

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import zmq
 import zmq.asyncio
 
+from bridges.auth import Authorizer
 from bridges.errors import RequestError
 from bridges.validation import InputRules, check_name
 from inferoxy.bus import plain_socket
@@ -126,6 +127,9 @@ class Gateway:
         # Set once the first registry snapshot is in; REST's /v2/health/ready follows it.
         self.registry_loaded = asyncio.Event()
         self.reactor = Reactor()
+        # API keys (bridges/auth.py): every bridge checks a request with ``auth.check`` before resolving it.
+        self.auth = Authorizer(settings)
+        self.auth.on_loaded = self._maybe_loaded
         self._ctx = ctx
         self._store = store
         self._sock: zmq.Socket[Any] | None = None
@@ -153,6 +157,7 @@ class Gateway:
         self.reactor.add(self._sock, self._dispatch)
         self._tasks = [asyncio.create_task(self._store.watch(self._on_registry), name="gateway-registry"),
                        asyncio.create_task(self._heartbeat(), name="gateway-heartbeat")]
+        self.auth.start(self._store.client, self._store.prefix)
         # A bridge that answers before it knows the models refuses every request (not_ready); a restarted one
         # would cost clients errors for nothing. Wait a little for the first snapshot, as the batch manager does.
         loaded = asyncio.create_task(self.registry_loaded.wait())
@@ -181,6 +186,7 @@ class Gateway:
         """Stop; requests still waiting are answered with ``not_ready``."""
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        await self.auth.close()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
             entry.timer.cancel()
@@ -244,7 +250,12 @@ class Gateway:
     def _on_registry(self, registry: Registry) -> None:
         self._models = {spec.key: ResolvedModel(spec, InputRules(spec)) for spec in registry}
         self.registry = registry
-        self.registry_loaded.set()
+        self._maybe_loaded()
+
+    def _maybe_loaded(self) -> None:
+        # Loaded once both the models and the API keys are read: before that a request could be refused wrongly.
+        if self.registry is not None and self.auth.loaded.is_set():
+            self.registry_loaded.set()
 
     def resolve(self, name: str, version: str | None = None) -> ResolvedModel:
         """The model a request for ``name`` (at ``version``, else the default) goes to."""

@@ -8,8 +8,9 @@ typed ``contents``; outputs always go back as ``raw_output_contents``, as Triton
 Requests are read as raw bytes and parsed by the handler rather than by grpcio, so an
 unparseable message is INVALID_ARGUMENT, not grpcio's INTERNAL. Every failure is a
 RequestError mapped to a status code: bad_input -> INVALID_ARGUMENT, unknown_model ->
-NOT_FOUND, not_ready / replica_lost / unavailable -> UNAVAILABLE, overloaded -> RESOURCE_EXHAUSTED,
-deadline -> DEADLINE_EXCEEDED.
+NOT_FOUND, not_ready / replica_lost / unavailable -> UNAVAILABLE, overloaded / rate_limited ->
+RESOURCE_EXHAUSTED, deadline -> DEADLINE_EXCEEDED, unauthenticated -> UNAUTHENTICATED, forbidden ->
+PERMISSION_DENIED. The API key comes from the call's ``authorization: Bearer KEY`` metadata.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bridges import tensors
+from bridges.auth import credential_of_header, retry_after_header
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
@@ -55,6 +57,9 @@ STATUS_OF_CODE: dict[str, grpc.StatusCode] = {
     ErrorCode.UNAVAILABLE.value: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.MODEL_ERROR.value: grpc.StatusCode.INTERNAL,
     ErrorCode.INTERNAL.value: grpc.StatusCode.INTERNAL,
+    ErrorCode.UNAUTHENTICATED.value: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.FORBIDDEN.value: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.RATE_LIMITED.value: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # Which typed ``InferTensorContents`` field carries each datatype; FP16 has none (raw contents only).
@@ -202,6 +207,7 @@ class InferenceServicer:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     async def model_metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Message:
+        self.gateway.auth.check_metadata(_credential(context), request.name)
         spec = self.gateway.resolve(request.name, request.version or None).spec
         return model_metadata(spec, self.gateway.versions(spec.name))
 
@@ -218,7 +224,7 @@ class InferenceServicer:
                 del self._connections[peer]
             raise
         try:
-            return await self._infer(request, context.time_remaining())
+            return await self._infer(request, context.time_remaining(), _credential(context))
         finally:
             usage.add(-1, -size)
             if usage.idle:
@@ -240,6 +246,7 @@ class InferenceServicer:
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         written = asyncio.Event()  # set each time an answer leaves the queue
         running: set[asyncio.Task[None]] = set()
+        credential = _credential(context)
 
         def queue(answer: pb.ModelStreamInferResponse, held: int) -> None:
             # The request's bytes (``held``) are let go of; the answer's are held until it is written.
@@ -252,7 +259,7 @@ class InferenceServicer:
             try:
                 request = _parse(pb.ModelInferRequest, raw)
                 request_id = request.id
-                response = await self._infer(request, context.time_remaining())
+                response = await self._infer(request, context.time_remaining(), credential)
                 queue(pb.ModelStreamInferResponse(infer_response=response), len(raw))
             except RequestError as exc:
                 queue(_stream_error(request_id, exc), len(raw))
@@ -294,8 +301,11 @@ class InferenceServicer:
             for task in list(running):
                 task.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest, time_left_s: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_left_s: float | None, credential: str | None
+    ) -> pb.ModelInferResponse:
         gateway = self.gateway
+        gateway.auth.check(credential, request.model_name)
         resolved = gateway.resolve(request.model_name, request.model_version or None)
         spec = resolved.spec
         inputs = decode_inputs(request, gateway.settings.max_message_bytes)
@@ -325,6 +335,8 @@ def _unary(
         try:
             return await call(_parse(kind, raw), context)
         except RequestError as exc:
+            if exc.retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after", retry_after_header(exc.retry_after_s)),))
             await context.abort(status_of(exc), exc.message)
         except asyncio.CancelledError:
             raise
@@ -334,6 +346,14 @@ def _unary(
         raise AssertionError("context.abort returns only by raising")
 
     return handle
+
+
+def _credential(context: grpc.aio.ServicerContext) -> str | None:
+    """The API key in the call's ``authorization: Bearer KEY`` metadata (what tritonclient's ``headers=`` sends)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return credential_of_header(value)
+    return None
 
 
 def _parse(kind: type[M], raw: bytes) -> M:

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from bridges import tensors
 from bridges.admin import admin_router
+from bridges.auth import credential_of_header, retry_after_header
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.images import decode_image
@@ -203,8 +204,17 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 
 def error_response(error: RequestError) -> Response:
     status = error.http_status
-    headers = {"Retry-After": RETRY_AFTER_S} if status == 429 else None
+    headers = None
+    if status == 429:
+        rate_limited = error.retry_after_s is not None
+        headers = {"Retry-After": retry_after_header(error.retry_after_s) if rate_limited else RETRY_AFTER_S}
+    elif status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return json_response({"error": error.message}, status, headers)
+
+
+def _credential(request: Request) -> str | None:
+    return credential_of_header(request.headers.get("authorization"))
 
 
 def build_app(gateway: Gateway) -> FastAPI:
@@ -254,6 +264,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def model_metadata(request: Request) -> Response:
         params = request.path_params
         try:
+            gateway.auth.check_metadata(_credential(request), params["name"])
             resolved = gateway.resolve(params["name"], params.get("version"))
             readiness = await gateway.readiness(params["name"], params.get("version"))
         except RequestError as exc:
@@ -292,6 +303,7 @@ def build_app(gateway: Gateway) -> FastAPI:
 
 
 async def _infer(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
+    gateway.auth.check(_credential(request), name)
     resolved = gateway.resolve(name, version)
     spec = resolved.spec
     limit = gateway.settings.max_message_bytes
@@ -358,6 +370,7 @@ async def _infer_image(gateway: Gateway, request: Request, name: str, version: s
     ``image``); ``timeout`` (µs), ``sequence_id``, ``sequence_start``, ``sequence_end`` and
     ``priority`` become request parameters as in a JSON request.
     """
+    gateway.auth.check(_credential(request), name)
     resolved = gateway.resolve(name, version)
     spec = resolved.spec
     limit = gateway.settings.max_message_bytes

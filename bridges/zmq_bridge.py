@@ -148,7 +148,7 @@ class ZmqBridge:
             rid = _request_id(header)
             self._submit(header, body, envelope, rid)
         except RequestError as exc:
-            self._send_error(envelope, rid, exc.code, exc.message)
+            self._send_error(envelope, rid, exc.code, exc.message, exc.retry_after_s)
         except Exception:
             log.exception("failed to handle a ZeroMQ request")
             self._send_error(envelope, rid, ErrorCode.INTERNAL.value, "the bridge failed to handle the request")
@@ -160,6 +160,7 @@ class ZmqBridge:
         version = header.get("version")
         if version is not None and not isinstance(version, str):
             raise RequestError(ErrorCode.BAD_INPUT, "'version' must be a string")
+        self.gateway.auth.check(header.get("api_key"), model)
         params = header.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise RequestError(ErrorCode.BAD_INPUT, "'parameters' must be a map")
@@ -229,8 +230,13 @@ class ZmqBridge:
             peer.add(1, size)
             peer.unsent.append((tracked, size))
 
-    def _send_error(self, envelope: list[Any], rid: int | str | None, code: str, message: str) -> None:
-        self._send([*envelope, pack_header({"id": rid, "ok": False, "error": {"code": code, "message": message}})])
+    def _send_error(
+        self, envelope: list[Any], rid: int | str | None, code: str, message: str, retry_after_s: float | None = None
+    ) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if retry_after_s is not None:
+            error["retry_after_ms"] = max(1, round(retry_after_s * 1000))
+        self._send([*envelope, pack_header({"id": rid, "ok": False, "error": error})])
 
     def _send(self, frames: list[Any]) -> None:
         sock = self._sock

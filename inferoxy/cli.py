@@ -12,6 +12,7 @@ import sys
 from pydantic import ValidationError
 
 from inferoxy.admin_cli import add_models_parser, run_models
+from inferoxy.keys_cli import add_keys_parser, run_keys
 from inferoxy.logs import setup_logging
 from inferoxy.runner import COMPONENTS, run_component, run_in_process
 from inferoxy.settings import Settings, load_settings
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start one component alone (for separate containers or pods)")
     run.add_argument("component", choices=sorted(COMPONENTS))
     add_models_parser(commands)
+    add_keys_parser(commands)
     return parser
 
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "models":  # a client of the admin API: needs no settings of its own
         return run_models(args)
+    if args.command == "keys":
+        return run_keys(args)
     # Children of `serve` read the same environment, so options become variables here.
     if args.config:
         os.environ["INFEROXY_CONFIG"] = os.path.abspath(args.config)
@@ -95,8 +99,9 @@ def warn_registry_in_memory() -> None:
 
 
 def auth_is_off(settings: Settings) -> bool:
-    """Whether a caller that reaches the bridges needs no credential (today: no admin key is set)."""
-    return not settings.admin_key
+    """Whether a caller that reaches the bridges may need no credential. Only INFEROXY_AUTH=required promises one
+    from the start: ``auto`` asks for keys once the first exists, which serve cannot know before Redis is read."""
+    return settings.auth != "required"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -111,12 +116,11 @@ def is_loopback_host(host: str) -> bool:
 def warn_if_exposed(settings: Settings) -> None:
     if is_loopback_host(settings.bind_host) or not auth_is_off(settings):
         return
-    log.warning("the bridges listen on %s with authentication off: anyone who reaches ports %d (REST), %d (gRPC) "
-                "and %d (ZeroMQ) may run inference, and the admin API is closed to them only by its loopback "
-                "rule; set INFEROXY_ADMIN_KEY and set up keys (docs/SECURITY.md), or set "
-                "INFEROXY_BIND_HOST=127.0.0.1", settings.bind_host, settings.rest_port, settings.grpc_port,
-                settings.zmq_port)
-
+    log.warning("the bridges listen on %s with INFEROXY_AUTH=%s: until an API key exists (auto), or at all (off), "
+                "anyone who reaches ports %d (REST), %d (gRPC) and %d (ZeroMQ) may run inference; create keys "
+                "with 'inferoxy keys create' and set INFEROXY_AUTH=required and INFEROXY_ADMIN_KEY "
+                "(docs/SECURITY.md), or set INFEROXY_BIND_HOST=127.0.0.1", settings.bind_host, settings.auth,
+                settings.rest_port, settings.grpc_port, settings.zmq_port)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,8 @@
 Inputs travel as raw frames (no copy for C-contiguous arrays); outputs come back as numpy
 arrays over the received frames (copied only when a frame is not aligned for its dtype).
 Failures raise ``InferenceError`` with the bridge's error code (``bad_input``,
-``unknown_model``, ``deadline``, ...). This module depends on pyzmq, numpy and msgpack
+``unknown_model``, ``deadline``, ``unauthenticated``, ...). ``api_key=`` sends an API key with
+every request. This module depends on pyzmq, numpy and msgpack
 only, so it fits any client image.
 """
 
@@ -46,10 +47,12 @@ Outputs = dict[str, np.ndarray]
 class InferenceError(Exception):
     """A request that failed; ``code`` is one of ``inferoxy.protocol.ErrorCode``'s values."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        # ``rate_limited``: when the key may send again.
+        self.retry_after_s = retry_after_s
 
 
 def _request_frames(
@@ -60,6 +63,7 @@ def _request_frames(
     parameters: Mapping[str, Any] | None,
     timeout_s: float,
     max_message_bytes: int | None,
+    api_key: str | None = None,
 ) -> list[Frame]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise InferenceError(ErrorCode.BAD_INPUT.value, "inputs must be a non-empty mapping of name to array")
@@ -68,6 +72,8 @@ def _request_frames(
         header["version"] = version
     if parameters:
         header["parameters"] = dict(parameters)
+    if api_key is not None:
+        header["api_key"] = api_key
     try:
         frames = encode(header, [(name, np.asarray(value)) for name, value in inputs.items()])
     except WireError as exc:
@@ -88,7 +94,9 @@ def _outputs(header: dict[str, Any], frames: list[Any]) -> Outputs:
         error = header.get("error")
         if not isinstance(error, dict):
             raise InferenceError(ErrorCode.INTERNAL.value, "the bridge sent a malformed error reply")
-        raise InferenceError(str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", "")))
+        retry_ms = error.get("retry_after_ms")
+        retry_s = retry_ms / 1000 if isinstance(retry_ms, int | float) and not isinstance(retry_ms, bool) else None
+        raise InferenceError(str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", "")), retry_s)
     try:
         metas = check_tensors(header, frames)
     except WireError as exc:
@@ -142,10 +150,12 @@ class Client:
         *,
         context: zmq.Context[Any] | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        api_key: str | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self._api_key = api_key  # sent in every request's header (docs/PROTOCOL.md); never shown
         self._sock = _dealer(url, context)
         self._ids = itertools.count(1)
 
@@ -165,7 +175,9 @@ class Client:
         """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name."""
         timeout_s = self.timeout if timeout is None else timeout
         rid = next(self._ids)
-        frames = _request_frames(rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes)
+        frames = _request_frames(
+            rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes, self._api_key
+        )
         deadline = time.monotonic() + timeout_s
         sock = self._sock
         sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
@@ -211,10 +223,12 @@ class AsyncClient:
         *,
         context: zmq.Context[Any] | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        api_key: str | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
+        self._api_key = api_key  # sent in every request's header (docs/PROTOCOL.md); never shown
         self._sock = _dealer(url, context, hwm=MAX_QUEUED)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
@@ -240,7 +254,9 @@ class AsyncClient:
         loop = self._attach()
         timeout_s = self.timeout if timeout is None else timeout
         rid = next(self._ids)
-        frames = _request_frames(rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes)
+        frames = _request_frames(
+            rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes, self._api_key
+        )
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -22,6 +22,9 @@ class ErrorCode(str, enum.Enum):
     UNAVAILABLE = "unavailable"  # a component on the request's path went silent or died while it held it
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
 
     @property
     def http_status(self) -> int:
@@ -39,6 +42,9 @@ _HTTP_STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.MODEL_ERROR: 500,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.RATE_LIMITED: 429,
 }
 
 

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="Key admin API calls must carry; unset: admin calls only from loopback clients."
     )
+    auth: Literal["off", "required", "auto"] = Field(
+        "auto", description="API keys for inference: off, required, or auto (required once a key exists)."
+    )
+    auth_metadata: bool = Field(
+        False, description="Model metadata needs a key too (with auth on); health endpoints always stay open."
+    )
 
     # Replicas.
     runtime: RuntimeKind = "process"

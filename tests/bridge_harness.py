@@ -55,16 +55,14 @@ def test_specs() -> list[ModelSpec]:
     ]
 
 
-class FakeRedis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.server = fakeredis.TcpFakeServer(("127.0.0.1", self.port))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="fake-redis")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+class RedisAt:
+    """A Redis the tests seed: a real one (the ``real_redis_url`` fixture), or ``FakeRedis`` below."""
 
-    def start(self) -> FakeRedis:
-        self.thread.start()
-        return self
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def stop(self) -> None:
+        pass
 
     def seed(self, prefix: str, specs: list[ModelSpec]) -> None:
         async def put_all() -> None:
@@ -87,6 +85,18 @@ class FakeRedis:
                 await store.close()
 
         asyncio.run(put_all())
+
+
+class FakeRedis(RedisAt):
+    def __init__(self) -> None:
+        self.port = free_port()
+        super().__init__(f"redis://127.0.0.1:{self.port}/0")
+        self.server = fakeredis.TcpFakeServer(("127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="fake-redis")
+
+    def start(self) -> FakeRedis:
+        self.thread.start()
+        return self
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -166,11 +176,12 @@ class FakeBatchManager:
 
 
 class BridgeStack:
-    """Both bridges on one event loop in a background thread, against the fakes."""
+    """The three bridges on one event loop in a background thread, against the fakes (or a real Redis:
+    ``redis_url`` and ``redis_prefix``, whose keys the caller cleans up)."""
 
-    def __init__(self, **settings: Any) -> None:
-        self.redis = FakeRedis().start()
-        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
+    def __init__(self, *, redis_url: str | None = None, redis_prefix: str | None = None, **settings: Any) -> None:
+        self.redis = FakeRedis().start() if redis_url is None else RedisAt(redis_url)
+        self.prefix = redis_prefix or f"test-{uuid.uuid4().hex[:8]}"
         self.redis.seed(self.prefix, test_specs())
         # Serving states for the model ready endpoints; models not listed have no status yet.
         self.redis.seed_statuses(self.prefix, [

@@ -372,7 +372,9 @@ def test_grpc_stream_whose_answers_are_not_read_is_not_read_either():
     gateway = types.SimpleNamespace(settings=Settings(client_max_outstanding=4))
     servicer = InferenceServicer(gateway)  # type: ignore[arg-type]
 
-    async def instant(request: pb.ModelInferRequest, time_left_s: float | None) -> pb.ModelInferResponse:
+    async def instant(
+        request: pb.ModelInferRequest, time_left_s: float | None, credential: str | None
+    ) -> pb.ModelInferResponse:
         return pb.ModelInferResponse(id=request.id)
 
     servicer._infer = instant  # type: ignore[method-assign]
@@ -386,7 +388,8 @@ def test_grpc_stream_whose_answers_are_not_read_is_not_read_either():
             yield pb.ModelInferRequest(id=str(pulled)).SerializeToString()
 
     async def scenario() -> int:
-        answers = servicer.model_stream_infer(endless(), types.SimpleNamespace(time_remaining=lambda: None))
+        context = types.SimpleNamespace(time_remaining=lambda: None, invocation_metadata=lambda: ())
+        answers = servicer.model_stream_infer(endless(), context)
         await answers.__anext__()  # the one answer the client reads
         for _ in range(500):  # every task gets many turns; nothing here waits on time
             await asyncio.sleep(0)

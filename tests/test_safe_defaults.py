@@ -59,23 +59,24 @@ def test_serve_with_the_defaults_listens_on_loopback_only() -> None:
 
 
 @pytest.mark.parametrize(
-    ("host", "key", "warned"),
+    ("host", "auth", "warned"),
     [
-        ("0.0.0.0", None, True),
-        ("::", None, True),
-        ("192.0.2.10", None, True),  # a documentation address: never bound here, only classified
-        ("proxy.example", None, True),  # a name may resolve to anything
-        ("0.0.0.0", "an-admin-key", False),
-        ("127.0.0.1", None, False),
-        ("::1", None, False),
-        ("localhost", None, False),
+        ("0.0.0.0", "auto", True),  # open until the first key exists
+        ("0.0.0.0", "off", True),
+        ("::", "auto", True),
+        ("192.0.2.10", "auto", True),  # a documentation address: never bound here, only classified
+        ("proxy.example", "auto", True),  # a name may resolve to anything
+        ("0.0.0.0", "required", False),
+        ("127.0.0.1", "auto", False),
+        ("::1", "off", False),
+        ("localhost", "auto", False),
     ],
 )
 def test_serve_warns_when_it_listens_beyond_loopback_with_auth_off(
-    caplog: pytest.LogCaptureFixture, host: str, key: str | None, warned: bool
+    caplog: pytest.LogCaptureFixture, host: str, auth: str, warned: bool
 ) -> None:
-    settings = Settings(bind_host=host, admin_key=key, models_file="")
-    assert auth_is_off(settings) is (key is None)
+    settings = Settings(bind_host=host, auth=auth, models_file="")
+    assert auth_is_off(settings) is (auth != "required")
     with caplog.at_level(logging.WARNING, logger="inferoxy.serve"):
         warn_if_exposed(settings)
     messages = [r.getMessage() for r in caplog.records if r.name == "inferoxy.serve"]
