@@ -401,7 +401,8 @@ def admin_client(url: str, prefix: str, host: str, admin_key: str | None = None)
     settings = Settings(redis_url=url, redis_prefix=prefix, admin_key=admin_key, models_file="")
     app = FastAPI()
     app.include_router(admin_router(settings))
-    return TestClient(app, client=(host, 40000))
+    # A loopback Host, as curl and the CLI send it (any other is refused without a key: DNS rebinding).
+    return TestClient(app, base_url="http://127.0.0.1:8698", client=(host, 40000))
 
 
 def test_admin_api_takes_keys_with_the_admin_scope(real_redis_url: str, redis_prefix: str) -> None:
