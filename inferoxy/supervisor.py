@@ -33,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import zmq
+
+from inferoxy.credentials import mask_url
 from inferoxy.procutil import die_with_parent
 from inferoxy.runner import component_names
 from inferoxy.settings import Settings
@@ -240,11 +243,19 @@ def print_endpoints(settings: Settings, *, embedded_redis: bool, children: Seque
     if "grpc" in settings.bridge_names:
         lines.append(f"  gRPC (Open Inference Protocol)  {host}:{settings.grpc_port}")
     if "zmq" in settings.bridge_names:
-        lines.append(f"  ZeroMQ clients                  tcp://{host}:{settings.zmq_port}")
+        lines.append(f"  ZeroMQ clients                  tcp://{host}:{settings.zmq_port}{curve_note(settings)}")
     embedded = " (embedded)" if embedded_redis else ""
-    lines.append(f"  model registry                  {settings.redis_url}{embedded}")
+    lines.append(f"  model registry                  {mask_url(settings.redis_url)}{embedded}")
     lines.append(f"  replicas run as                 {settings.runtime}")
     if children:
         pids = ", ".join(f"{child.name} {child.process.pid}" for child in children)
         lines.append(f"  components (pid)                {pids}")
     print("\n".join(lines), flush=True)
+
+
+def curve_note(settings: Settings) -> str:
+    """The public key clients of an encrypted ZeroMQ port need (the secret one is never shown)."""
+    if settings.zmq_curve_secret_key is None:
+        return ""
+    public = zmq.curve_public(settings.zmq_curve_secret_key.get_secret_value().encode()).decode()
+    return f" (CURVE; server public key {public})"
