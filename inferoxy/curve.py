@@ -16,15 +16,19 @@ client's public key. inproc:// links are inside one process and need none of thi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
+import zmq.asyncio
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +210,29 @@ class ReplicaKeys:
         """Whether a message whose ZAP User-Id is ``user_id`` came over the connection of ``replica_id``'s key."""
         keys = self._by_replica.get(replica_id)
         return keys is not None and user_id is not None and keys.public.decode() == user_id
+
+
+REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+async def log_refusals(sock: zmq.asyncio.Socket, hint: str) -> None:
+    """Log (at most once per REFUSAL_LOG_INTERVAL_S, so a flood cannot fill the log) each peer that this
+    CURVE server refused during the handshake; ``hint`` says what the usual cause is."""
+    monitor = sock.get_monitor_socket(REFUSALS)
+    last = -REFUSAL_LOG_INTERVAL_S
+    refused = 0
+    try:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            refused += 1
+            if time.monotonic() - last >= REFUSAL_LOG_INTERVAL_S:
+                last = time.monotonic()
+                log.warning("refused %d peer(s) without the bus keys at %s (last: %s); %s", refused,
+                            event["endpoint"].decode(errors="replace"), zmq.Event(event["event"]).name, hint)
+                refused = 0
+    finally:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)

@@ -148,6 +148,7 @@ class TaskManager:
                 asyncio.create_task(self._serve(self._bm_sock, self._on_batch_manager_message), name="tm bm"),
                 asyncio.create_task(self._serve(self._replica_sock, self._on_replica_message), name="tm replicas"),
                 asyncio.create_task(self._supervise(), name="tm supervise"),
+                *self._refusal_logger(),
                 asyncio.create_task(self._write_statuses(store), name="tm status"),
                 registry_task,
             ]
@@ -168,6 +169,13 @@ class TaskManager:
             for sock in (self._bm_sock, self._replica_sock):
                 if sock is not None:
                     sock.close(linger=0)
+
+    def _refusal_logger(self) -> list[asyncio.Task[None]]:
+        if self._replica_keys is None or self._replica_sock is None:
+            return []
+        hint = ("a model image built before the bus was authenticated does not speak CURVE: rebuild it FROM the "
+                "current inferoxy/model-base (docs/DOCKER.md)")
+        return [asyncio.create_task(curve.log_refusals(self._replica_sock, hint), name="tm refusals")]
 
     def status(self) -> dict[str, Any]:
         """Per model: its replicas and their states, restarts, and the last error. Read-only, JSON-able."""

@@ -125,7 +125,8 @@ def ready_message(replica: str) -> list[bytes]:
                               "capacity": 8, "pid": 1})]
 
 
-def test_a_starting_replicas_id_cannot_be_taken_without_its_own_key(redis_url: str) -> None:
+def test_a_starting_replicas_id_cannot_be_taken_without_its_own_key(redis_url: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Attack: while a replica is loading, dial the replica port with its id and say `ready` first,
     (a) with no keys, (b) with a CURVE key of one's own, (c) with the key issued to another replica."""
 
@@ -140,6 +141,9 @@ def test_a_starting_replicas_id_cannot_be_taken_without_its_own_key(redis_url: s
         plain, event = await dial(url, ready_message(victim), victim)
         assert event != zmq.EVENT_HANDSHAKE_SUCCEEDED and plain.poll(0) == 0
         plain.close()
+        # The operator hears of it, with the usual cause (a model image too old to speak CURVE).
+        await eventually(lambda: "without the bus keys" in caplog.text, what="the refusal to be logged")
+        assert "rebuild it FROM the current inferoxy/model-base" in caplog.text
         own, event = await dial(url, ready_message(victim), victim, (server_public, *zmq.curve_keypair()))
         assert event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and own.poll(0) == 0
         own.close()
