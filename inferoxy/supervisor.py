@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from inferoxy.credentials import mask_url
+from inferoxy.credentials import make_serve_secrets, mask_url
 from inferoxy.procutil import die_with_parent
 from inferoxy.runner import component_names
 from inferoxy.settings import Settings
@@ -75,6 +75,9 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.children: list[Child] = []
+        # The embedded Redis's password and the bus secret, made once (unless `inferoxy serve` or the operator
+        # already set them) and handed to every child, restarted ones too, so they keep agreeing.
+        self._secrets = make_serve_secrets(settings)
 
     def serve(self) -> int:
         """Start everything, print where to reach it, and return an exit status once told to stop."""
@@ -186,7 +189,7 @@ class Supervisor:
 
     def _spawn(self, name: str, extra_env: dict[str, str]) -> Child:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
+        env = {**os.environ, **self._secrets, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
         process = subprocess.Popen(
             [sys.executable, "-m", "inferoxy", "run", name],
             env=env,
