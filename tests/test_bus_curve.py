@@ -82,6 +82,8 @@ def test_the_zap_handler_admits_only_known_curve_keys_on_known_domains() -> None
         assert handler.is_alive()
     finally:
         ctx.destroy(linger=0)  # ends the handler's thread: must not hang
+    handler.join(timeout=5)
+    assert not handler.is_alive() and ctx.underlying not in curve._handlers  # a new context gets a new one
 
 
 # --- a task manager on an authenticated bus ------------------------------------------------------------
