@@ -33,7 +33,7 @@ import zmq.asyncio
 from batch_manager import messages
 from batch_manager.params import parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
-from inferoxy import protocol
+from inferoxy import curve, protocol
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
 from inferoxy.protocol import ErrorCode
@@ -90,11 +90,14 @@ class BatchManager:
         try:
             # High-water marks (docs/BATCHING.md): above the most messages the queue bounds and credit let
             # through, so reaching one means a peer stopped reading; sends never wait and count as failed then.
+            bus_secret = settings.bus_key_secret
             sockets.append(plain_socket(
                 self.ctx, zmq.ROUTER, bind=settings.batch_manager_url, max_message_bytes=settings.max_message_bytes,
-                hwm=BRIDGE_HWM))
-            sockets.append(plain_socket(self.ctx, zmq.DEALER, connect=settings.task_manager_url,
-                                        hwm=TASK_MANAGER_HWM))
+                hwm=BRIDGE_HWM,
+                curve_server=curve.server_for(bus_secret, curve.BATCH_MANAGER, settings.batch_manager_url)))
+            sockets.append(plain_socket(
+                self.ctx, zmq.DEALER, connect=settings.task_manager_url, hwm=TASK_MANAGER_HWM,
+                curve_client=curve.client_for(bus_secret, curve.TASK_MANAGER, settings.task_manager_url)))
             self._bridges, self._task_manager = sockets
             tasks.append(asyncio.create_task(store.watch(self._on_registry), name="batch_manager.registry"))
             loaded = asyncio.create_task(self._registry_loaded.wait())

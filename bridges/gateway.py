@@ -42,6 +42,7 @@ import zmq.asyncio
 from bridges.auth import Authorizer
 from bridges.errors import RequestError
 from bridges.validation import InputRules, check_name
+from inferoxy import curve
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
 from inferoxy.protocol import CANCEL, ERROR, HEARTBEAT, INFER, REPLY, ErrorCode
@@ -151,7 +152,9 @@ class Gateway:
         if self._store is None:
             # Raises at once when no Redis is configured, so a misconfigured bridge fails to start.
             self._store = open_store(self.settings.redis_url, self.settings.redis_prefix)
-        self._sock = plain_socket(self._ctx, zmq.DEALER, connect=self.settings.batch_manager_url)
+        url = self.settings.batch_manager_url
+        self._sock = plain_socket(self._ctx, zmq.DEALER, connect=url,
+                                  curve_client=curve.client_for(self.settings.bus_key_secret, curve.BATCH_MANAGER, url))
         self._batch_manager = PeerLiveness(self.settings.heartbeat_interval_s, self.settings.heartbeat_liveness,
                                            self._loop.time())
         self.reactor.add(self._sock, self._dispatch)

@@ -33,7 +33,9 @@ from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway, Outcome, Reply
 from bridges.validation import check_parameters, requested_timeout_s
+from inferoxy import curve
 from inferoxy.bus import plain_socket
+from inferoxy.curve import CurveServer
 from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import send_nowait
 from inferoxy.settings import Settings
@@ -89,6 +91,7 @@ class ZmqBridge:
             max_message_bytes=self.settings.max_message_bytes,
             # Per peer: small replies a client has not read beyond this are dropped (it is refused by then).
             hwm=max(MIN_HWM, HWM_PER_REQUEST * self.settings.client_max_outstanding),
+            curve_server=client_encryption(self.settings),
         )
         sock.copy_threshold = TRACK_FROM_BYTES
         self._sock = sock
@@ -279,3 +282,12 @@ def _request_id(header: dict[str, Any]) -> int | str:
     raise RequestError(
         ErrorCode.BAD_INPUT, f"'id' is required: an int or a string of at most {MAX_ID_BYTES} bytes"
     )
+
+
+def client_encryption(settings: Settings) -> CurveServer | None:
+    """CURVE on the clients' port when a server key is set: any client that knows the public key gets in
+    (encryption, not authentication: API keys decide who may call what)."""
+    if settings.zmq_curve_secret_key is None:
+        return None
+    return CurveServer(secret=settings.zmq_curve_secret_key.get_secret_value().encode(), domain=curve.CLIENTS,
+                       check=lambda _public: True)

@@ -14,6 +14,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from inferoxy import curve
+from inferoxy.curve import CurveClient, CurveServer
 from inferoxy.wire import Frame
 
 DEFAULT_HWM = 100_000
@@ -29,10 +31,12 @@ def make_socket(
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
     max_message_bytes: int | None = None,
+    curve_server: CurveServer | None = None,
+    curve_client: CurveClient | None = None,
 ) -> zmq.asyncio.Socket:
     sock = ctx.socket(kind)
     _configure(sock, kind, bind=bind, connect=connect, identity=identity, hwm=hwm,
-               max_message_bytes=max_message_bytes)
+               max_message_bytes=max_message_bytes, curve_server=curve_server, curve_client=curve_client)
     return sock
 
 
@@ -45,11 +49,13 @@ def plain_socket(
     identity: bytes | None = None,
     hwm: int = DEFAULT_HWM,
     max_message_bytes: int | None = None,
+    curve_server: CurveServer | None = None,
+    curve_client: CurveClient | None = None,
 ) -> zmq.Socket[Any]:
     """A non-asyncio socket on ``ctx`` (so inproc:// peers still meet) for ``inferoxy.reactor`` to drive."""
     sock: zmq.Socket[Any] = zmq.Context.shadow(ctx.underlying).socket(kind)
     _configure(sock, kind, bind=bind, connect=connect, identity=identity, hwm=hwm,
-               max_message_bytes=max_message_bytes)
+               max_message_bytes=max_message_bytes, curve_server=curve_server, curve_client=curve_client)
     return sock
 
 
@@ -62,7 +68,10 @@ def _configure(
     identity: bytes | None,
     hwm: int,
     max_message_bytes: int | None,
+    curve_server: CurveServer | None,
+    curve_client: CurveClient | None,
 ) -> None:
+    """``curve_server``/``curve_client``: CURVE for this socket (inferoxy.curve)."""
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -74,6 +83,7 @@ def _configure(
         # Fail loudly rather than silently dropping a reply for a peer that is gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     try:
+        curve.apply(sock, curve_server, curve_client)
         if bind:
             sock.bind(bind)
         if connect:

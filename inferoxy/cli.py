@@ -12,6 +12,7 @@ import sys
 from pydantic import ValidationError
 
 from inferoxy.admin_cli import add_models_parser, run_models
+from inferoxy.credentials import make_serve_secrets
 from inferoxy.keys_cli import add_keys_parser, run_keys
 from inferoxy.logs import setup_logging
 from inferoxy.runner import COMPONENTS, run_component, run_in_process
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         setup_logging(settings.log_level, args.component)
+        if settings.bus_curve and settings.bus_secret is None:
+            print("inferoxy: a component run alone needs INFEROXY_BUS_SECRET, the same for every component "
+                  "(or INFEROXY_BUS_CURVE=false to run the bus unauthenticated)", file=sys.stderr)
+            return 2
         try:
             asyncio.run(run_component(args.component, settings))
         except RuntimeStartError as exc:
@@ -78,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     setup_logging(settings.log_level, "serve")
+    # Made once here, inherited by every component (and a restarted one), so siblings keep agreeing.
+    os.environ.update(make_serve_secrets(settings))
+    settings = load_settings()
     warn_if_exposed(settings)
     if not settings.redis_url:
         warn_registry_in_memory()

@@ -127,7 +127,8 @@ def _expire(future: asyncio.Future[Any], timeout_s: float) -> None:
         future.set_exception(_deadline_error(timeout_s))
 
 
-def _dealer(url: str, context: zmq.Context[Any] | None, hwm: int | None = None) -> zmq.Socket[Any]:
+def _dealer(url: str, context: zmq.Context[Any] | None, hwm: int | None = None,
+            server_key: str | bytes | None = None) -> zmq.Socket[Any]:
     base = context if context is not None else zmq.Context.instance()
     # A plain socket even on a zmq.asyncio context (sharing it, so inproc:// works): reads are ours.
     ctx = zmq.Context.shadow(base.underlying) if isinstance(base, zmq.asyncio.Context) else base
@@ -136,6 +137,9 @@ def _dealer(url: str, context: zmq.Context[Any] | None, hwm: int | None = None) 
     if hwm is not None:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
+    if server_key is not None:  # the proxy encrypts its port (INFEROXY_ZMQ_CURVE_SECRET_KEY): a throwaway keypair
+        sock.curve_serverkey = server_key.encode() if isinstance(server_key, str) else server_key
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     sock.connect(url)
     return sock
 
@@ -151,12 +155,13 @@ class Client:
         context: zmq.Context[Any] | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         api_key: str | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._api_key = api_key  # sent in every request's header (docs/PROTOCOL.md); never shown
-        self._sock = _dealer(url, context)
+        self._sock = _dealer(url, context, server_key=server_key)
         self._ids = itertools.count(1)
 
     @property
@@ -224,12 +229,13 @@ class AsyncClient:
         context: zmq.Context[Any] | None = None,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         api_key: str | None = None,
+        server_key: str | bytes | None = None,
     ) -> None:
         self.url = url
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._api_key = api_key  # sent in every request's header (docs/PROTOCOL.md); never shown
-        self._sock = _dealer(url, context, hwm=MAX_QUEUED)
+        self._sock = _dealer(url, context, hwm=MAX_QUEUED, server_key=server_key)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -70,6 +70,8 @@ class ReplicaConfig:
     model_version: str = "1"
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
+    curve_keys: tuple[str, str, str] | None = None
+    """(task manager's public key, ours, our secret), when the bus is authenticated with CURVE."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ReplicaConfig:
@@ -94,7 +96,21 @@ class ReplicaConfig:
             model_version=environ.get("INFEROXY_MODEL_VERSION") or "1",
             heartbeat_interval_s=interval,
             heartbeat_liveness=liveness,
+            curve_keys=_curve_keys(environ),
         )
+
+
+CURVE_VARIABLES = ("INFEROXY_BUS_SERVER_KEY", "INFEROXY_BUS_PUBLIC_KEY", "INFEROXY_BUS_SECRET_KEY")
+
+
+def _curve_keys(environ: Mapping[str, str]) -> tuple[str, str, str] | None:
+    keys = [environ.get(var, "") for var in CURVE_VARIABLES]
+    if not any(keys):
+        return None
+    if not all(len(key) == 40 for key in keys):
+        raise ConfigError(f"{', '.join(CURVE_VARIABLES)} must all be set, each a 40-character z85 CURVE key")
+    server, public, secret = keys
+    return server, public, secret
 
 
 def import_model_class(target: str) -> type[Model]:
@@ -409,6 +425,11 @@ class ReplicaServer:
         self.dealer.setsockopt(zmq.LINGER, FINAL_LINGER_MS)
         self.dealer.setsockopt(zmq.SNDHWM, REPLICA_HWM)
         self.dealer.setsockopt(zmq.RCVHWM, REPLICA_HWM)
+        if config.curve_keys is not None:
+            server, public, secret = config.curve_keys
+            self.dealer.curve_serverkey = server.encode()
+            self.dealer.curve_publickey = public.encode()
+            self.dealer.curve_secretkey = secret.encode()
         self.dealer.connect(config.replica_url)
 
         results_url = f"inproc://inferoxy-results-{id(self)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,10 +52,22 @@ class Settings(BaseSettings):
         None, description="The address replicas dial, when it differs from replica_bind_url (containers, pods)."
     )
 
+    # Who may use the bus (docs/SECURITY.md). `serve` makes the secret at start when none is set.
+    bus_curve: bool = Field(True, description="Authenticate every tcp:// and ipc:// bus link with CURVE; off only "
+                            "to debug the bus.")
+    bus_secret: SecretStr | None = Field(
+        None, description="Secret the bus's CURVE keys derive from; unset: `serve` makes one. Components run "
+        "apart (`inferoxy run`) need the same one.")
+    zmq_curve_secret_key: SecretStr | None = Field(
+        None, description="CURVE secret key (z85) that encrypts the ZeroMQ clients port; clients then need its "
+        "public key. Unset: plain.")
+
     # Model registry.
     redis_url: str | None = Field(None, description="Unset: an embedded Redis-protocol server is started.")
     redis_prefix: str = "inferoxy"
     embedded_redis_port: int = Field(0, description="Embedded Redis port; 0 picks a free one (printed at start).")
+    embedded_redis_password: SecretStr | None = Field(
+        None, description="Password of the embedded Redis; unset: `serve` makes a random one at start.")
     models_file: str | None = Field("models.yaml", description="Seeds the registry at start; empty to skip.")
     models_overwrite: bool = Field(
         False, description="models.yaml replaces specs Redis already holds (default: it only adds missing ones)."
@@ -142,6 +154,13 @@ class Settings(BaseSettings):
     @property
     def bridge_names(self) -> list[str]:
         return [name.strip() for name in self.bridges.split(",") if name.strip()]
+
+    @property
+    def bus_key_secret(self) -> str | None:
+        """The secret the bus's CURVE keys derive from, or None when the bus runs plain."""
+        if not self.bus_curve or self.bus_secret is None:
+            return None
+        return self.bus_secret.get_secret_value()
 
     @property
     def replica_url(self) -> str:

@@ -33,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import zmq
+
+from inferoxy.credentials import make_serve_secrets, mask_url
 from inferoxy.procutil import die_with_parent
 from inferoxy.runner import component_names
 from inferoxy.settings import Settings
@@ -72,6 +75,9 @@ class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.children: list[Child] = []
+        # The embedded Redis's password and the bus secret, made once (unless `inferoxy serve` or the operator
+        # already set them) and handed to every child, restarted ones too, so they keep agreeing.
+        self._secrets = make_serve_secrets(settings)
 
     def serve(self) -> int:
         """Start everything, print where to reach it, and return an exit status once told to stop."""
@@ -183,7 +189,7 @@ class Supervisor:
 
     def _spawn(self, name: str, extra_env: dict[str, str]) -> Child:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
+        env = {**os.environ, **self._secrets, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
         process = subprocess.Popen(
             [sys.executable, "-m", "inferoxy", "run", name],
             env=env,
@@ -241,11 +247,19 @@ def print_endpoints(settings: Settings, *, embedded_redis: bool, children: Seque
     if "grpc" in settings.bridge_names:
         lines.append(f"  gRPC (Open Inference Protocol)  {host}:{settings.grpc_port}{' (TLS)' if settings.tls else ''}")
     if "zmq" in settings.bridge_names:
-        lines.append(f"  ZeroMQ clients                  tcp://{host}:{settings.zmq_port}")
+        lines.append(f"  ZeroMQ clients                  tcp://{host}:{settings.zmq_port}{curve_note(settings)}")
     embedded = " (embedded)" if embedded_redis else ""
-    lines.append(f"  model registry                  {settings.redis_url}{embedded}")
+    lines.append(f"  model registry                  {mask_url(settings.redis_url)}{embedded}")
     lines.append(f"  replicas run as                 {settings.runtime}")
     if children:
         pids = ", ".join(f"{child.name} {child.process.pid}" for child in children)
         lines.append(f"  components (pid)                {pids}")
     print("\n".join(lines), flush=True)
+
+
+def curve_note(settings: Settings) -> str:
+    """The public key clients of an encrypted ZeroMQ port need (the secret one is never shown)."""
+    if settings.zmq_curve_secret_key is None:
+        return ""
+    public = zmq.curve_public(settings.zmq_curve_secret_key.get_secret_value().encode()).decode()
+    return f" (CURVE; server public key {public})"

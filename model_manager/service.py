@@ -8,13 +8,18 @@ one is deployed.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
+from urllib.parse import quote
 
 import zmq.asyncio
 from fakeredis import TcpFakeServer
+from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+from fakeredis._helpers import SimpleError
 from redis.exceptions import RedisError
 
+from inferoxy.credentials import mask_url, new_secret
 from inferoxy.settings import Settings
 from model_manager.models_file import load_models_file, models_file_to_seed
 from model_manager.store import Registry, SpecStore
@@ -22,12 +27,70 @@ from model_manager.store import Registry, SpecStore
 log = logging.getLogger(__name__)
 
 
-class EmbeddedRedis:
-    """fakeredis's TCP server on a loopback port, served from a daemon thread."""
+NOAUTH = "NOAUTH Authentication required."
 
-    def __init__(self, port: int) -> None:
+
+class _PasswordFirstHandler(TCPFakeRequestHandler):
+    """A connection that answers nothing but AUTH (or HELLO ... AUTH) until it gave the password.
+
+    fakeredis keeps ``requirepass`` for AUTH to check but serves an unauthenticated connection all
+    the same, so this wraps the connection's command dispatch: the one place every command passes.
+    """
+
+    server: _PasswordServer
+
+    def setup(self) -> None:
+        super().setup()
+        sock = self.current_client.get_socket()
+        dispatch = sock._process_command
+        password = self.server.password
+        authenticated = False
+
+        def process(fields: list[bytes]) -> None:
+            nonlocal authenticated
+            if not authenticated and fields:
+                given = _password_in(fields)
+                if given is None or not hmac.compare_digest(given, password):
+                    if fields[0].lower() == b"auth":
+                        return dispatch(fields)  # fakeredis answers a wrong password itself (WRONGPASS)
+                    sock.put_response(sock._decode_result(SimpleError(NOAUTH)))
+                    return None
+                authenticated = True
+                if fields[0].lower() == b"hello":  # fakeredis's HELLO checks AUTH against its ACL: already done
+                    fields = fields[:2]
+            return dispatch(fields)
+
+        sock._process_command = process  # type: ignore[method-assign]
+
+
+def _password_in(fields: list[bytes]) -> bytes | None:
+    """The password an AUTH or HELLO command gives for the default user, else None."""
+    command = fields[0].lower()
+    if command == b"auth" and len(fields) in (2, 3) and (len(fields) == 2 or fields[1] == b"default"):
+        return fields[-1]
+    if command == b"hello":
+        upper = [field.upper() for field in fields]
+        if b"AUTH" in upper:
+            at = upper.index(b"AUTH")
+            if len(fields) == at + 3 and at == 2 and fields[at + 1] == b"default":
+                return fields[at + 2]
+    return None
+
+
+class _PasswordServer(TcpFakeServer):
+    def __init__(self, address: tuple[str, int], password: str) -> None:
+        super().__init__(address, server_type="redis")
+        self.RequestHandlerClass = _PasswordFirstHandler
+        self.password = password.encode()
+        self.fake_server.config[b"requirepass"] = self.password  # what fakeredis's AUTH compares with
+
+
+class EmbeddedRedis:
+    """fakeredis's TCP server on a loopback port, behind a password, served from a daemon thread."""
+
+    def __init__(self, port: int, password: str) -> None:
         try:
-            self._server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+            self._server = _PasswordServer(("127.0.0.1", port), password)
         except OSError as exc:
             raise RuntimeError(
                 f"cannot start the embedded Redis on 127.0.0.1:{port} ({exc}); set INFEROXY_REDIS_URL to use "
@@ -35,7 +98,7 @@ class EmbeddedRedis:
             ) from None
         self._server.daemon_threads = True
         self.port: int = self._server.server_address[1]
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.url = f"redis://:{quote(password, safe='')}@127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="embedded-redis", daemon=True)
 
     def start(self) -> None:
@@ -66,10 +129,13 @@ class ModelManager:
 
     async def run(self, ready: asyncio.Event) -> None:
         if not self.redis_url:
-            self.embedded = EmbeddedRedis(self.settings.embedded_redis_port)
+            # `serve` hands every component the same password; run alone, a component makes its own.
+            password = self.settings.embedded_redis_password
+            self.embedded = EmbeddedRedis(self.settings.embedded_redis_port,
+                                          password.get_secret_value() if password else new_secret())
             self.embedded.start()
             self.redis_url = self.embedded.url
-            log.info("embedded Redis-protocol server listening on %s", self.redis_url)
+            log.info("embedded Redis-protocol server listening on %s", mask_url(self.redis_url))
         store = SpecStore.from_url(self.redis_url, self.settings.redis_prefix,
                                    resync_interval_s=self.settings.registry_resync_s)
         try:

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,14 +134,23 @@ def sanitize(text: str) -> str:
     return clean
 
 
-def replica_id(instance: str, model: str, version: str, n: int) -> str:
-    """``{instance}-{model}-{version}-{n}``, sanitized and at most 63 characters."""
-    suffix = f"-{n}"
+def replica_id(instance: str, model: str, version: str, n: int, nonce: str) -> str:
+    """``{instance}-{model}-{version}-{n}-{nonce}``, sanitized and at most 63 characters.
+
+    The nonce (``new_nonce``) makes the id unguessable: it is the replica's bus identity, and a
+    peer that guessed the next one could otherwise race the real replica to the task manager.
+    """
+    suffix = f"-{n}-{nonce}"
     base = sanitize(f"{instance}-{model}-{version}")
     if len(base) + len(suffix) > MAX_REPLICA_ID:
         digest = hashlib.sha1(base.encode()).hexdigest()[:8]
         base = f"{base[: MAX_REPLICA_ID - len(suffix) - len(digest) - 1].rstrip('-')}-{digest}"
     return base + suffix
+
+
+def new_nonce() -> str:
+    """48 random bits, in lowercase hex (a valid container name part)."""
+    return secrets.token_hex(6)
 
 
 def replica_fields_differ(old: ModelSpec, new: ModelSpec) -> bool:

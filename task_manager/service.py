@@ -43,7 +43,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from inferoxy import bus, protocol, wire
+from inferoxy import bus, curve, protocol, wire
 from inferoxy.protocol import ErrorCode
 from inferoxy.runtime import failed_message
 from inferoxy.settings import Settings
@@ -56,6 +56,7 @@ from task_manager.replicas import (
     Replica,
     ReplicaState,
     backoff_delay,
+    new_nonce,
     replica_fields_differ,
     replica_id,
 )
@@ -86,6 +87,9 @@ class TaskManager:
         self._owns_instance = False  # only the instance's owner may sweep what is labelled with it
         self._bm_sock: zmq.asyncio.Socket | None = None
         self._replica_sock: zmq.asyncio.Socket | None = None
+        # Each replica dials with a CURVE key of its own, admitted only while it runs (None: the bus is plain).
+        bus_secret = settings.bus_key_secret
+        self._replica_keys = curve.ReplicaKeys(bus_secret) if bus_secret else None
         self.gpus = GpuAllocator([], allow_sharing=settings.gpu_sharing)  # the inventory is read in run()
         # Status records to (re)write: by spec key, the group (removed groups too, to delete theirs).
         self._dirty: dict[str, ModelGroup] = {}
@@ -128,13 +132,14 @@ class TaskManager:
             if inventory:
                 log.info("GPUs for replicas: %s (sharing between models %s)", ", ".join(inventory),
                          "on" if settings.gpu_sharing else "off")
-            self._bm_sock = bus.make_socket(self.ctx, zmq.ROUTER, bind=settings.task_manager_url,
-                                            max_message_bytes=settings.max_message_bytes)
-            self._replica_sock = bus.make_socket(self.ctx, zmq.ROUTER, bind=settings.replica_bind_url,
-                                                 max_message_bytes=settings.max_message_bytes)
-            # Replica ids repeat across runs: after a restart, a new replica must not be refused because the
-            # previous run's replica of the same id is still connected while it exits.
-            self._replica_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self._bm_sock = bus.make_socket(
+                self.ctx, zmq.ROUTER, bind=settings.task_manager_url, max_message_bytes=settings.max_message_bytes,
+                curve_server=curve.server_for(settings.bus_key_secret, curve.TASK_MANAGER, settings.task_manager_url))
+            # No ROUTER_HANDOVER: a second connection with a live replica's id must not take its batches over.
+            # Replica ids never repeat (random nonce), so a restarted replica never needs to replace an old one.
+            self._replica_sock = bus.make_socket(
+                self.ctx, zmq.ROUTER, bind=settings.replica_bind_url, max_message_bytes=settings.max_message_bytes,
+                curve_server=self._replica_keys.server if self._replica_keys is not None else None)
             removed = await runtime.remove_orphans()
             if removed:
                 log.info("removed %d replicas an earlier run left behind", removed)
@@ -143,6 +148,7 @@ class TaskManager:
                 asyncio.create_task(self._serve(self._bm_sock, self._on_batch_manager_message), name="tm bm"),
                 asyncio.create_task(self._serve(self._replica_sock, self._on_replica_message), name="tm replicas"),
                 asyncio.create_task(self._supervise(), name="tm supervise"),
+                *self._refusal_logger(),
                 asyncio.create_task(self._write_statuses(store), name="tm status"),
                 registry_task,
             ]
@@ -163,6 +169,13 @@ class TaskManager:
             for sock in (self._bm_sock, self._replica_sock):
                 if sock is not None:
                     sock.close(linger=0)
+
+    def _refusal_logger(self) -> list[asyncio.Task[None]]:
+        if self._replica_keys is None or self._replica_sock is None:
+            return []
+        hint = ("a model image built before the bus was authenticated does not speak CURVE: rebuild it FROM the "
+                "current inferoxy/model-base (docs/DOCKER.md)")
+        return [asyncio.create_task(curve.log_refusals(self._replica_sock, hint), name="tm refusals")]
 
     def status(self) -> dict[str, Any]:
         """Per model: its replicas and their states, restarts, and the last error. Read-only, JSON-able."""
@@ -342,11 +355,27 @@ class TaskManager:
             return
         kind = header.get("t")
         if kind == protocol.READY:
+            if not self._dialled_with_its_key(replica, frames[1]):
+                return
             self._on_ready(replica, header)
         elif kind in (protocol.RESULT, protocol.FAILED):
             self._on_answer(replica, header, frames)
         elif kind != protocol.HEARTBEAT:
             log.warning("ignoring a %r message from replica %s", kind, replica.id)
+
+    def _dialled_with_its_key(self, replica: Replica, frame: Any) -> bool:
+        """A replica's id is accepted only from the connection that holds the key issued for it: another
+        replica (or anything else holding some replica's key) cannot take over an id not yet ready."""
+        if self._replica_keys is None:
+            return True
+        try:
+            user_id = frame.get("User-Id")
+        except zmq.ZMQError:  # no metadata: not a CURVE connection
+            user_id = None
+        if self._replica_keys.issued_to(replica.id, user_id):
+            return True
+        log.warning("a peer said `ready` as replica %s without that replica's key; ignored", replica.id)
+        return False
 
     def _on_ready(self, replica: Replica, header: Mapping[str, Any]) -> None:
         if replica.state is not ReplicaState.STARTING:
@@ -611,8 +640,7 @@ class TaskManager:
         """Place and start one replica of the group's spec; False (and the group unschedulable) if it has no room."""
         spec = group.spec
         index = group.next_index
-        while (new_id := replica_id(self.settings.instance, spec.name, spec.version, index)).encode() in self._replicas:
-            index += 1
+        new_id = replica_id(self.settings.instance, spec.name, spec.version, index, new_nonce())
         gpu, problem = self._place(spec.key, spec.run_on_gpu, new_id)
         if problem is not None:
             if group.unschedulable != problem:
@@ -660,6 +688,8 @@ class TaskManager:
         }
         if spec.model_class:
             env["INFEROXY_MODEL_CLASS"] = spec.model_class
+        if self._replica_keys is not None:
+            env.update(self._replica_keys.issue(replica.id))
         labels = {"inferoxy.instance": settings.instance, "inferoxy.model": spec.name,
                   "inferoxy.version": spec.version, "inferoxy.replica": replica.id}
         return ReplicaPlan(replica_id=replica.id, spec=spec, env=env, gpu=replica.gpu, labels=labels)
@@ -725,6 +755,8 @@ class TaskManager:
     def _ended(self, replica: Replica, how: str, *, start_failed: bool = False) -> None:
         """Forget a replica that is gone, tell the batch managers, and replace it if it should be."""
         self._replicas.pop(replica.identity, None)
+        if self._replica_keys is not None:
+            self._replica_keys.revoke(replica.id)
         self.gpus.release(replica.id)
         group = replica.group
         group.replicas.pop(replica.id, None)

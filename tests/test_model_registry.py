@@ -99,7 +99,7 @@ def test_store_against_real_redis(real_redis_url: str, redis_prefix: str) -> Non
 
 
 def test_store_against_embedded_redis() -> None:
-    server = EmbeddedRedis(free_port())
+    server = EmbeddedRedis(free_port(), "a password")  # the store authenticates with the URL it is given
     server.start()
     try:
         asyncio.run(_exercise_store(SpecStore.from_url(server.url, "embedded")))

@@ -22,7 +22,7 @@ from inferoxy import wire
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
-from task_manager.replicas import backoff_delay, replica_id, sanitize
+from task_manager.replicas import backoff_delay, new_nonce, replica_id, sanitize
 from task_manager.service import TaskManager, clip_reason
 from tests.support import REPO, alive, descendants, free_port
 
@@ -183,8 +183,10 @@ def test_replica_up_then_batches_travel_both_ways(redis_url: str) -> None:
     async def scenario(h: Harness) -> None:
         await h.store.put(spec("echo", ECHO))
         up, _ = await h.expect("replica_up")
-        assert up == {"t": "replica_up", "replica": replica_id("Test", "echo", "1", 0), "model": "echo",
-                      "version": "1", "capacity": 2}
+        prefix = replica_id("Test", "echo", "1", 0, "")  # then a random nonce of 12 hex digits
+        assert up["replica"].startswith(prefix) and len(up["replica"]) == len(prefix) + 12
+        assert {k: v for k, v in up.items() if k != "replica"} == {"t": "replica_up", "model": "echo",
+                                                                    "version": "1", "capacity": 2}
 
         x = np.arange(12, dtype=np.float32).reshape(4, 3)
         await h.send_batch(up["replica"], 7, [("x", x)])
@@ -592,12 +594,18 @@ def test_shutdown_stops_every_replica(redis_url: str) -> None:
 
 
 def test_replica_ids_are_safe_names() -> None:
-    assert replica_id("inferoxy", "echo", "1", 0) == "inferoxy-echo-1-0"
+    assert replica_id("inferoxy", "echo", "1", 0, "0a1b2c3d4e5f") == "inferoxy-echo-1-0-0a1b2c3d4e5f"
     assert sanitize("My_Model") != sanitize("my.model")
     assert all(set(sanitize(name)) <= set("abcdefghijklmnopqrstuvwxyz0123456789-") for name in ("A_b", "x.y", "--z"))
-    long = replica_id("inferoxy", "m" * 64, "v" * 64, 12)
-    assert len(long) <= 63 and long.endswith("-12")
-    assert long != replica_id("inferoxy", "m" * 64, "w" * 64, 12)
+    long = replica_id("inferoxy", "m" * 64, "v" * 64, 12, "0a1b2c3d4e5f")
+    assert len(long) <= 63 and long.endswith("-12-0a1b2c3d4e5f")
+    assert long != replica_id("inferoxy", "m" * 64, "w" * 64, 12, "0a1b2c3d4e5f")
+
+
+def test_replica_ids_are_unguessable() -> None:
+    """Attack: a peer dials the replica port with the next id (`-0`, `-1`, ...) before the real replica does."""
+    nonces = {new_nonce() for _ in range(1000)}
+    assert len(nonces) == 1000 and all(len(n) == 12 for n in nonces)
 
 
 def test_backoff_doubles_up_to_its_limit() -> None:

@@ -8,6 +8,7 @@ using the environment the plan hands it.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from model_manager.spec import ModelSpec
@@ -23,6 +24,31 @@ class ReplicaPlan:
     """Variables the model runtime reads (INFEROXY_REPLICA_URL, INFEROXY_REPLICA_ID, ...), merged over spec.env."""
     gpu: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+
+
+# What a replica run as a local process may inherit from the proxy's environment: what finds and runs
+# the interpreter and its libraries, the locale, and the GPUs. Nothing else: the proxy's environment
+# holds its admin key, registry password, Redis URL and bus secret, and a model is not to see them.
+INHERITED_VARIABLES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "TZ", "LANG", "LANGUAGE",
+    "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
+})
+
+
+def inherited(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the proxy's environment a local replica may see (``INHERITED_VARIABLES``, ``LC_*``)."""
+    return {name: value for name, value in environ.items()
+            if name in INHERITED_VARIABLES or name.startswith("LC_")}
+
+
+def replica_environment(plan: ReplicaPlan, environ: Mapping[str, str] = {}) -> dict[str, str]:  # noqa: B006
+    """A replica's whole environment: what it may inherit from ``environ`` (a local process's parent), then
+    the spec's own ``env``, then the plan's (bus address, credentials, replica id), then its GPU."""
+    env = {**inherited(environ), **plan.spec.env, **plan.env}
+    if plan.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = plan.gpu
+    return env
 
 
 @dataclass(frozen=True)

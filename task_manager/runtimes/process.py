@@ -24,7 +24,14 @@ from collections import deque
 
 from inferoxy.procutil import die_with_parent
 from inferoxy.settings import Settings
-from task_manager.runtimes.base import ReplicaExit, ReplicaHandle, ReplicaPlan, Runtime, RuntimeStartError
+from task_manager.runtimes.base import (
+    ReplicaExit,
+    ReplicaHandle,
+    ReplicaPlan,
+    Runtime,
+    RuntimeStartError,
+    replica_environment,
+)
 
 log = logging.getLogger(__name__)
 replica_log = logging.getLogger("task_manager.replica")
@@ -122,7 +129,7 @@ class ProcessRuntime(Runtime):
     async def start(self, plan: ReplicaPlan) -> ProcessReplica:
         argv = self.command(plan)
         # Unbuffered, so a replica's last words reach the log tail before it dies.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **plan.spec.env, **plan.env}
+        env = {"PYTHONUNBUFFERED": "1", **replica_environment(plan, os.environ)}
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
