@@ -44,20 +44,30 @@ class CliError(Exception):
         self.code = code
 
 
+def add_connection_options(parser: Any) -> None:
+    """How an admin command reaches the proxy: address, key, timeout and TLS (shared by `models` and `keys`)."""
+    parser.add_argument("--url", default=os.environ.get("INFEROXY_ADMIN_URL", DEFAULT_URL),
+                        help=f"the proxy's REST address (INFEROXY_ADMIN_URL, default {DEFAULT_URL})")
+    parser.add_argument("--key", default=os.environ.get("INFEROXY_ADMIN_KEY"),
+                        help="the admin key, or an API key with the admin scope (INFEROXY_ADMIN_KEY)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the proxy")
+    parser.add_argument("--cacert", default=os.environ.get("INFEROXY_CA_FILE"),
+                        help="PEM CA bundle that verifies an https proxy (INFEROXY_CA_FILE; default: the system's)")
+    parser.add_argument("--cert", default=os.environ.get("INFEROXY_CLIENT_CERT_FILE"),
+                        help="PEM client certificate, for a proxy that requires one (INFEROXY_CLIENT_CERT_FILE)")
+    parser.add_argument("--cert-key", default=os.environ.get("INFEROXY_CLIENT_KEY_FILE"),
+                        help="the client certificate's PEM key, unless in --cert (INFEROXY_CLIENT_KEY_FILE)")
+
+
+def connect(args: argparse.Namespace) -> AdminClient:
+    """The admin API client that ``add_connection_options``' arguments describe."""
+    return AdminClient(args.url, args.key, args.timeout, tls_context(args.cacert, args.cert, args.cert_key))
+
+
 def add_models_parser(commands: Any) -> None:
     """Add ``models`` and its subcommands to the ``inferoxy`` parser."""
     models = commands.add_parser("models", help="list, add, change and remove models through the admin API")
-    models.add_argument("--url", default=os.environ.get("INFEROXY_ADMIN_URL", DEFAULT_URL),
-                        help=f"the proxy's REST address (INFEROXY_ADMIN_URL, default {DEFAULT_URL})")
-    models.add_argument("--key", default=os.environ.get("INFEROXY_ADMIN_KEY"),
-                        help="the admin key (INFEROXY_ADMIN_KEY)")
-    models.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the proxy")
-    models.add_argument("--cacert", default=os.environ.get("INFEROXY_CA_FILE"),
-                        help="PEM CA bundle that verifies an https proxy (INFEROXY_CA_FILE; default: the system's)")
-    models.add_argument("--cert", default=os.environ.get("INFEROXY_CLIENT_CERT_FILE"),
-                        help="PEM client certificate, for a proxy that requires one (INFEROXY_CLIENT_CERT_FILE)")
-    models.add_argument("--cert-key", default=os.environ.get("INFEROXY_CLIENT_KEY_FILE"),
-                        help="the client certificate's PEM key, unless in --cert (INFEROXY_CLIENT_KEY_FILE)")
+    add_connection_options(models)
     sub = models.add_subparsers(dest="models_command", required=True)
 
     listing = sub.add_parser("list", help="every model version, its state and replicas")
@@ -95,8 +105,7 @@ def add_models_parser(commands: Any) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     try:
-        tls = tls_context(args.cacert, args.cert, args.cert_key)
-        with AdminClient(args.url, args.key, args.timeout, tls) as client:
+        with connect(args) as client:
             return COMMANDS[args.models_command](client, args)
     except CliError as exc:
         print(f"inferoxy models: {exc}", file=sys.stderr)

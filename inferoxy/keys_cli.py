@@ -7,21 +7,16 @@ it with ``tail -n 1``; nothing else ever shows it. Exit codes are ``inferoxy mod
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-from inferoxy.admin_cli import DEFAULT_URL, OK, USAGE, AdminClient, CliError, _table
+from inferoxy.admin_cli import OK, USAGE, AdminClient, CliError, _table, add_connection_options, connect
 
 
 def add_keys_parser(commands: Any) -> None:
     """Add ``keys`` and its subcommands to the ``inferoxy`` parser."""
     keys = commands.add_parser("keys", help="create, list and revoke API keys through the admin API")
-    keys.add_argument("--url", default=os.environ.get("INFEROXY_ADMIN_URL", DEFAULT_URL),
-                      help=f"the proxy's REST address (INFEROXY_ADMIN_URL, default {DEFAULT_URL})")
-    keys.add_argument("--key", default=os.environ.get("INFEROXY_ADMIN_KEY"),
-                      help="the admin key, or an API key with the admin scope (INFEROXY_ADMIN_KEY)")
-    keys.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the proxy")
+    add_connection_options(keys)
     sub = keys.add_subparsers(dest="keys_command", required=True)
 
     create = sub.add_parser("create", help="make a key; it is printed once, alone on the last line")
@@ -38,7 +33,7 @@ def add_keys_parser(commands: Any) -> None:
 
 def run_keys(args: argparse.Namespace) -> int:
     try:
-        with AdminClient(args.url, args.key, args.timeout) as client:
+        with connect(args) as client:
             return KEY_COMMANDS[args.keys_command](client, args)
     except CliError as exc:
         print(f"inferoxy keys: {exc}", file=sys.stderr)

@@ -189,6 +189,15 @@ def test_the_admin_cli_talks_https_with_cacert(tls_stack: BridgeStack, pki: Pki)
     env["INFEROXY_CA_FILE"] = str(pki.ca)
     assert cli().returncode == 0
 
+    # `inferoxy keys` reaches the proxy the same way (the two commands share their connection options).
+    keys = [sys.executable, "-m", "inferoxy", "keys", "--url", https_url(tls_stack)]
+    listed_keys = subprocess.run([*keys, "--cacert", str(pki.ca), "list"], cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=60)
+    assert listed_keys.returncode == 0, listed_keys.stderr
+    del env["INFEROXY_CA_FILE"]
+    refused = subprocess.run([*keys, "list"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == admin_cli.UNREACHABLE and "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
+
 
 def test_a_client_ca_makes_both_bridges_require_a_client_certificate(pki: Pki) -> None:
     stack = BridgeStack(tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key),
