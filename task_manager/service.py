@@ -871,36 +871,41 @@ class TaskManager:
 
     async def _flush_statuses(self, store: SpecStore, *, stopped: bool = False) -> None:
         while self._dirty:
-            key, group = next(iter(self._dirty.items()))
-            spec = group.spec
-            if group.removed and key not in self._groups:
-                if not group.replicas:
-                    await store.delete_status(spec.name, spec.version)
-                    self._written.pop(key, None)
-                    self._live_statuses.pop(key, None)
-                self._dirty.pop(key, None)
-                continue
-            record: tuple[ServingState, int, int, str | None]
-            if stopped:
-                record = ("stopped", 0, group.desired, "the task manager stopped")
-            else:
-                state, reason = group.serving_state()
-                record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None)
-            if self._written.get(key) != record:
-                status = ModelStatus(name=spec.name, version=spec.version, state=record[0],
-                                     ready_replicas=record[1], desired_replicas=record[2],
-                                     reason=record[3], updated_at=time.time())
-                # The final "stopped" record stays (it claims nothing, and says why); live ones expire.
-                await store.put_status(status, ttl_s=None if stopped else self._status_ttl_s)
-                self._live_statuses[key] = status
-                previous = self._written.get(key, ("none",))[0]
-                if previous != record[0]:
-                    log.info("model %s is %s (%d of %d replicas ready)%s", key, record[0], record[1], record[2],
-                             f": {record[3].splitlines()[0]}" if record[3] else "")
-                self._written[key] = record
-            # Popped only once written: a failed write leaves it for the retry.
-            if self._dirty.get(key) is group:
-                del self._dirty[key]
+            # Taken before the write: a change made while the write is in flight marks the model again and is
+            # written in turn. (Dropping the mark after the write lost such changes: it is always the same group.)
+            key, group = self._dirty.popitem()
+            try:
+                await self._write_status(store, key, group, stopped=stopped)
+            except BaseException:
+                self._dirty.setdefault(key, group)  # left for the retry
+                raise
+
+    async def _write_status(self, store: SpecStore, key: str, group: ModelGroup, *, stopped: bool) -> None:
+        spec = group.spec
+        if group.removed and key not in self._groups:
+            if not group.replicas:
+                await store.delete_status(spec.name, spec.version)
+                self._written.pop(key, None)
+                self._live_statuses.pop(key, None)
+            return
+        record: tuple[ServingState, int, int, str | None]
+        if stopped:
+            record = ("stopped", 0, group.desired, "the task manager stopped")
+        else:
+            state, reason = group.serving_state()
+            record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None)
+        if self._written.get(key) == record:
+            return
+        status = ModelStatus(name=spec.name, version=spec.version, state=record[0], ready_replicas=record[1],
+                             desired_replicas=record[2], reason=record[3], updated_at=time.time())
+        # The final "stopped" record stays (it claims nothing, and says why); live ones expire.
+        await store.put_status(status, ttl_s=None if stopped else self._status_ttl_s)
+        self._live_statuses[key] = status
+        previous = self._written.get(key, ("none",))[0]
+        if previous != record[0]:
+            log.info("model %s is %s (%d of %d replicas ready)%s", key, record[0], record[1], record[2],
+                     f": {record[3].splitlines()[0]}" if record[3] else "")
+        self._written[key] = record
 
     async def _refresh_statuses(self, store: SpecStore) -> None:
         """Write every live status again before its TTL runs out (and into a Redis that restarted empty)."""

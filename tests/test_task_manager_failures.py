@@ -165,3 +165,28 @@ def test_an_answer_the_task_manager_cannot_read_fails_its_batch() -> None:
         assert replica.in_flight == {}
 
     asyncio.run(main())
+
+
+def test_a_status_change_made_while_the_last_one_is_written_is_written_too() -> None:
+    # The failure (a flaky GPU test in CI): the flush dropped a model's dirty mark after each write whenever the
+    # mark still pointed at the same group, which it always does, so a change made while a write was in flight
+    # was lost; the TTL refresh then kept rewriting the stale record (1 of 2 replicas ready) for ever.
+    group = ModelGroup(spec=spec("g", ECHO))
+    written: list[str] = []
+
+    class SlowStore:
+        async def put_status(self, status: Any, ttl_s: float | None) -> None:
+            await asyncio.sleep(0)  # the write is in flight: other handlers run
+            written.append(status.state)
+            if len(written) == 1:
+                group.failed_reason = "weights missing"  # the model's state changes meanwhile...
+                manager._dirty[group.spec.key] = group  # ...and is marked to write, as _status_changed does
+
+    async def scenario() -> None:
+        manager._dirty[group.spec.key] = group
+        await manager._flush_statuses(SlowStore())  # type: ignore[arg-type]
+
+    manager = TaskManager(Settings(models_file=""), zmq.asyncio.Context())
+    asyncio.run(scenario())
+    assert written == ["starting", "failed"], written
+    assert manager._live_statuses[group.spec.key].state == "failed", "the record the TTL refresh rewrites"
