@@ -42,6 +42,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_bridges import ECHO_ONLY  # noqa: E402  (the same one-model proxy as the other bridge benches)
 
 from bridges.proto import grpc_predict_v2_pb2 as pb  # noqa: E402
 from bridges.proto import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
@@ -49,13 +52,6 @@ from inferoxy.client import AsyncClient, InferenceError  # noqa: E402
 from inferoxy.wire import encode, unpack_header  # noqa: E402
 from tests.support import ProxyProcess, descendants, wait_for  # noqa: E402
 
-ECHO_ONLY = """
-models:
-  echo:
-    model_class: examples.models.echo.model:EchoModel
-    max_batch_size: 64
-    max_batch_delay_ms: 0
-"""
 SMALL = np.arange(16, dtype=np.float32)[None]
 REQUEST_TIMEOUT_S = 120.0  # longer than the whole case: no slow request expires while it is held
 DRAIN_IDLE_S = 3.0  # the slow client stops reading after this long without a reply

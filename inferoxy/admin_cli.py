@@ -23,7 +23,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -104,11 +104,17 @@ def add_models_parser(commands: Any) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    return run_admin_command(args, "models", COMMANDS[args.models_command])
+
+
+def run_admin_command(args: argparse.Namespace, group: str,
+                      command: Callable[[AdminClient, argparse.Namespace], int]) -> int:
+    """Run one admin CLI command against the proxy; a failure is one line on stderr and its exit code."""
     try:
         with connect(args) as client:
-            return COMMANDS[args.models_command](client, args)
+            return command(client, args)
     except CliError as exc:
-        print(f"inferoxy models: {exc}", file=sys.stderr)
+        print(f"inferoxy {group}: {exc}", file=sys.stderr)
         return exc.code
 
 

@@ -7,10 +7,9 @@ it with ``tail -n 1``; nothing else ever shows it. Exit codes are ``inferoxy mod
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from inferoxy.admin_cli import OK, USAGE, AdminClient, CliError, _table, add_connection_options, connect
+from inferoxy.admin_cli import OK, USAGE, AdminClient, CliError, _table, add_connection_options, run_admin_command
 
 
 def add_keys_parser(commands: Any) -> None:
@@ -32,12 +31,7 @@ def add_keys_parser(commands: Any) -> None:
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    try:
-        with connect(args) as client:
-            return KEY_COMMANDS[args.keys_command](client, args)
-    except CliError as exc:
-        print(f"inferoxy keys: {exc}", file=sys.stderr)
-        return exc.code
+    return run_admin_command(args, "keys", KEY_COMMANDS[args.keys_command])
 
 
 def cmd_create(client: AdminClient, args: argparse.Namespace) -> int:
