@@ -32,7 +32,7 @@ def embedded() -> Iterator[EmbeddedRedis]:
 
 
 def test_mask_url_hides_only_the_password() -> None:
-    assert mask_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://:****@10.0.0.1:6379/0"
+    assert mask_url("redis://:s3cret@127.0.0.1:6379/0") == "redis://:****@127.0.0.1:6379/0"
     assert mask_url("rediss://app:s3cret@redis.example:6380") == "rediss://app:****@redis.example:6380"
     assert mask_url("redis://[::1]:6379/2") == "redis://[::1]:6379/2"
     assert mask_url("redis://:s3cret@[::1]:6379") == "redis://:****@[::1]:6379"
