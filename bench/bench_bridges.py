@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +93,30 @@ async def closed_loop(call: Any, concurrency: int, duration: float) -> list[floa
     return latencies
 
 
-async def bench_zmq(url: str, concurrency: int, duration: float) -> list[float]:
-    payload = {"x": np.arange(16, dtype=np.float32)[None]}
+Call = Callable[[], Awaitable[None]]
+
+
+async def warm_then_measure(caller: AbstractAsyncContextManager[Call], concurrency: int,
+                            duration: float) -> list[float]:
+    """A discarded warm-up pass (up to 1 s), then the measured closed loop, over one client."""
+    async with caller as call:
+        await closed_loop(call, concurrency, min(1.0, duration))
+        return await closed_loop(call, concurrency, duration)
+
+
+@asynccontextmanager
+async def zmq_caller(url: str, payload: np.ndarray | None = None) -> AsyncIterator[Call]:
+    """One AsyncClient; each call sends ``payload`` (default FP32 [1, 16]) as echo's input ``x``."""
+    inputs = {"x": np.arange(16, dtype=np.float32)[None] if payload is None else payload}
     async with AsyncClient(url, timeout=30) as client:
         async def call() -> None:
-            await client.infer("echo", payload)
+            await client.infer("echo", inputs)
 
-        await closed_loop(call, concurrency, min(1.0, duration))  # warm-up
-        return await closed_loop(call, concurrency, duration)
+        yield call
+
+
+async def bench_zmq(url: str, concurrency: int, duration: float) -> list[float]:
+    return await warm_then_measure(zmq_caller(url), concurrency, duration)
 
 
 async def bench_rest(url: str, concurrency: int, duration: float) -> list[float]:

@@ -14,45 +14,68 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 import tritonclient.http.aio as httpclient
+from tritonclient.utils import np_to_triton_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bridges import ECHO_ONLY, Proxy, closed_loop, free_port, print_row, report, summarise  # noqa: E402
+from bench_bridges import (  # noqa: E402
+    ECHO_ONLY,
+    Call,
+    Proxy,
+    free_port,
+    print_row,
+    report,
+    summarise,
+    warm_then_measure,
+)
 
 PAYLOAD = np.arange(16, dtype=np.float32)[None]
 
 
-async def bench_http(address: str, concurrency: int, duration: float) -> list[float]:
-    client = httpclient.InferenceServerClient(address, conn_limit=concurrency)
-    tensor = httpclient.InferInput("x", list(PAYLOAD.shape), "FP32")
-    tensor.set_data_from_numpy(PAYLOAD, binary_data=True)
+@asynccontextmanager
+async def http_caller(address: str, *, model: str = "echo", payload: np.ndarray = PAYLOAD,
+                      connections: int = 64) -> AsyncIterator[Call]:
+    """One HTTP client; each call sends ``payload`` as input ``x``, binary tensors both ways."""
+    client = httpclient.InferenceServerClient(address, conn_limit=connections)
+    tensor = httpclient.InferInput("x", list(payload.shape), np_to_triton_dtype(payload.dtype))
+    tensor.set_data_from_numpy(payload, binary_data=True)
     try:
         async def call() -> None:
-            await client.infer("echo", [tensor])
+            await client.infer(model, [tensor])
 
-        await closed_loop(call, concurrency, min(1.0, duration))  # warm-up
-        return await closed_loop(call, concurrency, duration)
+        yield call
     finally:
         await client.close()
+
+
+@asynccontextmanager
+async def grpc_caller(address: str, *, model: str = "echo", payload: np.ndarray = PAYLOAD) -> AsyncIterator[Call]:
+    """One gRPC channel; each call sends ``payload`` as input ``x`` in ``raw_input_contents``."""
+    client = grpcclient.InferenceServerClient(address)
+    tensor = grpcclient.InferInput("x", list(payload.shape), np_to_triton_dtype(payload.dtype))
+    tensor.set_data_from_numpy(payload)
+    try:
+        async def call() -> None:
+            await client.infer(model, [tensor])
+
+        yield call
+    finally:
+        await client.close()
+
+
+async def bench_http(address: str, concurrency: int, duration: float) -> list[float]:
+    return await warm_then_measure(http_caller(address, connections=concurrency), concurrency, duration)
 
 
 async def bench_grpc(address: str, concurrency: int, duration: float) -> list[float]:
-    client = grpcclient.InferenceServerClient(address)
-    tensor = grpcclient.InferInput("x", list(PAYLOAD.shape), "FP32")
-    tensor.set_data_from_numpy(PAYLOAD)
-    try:
-        async def call() -> None:
-            await client.infer("echo", [tensor])
-
-        await closed_loop(call, concurrency, min(1.0, duration))
-        return await closed_loop(call, concurrency, duration)
-    finally:
-        await client.close()
+    return await warm_then_measure(grpc_caller(address), concurrency, duration)
 
 
 def main() -> None:
