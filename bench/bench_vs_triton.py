@@ -293,8 +293,8 @@ def targets(cells: list[Cell], medians: dict[tuple[str, str], dict[str, Any] | N
 
 def print_table(cells: list[Cell], cases: dict[str, Case], medians: dict[tuple[str, str], dict[str, Any] | None],
                 found: list[dict[str, Any]]) -> None:
-    print("\n| case | protocol | c | Triton req/s (p50 ms) | Inferoxy req/s (p50 ms) | Inferoxy/Triton "
-          "| grpc.aio req/s (p50 ms) | CPU µs/req Triton | Inferoxy |")
+    print("\n| case | protocol | c | Triton req/s (min–max), p50 ms | Inferoxy | Inferoxy/Triton "
+          "| grpc.aio | CPU µs/req Triton | Inferoxy |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cell in cells:
         got = {system: medians.get((cell.key, system)) for system in (TRITON, INFEROXY, BARE)}
@@ -309,7 +309,9 @@ def print_table(cells: list[Cell], cases: dict[str, Case], medians: dict[tuple[s
 
 
 def _cell(median: dict[str, Any] | None) -> str:
-    return "—" if median is None else f"{median['rps']:,.0f} ({median['p50_ms']:.2f})"
+    if median is None:
+        return "—"
+    return f"{median['rps']:,.0f} ({median['rps_min']:,.0f}–{median['rps_max']:,.0f}), p50 {median['p50_ms']:.2f}"
 
 
 def _cpu(median: dict[str, Any] | None) -> str:
