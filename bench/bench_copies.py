@@ -55,7 +55,7 @@ def steps(tensor: np.ndarray) -> dict[str, Callable[[], Any]]:
     contents = parsed.raw_input_contents[0]
     view = np.frombuffer(contents, dtype=tensor.dtype)
 
-    data = bytes(memoryview(view).cast("B"))  # protobuf takes bytes only: no memoryview, no array
+    data = bytes(view.data.cast("B"))  # protobuf takes bytes only: no memoryview, no array
 
     def response() -> pb.ModelInferResponse:
         answer = pb.ModelInferResponse(model_name="echo", id="1")
@@ -69,7 +69,7 @@ def steps(tensor: np.ndarray) -> dict[str, Callable[[], Any]]:
         "request: ModelInferRequest.FromString(wire bytes)": lambda: pb.ModelInferRequest.FromString(raw),
         "request: .raw_input_contents[0] (bytes out of the message)": lambda: parsed.raw_input_contents[0],
         "request: np.frombuffer(raw contents)": lambda: np.frombuffer(contents, dtype=tensor.dtype),
-        "answer: bytes(array's buffer)": lambda: bytes(memoryview(view).cast("B")),
+        "answer: bytes(array's buffer)": lambda: bytes(view.data.cast("B")),
         "answer: ModelInferResponse + raw_output_contents.append(bytes)": response,
         "answer: ModelInferResponse.SerializeToString()": built.SerializeToString,
     }

@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -392,7 +393,9 @@ def main() -> None:
         print(f"serving: {', '.join(f'{name} (pid {server.root})' for name, server in started.items())}; "
               f"logs in {logs}", flush=True)
         runs = run_rounds(started, cells, cases, args.duration, args.repeats)
-        if args.profile is not None:
+        if args.profile is not None and shutil.which("py-spy") is None:
+            print("--profile skipped: py-spy is not on PATH (pip install py-spy; it is in the dev extras)")
+        elif args.profile is not None:
             profiled = [cell for cell in cells if cell.key in ("small grpc c=32", "small zmq c=64")]
             profile(started[INFEROXY], profiled, cases, args.duration, args.profile)
 

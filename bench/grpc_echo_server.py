@@ -20,7 +20,7 @@ from bridges.proto import grpc_predict_v2_pb2 as pb  # noqa: E402
 from bridges.proto import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 
 
-class Echo(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class Echo(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(  # noqa: N802
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:

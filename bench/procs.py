@@ -73,10 +73,10 @@ def wait_for_line(process: subprocess.Popen[bytes], log: Path, text: str, timeou
         if any(line.strip() == text for line in log.read_text(errors="replace").splitlines()):
             return True
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited ({process.returncode}) before it was ready; see {log}")
+            raise RuntimeError(f"{process.args!r} exited ({process.returncode}) before it was ready; see {log}")
         return False
 
-    wait_for(ready, timeout_s, 0.2, f"{process.args} to print {text!r} (see {log})")
+    wait_for(ready, timeout_s, 0.2, f"{process.args!r} to print {text!r} (see {log})")
 
 
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
