@@ -161,7 +161,11 @@ def servers(triton_python: Path | None, logs: Path, bus_curve: bool) -> Iterator
             started[TRITON], triton_ready = stack.enter_context(triton(triton_python, logs))
         started[BARE] = stack.enter_context(bare_grpc(logs))
         started[INFEROXY] = stack.enter_context(inferoxy(logs, bus_curve))
-        triton_ready()
+        try:
+            triton_ready()
+        except (RuntimeError, AssertionError) as exc:  # the others are still worth measuring
+            print(f"Triton skipped: it did not start ({exc})", flush=True)
+            del started[TRITON]
         yield started
 
 
@@ -195,6 +199,16 @@ async def measure(server: Server, cell: Cell, case: Case, duration: float) -> di
     row["server_cpu_us_per_request"] = round(sum(row["cpu_us_per_request"].values()), 1)
     row["client_cpu_percent"] = round(client_s / elapsed * 100, 1)
     return row
+
+
+def idle_cpu(started: dict[str, Server], seconds: float = 3.0) -> dict[str, dict[str, float]]:
+    """Each system's CPU use with no load, in % of one core per process kind: what its c=1 figures carry."""
+    time.sleep(2.0)  # a replica may still be starting when `serve` says it serves
+    before = {system: procs.cpu_by_label(server.root) for system, server in started.items()}
+    time.sleep(seconds)
+    after = {system: procs.cpu_by_label(server.root) for system, server in started.items()}
+    return {system: {name: round((used - before[system].get(name, 0.0)) / seconds * 100, 1)
+                     for name, used in sorted(after[system].items())} for system in started}
 
 
 def run_rounds(started: dict[str, Server], cells: list[Cell], cases: dict[str, Case], duration: float,
@@ -392,6 +406,10 @@ def main() -> None:
     with servers(triton_python, logs, args.bus_curve == "on") as started:
         print(f"serving: {', '.join(f'{name} (pid {server.root})' for name, server in started.items())}; "
               f"logs in {logs}", flush=True)
+        idle = idle_cpu(started)
+        for system, shares in idle.items():
+            print(f"idle CPU, {system}: {sum(shares.values()):.1f}% of a core "
+                  f"({', '.join(f'{name} {share:.1f}%' for name, share in shares.items() if share)})", flush=True)
         runs = run_rounds(started, cells, cases, args.duration, args.repeats)
         if args.profile is not None and shutil.which("py-spy") is None:
             print("--profile skipped: py-spy is not on PATH (pip install py-spy; it is in the dev extras)")
@@ -405,7 +423,7 @@ def main() -> None:
     found = targets(cells, medians)
     print_table(cells, cases, medians, found)
     print_cpu_breakdown(cells, cases, medians, copies)
-    write_json(args, runs, medians, found, copies)
+    write_json(args, runs, medians, found, copies, idle)
 
 
 def _interrupt(*_: object) -> None:
@@ -414,7 +432,7 @@ def _interrupt(*_: object) -> None:
 
 def write_json(args: argparse.Namespace, runs: dict[tuple[str, str], list[dict[str, Any]]],
                medians: dict[tuple[str, str], dict[str, Any] | None], found: list[dict[str, Any]],
-               copies: dict[str, float]) -> None:
+               copies: dict[str, float], idle: dict[str, dict[str, float]]) -> None:
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "load_average": os.getloadavg()}
     cells = [{"cell": cell, "system": system, "runs": rows, "median": medians[(cell, system)]}
@@ -424,7 +442,7 @@ def write_json(args: argparse.Namespace, runs: dict[tuple[str, str], list[dict[s
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine, "settings": settings, "cells": cells, "targets": found,
-                               "copy_cost_us": copies}, indent=2))
+                               "copy_cost_us": copies, "idle_cpu_percent": idle}, indent=2))
     print(f"\nwritten to {path}")
 
 
