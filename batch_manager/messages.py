@@ -1,7 +1,9 @@
-"""The batch manager's side of docs/PROTOCOL.md: reading the headers it receives, building the ones it sends.
+"""The batch manager's side of docs/PROTOCOL.md: the headers the scheduler builds, the task manager's it reads.
 
-Every reader raises ``WireError`` with a message that is safe to send back to the peer,
-so the service can answer a malformed message instead of dying on it.
+What bridges send is read by ``inferoxy.messages`` (typed structs, validated as they decode); the
+readers here still take the task manager's headers as dicts until that link moves to the structs
+too. Every reader raises ``WireError`` with a message that is safe to send back to the peer, so the
+service can answer a malformed message instead of dying on it.
 """
 
 from __future__ import annotations
@@ -21,15 +23,6 @@ Origin = tuple[bytes, int]
 ReplicaId = str | bytes
 TensorMeta = dict[str, Any]
 
-# A day: long enough for any inference, short enough that a deadline is always a finite clock value.
-MAX_TIMEOUT_MS = 86_400_000
-
-
-def request_id_of(header: Mapping[str, Any]) -> int | None:
-    """The bridge's request id, or None when it is missing or not an int (replies then carry ``id: null``)."""
-    value = header.get("id")
-    return value if _is_int(value) else None
-
 
 def reply_header(request_id: int, model: str, version: str, tensors: list[TensorMeta]) -> dict[str, Any]:
     return {"t": protocol.REPLY, "id": request_id, "model": model, "version": version, "tensors": tensors}
@@ -37,41 +30,6 @@ def reply_header(request_id: int, model: str, version: str, tensors: list[Tensor
 
 def error_header(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
     return {"t": protocol.ERROR, "id": request_id, "code": ErrorCode(code).value, "message": message}
-
-
-@dataclass(slots=True, frozen=True)
-class InferFields:
-    request_id: int
-    model: str
-    version: str | None
-    timeout_ms: float | None
-
-
-def parse_infer(header: Mapping[str, Any]) -> InferFields:
-    """The fields of an ``infer`` header (its tensors are checked separately, by ``wire.check_tensors``)."""
-    request_id = header.get("id")
-    if not _is_int(request_id):
-        raise WireError("'id' must be an int")
-    model = header.get("model")
-    if not isinstance(model, str) or not model:
-        raise WireError("'model' must be a non-empty string")
-    version = header.get("version")
-    if version is not None and (not isinstance(version, str) or not version):
-        raise WireError("'version' must be a non-empty string or null")
-    timeout_ms = header.get("timeout_ms")
-    if timeout_ms is not None and (not _is_number(timeout_ms) or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
-        raise WireError(f"'timeout_ms' must be a number in (0, {MAX_TIMEOUT_MS}] or null")
-    params = header.get("params")
-    if params is not None and not isinstance(params, dict):
-        raise WireError("'params' must be a map")
-    return InferFields(request_id, model, version, timeout_ms)
-
-
-def parse_cancel(header: Mapping[str, Any]) -> int:
-    request_id = header.get("id")
-    if not _is_int(request_id):
-        raise WireError("'id' must be an int")
-    return request_id
 
 
 # --- task manager -> batch manager -----------------------------------------------------------------
@@ -209,7 +167,3 @@ def _batch_id(header: Mapping[str, Any]) -> int:
 def _is_int(value: Any) -> TypeGuard[int]:
     # bool is an int subclass, and True is no request id.
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -34,6 +34,7 @@ from batch_manager import messages
 from batch_manager.params import parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from inferoxy import curve, protocol
+from inferoxy import messages as m
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
 from inferoxy.protocol import ErrorCode
@@ -174,7 +175,7 @@ class BatchManager:
         if identity not in self._bridges_heard:
             log.info("bridge %s connected", identity.hex())
         self._bridges_heard[identity] = self._now()
-        self._send_to_bridge(identity, {"t": protocol.HEARTBEAT, "epoch": self.epoch})
+        self._send_encoded(identity, m.encode(m.Heartbeat(epoch=self.epoch)))
 
     def _forget_silent_bridges(self, now: float, limit_s: float) -> None:
         # Their replies are dropped anyway (the bridge failed those requests); this keeps the table bounded.
@@ -189,18 +190,20 @@ class BatchManager:
         try:
             if len(message) < 2:
                 raise WireError("empty message: a header frame is required")
-            header = unpack_header(message[1])
-            request_id = messages.request_id_of(header)
-            kind = header.get("t")
-            if kind == protocol.INFER:
-                self._on_infer(identity, header, message[2:], len(message[1]))
-            elif kind == protocol.HEARTBEAT:
+            try:
+                msg = m.BRIDGE_TO_BATCH_MANAGER.decode(message[1])
+            except WireError:
+                # The reply still names the request when only another field was wrong.
+                request_id = m.peek_id(message[1])
+                raise
+            if isinstance(msg, m.Infer):
+                request_id = msg.id
+                self._on_infer(identity, msg, message[2:], len(message[1]))
+            elif isinstance(msg, m.Heartbeat):
                 self._on_bridge_heartbeat(identity)
-            elif kind == protocol.CANCEL:
-                self._perform(self.scheduler.cancel((identity, messages.parse_cancel(header)), self._now()))
             else:
-                raise WireError(f"unknown message type {kind!r}; expected {protocol.INFER!r}, {protocol.CANCEL!r} "
-                                f"or {protocol.HEARTBEAT!r}")
+                request_id = msg.id
+                self._perform(self.scheduler.cancel((identity, msg.id), self._now()))
         except WireError as exc:
             self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.BAD_INPUT, str(exc)))
         except Exception:
@@ -208,14 +211,13 @@ class BatchManager:
             log.exception("failed to handle a message from bridge %r", identity)
             self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.INTERNAL, "internal error"))
 
-    def _on_infer(self, identity: bytes, header: dict[str, Any], frames: list[Any], header_bytes: int) -> None:
-        fields = messages.parse_infer(header)
-        metas = check_tensors(header, frames)
-        params = parse_params(header.get("params"))
-        timeout_s = self._default_timeout_s if fields.timeout_ms is None else fields.timeout_ms / 1000.0
+    def _on_infer(self, identity: bytes, msg: m.Infer, frames: list[Any], header_bytes: int) -> None:
+        metas = check_tensors({"tensors": msg.tensors}, frames)
+        params = parse_params(msg.params)
+        timeout_s = self._default_timeout_s if msg.timeout_ms is None else msg.timeout_ms / 1000.0
         now = self._now()
-        request = Request((identity, fields.request_id), fields.model, fields.version, metas, frames, now + timeout_s,
-                          params, header_bytes)
+        request = Request((identity, msg.id), msg.model, msg.version, metas, frames, now + timeout_s, params,
+                          header_bytes)
         self._perform(self.scheduler.submit(request, now))
 
     def _on_task_manager_message(self, message: list[Any]) -> None:
@@ -316,7 +318,10 @@ class BatchManager:
         return self._send(self._task_manager, [pack_header(dispatch.header()), *dispatch.frames])
 
     def _send_to_bridge(self, identity: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
-        if not self._send(self._bridges, [identity, pack_header(header), *(frames or ())]):
+        self._send_encoded(identity, pack_header(header), frames)
+
+    def _send_encoded(self, identity: bytes, header: bytes, frames: list[Any] | None = None) -> None:
+        if not self._send(self._bridges, [identity, header, *(frames or ())]):
             # The bridge is gone (or its queue is full); there is no one else to tell.
             log.debug("dropped a reply to unreachable bridge %r", identity)
 
