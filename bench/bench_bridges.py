@@ -1,10 +1,15 @@
 """Requests per second and latency through the ZeroMQ and REST bridges, with the echo model.
 
     python bench/bench_bridges.py [--duration 10] [--concurrency 1 16 64] [--json results.json]
+                                  [--bus serve|tcp|ipc-curve]
 
 Starts its own `inferoxy serve` on free loopback ports (embedded Redis, process replicas),
 drives each bridge with closed-loop clients (each sends its next request when the last
 one is answered), prints a table and writes the figures as JSON.
+
+``--bus`` picks the components' links (bridges -> batch manager -> task manager): ``serve``'s default
+(ipc:// in a private directory, no CURVE), ``tcp`` (tcp://127.0.0.1 with CURVE, the default before), or
+``ipc-curve`` (ipc:// in the shared temporary directory, so CURVE stays on).
 """
 
 from __future__ import annotations
@@ -46,16 +51,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def bus_env(bus: str) -> dict[str, str]:
+    if bus == "tcp":
+        return {"INFEROXY_BATCH_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}",
+                "INFEROXY_TASK_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}"}
+    if bus == "ipc-curve":
+        return {"INFEROXY_BATCH_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-bm-{os.getpid()}",
+                "INFEROXY_TASK_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-tm-{os.getpid()}"}
+    return {}
+
+
 class Proxy:
-    def __init__(self, models_file: str) -> None:
+    def __init__(self, models_file: str, bus: str = "serve") -> None:
         self.rest_port, self.zmq_port = free_port(), free_port()
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in ("INFEROXY_BATCH_MANAGER_URL",
+                                                                 "INFEROXY_TASK_MANAGER_URL")},
+            **bus_env(bus),
             "INFEROXY_BIND_HOST": "127.0.0.1",
             "INFEROXY_REST_PORT": str(self.rest_port),
             "INFEROXY_ZMQ_PORT": str(self.zmq_port),
-            "INFEROXY_BATCH_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-bm-{os.getpid()}",
-            "INFEROXY_TASK_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-tm-{os.getpid()}",
             "INFEROXY_REPLICA_BIND_URL": f"tcp://127.0.0.1:{free_port()}",
             "INFEROXY_EMBEDDED_REDIS_PORT": str(free_port()),
             "INFEROXY_MODELS_FILE": models_file,
@@ -170,11 +185,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--bridges", nargs="+", default=["zmq", "rest"], choices=["zmq", "rest"])
     parser.add_argument("--json", default="bench/results/bridges.json", help="where to write the figures")
+    parser.add_argument("--bus", default="serve", choices=["serve", "tcp", "ipc-curve"],
+                        help="the components' links: serve's default, tcp:// with CURVE, or ipc:// with CURVE")
     args = parser.parse_args()
 
     models = Path(tempfile.mkdtemp()) / "models.yaml"
     models.write_text(ECHO_ONLY)
-    with Proxy(str(models)) as proxy:
+    with Proxy(str(models), args.bus) as proxy:
         rows = []
         for bridge in args.bridges:
             for concurrency in args.concurrency:

@@ -48,7 +48,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for curve in ("false", "true"):
                 os.environ["INFEROXY_BUS_CURVE"] = curve
-                with Proxy(models.name) as proxy:
+                # ipc:// in the shared temporary directory: CURVE on or off on every hop, as measured before.
+                with Proxy(models.name, "ipc-curve") as proxy:
                     for size in args.sizes:
                         latencies = asyncio.run(bench(f"tcp://127.0.0.1:{proxy.zmq_port}", size, args.concurrency,
                                                       args.duration))

@@ -11,7 +11,12 @@ public key of the socket they dial.
 Who is let in is decided by a ZAP handler (``ZapHandler``): one per ZeroMQ context,
 since libzmq asks whatever answers ``inproc://zeromq.zap.01`` on the socket's context.
 Each binding socket names a ZAP domain; the handler asks that domain's check with the
-client's public key. inproc:// links are inside one process and need none of this.
+client's public key. inproc:// links are inside one process and need none of this, and
+neither do the components' ipc:// links when their socket files sit in a directory only this
+uid may enter (``private_ipc``; ``inferoxy serve`` makes one): the kernel then admits only
+processes of this uid, which can read the bus secret from the components' environment anyway,
+so CURVE would cost its encryption and keep no one out (docs/SECURITY.md). The replica link
+keeps CURVE whatever its URL: a replica's key is how the task manager knows which replica it is.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -80,8 +87,24 @@ def new_keypair() -> KeyPair:
 
 
 def needs_curve(url: str) -> bool:
-    """inproc:// stays inside one process: nothing to authenticate there."""
-    return not url.startswith("inproc://")
+    """Whether a link between the proxy's components needs CURVE: not inside one process, nor in a private dir."""
+    if url.startswith("inproc://"):
+        return False
+    return not (url.startswith("ipc://") and private_ipc(url.removeprefix("ipc://")))
+
+
+def private_ipc(path: str) -> bool:
+    """An ipc:// socket file only this uid (and root) can reach: its directory is ours, with no group/other bits.
+
+    A relative path or an abstract socket (``@name``) is not private: any local process may dial it.
+    """
+    if not os.path.isabs(path):
+        return False
+    try:
+        info = os.stat(os.path.dirname(path))
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077 == 0
 
 
 def server_for(bus_secret: str | None, name: str, url: str) -> CurveServer | None:

@@ -45,16 +45,20 @@ class Settings(BaseSettings):
     )
 
     # The internal bus. Any ZeroMQ URL: tcp://, ipc://, or inproc:// when components share a process.
-    batch_manager_url: str = Field("tcp://127.0.0.1:7790", description="Bridges -> batch manager.")
-    task_manager_url: str = Field("tcp://127.0.0.1:7791", description="Batch manager -> task manager.")
+    # Left unset, `inferoxy serve` puts these two on ipc:// in a private directory of its own (supervisor.py);
+    # the defaults below are for components run apart (`inferoxy run`) and `serve --in-process`.
+    batch_manager_url: str = Field("tcp://127.0.0.1:7790", description="Bridges -> batch manager; unset under "
+                                   "`serve`: ipc:// in a private directory.")
+    task_manager_url: str = Field("tcp://127.0.0.1:7791", description="Batch manager -> task manager; unset under "
+                                  "`serve`: ipc:// in a private directory.")
     replica_bind_url: str = Field("tcp://127.0.0.1:7792", description="Task manager binds; replicas dial.")
     replica_connect_url: str | None = Field(
         None, description="The address replicas dial, when it differs from replica_bind_url (containers, pods)."
     )
 
     # Who may use the bus (docs/SECURITY.md). `serve` makes the secret at start when none is set.
-    bus_curve: bool = Field(True, description="Authenticate every tcp:// and ipc:// bus link with CURVE; off only "
-                            "to debug the bus.")
+    bus_curve: bool = Field(True, description="Authenticate every tcp:// and ipc:// bus link with CURVE (not an "
+                            "ipc:// socket in a directory only this uid can enter); off only to debug the bus.")
     bus_secret: SecretStr | None = Field(
         None, description="Secret the bus's CURVE keys derive from; unset: `serve` makes one. Components run "
         "apart (`inferoxy run`) need the same one.")

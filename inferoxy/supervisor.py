@@ -16,6 +16,12 @@ their own (heartbeats, ZeroMQ reconnection; docs/ARCHITECTURE.md). The component
 printed with the endpoints, and a restarted one logs ``COMPONENT is back (pid N)``. A child that
 is stopped (SIGSTOP) rather than dead is left alone: its peers notice its silence by heartbeats
 and route around it, and it carries on if it is continued.
+
+The components' own links (bridges -> batch manager -> task manager) run over ipc:// sockets in a
+directory made for this run (mode 0700, removed at exit; ``private_bus``) unless the operator set
+their URLs: no TCP stack between processes of one host, and no CURVE either, since only this uid
+can enter the directory (docs/ARCHITECTURE.md, "Decisions"). The replica link stays tcp://, as
+Docker replicas dial it from their own network namespace.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +43,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from inferoxy import curve
 from inferoxy.credentials import make_serve_secrets, mask_url
 from inferoxy.procutil import die_with_parent
 from inferoxy.runner import component_names
@@ -46,6 +55,12 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 15.0
 # Deaths in a row, each within restart_backoff_max_s of the start, after which serve gives up.
 COMPONENT_CRASH_LOOP = 5
+# The private directory of the components' ipc:// sockets: inferoxy-bus-{serve's pid}-{random}.
+BUS_DIR_PREFIX = "inferoxy-bus-"
+# The links serve puts there unless the operator set their URL, and the socket file of each.
+PRIVATE_LINKS = {"batch_manager_url": "batch_manager", "task_manager_url": "task_manager"}
+# A Unix socket path holds at most 107 bytes (sun_path, with its NUL); libzmq refuses a longer ipc:// URL.
+MAX_IPC_PATH = 107
 
 
 class StartupError(RuntimeError):
@@ -64,6 +79,42 @@ class Child:
     ready_buffer: bytes = b""
 
 
+def private_bus(settings: Settings) -> tuple[str | None, dict[str, str]]:
+    """A fresh 0700 directory for the components' ipc:// sockets, and the variables that point the links the
+    operator left unset at it; (None, {}) when every such link was set."""
+    unset = [name for name in PRIVATE_LINKS if name not in settings.model_fields_set]
+    if not unset:
+        return None, {}
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()  # the run dir: per user, cleared at logout
+    if not os.path.isdir(base) or len(base) + 64 > MAX_IPC_PATH:
+        base = "/tmp"
+    remove_stale_bus_dirs(base)
+    directory = tempfile.mkdtemp(prefix=f"{BUS_DIR_PREFIX}{os.getpid()}-", dir=base)  # 0700, this uid's
+    return directory, {f"INFEROXY_{name.upper()}": f"ipc://{directory}/{PRIVATE_LINKS[name]}" for name in unset}
+
+
+def remove_stale_bus_dirs(base: str) -> None:
+    """Directories a SIGKILLed serve left behind (its children died with it): this uid's, their serve gone."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            pid = entry.name.removeprefix(BUS_DIR_PREFIX).split("-", 1)[0]
+            if not entry.name.startswith(BUS_DIR_PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid == os.getuid() and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def restart_delay(deaths: int, base_s: float, max_s: float) -> float:
     """The first restart is at once (a kill is not a crash loop); later ones back off exponentially."""
     if deaths <= 1:
@@ -78,6 +129,8 @@ class Supervisor:
         # The embedded Redis's password and the bus secret, made once (unless `inferoxy serve` or the operator
         # already set them) and handed to every child, restarted ones too, so they keep agreeing.
         self._secrets = make_serve_secrets(settings)
+        self._bus_dir: str | None = None
+        self._bus_env: dict[str, str] = {}
 
     def serve(self) -> int:
         """Start everything, print where to reach it, and return an exit status once told to stop."""
@@ -89,6 +142,7 @@ class Supervisor:
         os.set_blocking(wake_w, False)
         previous_wakeup = signal.set_wakeup_fd(wake_w)  # a signal makes select() below return
         try:
+            self._bus_dir, self._bus_env = private_bus(self.settings)
             settings = self._start_all()
             print_endpoints(settings, embedded_redis=not self.settings.redis_url, children=self.children)
             return self._watch(wake_r)
@@ -100,6 +154,8 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
             self._stop_all()
+            if self._bus_dir is not None:
+                shutil.rmtree(self._bus_dir, ignore_errors=True)
 
     def _watch(self, wake_fd: int) -> int:
         """Restart children that die until told to stop (0) or a child crash-loops (1)."""
@@ -180,7 +236,9 @@ class Supervisor:
         started = [self._start(name, env) for name in names[1:]]
         for child in started:
             self._wait_ready(child)
-        return self.settings.model_copy(update={"redis_url": redis_url})
+        bus = {name: self._bus_env[f"INFEROXY_{name.upper()}"] for name in PRIVATE_LINKS
+               if f"INFEROXY_{name.upper()}" in self._bus_env}
+        return self.settings.model_copy(update={"redis_url": redis_url, **bus})
 
     def _start(self, name: str, extra_env: dict[str, str]) -> Child:
         child = self._spawn(name, extra_env)
@@ -189,7 +247,7 @@ class Supervisor:
 
     def _spawn(self, name: str, extra_env: dict[str, str]) -> Child:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, **self._secrets, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
+        env = {**os.environ, **self._secrets, **self._bus_env, **extra_env, "INFEROXY_READY_FD": str(write_fd)}
         process = subprocess.Popen(
             [sys.executable, "-m", "inferoxy", "run", name],
             env=env,
@@ -250,11 +308,23 @@ def print_endpoints(settings: Settings, *, embedded_redis: bool, children: Seque
         lines.append(f"  ZeroMQ clients                  tcp://{host}:{settings.zmq_port}{curve_note(settings)}")
     embedded = " (embedded)" if embedded_redis else ""
     lines.append(f"  model registry                  {mask_url(settings.redis_url)}{embedded}")
+    lines.append(f"  bridges -> batch manager        {bus_link(settings, 'batch_manager_url')}")
+    lines.append(f"  batch manager -> task manager   {bus_link(settings, 'task_manager_url')}")
     lines.append(f"  replicas run as                 {settings.runtime}")
     if children:
         pids = ", ".join(f"{child.name} {child.process.pid}" for child in children)
         lines.append(f"  components (pid)                {pids}")
     print("\n".join(lines), flush=True)
+
+
+def bus_link(settings: Settings, link: str) -> str:
+    """A link of the components and how it is guarded: CURVE, a directory only this uid can enter, or nothing."""
+    url: str = getattr(settings, link)
+    if url.startswith("ipc://") and curve.private_ipc(url.removeprefix("ipc://")):
+        return f"{url} (private directory)"
+    if settings.bus_key_secret and curve.needs_curve(url):
+        return f"{url} (CURVE)"
+    return url
 
 
 def curve_note(settings: Settings) -> str:

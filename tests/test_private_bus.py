@@ -1,0 +1,146 @@
+"""`inferoxy serve` puts its components' own links on ipc:// in a private directory, unless the URLs were set.
+
+Before: the links defaulted to tcp://127.0.0.1 with CURVE, so every request crossed the TCP stack and
+was encrypted twice more on one host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inferoxy import curve
+from inferoxy.client import Client
+from inferoxy.settings import Settings
+from inferoxy.supervisor import BUS_DIR_PREFIX, MAX_IPC_PATH, private_bus, remove_stale_bus_dirs
+from tests.support import ProxyProcess, free_port, wait_for
+
+SECRET = "s" * 43
+MODELS = """
+models:
+  echo:
+    model_class: examples.models.echo.model:EchoModel
+    max_batch_size: 8
+    max_batch_delay_ms: 0
+"""
+
+
+def test_an_ipc_socket_in_a_directory_only_this_uid_enters_needs_no_curve(tmp_path: Path) -> None:
+    private, shared = tmp_path / "private", tmp_path / "shared"
+    private.mkdir(mode=0o700)
+    shared.mkdir()
+    shared.chmod(0o755)
+    assert curve.private_ipc(f"{private}/bm") and not curve.private_ipc(f"{shared}/bm")
+    assert not curve.private_ipc("bm") and not curve.private_ipc("@bm")  # relative, abstract: anyone dials
+    assert not curve.private_ipc(f"{tmp_path}/missing/bm")
+    assert curve.server_for(SECRET, curve.BATCH_MANAGER, f"ipc://{private}/bm") is None
+    assert curve.client_for(SECRET, curve.BATCH_MANAGER, f"ipc://{private}/bm") is None
+    assert curve.server_for(SECRET, curve.BATCH_MANAGER, f"ipc://{shared}/bm") is not None
+    assert curve.server_for(SECRET, curve.BATCH_MANAGER, "tcp://127.0.0.1:1") is not None
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (a socket path holds 107 bytes; pytest's tmp_path can be longer)."""
+    directory = Path(tempfile.mkdtemp(prefix="ixb", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory)
+
+
+def test_private_bus_covers_only_the_links_left_unset(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir))
+    monkeypatch.delenv("INFEROXY_BATCH_MANAGER_URL", raising=False)
+    monkeypatch.delenv("INFEROXY_TASK_MANAGER_URL", raising=False)
+    directory, env = private_bus(Settings())
+    assert directory is not None and Path(directory).parent == short_dir
+    info = os.stat(directory)
+    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+    assert env == {"INFEROXY_BATCH_MANAGER_URL": f"ipc://{directory}/batch_manager",
+                   "INFEROXY_TASK_MANAGER_URL": f"ipc://{directory}/task_manager"}
+    directory, env = private_bus(Settings(batch_manager_url="tcp://127.0.0.1:1"))
+    assert directory is not None and list(env) == ["INFEROXY_TASK_MANAGER_URL"]
+    assert private_bus(Settings(batch_manager_url="tcp://127.0.0.1:1", task_manager_url="tcp://127.0.0.1:2")) == \
+        (None, {})
+
+
+def test_a_run_dir_too_long_for_a_socket_path_falls_back_to_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/" + "d" * 80)
+    directory, env = private_bus(Settings())
+    try:
+        assert directory is not None and Path(directory).parent == Path("/tmp")
+        assert all(len(url.removeprefix("ipc://")) <= MAX_IPC_PATH for url in env.values())
+    finally:
+        shutil.rmtree(directory or "/nonexistent", ignore_errors=True)
+
+
+def test_a_directory_left_by_a_killed_serve_is_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    dead_pid = subprocess.Popen(["true"])  # noqa: S607
+    dead_pid.wait()
+    dead = tmp_path / f"{BUS_DIR_PREFIX}{dead_pid.pid}-abc"
+    live = tmp_path / f"{BUS_DIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "inferoxy-bus-notapid"
+    for directory in (dead, live, other):
+        directory.mkdir()
+    (dead / "batch_manager").write_text("")
+    remove_stale_bus_dirs(str(tmp_path))
+    assert not dead.exists() and live.exists() and other.exists()
+
+
+def bus_urls(proxy: ProxyProcess) -> tuple[str, str]:
+    text = proxy.log()
+    bm = re.search(r"bridges -> batch manager\s+(\S+.*)", text)
+    tm = re.search(r"batch manager -> task manager\s+(\S+.*)", text)
+    assert bm and tm, text
+    return bm[1].strip(), tm[1].strip()
+
+
+def infer_once(proxy: ProxyProcess) -> bool:
+    try:
+        with Client(proxy.zmq_url, timeout=5) as client:
+            out = client.infer("echo", {"x": np.ones((1, 2), np.float32)})
+    except Exception:
+        return False
+    return bool(np.array_equal(out["x"], np.ones((1, 2), np.float32)))
+
+
+def test_serve_uses_a_private_ipc_directory_by_default_and_removes_it_at_exit(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    proxy = ProxyProcess({"INFEROXY_MODELS_FILE": str(models)})
+    for name in ("INFEROXY_BATCH_MANAGER_URL", "INFEROXY_TASK_MANAGER_URL"):
+        proxy.env.pop(name)
+    with proxy:
+        bm, tm = bus_urls(proxy)
+        found = re.fullmatch(r"ipc://(/\S+)/batch_manager \(private directory\)", bm)
+        assert found, bm
+        directory = Path(found[1])
+        assert tm == f"ipc://{directory}/task_manager (private directory)"
+        assert directory.name.startswith(f"{BUS_DIR_PREFIX}{proxy.process.pid if proxy.process else 0}-")
+        info = directory.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+        assert (directory / "batch_manager").is_socket() and (directory / "task_manager").is_socket()
+        wait_for(lambda: infer_once(proxy), timeout=60, interval=0.2, what="an answer over the ipc:// bus")
+        assert proxy.stop() == 0
+    assert not directory.exists()
+
+
+def test_links_given_as_tcp_urls_stay_tcp_with_curve(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(MODELS)
+    bm_url = f"tcp://127.0.0.1:{free_port()}"
+    proxy = ProxyProcess({"INFEROXY_MODELS_FILE": str(models), "INFEROXY_BATCH_MANAGER_URL": bm_url})
+    proxy.env.pop("INFEROXY_TASK_MANAGER_URL")
+    with proxy:
+        bm, tm = bus_urls(proxy)
+        assert bm == f"{bm_url} (CURVE)"
+        assert tm.startswith("ipc://") and tm.endswith("/task_manager (private directory)")
+        wait_for(lambda: infer_once(proxy), timeout=60, interval=0.2, what="an answer over tcp:// and ipc://")
