@@ -14,12 +14,18 @@ How to adopt it, one link at a time::
 
     frame = m.encode(m.Cancel(id=7))                       # bytes: the header frame
     msg = m.BRIDGE_TO_BATCH_MANAGER.decode(frame)          # a Cancel; WireError if malformed
+    any_kind = m.decode(frame)                             # the same, from the codec of every kind
     match msg:
         case m.Infer(): ...
         case m.Cancel(id=request_id): ...
 
+A link's codec refuses kinds that link never carries, so prefer it to ``decode`` in a component.
+To move a hand-built header here: build the struct instead of the dict (``m.encode(m.Reply(...))``
+packs the same map), and replace ``unpack_header`` plus the field checks with the link's codec;
+``peek_id`` and ``peek_batch`` recover the ids to answer or settle when a header is refused.
+
 Every codec raises ``inferoxy.wire.WireError`` with a text that is safe to send to the peer
-(it names the field and what was wrong, never echoes more than a type name), and enforces
+(it names the field and what was wrong, in at most ``MAX_ERROR_CHARS``), and enforces
 ``wire.MAX_HEADER_BYTES`` before it decodes anything. Unknown fields are ignored, as the
 hand-written readers did, so a newer peer may add one. Tensor descriptions stay maps
 (``TensorMeta``); ``wire.check_tensors`` checks them against the frames that follow.
@@ -42,6 +48,8 @@ from model_manager.spec import ServingState
 
 # Model, version and tensor names (docs/PROTOCOL.md, "Limits every bridge enforces").
 NAME_MAX_BYTES = 256
+# An error text quotes a bad value (an unknown type, say): a peer gets back no more than this of it.
+MAX_ERROR_CHARS = 500
 # A day: long enough for any inference, short enough that a deadline is always a finite clock value.
 MAX_TIMEOUT_MS = 86_400_000
 
@@ -230,7 +238,8 @@ class Codec(Generic[M]):
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
-            raise WireError(_explain(str(exc), self._tags, self._wants)) from None
+            text = _explain(str(exc), self._tags, self._wants)
+            raise WireError(text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "...") from None
         except msgspec.DecodeError as exc:
             raise WireError(f"header is not valid msgpack: {exc}") from None
 
@@ -243,6 +252,14 @@ TASK_MANAGER_TO_BATCH_MANAGER: Codec[
 BATCH_MANAGER_TO_TASK_MANAGER: Codec[Heartbeat | ModelDrained | Batch] = Codec(Heartbeat, ModelDrained, Batch)
 REPLICA_TO_TASK_MANAGER: Codec[Ready | Heartbeat | Result | Failed] = Codec(Ready, Heartbeat, Result, Failed)
 TASK_MANAGER_TO_REPLICA: Codec[Heartbeat | Batch | Stop] = Codec(Heartbeat, Batch, Stop)
+# Any header of any link: for tools and tests; a component decodes with its link's codec, which refuses the rest.
+ANY: Codec[Message] = Codec(Infer, Cancel, Reply, Error, Heartbeat, ReplicaUp, ReplicaDown, ReplicaDraining,
+                            ModelStatus, ModelDrained, Batch, Result, Failed, Ready, Stop)
+
+
+def decode(frame: Frame) -> Message:
+    """Any bus header as its struct; WireError (safe to send to the peer) when it is not one."""
+    return ANY.decode(frame)
 
 
 class _Id(msgspec.Struct, gc=False):

@@ -58,6 +58,12 @@ SAME: list[tuple[m.Message, dict[str, Any]]] = [
 ANY = m.Codec(*{type(struct) for struct, _ in SAME})
 
 
+def test_the_one_codec_reads_every_kind() -> None:
+    assert set(m.ANY.kinds) == set(ANY.kinds)
+    for struct, _ in SAME:
+        assert m.decode(m.encode(struct)) == struct
+
+
 @pytest.mark.parametrize(("struct", "by_hand"), SAME, ids=lambda value: getattr(value, "t", None) or "")
 def test_a_struct_is_the_map_a_peer_builds_by_hand(struct: m.Message, by_hand: dict[str, Any]) -> None:
     # msgpack-python (what replicas use) reads what msgspec wrote, and the other way round.
@@ -142,6 +148,12 @@ def test_a_garbled_result_still_names_its_batch(fields: dict[str, Any], needle: 
     with pytest.raises(wire.WireError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         m.TASK_MANAGER_TO_BATCH_MANAGER.decode(frame)
     assert m.peek_batch(frame) == (m.BatchRef("r1", 3) if fields.get("replica") != "" else None)
+
+
+def test_an_error_quotes_at_most_a_bounded_part_of_the_bad_value() -> None:
+    with pytest.raises(wire.WireError) as raised:
+        m.BRIDGE_TO_BATCH_MANAGER.decode(header(t="x" * 100_000))
+    assert len(str(raised.value)) <= m.MAX_ERROR_CHARS and "unknown message type 'xxx" in str(raised.value)
 
 
 def test_peek_id_finds_the_request_of_a_header_that_failed() -> None:
