@@ -205,11 +205,11 @@ class BatchManager:
                 request_id = msg.id
                 self._perform(self.scheduler.cancel((identity, msg.id), self._now()))
         except WireError as exc:
-            self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.BAD_INPUT, str(exc)))
+            self._send_encoded(identity, m.encode(m.Error(request_id, ErrorCode.BAD_INPUT, str(exc))))
         except Exception:
             # A bug must cost one request, not the component.
             log.exception("failed to handle a message from bridge %r", identity)
-            self._send_to_bridge(identity, messages.error_header(request_id, ErrorCode.INTERNAL, "internal error"))
+            self._send_encoded(identity, m.encode(m.Error(request_id, ErrorCode.INTERNAL, "internal error")))
 
     def _on_infer(self, identity: bytes, msg: m.Infer, frames: list[Any], header_bytes: int) -> None:
         metas = check_tensors({"tensors": msg.tensors}, frames)
