@@ -142,7 +142,10 @@ class Supervisor:
         os.set_blocking(wake_w, False)
         previous_wakeup = signal.set_wakeup_fd(wake_w)  # a signal makes select() below return
         try:
-            self._bus_dir, self._bus_env = private_bus(self.settings)
+            try:
+                self._bus_dir, self._bus_env = private_bus(self.settings)
+            except OSError as exc:
+                raise StartupError(f"cannot make the private directory of the bus's ipc:// sockets: {exc}") from None
             settings = self._start_all()
             print_endpoints(settings, embedded_redis=not self.settings.redis_url, children=self.children)
             return self._watch(wake_r)

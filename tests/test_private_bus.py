@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -129,6 +130,10 @@ def test_serve_uses_a_private_ipc_directory_by_default_and_removes_it_at_exit(tm
         assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
         assert (directory / "batch_manager").is_socket() and (directory / "task_manager").is_socket()
         wait_for(lambda: infer_once(proxy), timeout=60, interval=0.2, what="an answer over the ipc:// bus")
+        # A restarted component binds the same socket file again (the dead one left it behind).
+        os.kill(proxy.component_pids()["batch_manager"], signal.SIGKILL)
+        proxy.wait_for_line("batch_manager is back", timeout=60)
+        wait_for(lambda: infer_once(proxy), timeout=60, interval=0.2, what="an answer after the restart")
         assert proxy.stop() == 0
     assert not directory.exists()
 
