@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import timeit
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from inferoxy import messages as m
 from inferoxy.wire import WireError, pack_header, unpack_header
@@ -33,7 +33,7 @@ RESULT = {"t": "result", "replica": BATCH["replica"], "batch": 4242, "items": [{
           "tensors": [META] * 64}
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
