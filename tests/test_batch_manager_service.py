@@ -443,7 +443,7 @@ def test_a_removed_model_serves_what_it_queued_then_says_model_drained(redis_url
             await store.delete("m")
             await store.close()
             scheduler = running.service.scheduler
-            await poll(lambda: scheduler._registry is not None and "m/1" not in scheduler._registry.specs,
+            await poll(lambda: scheduler.registry is not None and "m/1" not in scheduler.registry.specs,
                        "the removal to land")
             await bridge.infer(3, np.zeros((1, 3), dtype=np.float32))
             header, _ = await bridge.receive()

@@ -749,7 +749,7 @@ def test_the_idle_watch_list_stays_bounded_for_a_busy_session() -> None:
         [reply] = replies(echo_result(scheduler, batch, now=now + 0.0005))
         assert reply.ok
         now += 0.001
-    assert len(scheduler._idle) <= 4 + 1024 + 1
+    assert len(scheduler._sessions._idle) <= 4 + 1024 + 1
     assert scheduler.next_wakeup() == pytest.approx(now - 0.001 + 0.0005 + 5.0)
 
 

@@ -1,0 +1,107 @@
+"""What goes into the scheduler (``Request``) and what it asks the service to do (``Action``).
+
+Import them from ``batch_manager.scheduler``, which re-exports them; they live here so the scheduler's
+parts (batching, sessions, admission, lifecycle) can build actions without importing the facade.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batch_manager.messages import Origin, ReplicaId, TensorMeta, error_header
+from batch_manager.params import DEFAULT_PARAMS, RequestParams, SessionId
+from inferoxy import protocol
+from inferoxy.protocol import ErrorCode
+
+# A per-item error in a ``result``: (code, message).
+ItemError = tuple[str, str]
+
+
+@dataclass(slots=True)
+class Request:
+    """An ``infer`` as the scheduler needs it. ``frames`` are opaque: the scheduler never reads array bytes."""
+
+    origin: Origin
+    model: str
+    version: str | None
+    metas: list[TensorMeta]
+    frames: list[Any]
+    deadline: float
+    params: RequestParams = DEFAULT_PARAMS
+    # Bytes of the ``infer`` header it came in: an upper bound of what its tensor descriptions add to a batch
+    # header, known without encoding anything. 0: the scheduler measures its tensor descriptions itself.
+    header_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Reply:
+    """Send ``header`` (a ``reply`` or an ``error``) and ``frames`` to the bridge ``origin[0]``."""
+
+    origin: Origin
+    header: dict[str, Any]
+    frames: list[Any] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.header["t"] == protocol.REPLY)
+
+    @property
+    def code(self) -> str | None:
+        return self.header.get("code")
+
+
+@dataclass(slots=True)
+class Dispatch:
+    """Send batch ``batch_id`` to ``replica``: ``items`` as in a ``batch`` header, then every item's tensors."""
+
+    replica: ReplicaId
+    batch_id: int
+    model: str
+    version: str
+    items: list[dict[str, Any]]
+    metas: list[TensorMeta]
+    frames: list[Any]
+    ragged: bool = False
+    end_sessions: list[SessionId] | None = None
+
+    def header(self) -> dict[str, Any]:
+        header: dict[str, Any] = {
+            "t": protocol.BATCH,
+            "replica": self.replica,
+            "batch": self.batch_id,
+            "model": self.model,
+            "version": self.version,
+            "items": self.items,
+            "tensors": self.metas,
+        }
+        if self.ragged:
+            header["ragged"] = True
+        if self.end_sessions:
+            header["end_sessions"] = self.end_sessions
+        return header
+
+
+@dataclass(slots=True)
+class ModelDrained:
+    """Tell the task manager that a model version removed from the registry holds no request here any more."""
+
+    model: str
+    version: str
+
+    def header(self) -> dict[str, Any]:
+        return {"t": protocol.MODEL_DRAINED, "model": self.model, "version": self.version}
+
+
+Action = Reply | Dispatch | ModelDrained
+
+_CODES = {code.value for code in ErrorCode}
+
+
+def error_code(code: str) -> ErrorCode:
+    """A peer's error code as ours; one we do not know is ``internal``."""
+    return ErrorCode(code) if code in _CODES else ErrorCode.INTERNAL
+
+
+def error_reply(origin: Origin, code: ErrorCode, message: str) -> Reply:
+    return Reply(origin, error_header(origin[1], code, message))
