@@ -242,6 +242,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 f"{model} holds nothing any more, yet ModelDrained was not said"
 
     @invariant()
+    def the_wakeup_heap_agrees_with_a_scan_of_every_group(self) -> None:
+        assert self.scheduler.next_wakeup() == self.scheduler.next_wakeup_by_scan()
+
+    @invariant()
     def nothing_is_answered_twice(self) -> None:
         assert all(count == 1 for count in self.answers.values())
 
