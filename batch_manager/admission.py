@@ -1,8 +1,10 @@
 """Admission, deadlines and priorities: which request is held, until when, and how it is answered.
 
 Holds every request the scheduler has taken (``Book.live``) and a lazy heap of their deadlines, bounds
-each model version's queue, ranks requests by arrival plus priority aging (``Pending.rank``, read by the
-groups), and answers a request exactly once (``fail``/``finish``).
+each model version's queue (``max_queue_size``; beyond it ``overloaded`` at once), and answers a request
+exactly once (``fail``/``finish``). Within a group a request's rank (``Pending.rank``, read by the groups)
+is its arrival time plus ``priority x aging``: higher priorities go first, and a lower one waits at most
+``2 x aging`` behind later arrivals.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from batch_manager.messages import Origin, ReplicaId, TensorMeta, reply_header
 from batch_manager.params import SessionId
 from batch_manager.sessions import Sessions
 from batch_manager.state import Book, Model, Session, Signature, State
-from batch_manager.wakeups import Wakeups
+from batch_manager.wakeups import Wakeups, scan_groups
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import MAX_HEADER_BYTES
 from model_manager.spec import ModelSpec, ServingState
@@ -347,17 +347,8 @@ class Scheduler:
     def next_wakeup_by_scan(self) -> float | None:
         """``next_wakeup`` found by scanning every group, as before the wake-up heap: the reference the tests
         hold the heap to, and the "before" figure of bench/bench_scheduler.py. Not for the service."""
-        earliest = _earliest(self._admission.next_deadline(), self._sessions.next_idle())
-        for model in self._book.models.values():
-            # A group that waits for credit needs no timer: returning credit dispatches it.
-            groups = list(model.groups.values()) if model.groups and model.has_usable_replica() else []
-            for replica in model.replicas.values():
-                if replica.groups and replica.usable:
-                    groups += replica.groups.values()
-            for group in groups:
-                group.head()
-                earliest = _earliest(earliest, group.ready_at())
-        return earliest
+        return _earliest(_earliest(self._admission.next_deadline(), self._sessions.next_idle()),
+                         scan_groups(self._book))
 
     def queued(self, model_key: str | None = None) -> int:
         """Requests waiting for a batch, for one model version (``name/version``) or all."""

@@ -12,6 +12,8 @@ load spread over many models. Figures are the median of per-call times, in micro
   kept as the scheduler's reference oracle), so both are measured in one run.
 * ``submit+answer``: one request to a model with ``max_batch_size`` 1 (it leaves at once), then its
   answer: the request path's scheduler work.
+* ``drain``: submit+answer, then ``next_wakeup`` as the service asks after every socket drain (at low load
+  each message is a drain of its own; under load one drain carries many).
 * ``tick``: the timer firing when one model's group (1 ms delay) comes due among all the waiting ones.
 
 ``--compare-ref REF`` also measures ``batch_manager/scheduler.py`` as it is at git revision REF (loaded
@@ -90,6 +92,12 @@ def measure(module: ModuleType, models: int, rounds: int) -> dict[str, float]:
         scheduler.on_result(batch.replica, batch.batch_id, [1], batch.metas, batch.frames, now=0.5)
 
     figures["submit+answer"] = per_call_us(submit_and_answer, rounds)
+
+    def drain() -> None:  # what the service does for a request at low load: each message its own drain
+        submit_and_answer()
+        scheduler.next_wakeup()
+
+    figures["drain"] = per_call_us(drain, rounds)
 
     # One group comes due per tick (model "due", 1 ms delay) while every other model's group keeps waiting.
     ticks = []
