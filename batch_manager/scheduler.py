@@ -84,6 +84,7 @@ class Scheduler:
         when it holds nothing more. A model version added again is served as before.
         """
         out: list[Action] = []
+        self._book.touch_all()
         self._lifecycle.set_registry(registry, out)
         self._batching.pump_all(now, out)
         self._lifecycle.check_drained(out)
@@ -160,6 +161,7 @@ class Scheduler:
         if pending is None:
             return out
         queued = pending.state is State.QUEUED
+        self._book.touched.add(pending.spec.key)
         if queued:
             self._admission.unqueue(pending)
         self._admission.finish(pending)
@@ -207,8 +209,6 @@ class Scheduler:
             self._lifecycle.replica_down(replica, reason, now, out)
             self._batching.pump(self._book.model(replica.model_key), now, out)
         self._lifecycle.check_drained(out)
-        if replica is not None:
-            self._book.forget_if_idle(replica.model_key)
         return out
 
     def model_status(self, model: str, version: str, state: ServingState, reason: str | None,
@@ -217,6 +217,7 @@ class Scheduler:
         batches, its queued requests are answered ``not_ready`` now rather than at their deadline."""
         out: list[Action] = []
         key = f"{model}/{version}"
+        self._book.touched.add(key)
         self._lifecycle.model_status(key, state, reason, out)
         model_entry = self._book.models.get(key)
         if model_entry is not None:
@@ -311,13 +312,13 @@ class Scheduler:
         for group in due:
             self._wakeups.rearm(group)
         self._lifecycle.check_drained(out)
-        for key in touched:
-            self._book.forget_if_idle(key)
+        self._book.forget_idle()
         return out
 
     def fail_all(self, code: ErrorCode, message: str) -> list[Action]:
         """Answer every request still held (the batch manager is stopping); replicas' credit is returned."""
         out: list[Action] = []
+        self._book.touch_all()
         self._admission.fail_all(code, message, out)
         for model in self._book.models.values():
             model.groups.clear()

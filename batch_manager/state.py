@@ -206,8 +206,12 @@ class Book:
         self.status: dict[str, tuple[ServingState, str | None]] = {}
         # Model versions removed from the registry that still hold requests, with their last spec.
         self.deleting: dict[str, ModelSpec] = {}
+        # Model versions reached since the last ``forget_idle``: only these can have become idle.
+        self.touched: set[str] = set()
 
     def model(self, key: str) -> Model:
+        """The model version's record, made if it has none; the caller is about to change it."""
+        self.touched.add(key)
         model = self.models.get(key)
         if model is None:
             model = self.models[key] = Model(key)
@@ -218,10 +222,18 @@ class Book:
         spec = self.registry.specs.get(key) if self.registry else None
         return spec if spec is not None else self.deleting.get(key)
 
-    def forget_if_idle(self, key: str) -> None:
-        model = self.models.get(key)
-        if model is not None and not model.groups and not model.replicas and not model.sessions and not model.queued:
-            del self.models[key]
+    def touch_all(self) -> None:
+        self.touched.update(self.models)
+
+    def forget_idle(self) -> None:
+        """Drop the records of model versions with nothing left (no group, replica, session or queued request),
+        so they stay bounded; checks only those reached since the last call, not every model version."""
+        for key in self.touched:
+            model = self.models.get(key)
+            if model is not None and not model.groups and not model.replicas and not model.sessions \
+                    and not model.queued:
+                del self.models[key]
+        self.touched.clear()
 
 
 def tensor_metas(pendings: list[Pending]) -> tuple[list[TensorMeta], list[Any]]:
