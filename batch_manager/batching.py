@@ -14,7 +14,7 @@ from batch_manager.actions import Action, Dispatch
 from batch_manager.admission import Admission, waited
 from batch_manager.inputs import header_room
 from batch_manager.messages import ReplicaId
-from batch_manager.state import Batch, Book, Group, Model, Pending, Replica, Signature, State, tensor_metas
+from batch_manager.state import Batch, Book, Group, Model, Pending, Replica, Signature, State, batch_tensors
 from batch_manager.wakeups import Wakeups
 from inferoxy.protocol import ErrorCode
 
@@ -123,7 +123,7 @@ class Batching:
                 session.started = not pending.end
         else:
             items = [{"id": pending.seq, "n": len(pending.metas)} for pending in taken]
-        metas, frames = tensor_metas(taken)
+        metas, frames = batch_tensors(taken)
         out.append(Dispatch(replica.id, batch.id, spec.name, spec.version, items, metas, frames,
                             ragged=spec.ragged_batches))
 

@@ -236,7 +236,7 @@ class Book:
         self.touched.clear()
 
 
-def tensor_metas(pendings: list[Pending]) -> tuple[list[TensorMeta], list[Any]]:
+def batch_tensors(pendings: list[Pending]) -> tuple[list[TensorMeta], list[Any]]:
     """The tensor descriptions and frames of ``pendings``, in order, as one batch carries them."""
     if len(pendings) == 1:
         return list(pendings[0].metas), list(pendings[0].frames)
