@@ -41,12 +41,17 @@ class Batching:
         self._batch_seq = 0
         self._use_seq = 0
 
-    def enqueue(self, model: Model, pending: Pending, *, front: bool = False) -> None:
-        """Queue a stateless request in its group (a retry goes to the front: it has waited already)."""
+    def enqueue(self, model: Model, pending: Pending, *, front: bool = False, timer: bool = True) -> Group:
+        """Queue a stateless request in its group (a retry goes to the front: it has waited already).
+        ``timer=False``: the caller pumps, then tells ``Wakeups.pushed`` if the request is still queued."""
         group = model.groups.get(pending.signature)
         if group is None:
             group = model.groups[pending.signature] = Group(pending.spec, model, None)
-        self._wakeups.push(group, pending, front=front)
+        if timer:
+            self._wakeups.push(group, pending, front=front)
+        else:
+            group.push(pending, front=front)
+        return group
 
     def pump_all(self, now: float, out: list[Action]) -> None:
         for model in self._book.models.values():

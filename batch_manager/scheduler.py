@@ -106,9 +106,12 @@ class Scheduler:
             session = opened
         pending = self._admission.admit(request, spec, model, signature, rows, header_bytes, now)
         if session is None:
-            self._batching.enqueue(model, pending)
-        else:
-            self._sessions.queue(session, pending, now, out)
+            group = self._batching.enqueue(model, pending, timer=False)
+            self._batching.pump(model, now, out)
+            if pending.state is State.QUEUED:  # it waits: its group's timer may have to run earlier
+                self._wakeups.pushed(group, pending)
+            return out
+        self._sessions.queue(session, pending, now, out)
         self._batching.pump(model, now, out)
         return out
 

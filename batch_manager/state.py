@@ -186,7 +186,11 @@ class Model:
         self.parked: list[Group] = []  # stateless groups off the wake-up heap until a replica has credit
 
     def has_usable_replica(self) -> bool:
-        return any(replica.usable for replica in self.replicas.values())
+        # ``Replica.usable``, inlined: the wake-up heap asks this of the group it is about to return.
+        for replica in self.replicas.values():
+            if not replica.draining and replica.capacity > len(replica.batches):
+                return True
+        return False
 
     def all_groups(self) -> list[Group]:
         return list(self.groups.values()) + [g for r in self.replicas.values() for g in r.groups.values()]

@@ -30,6 +30,12 @@ class Wakeups:
     def push(self, group: Group, pending: Pending, *, front: bool = False) -> None:
         """Queue ``pending`` in ``group``; arm the group's timer if this made its delay run out earlier."""
         group.push(pending, front=front)
+        self.pushed(group, pending)
+
+    def pushed(self, group: Group, pending: Pending) -> None:
+        """``pending`` was pushed into ``group`` without ``push``: arm the group's timer if it must run earlier.
+        (A new request may be pushed, pumped, and only then, if it is still queued, reported here: one that
+        leaves at once then costs the heap nothing.)"""
         if not group.parked:
             # Group.ready_at's expression, inlined (the request path): equal inputs give equal floats.
             due = pending.arrival + group.spec.max_batch_delay_ms / 1000.0
