@@ -20,7 +20,6 @@ import socket
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
-import numpy as np
 import orjson
 import uvicorn
 import zmq.asyncio
@@ -37,11 +36,11 @@ from bridges.auth import credential_of_header, retry_after_header
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.images import decode_image
+from bridges.pipeline import Answer, Pipeline, Prepared
 from bridges.tls import uvicorn_tls_options
-from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
-from inferoxy.protocol import ErrorCode
+from bridges.validation import check_parameters
+from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.settings import Settings
-from inferoxy.wire import WireError, check_tensors
 from model_manager.spec import ModelSpec, TensorSpec
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -230,13 +229,15 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     # Plain Starlette routes: the handlers read the raw request themselves, so FastAPI's
     # per-request dependency solving would be pure overhead on the hot path.
-    def inference(handle: Callable[[Gateway, Request, str, str | None], Awaitable[Response]]) -> Endpoint:
+    pipeline = Pipeline(gateway)
+
+    def inference(handle: Callable[[Pipeline, Request, str, str | None], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             params = request.path_params
             try:
-                return await handle(gateway, request, params["name"], params.get("version"))
-            except RequestError as exc:
-                return error_response(exc)
+                return await handle(pipeline, request, params["name"], params.get("version"))
+            except InferoxyError as exc:
+                return error_response(RequestError.of(exc))
             except ClientDisconnect:
                 # Nobody is left to answer; a client that hangs up mid-body is routine, not a bridge failure.
                 log.info("%s %s: the client disconnected before sending the whole body", request.method,
@@ -302,20 +303,15 @@ def build_app(gateway: Gateway) -> FastAPI:
     return app
 
 
-async def _infer(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
-    gateway.auth.check(_credential(request), name)
-    resolved = gateway.resolve(name, version)
-    spec = resolved.spec
-    limit = gateway.settings.max_message_bytes
-    body = await _within(_read_body(request, limit), gateway.settings.request_timeout_s)
+async def _infer(pipeline: Pipeline, request: Request, name: str, version: str | None) -> Response:
+    resolved = pipeline.admit(_credential(request), name, version)
+    settings = pipeline.gateway.settings
+    limit = settings.max_message_bytes
+    body = await _within(_read_body(request, limit), settings.request_timeout_s)
     parsed = tensors.parse_infer_request(body, _header_length(request), max_bytes=limit)
-    check_requested_outputs(spec, parsed.outputs)
-    metas, frames = tensors.to_wire(parsed.inputs)
-    resolved.rules.check(metas)
-    reply, outputs = await _submit(gateway, request, spec, metas, frames, parsed.parameters)
-    body, json_length = tensors.encode_infer_response(
-        reply.get("model") or spec.name, reply.get("version") or spec.version, parsed, outputs
-    )
+    prepared = pipeline.prepare(resolved, parsed.metas, parsed.frames, parsed.parameters, outputs=parsed.outputs)
+    answer = await _run(pipeline, request, prepared)
+    body, json_length = tensors.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames)
     if json_length is None:
         return Response(body, media_type=JSON)
     return Response(
@@ -325,21 +321,10 @@ async def _infer(gateway: Gateway, request: Request, name: str, version: str | N
     )
 
 
-async def _submit(
-    gateway: Gateway,
-    request: Request,
-    spec: ModelSpec,
-    metas: list[dict[str, Any]],
-    frames: list[Any],
-    parameters: dict[str, Any] | None,
-) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
-    """Send the request to the batch manager and wait for its reply, unless the HTTP client leaves first.
-
-    A client that disconnects cancels its request, so the batch manager drops it if it still queues it.
-    """
-    timeout_s = gateway.default_timeout(requested_timeout_s(check_parameters(parameters)))
-    header = {"model": spec.name, "version": spec.version, "params": parameters, "tensors": metas}
-    answered = asyncio.ensure_future(gateway.submit(header, frames, timeout_s))
+async def _run(pipeline: Pipeline, request: Request, prepared: Prepared) -> Answer:
+    """The pipeline's answer, unless the HTTP client leaves first: a client that disconnects cancels its
+    request, so the batch manager drops it if it still queues it."""
+    answered = asyncio.ensure_future(pipeline.run(prepared))
     gone = asyncio.ensure_future(_client_disconnected(request))
     try:
         await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -349,11 +334,7 @@ async def _submit(
             answered.cancel()  # the gateway sends the batch manager a cancel
     if not answered.done() or answered.cancelled():
         raise RequestError(ErrorCode.DEADLINE, "the client disconnected before the answer")
-    reply, reply_frames = answered.result()
-    try:
-        return reply, tensors.from_wire(check_tensors(reply, reply_frames), reply_frames)
-    except WireError as exc:
-        raise RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}") from None
+    return answered.result()
 
 
 async def _client_disconnected(request: Request) -> None:
@@ -363,33 +344,30 @@ async def _client_disconnected(request: Request) -> None:
         pass
 
 
-async def _infer_image(gateway: Gateway, request: Request, name: str, version: str | None) -> Response:
+async def _infer_image(pipeline: Pipeline, request: Request, name: str, version: str | None) -> Response:
     """One uploaded image (the raw body, or the first file of a multipart form) as a uint8 [1, H, W, 3] input.
 
     Query parameters: ``input`` names the input (default: the model's only declared input, else
     ``image``); ``timeout`` (µs), ``sequence_id``, ``sequence_start``, ``sequence_end`` and
     ``priority`` become request parameters as in a JSON request.
     """
-    gateway.auth.check(_credential(request), name)
-    resolved = gateway.resolve(name, version)
+    resolved = pipeline.admit(_credential(request), name, version)
     spec = resolved.spec
-    limit = gateway.settings.max_message_bytes
+    settings = pipeline.gateway.settings
+    limit = settings.max_message_bytes
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        data = await _within(_uploaded_file(request, limit), gateway.settings.request_timeout_s)
+        data = await _within(_uploaded_file(request, limit), settings.request_timeout_s)
     else:
-        data = await _within(_read_body(request, limit), gateway.settings.request_timeout_s)
+        data = await _within(_read_body(request, limit), settings.request_timeout_s)
     input_name = request.query_params.get("input") or (spec.inputs[0].name if len(spec.inputs) == 1 else "image")
     parameters = _query_parameters(request)
     check_parameters(parameters)  # before the image is decoded: a bad parameter costs no decoding
     # Three bytes a pixel: an image whose pixels would not fit in a message is refused before decoding.
     array = decode_image(data, max_pixels=limit // 3)
-    inputs = [(input_name, array)]
-    metas, frames = tensors.to_wire(inputs)
-    resolved.rules.check(metas)
-    reply, outputs = await _submit(gateway, request, spec, metas, frames, parameters)
-    parsed = tensors.InferRequest(None, inputs, parameters, None, frozenset(), False)
-    model, model_version = reply.get("model") or spec.name, reply.get("version") or spec.version
-    body, _ = tensors.encode_infer_response(model, model_version, parsed, outputs)
+    metas, frames = tensors.to_wire([(input_name, array)])
+    answer = await _run(pipeline, request, pipeline.prepare(resolved, metas, frames, parameters))
+    parsed = tensors.InferRequest(None, metas, frames, parameters, None, frozenset(), False)
+    body, _ = tensors.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames)
     return Response(body, media_type=JSON)
 
 

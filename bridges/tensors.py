@@ -40,8 +40,9 @@ from inferoxy.wire import (
     Frame,
     WireError,
     as_array,
-    deserialize_bytes,
     dtype_name,
+    frame_buffer,
+    scan_bytes,
     tensor_frame,
 )
 from inferoxy.wire import tensor_meta as wire_tensor_meta
@@ -62,14 +63,23 @@ HEADER_LENGTH = "inference-header-content-length"
 
 
 class InferRequest(NamedTuple):
-    """A decoded inference request."""
+    """A decoded inference request: its inputs as wire tensor descriptions and frames, ready for the bus.
+
+    Binary inputs are slices of the body (no copy, BYTES not re-encoded); JSON inputs are the buffers
+    of the arrays built from their data."""
 
     id: str | None
-    inputs: list[tuple[str, np.ndarray]]
+    metas: list[dict[str, Any]]
+    frames: list[Frame]
     parameters: dict[str, Any]
     outputs: list[str] | None  # names asked for; None: every output
     binary_outputs: frozenset[str]  # outputs to send as raw bytes (binary data extension)
     binary_all: bool  # every output as raw bytes (``binary_data_output`` request parameter)
+
+    @property
+    def inputs(self) -> list[tuple[str, np.ndarray]]:
+        """The inputs as named arrays (views of the frames; BYTES decoded): for readers that want numpy."""
+        return from_wire(self.metas, self.frames)
 
 
 def _bad(message: str) -> RequestError:
@@ -84,11 +94,13 @@ def parse_infer_request(body: bytes, header_length: int | None = None, max_bytes
 
     ``max_bytes`` (the bus's message limit) bounds what the inputs may take once decoded; it is
     checked from each input's shape and datatype before its data is decoded."""
-    binary = b""
+    binary: bytes | memoryview = b""
     if header_length is not None:
         if not 0 <= header_length <= len(body):
             raise _bad(f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes")
-        body, binary = body[:header_length], body[header_length:]
+        # Views, not slices: binary inputs become frames that point into the body.
+        whole = memoryview(body)
+        body, binary = bytes(whole[:header_length]), whole[header_length:]  # the JSON part is small
     document = parse_json(body)
     if not isinstance(document, dict):
         raise _bad("the request body must be a JSON object")
@@ -102,18 +114,22 @@ def parse_infer_request(body: bytes, header_length: int | None = None, max_bytes
     # Booleans mixed into numbers are only looked for when the JSON holds any at all (a byte search).
     bools_possible = b"true" in body or b"false" in body
     budget = Budget(max_bytes)
-    inputs = []
+    metas: list[dict[str, Any]] = []
+    frames: list[Frame] = []
     view = memoryview(binary)
     offset = 0
     for index, tensor in enumerate(raw_inputs):
-        name, array, used = _input_tensor(tensor, index, view[offset:], budget, bools_possible)
+        meta, frame, used = _input_tensor(tensor, index, view[offset:], budget, bools_possible)
         offset += used
-        inputs.append((name, array))
+        metas.append(meta)
+        frames.append(frame)
     if offset != len(binary):
         raise _bad(f"{len(binary) - offset} bytes of binary data follow the inputs that no input claims")
     binary_all = parameters.get("binary_data_output") is True
     outputs, binary_outputs = _requested_outputs(document.get("outputs"), binary_all)
-    return InferRequest(request_id, inputs, parameters, outputs, binary_outputs, binary_all and outputs is None)
+    return InferRequest(
+        request_id, metas, frames, parameters, outputs, binary_outputs, binary_all and outputs is None
+    )
 
 
 class Budget:
@@ -149,7 +165,7 @@ def parse_json(body: bytes | memoryview) -> Any:
 
 def _input_tensor(
     tensor: Any, index: int, binary: memoryview, budget: Budget, bools_possible: bool
-) -> tuple[str, np.ndarray, int]:
+) -> tuple[dict[str, Any], Frame, int]:
     if not isinstance(tensor, dict):
         raise _bad(f"input {index} must be a JSON object with name, shape, datatype and data")
     name = tensor.get("name")
@@ -163,13 +179,14 @@ def _input_tensor(
     if size is None:
         if "data" not in tensor:
             raise _bad(f"input {name!r}: 'data' is missing")
-        data = tensor["data"]
-        return name, array_from_data(name, datatype, shape, data, budget=budget, bools_possible=bools_possible), 0
+        array = array_from_data(name, datatype, shape, tensor["data"], budget=budget, bools_possible=bools_possible)
+        return wire_tensor_meta(name, array), tensor_frame(array), 0
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
         raise _bad(
             f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} bytes of binary data left"
         )
-    return name, array_from_bytes(name, datatype, shape, binary[:size]), size
+    meta, frame = wire_from_bytes(name, datatype, shape, binary[:size])
+    return meta, frame, size
 
 
 def _requested_outputs(raw: Any, binary_default: bool) -> tuple[list[str] | None, frozenset[str]]:
@@ -316,20 +333,23 @@ def _object_array(items: Sequence[bytes], dims: list[int]) -> np.ndarray:
     return array.reshape(dims)
 
 
-def array_from_bytes(name: str, datatype: Any, shape: Any, raw: bytes | memoryview) -> np.ndarray:
-    """The array raw little-endian bytes stand for (binary data extension, gRPC raw contents). No copy,
-    except for BYTES, whose length-prefixed elements become an object array."""
+def wire_from_bytes(name: str, datatype: Any, shape: Any, raw: Frame) -> tuple[dict[str, Any], Frame]:
+    """The wire description of raw little-endian bytes (binary data extension, gRPC raw contents), and the
+    bytes themselves as its frame: untouched, never copied or re-encoded. BYTES data is already in its wire
+    form (Triton's serialization); this is where it is checked, once (``wire.scan_bytes``)."""
     dtype = _dtype(name, datatype)
     dims = check_shape(name, shape)
+    count = math.prod(dims)
     if dtype.kind == "O":
         try:
-            return _object_array(deserialize_bytes(raw, math.prod(dims)), dims)
+            scan_bytes(raw, count)
         except WireError as exc:
             raise _bad(f"input {name!r}: {exc}") from None
-    expected = math.prod(dims) * dtype.itemsize
+        return {"name": name, "dtype": BYTES, "shape": dims}, raw
+    expected = count * dtype.itemsize
     if len(raw) != expected:
         raise _bad(f"input {name!r}: {datatype} {dims} needs {expected} bytes, got {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+    return {"name": name, "dtype": dtype_name(dtype), "shape": dims}, raw
 
 
 def _describe(values: np.ndarray, fine: tuple[type, ...] = (int, float)) -> str:
@@ -365,28 +385,41 @@ def encode_infer_response(
     request: InferRequest,
     outputs: Sequence[tuple[str, np.ndarray]],
 ) -> tuple[bytes, int | None]:
-    """The response body and, when some outputs travel as raw bytes, the JSON part's length."""
-    chosen = outputs
-    if request.outputs is not None:
-        by_name = dict(outputs)
-        missing = [name for name in request.outputs if name not in by_name]
-        if missing:
-            raise RequestError(
-                ErrorCode.BAD_INPUT,
-                f"the model has no output(s) {', '.join(map(repr, missing))}; it produced "
-                f"{', '.join(repr(name) for name, _ in outputs)}",
-            )
-        chosen = [(name, by_name[name]) for name in request.outputs]
-    blobs: list[bytes] = []
+    """``encode_infer_reply`` for outputs given as arrays."""
+    metas, frames = to_wire(outputs)
+    return encode_infer_reply(model, version, request, metas, frames)
+
+
+def encode_infer_reply(
+    model: str,
+    version: str | None,
+    request: InferRequest,
+    metas: Sequence[Mapping[str, Any]],
+    frames: Sequence[Frame],
+) -> tuple[bytes, int | None]:
+    """The response body for a reply's checked tensors and, when some outputs travel as raw bytes, the JSON
+    part's length. Binary outputs are the reply's frames as they came (one copy, into the body); only
+    outputs written as JSON are decoded."""
+    by_name = {meta["name"]: (meta, frame) for meta, frame in zip(metas, frames, strict=True)}
+    names = list(by_name) if request.outputs is None else request.outputs
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise RequestError(
+            ErrorCode.BAD_INPUT,
+            f"the model has no output(s) {', '.join(map(repr, missing))}; it produced "
+            f"{', '.join(repr(name) for name in by_name)}",
+        )
+    blobs: list[Any] = []
     out_tensors = []
-    for name, array in chosen:
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": array.shape}
+    for name in names:
+        meta, frame = by_name[name]
+        entry: dict[str, Any] = {"name": name, "datatype": WIRE_TO_DATATYPE[meta["dtype"]], "shape": meta["shape"]}
         if request.binary_all or name in request.binary_outputs:
-            blob = bytes(tensor_frame(array))
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            blob = frame_buffer(frame)
+            entry["parameters"] = {"binary_data_size": memoryview(blob).nbytes}
             blobs.append(blob)
         else:
-            entry["data"] = _json_data(array)
+            entry["data"] = _json_data(as_array(meta, frame))
         out_tensors.append(entry)
     document: dict[str, Any] = {"model_name": model, "model_version": version}
     if request.id is not None:

@@ -31,15 +31,15 @@ import zmq.asyncio
 
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
-from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway, Outcome, Reply
-from bridges.validation import check_parameters, requested_timeout_s
+from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
+from bridges.pipeline import Answer, Pipeline
 from inferoxy import curve
 from inferoxy.bus import plain_socket
 from inferoxy.curve import CurveServer
-from inferoxy.protocol import ErrorCode
+from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.reactor import send_nowait
 from inferoxy.settings import Settings
-from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
+from inferoxy.wire import check_tensors, pack_header, unpack_header
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class ZmqBridge:
         self.settings = settings
         self.ctx = ctx
         self.gateway = gateway if gateway is not None else Gateway(settings, ctx)
+        self.pipeline = Pipeline(self.gateway)
         self.url = f"tcp://{settings.bind_host}:{settings.zmq_port}"
         self._sock: zmq.Socket[Any] | None = None
         self.limits = ClientLimits(settings, "ZeroMQ client")
@@ -144,14 +145,12 @@ class ZmqBridge:
         try:
             if not body:
                 raise RequestError(ErrorCode.BAD_INPUT, "empty message: a msgpack header frame is needed")
-            try:
-                header = unpack_header(body[0])
-            except WireError as exc:
-                raise RequestError(ErrorCode.BAD_INPUT, str(exc)) from None
+            header = unpack_header(body[0])
             rid = _request_id(header)
             self._submit(header, body, envelope, rid)
-        except RequestError as exc:
-            self._send_error(envelope, rid, exc.code, exc.message, exc.retry_after_s)
+        except InferoxyError as exc:
+            error = RequestError.of(exc)
+            self._send_error(envelope, rid, error.code, error.message, error.retry_after_s)
         except Exception:
             log.exception("failed to handle a ZeroMQ request")
             self._send_error(envelope, rid, ErrorCode.INTERNAL.value, "the bridge failed to handle the request")
@@ -163,11 +162,10 @@ class ZmqBridge:
         version = header.get("version")
         if version is not None and not isinstance(version, str):
             raise RequestError(ErrorCode.BAD_INPUT, "'version' must be a string")
-        self.gateway.auth.check(header.get("api_key"), model)
+        resolved = self.pipeline.admit(header.get("api_key"), model, version)
         params = header.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise RequestError(ErrorCode.BAD_INPUT, "'parameters' must be a map")
-        parsed = check_parameters(params)
         size = sum(len(frame) for frame in body)
         if size > self.settings.max_message_bytes:
             raise RequestError(
@@ -175,21 +173,9 @@ class ZmqBridge:
                 f"the message is {size} bytes, more than the limit of {self.settings.max_message_bytes}",
             )
         frames = body[1:]
-        try:
-            metas = check_tensors(header, frames)
-        except WireError as exc:
-            raise RequestError(ErrorCode.BAD_INPUT, str(exc)) from None
-        requested_s = requested_timeout_s(parsed, header.get("timeout_ms"))
-        timeout_s = self.gateway.default_timeout(requested_s)
-        if requested_s is not None and parsed.timeout_us is None:
-            # The batch manager reads a client's own deadline from the Open Inference Protocol `timeout`
-            # parameter (µs); without it the model's default would apply over the client's `timeout_ms`.
-            # The deadline capped by the server's is sent, so a huge `timeout_ms` cannot overflow it.
-            params = {**(params or {}), "timeout": max(1, int(timeout_s * 1_000_000))}
-        resolved = self.gateway.resolve(model, version)
-        resolved.rules.check(metas)
-        spec = resolved.spec
-        internal = {"model": spec.name, "version": spec.version, "params": params, "tensors": metas}
+        # Clients' BYTES data enters the bus here: its lengths are walked once, now (wire.scan_bytes).
+        metas = check_tensors(header, frames, scan_bytes=True)
+        prepared = self.pipeline.prepare(resolved, metas, frames, params, timeout_ms=header.get("timeout_ms"))
         identity = bytes(envelope[0].bytes if isinstance(envelope[0], zmq.Frame) else envelope[0])
         peer = self._peers.get(identity)
         if peer is None:
@@ -197,30 +183,23 @@ class ZmqBridge:
         peer.prune()
         self.limits.admit(peer, size)
 
-        def answer(outcome: Outcome) -> None:
+        def answer(outcome: Answer | RequestError) -> None:
             peer.add(-1, -size)
-            if isinstance(outcome, Reply):
+            if isinstance(outcome, Answer):
                 self._send_reply(envelope, rid, outcome, peer)
             else:
                 self._send_error(envelope, rid, outcome.code, outcome.message)
             self._forget_if_idle(identity, peer)
 
         try:
-            self.gateway.start_request(internal, frames, timeout_s, answer)
+            self.pipeline.start(prepared, answer)
         except RequestError:
             peer.add(-1, -size)
             self._forget_if_idle(identity, peer)
             raise
 
-    def _send_reply(self, envelope: list[Any], rid: int | str, reply: Reply, peer: _Peer) -> None:
-        header = reply.header
-        out = {
-            "id": rid,
-            "ok": True,
-            "model": header.get("model"),
-            "version": header.get("version"),
-            "tensors": header["tensors"],
-        }
+    def _send_reply(self, envelope: list[Any], rid: int | str, reply: Answer, peer: _Peer) -> None:
+        out = {"id": rid, "ok": True, "model": reply.model, "version": reply.version, "tensors": reply.metas}
         sock = self._sock
         if sock is None:
             return

@@ -48,6 +48,31 @@ _HTTP_STATUS = {
 }
 
 
+class InferoxyError(Exception):
+    """A failure that ends in an error reply, carrying its stable code (``ErrorCode``).
+
+    Every error a bridge, a validator or the wire format raises for a request derives from this,
+    so each bridge maps ``code`` to its own status in one table (HTTP: ``http_status``; gRPC:
+    bridges/grpc_bridge.py). ``code`` is the code's string (``"bad_input"``): codes read from a peer
+    may be ones this version does not know, and they are passed on unchanged. ``message`` is
+    written for the client and safe to send.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.code: str = code.value if isinstance(code, ErrorCode) else code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status of the code; an unknown code is still a server-side failure (500)."""
+        known = _CODES.get(self.code)
+        return 500 if known is None else known.http_status
+
+
+_CODES = {code.value: code for code in ErrorCode}
+
+
 # Bridges <-> batch manager
 INFER = "infer"
 CANCEL = "cancel"
