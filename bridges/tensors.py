@@ -1,15 +1,16 @@
-"""Open Inference Protocol (KServe v2) tensors <-> numpy <-> Inferoxy's wire format.
+"""Open Inference Protocol (KServe v2) tensors -> Inferoxy's wire format, for the REST and gRPC bridges.
 
-One place for the path a REST (and later gRPC) request takes: a JSON document with
-``inputs: [{name, shape, datatype, data}]`` becomes numpy arrays of an explicit dtype,
-then wire tensor descriptions plus raw frames for the bus; a reply's frames become
-``outputs: [{name, datatype, shape, data}]``. The binary tensor data extension (raw bytes
-after the JSON, sized by ``Inference-Header-Content-Length`` and ``binary_data_size``)
-is supported too, because Triton's clients use it by default.
+A JSON document with ``inputs: [{name, shape, datatype, data}]`` becomes numpy arrays of an
+explicit dtype, then wire tensor descriptions plus raw frames for the bus. The binary tensor data
+extension (raw bytes after the JSON, sized by ``Inference-Header-Content-Length`` and
+``binary_data_size``) is supported too, because Triton's clients use it by default; binary inputs
+and gRPC raw contents go through ``wire_from_bytes``, which checks them and passes the bytes on
+untouched (a view of the body, never a copy or a re-encoding). Replies: bridges/rest_reply.py,
+bridges/grpc_codec.py.
 
-BYTES tensors are object arrays of ``bytes`` here: JSON ``data`` holds strings (sent as
-UTF-8), binary data holds Triton's serialization (a 4-byte little-endian length before each
-element), which is also their wire form (``inferoxy.wire``). FP16 travels as binary data;
+BYTES tensors from JSON are (nested lists of) strings, sent as UTF-8; binary BYTES data is Triton's
+serialization (a 4-byte little-endian length before each element), which is also their wire form
+(``inferoxy.wire``), checked once here by ``wire.scan_bytes``. FP16 travels as binary data;
 JSON FP16 numbers are accepted too and rounded to half precision.
 
 JSON data is never trusted to have the right types: numpy would quietly turn ``"1.5"``
@@ -41,7 +42,6 @@ from inferoxy.wire import (
     WireError,
     as_array,
     dtype_name,
-    frame_buffer,
     scan_bytes,
     tensor_frame,
 )
@@ -374,67 +374,3 @@ def to_wire(tensors: Sequence[tuple[str, np.ndarray]]) -> tuple[list[dict[str, A
 def from_wire(metas: Sequence[Mapping[str, Any]], frames: Sequence[Frame]) -> list[tuple[str, np.ndarray]]:
     """Named arrays (read-only views) of a checked reply."""
     return [(meta["name"], as_array(meta, frame)) for meta, frame in zip(metas, frames, strict=True)]
-
-
-# -- responses ----------------------------------------------------------------------------------
-
-
-def encode_infer_response(
-    model: str,
-    version: str | None,
-    request: InferRequest,
-    outputs: Sequence[tuple[str, np.ndarray]],
-) -> tuple[bytes, int | None]:
-    """``encode_infer_reply`` for outputs given as arrays."""
-    metas, frames = to_wire(outputs)
-    return encode_infer_reply(model, version, request, metas, frames)
-
-
-def encode_infer_reply(
-    model: str,
-    version: str | None,
-    request: InferRequest,
-    metas: Sequence[Mapping[str, Any]],
-    frames: Sequence[Frame],
-) -> tuple[bytes, int | None]:
-    """The response body for a reply's checked tensors and, when some outputs travel as raw bytes, the JSON
-    part's length. Binary outputs are the reply's frames as they came (one copy, into the body); only
-    outputs written as JSON are decoded."""
-    by_name = {meta["name"]: (meta, frame) for meta, frame in zip(metas, frames, strict=True)}
-    names = list(by_name) if request.outputs is None else request.outputs
-    missing = [name for name in names if name not in by_name]
-    if missing:
-        raise RequestError(
-            ErrorCode.BAD_INPUT,
-            f"the model has no output(s) {', '.join(map(repr, missing))}; it produced "
-            f"{', '.join(repr(name) for name in by_name)}",
-        )
-    blobs: list[Any] = []
-    out_tensors = []
-    for name in names:
-        meta, frame = by_name[name]
-        entry: dict[str, Any] = {"name": name, "datatype": WIRE_TO_DATATYPE[meta["dtype"]], "shape": meta["shape"]}
-        if request.binary_all or name in request.binary_outputs:
-            blob = frame_buffer(frame)
-            entry["parameters"] = {"binary_data_size": memoryview(blob).nbytes}
-            blobs.append(blob)
-        else:
-            entry["data"] = _json_data(as_array(meta, frame))
-        out_tensors.append(entry)
-    document: dict[str, Any] = {"model_name": model, "model_version": version}
-    if request.id is not None:
-        document["id"] = request.id
-    document["outputs"] = out_tensors
-    body = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not blobs:
-        return body, None
-    return b"".join([body, *blobs]), len(body)
-
-
-def _json_data(array: np.ndarray) -> Any:
-    flat = array.reshape(-1)
-    if flat.dtype.kind == "O":  # BYTES: JSON has only strings; bytes that are not UTF-8 need binary_data
-        return [bytes(item).decode("utf-8", errors="replace") for item in flat]
-    if flat.dtype == np.float16:  # orjson cannot write float16; float32 holds every value exactly
-        return flat.astype(np.float32)
-    return flat

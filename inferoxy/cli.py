@@ -15,7 +15,7 @@ from inferoxy.admin_cli import add_models_parser, run_models
 from inferoxy.credentials import make_serve_secrets
 from inferoxy.keys_cli import add_keys_parser, run_keys
 from inferoxy.logs import setup_logging
-from inferoxy.runner import COMPONENTS, run_component, run_in_process
+from inferoxy.runner import COMPONENTS, loop_factory, run_component, run_in_process
 from inferoxy.settings import Settings, load_settings
 from inferoxy.supervisor import Supervisor, print_endpoints
 from model_manager.models_file import ModelsFileError, models_file_to_seed
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                   "(or INFEROXY_BUS_CURVE=false to run the bus unauthenticated)", file=sys.stderr)
             return 2
         try:
-            asyncio.run(run_component(args.component, settings))
+            with asyncio.Runner(loop_factory=loop_factory(args.component, settings)) as runner:
+                runner.run(run_component(args.component, settings))
         except RuntimeStartError as exc:
             # A refusal to start (another live proxy owns the instance name, say): the message is the whole
             # story, and a traceback in front of it only hides what the operator must do.

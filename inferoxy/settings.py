@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         10.0, gt=0, description="REST: a connection that has not sent a complete request head within this is closed."
     )
 
+    bridge_event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="The event loop a bridge run as its own process uses: uvloop (when installed; "
+        "faster sockets and HTTP) or asyncio's own. Other components, and `serve --in-process`, use asyncio's."
+    )
+
     log_level: str = "INFO"
 
     @field_validator("replica_bind_url")

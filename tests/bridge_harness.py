@@ -22,6 +22,7 @@ from bridges.grpc_bridge import GrpcBridge
 from bridges.rest import RestBridge
 from bridges.zmq_bridge import ZmqBridge
 from inferoxy.protocol import CANCEL, ERROR, HEARTBEAT, INFER, REPLY
+from inferoxy.runner import loop_factory
 from inferoxy.settings import Settings
 from inferoxy.wire import pack_header, unpack_header
 from model_manager.spec import ModelSpec, ModelStatus, TensorSpec
@@ -205,7 +206,8 @@ class BridgeStack:
         self.zmq_url = f"tcp://127.0.0.1:{self.settings.zmq_port}"
         self.rest_url = f"http://127.0.0.1:{self.settings.rest_port}"
         self.grpc_url = f"127.0.0.1:{self.settings.grpc_port}"
-        self.loop = asyncio.new_event_loop()
+        # The loop the bridges get in production (uvloop), so these tests run them on it.
+        self.loop = (loop_factory("rest_bridge", self.settings) or asyncio.new_event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="bridges")
         self.tasks: list[asyncio.Task[None]] = []
 

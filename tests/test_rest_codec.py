@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from bridges import tensors
+from bridges import rest_reply, tensors
 from bridges.errors import RequestError
 from inferoxy.wire import check_tensors, pack_header, unpack_header
 
@@ -58,7 +58,7 @@ def test_each_datatype_round_trips_exactly(datatype, data, dtype):
     (_, back), = tensors.from_wire(metas, frames)
     np.testing.assert_array_equal(back, array)
 
-    body, json_length = tensors.encode_infer_response("m", "1", parsed, [("t", back)])
+    body, json_length = rest_reply.encode_infer_response("m", "1", parsed, [("t", back)])
     assert json_length is None
     out = orjson.loads(body)["outputs"][0]
     assert out == {"name": "t", "datatype": datatype, "shape": [2, 2], "data": data}
@@ -88,7 +88,7 @@ def test_request_fields_are_kept():
 def test_response_echoes_id_and_keeps_only_requested_outputs():
     parsed = tensors.parse_infer_request(request(tensor(), id="abc", outputs=[{"name": "b"}]))
     outputs = [("a", np.zeros((1, 2), np.float32)), ("b", np.array([[7]], np.int32))]
-    body, _ = tensors.encode_infer_response("m", "3", parsed, outputs)
+    body, _ = rest_reply.encode_infer_response("m", "3", parsed, outputs)
     assert orjson.loads(body) == {
         "model_name": "m",
         "model_version": "3",
@@ -100,12 +100,12 @@ def test_response_echoes_id_and_keeps_only_requested_outputs():
 def test_requesting_an_output_the_model_did_not_produce_is_an_error():
     parsed = tensors.parse_infer_request(request(tensor(), outputs=[{"name": "nope"}]))
     with pytest.raises(RequestError, match="no output.*'nope'"):
-        tensors.encode_infer_response("m", "1", parsed, [("a", np.zeros((1,), np.float32))])
+        rest_reply.encode_infer_response("m", "1", parsed, [("a", np.zeros((1,), np.float32))])
 
 
 def test_float16_outputs_are_written_as_numbers():
     parsed = tensors.parse_infer_request(request(tensor()))
-    body, _ = tensors.encode_infer_response("m", "1", parsed, [("h", np.array([0.5, 2.0], np.float16))])
+    body, _ = rest_reply.encode_infer_response("m", "1", parsed, [("h", np.array([0.5, 2.0], np.float16))])
     assert orjson.loads(body)["outputs"][0] == {"name": "h", "datatype": "FP16", "shape": [2], "data": [0.5, 2.0]}
 
 
@@ -122,7 +122,7 @@ def test_binary_data_extension_in_and_out():
     np.testing.assert_array_equal(parsed.inputs[0][1], raw)
     assert parsed.inputs[1][1].tolist() == [5]
 
-    body, json_length = tensors.encode_infer_response("m", "1", parsed, parsed.inputs)
+    body, json_length = rest_reply.encode_infer_response("m", "1", parsed, parsed.inputs)
     assert json_length is not None
     document = orjson.loads(body[:json_length])
     sizes = [out["parameters"]["binary_data_size"] for out in document["outputs"]]
@@ -217,7 +217,7 @@ def test_bytes_tensors_from_json_and_binary_and_back():
     assert parsed.inputs[1][1].tolist() == [b"ab", b"", b"\xff\x00"]
     metas, frames = tensors.to_wire(parsed.inputs)
     assert [m["dtype"] for m in metas] == ["bytes", "bytes"] and bytes(frames[1]) == serialized
-    body, json_length = tensors.encode_infer_response("m", "1", parsed, tensors.from_wire(metas, frames))
+    body, json_length = rest_reply.encode_infer_response("m", "1", parsed, tensors.from_wire(metas, frames))
     assert json_length is not None
     document = orjson.loads(body[:json_length])
     assert document["outputs"][0] == {"name": "s", "datatype": "BYTES", "shape": [2, 2], "data": ["x", "yz", "", "é"]}

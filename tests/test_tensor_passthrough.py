@@ -243,3 +243,31 @@ def test_every_bridge_and_validator_error_is_an_inferoxy_error_with_its_code():
 def test_the_grpc_table_maps_every_code():
     assert set(grpc_codec.STATUS_OF_CODE) == {code.value for code in ErrorCode}
     assert grpc_codec.status_of(RequestError("a_code_from_a_newer_peer", "?")) == grpc.StatusCode.INTERNAL
+
+
+# -- the bridges' event loop --------------------------------------------------------------------------------
+
+
+def test_bridges_run_on_uvloop_unless_told_otherwise():
+    import uvloop
+
+    from inferoxy.runner import BRIDGE_COMPONENTS, loop_factory
+    from inferoxy.settings import Settings
+
+    default = Settings()
+    for name in BRIDGE_COMPONENTS.values():
+        factory = loop_factory(name, default)
+        assert factory is not None
+        loop = factory()
+        try:
+            assert isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()
+    assert loop_factory("batch_manager", default) is None  # read from the selector: asyncio's loop
+    assert loop_factory("rest_bridge", Settings(bridge_event_loop="asyncio")) is None
+
+
+def test_the_bridge_harness_runs_the_bridges_on_uvloop(stack):
+    import uvloop
+
+    assert isinstance(stack.loop, uvloop.Loop)
