@@ -1,5 +1,9 @@
 """How a bridge reaches the batch manager, and what it knows of the model registry.
 
+(About 440 lines, a quarter of them this docstring: one job, the bridge's end of the bus link. Sending,
+settling each request exactly once, deadlines, cancels and the batch manager's liveness all touch the
+same table of requests in flight, so they stay together; the registry view is bridges/catalog.py.)
+
 Each bridge owns one Gateway: one DEALER connected to ``settings.batch_manager_url``. Every
 request gets an int id unique to this gateway, goes out as an ``infer`` message
 (docs/PROTOCOL.md), and is settled exactly once: by the matching ``reply`` or ``error``, by its
@@ -23,7 +27,8 @@ batch manager's answers carry its ``epoch`` (fresh each run), so a restart quick
 silence limit is noticed too, and what the old run held fails ``unavailable`` at once.
 
 The gateway also follows the model registry in Redis in a background task, so a bridge
-answers unknown models, input errors and metadata without a round trip.
+answers unknown models, input errors and metadata without a round trip (``Catalog``,
+bridges/catalog.py, holds what it read).
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import zmq
 import zmq.asyncio
 
 from bridges.auth import Authorizer
+from bridges.catalog import Catalog, Readiness, ResolvedModel
 from bridges.errors import RequestError
-from bridges.validation import InputRules, check_name
 from inferoxy import curve
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
@@ -50,7 +55,6 @@ from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError, pack_header, unpack_header
-from model_manager.spec import ModelSpec
 from model_manager.store import Registry, SpecStore, open_store
 
 log = logging.getLogger(__name__)
@@ -59,8 +63,6 @@ DEFAULT_MAX_OUTSTANDING = 10_000
 SERVER_NAME = "inferoxy"
 # Open Inference Protocol extensions the REST and gRPC bridges serve, as server metadata lists them.
 EXTENSIONS = ["binary_tensor_data", "parameters", "sequence", "image_upload"]
-# Serving states in which a model takes requests (model_manager.spec.ModelStatus).
-_SERVING_STATES = ("ready", "degraded")
 # How long start() waits for the first registry snapshot before the bridge serves anyway (refusing until it loads).
 REGISTRY_WAIT_S = 5.0
 # How long a stopping bridge lets requests in flight finish before failing them. Short enough that the bridges'
@@ -77,20 +79,6 @@ class Reply(NamedTuple):
 
 Outcome = Reply | RequestError
 Callback = Callable[[Outcome], None]
-
-
-class ResolvedModel(NamedTuple):
-    spec: ModelSpec
-    rules: InputRules
-
-
-class Readiness(NamedTuple):
-    """Whether a model version takes requests now, and if not, why (for a 503's message)."""
-
-    ready: bool
-    reason: str
-    state: str = "unknown"
-    """The task manager's serving state (``ModelStatus.state``), or ``unknown`` when none is recorded."""
 
 
 def server_version() -> str:
@@ -124,7 +112,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.max_outstanding = max_outstanding
-        self.registry: Registry | None = None
+        self.catalog = Catalog()
         # Set once the first registry snapshot is in; REST's /v2/health/ready follows it.
         self.registry_loaded = asyncio.Event()
         self.reactor = Reactor()
@@ -137,7 +125,6 @@ class Gateway:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._last_id = 0
-        self._models: dict[str, ResolvedModel] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle_waiter: asyncio.Future[None] | None = None
@@ -248,64 +235,32 @@ class Gateway:
                 self._fail_in_flight("the batch manager restarted and lost the request; retry")
             self._batch_manager_epoch = epoch
 
-    # -- the registry ------------------------------------------------------------------------
+    # -- the registry (bridges/catalog.py) ----------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry | None:
+        return self.catalog.registry
 
     def _on_registry(self, registry: Registry) -> None:
-        self._models = {spec.key: ResolvedModel(spec, InputRules(spec)) for spec in registry}
-        self.registry = registry
+        self.catalog.apply(registry)
         self._maybe_loaded()
 
     def _maybe_loaded(self) -> None:
         # Loaded once both the models and the API keys are read: before that a request could be refused wrongly.
-        if self.registry is not None and self.auth.loaded.is_set():
+        if self.catalog.registry is not None and self.auth.loaded.is_set():
             self.registry_loaded.set()
 
     def resolve(self, name: str, version: str | None = None) -> ResolvedModel:
         """The model a request for ``name`` (at ``version``, else the default) goes to."""
-        check_name(name, "the model name")
-        if version is not None:
-            check_name(version, "the model version")
-        registry = self.registry
-        if registry is None:
-            raise RequestError(ErrorCode.NOT_READY, "the model registry has not been read yet; retry shortly")
-        spec = registry.get(name, version)
-        if spec is None:
-            versions = self.versions(name)
-            if version is not None and versions:
-                raise RequestError(
-                    ErrorCode.UNKNOWN_MODEL,
-                    f"model {name!r} has no version {version!r}; it has {', '.join(versions)}",
-                )
-            raise RequestError(ErrorCode.UNKNOWN_MODEL, f"unknown model {name!r}")
-        return self._models[spec.key]
+        return self.catalog.resolve(name, version)
 
     async def readiness(self, name: str, version: str | None = None) -> Readiness:
-        """A model version's readiness, from the status the task manager writes to Redis.
-
-        Raises RequestError (``unknown_model``) when there is no such model or version."""
-        spec = self.resolve(name, version).spec
-        store = self._store
-        if store is None:
-            return Readiness(False, "the bridge is not connected to the model registry")
-        try:
-            status = await store.status(spec.name, spec.version)
-        except Exception as exc:  # Redis unreachable or a garbled status: not ready, and say why
-            return Readiness(False, f"the serving status of {spec.key} cannot be read: {type(exc).__name__}")
-        if status is None:
-            # Statuses expire unless the task manager keeps writing them: none means it is not (or no longer) running.
-            return Readiness(False, f"model {spec.key} has no serving status (no task manager has reported it "
-                                    "recently)")
-        if status.state in _SERVING_STATES:
-            return Readiness(True, f"model {spec.key} is {status.state}", status.state)
-        detail = f": {status.reason}" if status.reason else ""
-        return Readiness(False, f"model {spec.key} is {status.state}{detail}", status.state)
+        """A model version's readiness (``Catalog.readiness``)."""
+        return await self.catalog.readiness(self._store, name, version)
 
     def versions(self, name: str) -> list[str]:
         """Every registered version of ``name``, in version order."""
-        if self.registry is None:
-            return []
-        found = [spec.version for spec in self.registry if spec.name == name]
-        return sorted(found, key=lambda v: (1, int(v), "") if v.isdigit() else (0, 0, v))
+        return self.catalog.versions(name)
 
     # -- requests ----------------------------------------------------------------------------
 

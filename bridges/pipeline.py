@@ -25,8 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from bridges.catalog import ResolvedModel
 from bridges.errors import RequestError
-from bridges.gateway import Gateway, Outcome, Reply, ResolvedModel
+from bridges.gateway import Gateway, Outcome, Reply
 from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import Frame, WireError, check_tensors
