@@ -39,17 +39,28 @@ def component_names(settings: Settings) -> list[str]:
     return ["model_manager", "task_manager", "batch_manager", *bridges]
 
 
+# Bridges that run on uvloop with INFEROXY_BRIDGE_EVENT_LOOP=auto: where it was measured to pay
+# (bench/bench_bridge_loop.py, docs/PERFORMANCE.md). The REST bridge's sockets are the loop's own
+# transports, which uvloop runs in C (about 13% less CPU per request); grpcio and libzmq do their I/O
+# in their own threads, and their bridges spent the same on either loop.
+UVLOOP_BY_DEFAULT = {"rest_bridge"}
+
+
 def loop_factory(name: str, settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop a component run alone gets: uvloop for a bridge (``settings.bridge_event_loop``), when
-    installed; asyncio's own otherwise (None). Bridges spend their time in socket and HTTP handling, which
-    uvloop (libuv) and uvicorn's httptools parser do in C; grpcio's asyncio server runs on it as well.
-    The other components stay on asyncio's loop: their hot paths are ZeroMQ, read from the loop's selector."""
-    if name not in BRIDGE_COMPONENTS.values() or settings.bridge_event_loop != "uvloop":
+    """The event loop component ``name`` gets when run alone: uvloop's (``settings.bridge_event_loop``), or
+    asyncio's own (None). Only bridges ever get uvloop: the other components' hot path is ZeroMQ, read
+    from asyncio's selector (inferoxy/reactor.py)."""
+    choice = settings.bridge_event_loop
+    if name not in BRIDGE_COMPONENTS.values() or choice == "asyncio":
+        return None
+    if choice == "auto" and name not in UVLOOP_BY_DEFAULT:
         return None
     try:
         import uvloop
-    except ImportError:  # an install without it: asyncio's loop works the same, only slower
-        return None
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None  # an install without it: asyncio's loop works the same, only slower
     return uvloop.new_event_loop
 
 

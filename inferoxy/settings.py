@@ -134,9 +134,10 @@ class Settings(BaseSettings):
         10.0, gt=0, description="REST: a connection that has not sent a complete request head within this is closed."
     )
 
-    bridge_event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="The event loop a bridge run as its own process uses: uvloop (when installed; "
-        "faster sockets and HTTP) or asyncio's own. Other components, and `serve --in-process`, use asyncio's."
+    bridge_event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="The event loop of a bridge run as its own process: auto (uvloop for the REST bridge, "
+        "where it was measured to save CPU; asyncio's for gRPC and ZeroMQ, where it saved none), uvloop (every "
+        "bridge; needs uvloop installed) or asyncio. Other components, and `serve --in-process`, use asyncio's."
     )
 
     log_level: str = "INFO"

@@ -206,7 +206,8 @@ class BridgeStack:
         self.zmq_url = f"tcp://127.0.0.1:{self.settings.zmq_port}"
         self.rest_url = f"http://127.0.0.1:{self.settings.rest_port}"
         self.grpc_url = f"127.0.0.1:{self.settings.grpc_port}"
-        # The loop the bridges get in production (uvloop), so these tests run them on it.
+        # The loop the REST bridge gets in production (uvloop); the other bridges are tested on it too, since
+        # INFEROXY_BRIDGE_EVENT_LOOP=uvloop puts them there.
         self.loop = (loop_factory("rest_bridge", self.settings) or asyncio.new_event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="bridges")
         self.tasks: list[asyncio.Task[None]] = []

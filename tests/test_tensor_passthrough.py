@@ -248,23 +248,29 @@ def test_the_grpc_table_maps_every_code():
 # -- the bridges' event loop --------------------------------------------------------------------------------
 
 
-def test_bridges_run_on_uvloop_unless_told_otherwise():
+def test_the_rest_bridge_runs_on_uvloop_and_any_bridge_can():
     import uvloop
 
     from inferoxy.runner import BRIDGE_COMPONENTS, loop_factory
     from inferoxy.settings import Settings
 
-    default = Settings()
-    for name in BRIDGE_COMPONENTS.values():
-        factory = loop_factory(name, default)
-        assert factory is not None
+    def gets_uvloop(name: str, settings: Settings) -> bool:
+        factory = loop_factory(name, settings)
+        if factory is None:
+            return False
         loop = factory()
         try:
-            assert isinstance(loop, uvloop.Loop)
+            return isinstance(loop, uvloop.Loop)
         finally:
             loop.close()
-    assert loop_factory("batch_manager", default) is None  # read from the selector: asyncio's loop
-    assert loop_factory("rest_bridge", Settings(bridge_event_loop="asyncio")) is None
+
+    default = Settings()
+    assert gets_uvloop("rest_bridge", default)
+    assert not gets_uvloop("grpc_bridge", default) and not gets_uvloop("zmq_bridge", default)
+    assert all(gets_uvloop(name, Settings(bridge_event_loop="uvloop")) for name in BRIDGE_COMPONENTS.values())
+    assert not gets_uvloop("rest_bridge", Settings(bridge_event_loop="asyncio"))
+    # Never a component whose hot path is read from asyncio's selector.
+    assert not gets_uvloop("batch_manager", Settings(bridge_event_loop="uvloop"))
 
 
 def test_the_bridge_harness_runs_the_bridges_on_uvloop(stack):
