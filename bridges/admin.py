@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +35,14 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bridges.admin_access import (
+    AdminError,
+    from_browser,
+    is_loopback,
+    refuse_cross_site,
+    require_json,
+    supplied_key,
+)
 from inferoxy.settings import Settings
 from model_manager.editing import SpecError, apply_patch, check_runnable, validate_spec
 from model_manager.health import registry_health
@@ -46,15 +53,7 @@ from model_manager.store import SpecStore, open_store
 
 log = logging.getLogger(__name__)
 
-ADMIN_KEY_HEADER = "x-inferoxy-admin-key"
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-class AdminError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.extra = extra
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -92,7 +91,7 @@ class AdminApi:
 
         The loopback exemption holds only while no key can administer the proxy: neither
         ``INFEROXY_ADMIN_KEY`` nor an API key with the ``admin`` scope exists."""
-        supplied = _supplied_key(request)
+        supplied = supplied_key(request)
         admin_key = self.settings.admin_key
         if supplied is not None and admin_key and hmac.compare_digest(supplied.encode(), admin_key.encode()):
             self.check_access(request)
@@ -113,7 +112,7 @@ class AdminApi:
             return
         key = self.settings.admin_key
         if key or not loopback:
-            supplied = _supplied_key(request)
+            supplied = supplied_key(request)
             if supplied is None:
                 raise AdminError(401, "admin calls need the admin key or an API key with the admin scope: "
                                       "Authorization: Bearer KEY or X-Inferoxy-Admin-Key: KEY")
@@ -121,10 +120,10 @@ class AdminApi:
                 raise AdminError(403, "wrong admin key")
             return
         host = request.client.host if request.client else ""
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise AdminError(403, "admin calls are accepted from loopback only while INFEROXY_ADMIN_KEY is unset; "
                                   "set it to administer this proxy remotely")
-        if _from_browser(request):
+        if from_browser(request):
             # A page in the operator's browser runs on loopback too; with DNS rebinding it even looks same-origin.
             raise AdminError(403, "without INFEROXY_ADMIN_KEY the admin API answers no browser (it sent Origin, "
                                   "Sec-Fetch-* or a Host that is not loopback); use the CLI or curl, or set the key")
@@ -344,61 +343,6 @@ def admin_router(
     return router
 
 
-# -- browsers ------------------------------------------------------------------------------------
-
-# Sec-Fetch-Site values a browser sends for the proxy's own pages and for an address the user typed.
-_OWN_SITE = frozenset({"same-origin", "none"})
-_BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest", "sec-fetch-user")
-
-
-def refuse_cross_site(request: Request) -> None:
-    """403 for a call a browser makes on another site's behalf (CSRF), whoever and wherever the caller is."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site.strip().lower() not in _OWN_SITE:
-        raise AdminError(403, f"refused: a browser sent this call from another site (Sec-Fetch-Site: {site})")
-    origin = request.headers.get("origin")
-    if origin is not None and _authority_of_origin(origin) != _authority(request.headers.get("host", "")):
-        raise AdminError(403, f"refused: a browser sent this call from another site (Origin: {origin})")
-
-
-def require_json(request: Request) -> None:
-    """415 for a body not declared ``application/json``: the kinds a page may send cross-site unasked are not."""
-    declared = request.headers.get("content-type")
-    has_body = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
-    if declared is None and not has_body:
-        return  # no body (load, unload, delete, reads)
-    media_type = (declared or "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        raise AdminError(415, f"admin calls take application/json bodies only, not {declared or 'an undeclared body'}")
-
-
-def _from_browser(request: Request) -> bool:
-    if any(name in request.headers for name in _BROWSER_HEADERS):
-        return True
-    hostname = _hostname(_authority(request.headers.get("host", "")))
-    return not (hostname == "localhost" or _is_loopback(hostname))
-
-
-def _hostname(authority: str) -> str:
-    if authority.startswith("["):  # [IPv6]:port
-        return authority[1:].split("]", 1)[0]
-    return authority.rsplit(":", 1)[0]
-
-
-def _authority_of_origin(origin: str) -> str:
-    scheme, _, rest = origin.strip().partition("://")
-    return _authority(rest) if scheme and rest else "(opaque origin)"  # "null": sandboxed frames, file:// pages
-
-
-def _authority(host: str) -> str:
-    """``host[:port]`` in lower case without a default port, so an Origin compares with a Host header."""
-    host = host.strip().lower().rstrip("/")
-    for default in (":80", ":443"):
-        if host.endswith(default):
-            return host[: -len(default)]
-    return host
-
-
 # -- small pure helpers ---------------------------------------------------------------------------
 
 
@@ -432,25 +376,6 @@ def _parameters(body: Any) -> dict[str, Any]:
 
 def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "").lower() in {"1", "true", "yes"}
-
-
-def _supplied_key(request: Request) -> str | None:
-    """The key an admin call carries: ``X-Inferoxy-Admin-Key: KEY`` or ``Authorization: Bearer KEY``."""
-    supplied = request.headers.get(ADMIN_KEY_HEADER)
-    auth = request.headers.get("authorization", "")
-    if supplied is None and auth.lower().startswith("bearer "):
-        supplied = auth[7:].strip()
-    return supplied
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def _version_key(version: str) -> tuple[int, int, str]:
