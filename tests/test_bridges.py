@@ -122,6 +122,10 @@ BAD_ZMQ_MESSAGES = [
                               b"\0", b"\0"], "bad_input", 7, "given more than once"),
     ("uint8 for an input declared BYTES", [header(model="bytes", tensors=[meta("s", "uint8", [1, 1])]), b"\0"],
      "bad_input", 7, "input 's' must be BYTES (bytes), got UINT8 (uint8)"),
+    # Room for the element's length, so only the bridge's full scan of the lengths (not the bus's O(1) check) sees it.
+    ("BYTES whose lengths do not add up", [header(model="bytes", tensors=[meta("s", "bytes", [1, 1])]),
+                                           b"\x09\x00\x00\x00abcd"], "bad_input", 7,
+     "tensor 's': BYTES element 0 claims 9 bytes; only 4 are left"),
 ]
 
 
