@@ -125,7 +125,7 @@ def main() -> None:
 
     def row(what: str, before: float, after: float) -> None:
         results[what] = {"before_ms": round(before, 3), "after_ms": round(after, 3)}
-        print(f"{what:<58} {before:>9.2f} ms {after:>9.2f} ms {before / max(after, 1e-6):>8.1f}x")
+        print(f"{what:<58} {before:>9.3f} ms {after:>9.3f} ms {before / max(after, 1e-6):>8.1f}x")
 
     print(f"{'':<58} {'before':>12} {'after':>12} {'gain':>9}")
     count = 100_000
@@ -142,6 +142,15 @@ def main() -> None:
     row("gRPC bridge frames -> response, UINT8 6 MB",
         timed(lambda: grpc_out_before(metas, [frame]), repeats),
         timed(lambda: grpc_out_after(metas, [frame]), repeats))
+    small = np.arange(16, dtype=np.float32).reshape(1, 16)
+    data_small = grpc_request("x", "FP32", [1, 16], small.tobytes())
+    row("gRPC bridge request -> frames, FP32 [1, 16]",
+        timed(lambda: grpc_in_before(data_small), repeats * 200),
+        timed(lambda: grpc_in_after(data_small), repeats * 200))
+    metas_small = [{"name": "x", "dtype": "float32", "shape": [1, 16]}]
+    row("gRPC bridge frames -> response, FP32 [1, 16]",
+        timed(lambda: grpc_out_before(metas_small, [small.tobytes()]), repeats * 200),
+        timed(lambda: grpc_out_after(metas_small, [small.tobytes()]), repeats * 200))
     received = np.frombuffer(data, np.uint8)
     views = {
         "before": np.shares_memory(np.frombuffer(grpc_in_before(data)[0], np.uint8), received),
