@@ -40,7 +40,6 @@ from bridges.grpc_codec import (
     model_metadata,
     parse_infer_request,
     status_of,
-    stream_answer,
 )
 from bridges.pipeline import Pipeline
 from bridges.proto import grpc_predict_v2_pb2 as pb
@@ -226,8 +225,7 @@ class InferenceServicer:
         async def serve(raw: bytes) -> None:
             ids: list[str] = []  # the request's id once it is parsed, to name it in an error
             try:
-                response = await self._infer(raw, context.time_remaining(), credential, ids)
-                queue(stream_answer(response), len(raw))
+                queue(await self._infer(raw, context.time_remaining(), credential, ids), len(raw))
             except InferoxyError as exc:
                 queue(_stream_error(ids[0] if ids else "", RequestError.of(exc)), len(raw))
             except Exception:
@@ -271,6 +269,8 @@ class InferenceServicer:
     async def _infer(
         self, raw: bytes, time_left_s: float | None, credential: str | None, ids: list[str] | None = None
     ) -> bytes:
+        """A serialized ModelInferResponse, or with ``ids`` (a stream's call: the request's id is put there once
+        parsed, to name it in an error) a serialized ModelStreamInferResponse."""
         request, contents = parse_infer_request(raw)
         if ids is not None:
             ids.append(request.id)
@@ -281,7 +281,8 @@ class InferenceServicer:
         prepared = pipeline.prepare(resolved, metas, frames, decode_parameters(request.parameters),
                                     outputs=requested, time_left_s=time_left_s)  # the client's own gRPC deadline
         answer = await pipeline.run(prepared)
-        return encode_response(answer.model, answer.version, request.id, requested, answer.metas, answer.frames)
+        return encode_response(answer.model, answer.version, request.id, requested, answer.metas, answer.frames,
+                               stream=ids is not None)
 
 
 def _unary(

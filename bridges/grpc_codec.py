@@ -7,8 +7,9 @@ parameters: a few hundred bytes) goes through protobuf. Parsing it all would cop
 (into protobuf's arena, then out into a ``bytes`` on access). Replies are written the same way in
 reverse: protobuf serializes the small part, and each output's frame is appended as a
 ``raw_output_contents`` field (protobuf merges concatenated messages), so a tensor is copied once,
-into the answer. BYTES tensors are in Triton's serialization on both sides, the wire form too, so
-they are checked (``wire.scan_bytes``) and passed on, never turned into Python objects.
+into the answer (a stream's answer too: its wrapper is written in front in the same copy). BYTES
+tensors are in Triton's serialization on both sides, the wire form too, so they are checked
+(``wire.scan_bytes``) and passed on, never turned into Python objects.
 
 Also here: the one table from error codes to gRPC status codes.
 """
@@ -236,8 +237,12 @@ def encode_response(
     requested: list[str] | None,
     metas: Sequence[Mapping[str, Any]],
     frames: Sequence[Frame],
+    *,
+    stream: bool = False,
 ) -> bytes:
-    """A serialized ModelInferResponse for a reply's checked tensors: each frame copied once, into it."""
+    """A serialized ModelInferResponse for a reply's checked tensors, each frame copied once, into it.
+
+    ``stream``: wrapped as a ModelStreamInferResponse's ``infer_response`` in the same single copy."""
     by_name = {meta["name"]: (meta, frame) for meta, frame in zip(metas, frames, strict=True)}
     names = list(by_name) if requested is None else requested
     missing = [name for name in names if name not in by_name]
@@ -247,19 +252,19 @@ def encode_response(
             f"{', '.join(repr(name) for name in by_name)}"
         )
     response = pb.ModelInferResponse(model_name=model, model_version=version or "", id=request_id)
-    parts: list[Any] = [b""]
+    raw: list[Any] = []
+    size = 0
     for name in names:
         meta, frame = by_name[name]
         response.outputs.add(name=name, datatype=tensors.WIRE_TO_DATATYPE[meta["dtype"]], shape=meta["shape"])
         data = frame_buffer(frame)
-        parts += (_RAW_OUTPUT_TAG, _encode_varint(memoryview(data).nbytes), data)
-    parts[0] = response.SerializeToString()
-    return b"".join(parts)
-
-
-def stream_answer(response: bytes) -> bytes:
-    """A serialized ModelStreamInferResponse carrying a serialized ModelInferResponse (not copied twice)."""
-    return b"".join((_INFER_RESPONSE_TAG, _encode_varint(len(response)), response))
+        length = _encode_varint(memoryview(data).nbytes)
+        raw += (_RAW_OUTPUT_TAG, length, data)
+        size += len(_RAW_OUTPUT_TAG) + len(length) + memoryview(data).nbytes
+    head = response.SerializeToString()
+    if not stream:
+        return b"".join([head, *raw])
+    return b"".join([_INFER_RESPONSE_TAG, _encode_varint(len(head) + size), head, *raw])
 
 
 def _encode_varint(value: int) -> bytes:

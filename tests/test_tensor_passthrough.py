@@ -194,8 +194,9 @@ def test_grpc_replies_copy_each_frame_once_and_parse_back():
     # Only the outputs asked for, in the order asked.
     picked = pb.ModelInferResponse.FromString(grpc_codec.encode_response("m", "1", "", ["s"], metas, frames))
     assert [o.name for o in picked.outputs] == ["s"] and list(picked.raw_output_contents) == [frames[1]]
-    # The stream wraps the same bytes.
-    assert pb.ModelStreamInferResponse.FromString(grpc_codec.stream_answer(data)).infer_response == response
+    # A stream's answer wraps the same response, written in the same one copy.
+    streamed = grpc_codec.encode_response("m", "1", "r1", None, metas, frames, stream=True)
+    assert pb.ModelStreamInferResponse.FromString(streamed).infer_response == response
 
 
 def test_a_large_tensor_round_trips_through_the_grpc_bridge_untouched(stack):
