@@ -36,21 +36,19 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from inferoxy import bus, curve, protocol, wire
-from inferoxy.protocol import ErrorCode
-from inferoxy.runtime import failed_message
+from inferoxy import curve, protocol, wire
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from model_manager.spec import ModelStatus, ServingState
 from model_manager.store import Registry, SpecStore, open_store
 from task_manager.gpus import GpuAllocator, gpu_inventory
+from task_manager.relay import Relay
 from task_manager.replicas import (
     ModelGroup,
     Replica,
@@ -82,14 +80,12 @@ class TaskManager:
         self.runtime = runtime
         self._groups: dict[str, ModelGroup] = {}  # by spec key, name/version
         self._replicas: dict[bytes, Replica] = {}  # by ZeroMQ identity, which is the replica id
-        self._batch_managers: dict[bytes, float] = {}  # identity -> when last heard
         self._closing = False
         self._owns_instance = False  # only the instance's owner may sweep what is labelled with it
-        self._bm_sock: zmq.asyncio.Socket | None = None
-        self._replica_sock: zmq.asyncio.Socket | None = None
         # Each replica dials with a CURVE key of its own, admitted only while it runs (None: the bus is plain).
         bus_secret = settings.bus_key_secret
         self._replica_keys = curve.ReplicaKeys(bus_secret) if bus_secret else None
+        self.relay = Relay(settings, self._replicas, self, self._replica_keys)
         self.gpus = GpuAllocator([], allow_sharing=settings.gpu_sharing)  # the inventory is read in run()
         # Status records to (re)write: by spec key, the group (removed groups too, to delete theirs).
         self._dirty: dict[str, ModelGroup] = {}
@@ -132,23 +128,14 @@ class TaskManager:
             if inventory:
                 log.info("GPUs for replicas: %s (sharing between models %s)", ", ".join(inventory),
                          "on" if settings.gpu_sharing else "off")
-            self._bm_sock = bus.make_socket(
-                self.ctx, zmq.ROUTER, bind=settings.task_manager_url, max_message_bytes=settings.max_message_bytes,
-                curve_server=curve.server_for(settings.bus_key_secret, curve.TASK_MANAGER, settings.task_manager_url))
-            # No ROUTER_HANDOVER: a second connection with a live replica's id must not take its batches over.
-            # Replica ids never repeat (random nonce), so a restarted replica never needs to replace an old one.
-            self._replica_sock = bus.make_socket(
-                self.ctx, zmq.ROUTER, bind=settings.replica_bind_url, max_message_bytes=settings.max_message_bytes,
-                curve_server=self._replica_keys.server if self._replica_keys is not None else None)
+            self.relay.open(self.ctx)
             removed = await runtime.remove_orphans()
             if removed:
                 log.info("removed %d replicas an earlier run left behind", removed)
             registry_task = asyncio.create_task(store.watch(self._apply_registry), name="tm registry")
             tasks = [
-                asyncio.create_task(self._serve(self._bm_sock, self._on_batch_manager_message), name="tm bm"),
-                asyncio.create_task(self._serve(self._replica_sock, self._on_replica_message), name="tm replicas"),
                 asyncio.create_task(self._supervise(), name="tm supervise"),
-                *self._refusal_logger(),
+                *self.relay.refusal_logger(self.ctx),
                 asyncio.create_task(self._write_statuses(store), name="tm status"),
                 registry_task,
             ]
@@ -166,16 +153,7 @@ class TaskManager:
             await self._stop_all_replicas()
             await cancel_and_wait(tasks)
             await self._final_cleanup(runtime, store)
-            for sock in (self._bm_sock, self._replica_sock):
-                if sock is not None:
-                    sock.close(linger=0)
-
-    def _refusal_logger(self) -> list[asyncio.Task[None]]:
-        if self._replica_keys is None or self._replica_sock is None:
-            return []
-        hint = ("a model image built before the bus was authenticated does not speak CURVE: rebuild it FROM the "
-                "current inferoxy/model-base (docs/DOCKER.md)")
-        return [asyncio.create_task(curve.log_refusals(self._replica_sock, hint), name="tm refusals")]
+            self.relay.close()
 
     def status(self) -> dict[str, Any]:
         """Per model: its replicas and their states, restarts, and the last error. Read-only, JSON-able."""
@@ -209,73 +187,19 @@ class TaskManager:
     # ------------------------------------------------------------------------------------------
     # Messages
 
-    async def _serve(self, sock: zmq.asyncio.Socket, handle: Callable[[list[Any]], None]) -> None:
-        while True:
-            frames: list[Any] | None = await bus.recv(sock)
-            while frames is not None:  # drain a burst in one wake-up
-                try:
-                    handle(frames)
-                except Exception:  # one bad message must not stop the task manager
-                    log.exception("error handling a message")
-                frames = bus.recv_nowait(sock)
-
-    def _on_batch_manager_message(self, frames: list[Any]) -> None:
-        if len(frames) < 2:
-            log.warning("dropping an empty message from a batch manager")
-            return
-        sender = frames[0].bytes
-        new = self._heard_batch_manager(sender)
-        try:
-            header = wire.unpack_header(frames[1])
-        except wire.WireError as exc:
-            self._refuse_unreadable(sender, frames[1], exc)
-            return
-        kind = header.get("t")
-        if kind == protocol.BATCH:
-            self._forward_batch(sender, header, frames)
-        elif kind == protocol.HEARTBEAT and header.get("resync") is True and not new:
-            self._announce_to(sender)  # it gave us up for lost and dropped our replicas; we never noticed
-        elif kind == protocol.MODEL_DRAINED:
-            self._on_model_drained(sender, header)
-        elif kind != protocol.HEARTBEAT:
-            log.warning("ignoring a %r message from a batch manager", kind)
-
-    def _refuse_unreadable(self, sender: bytes, frame: Any, exc: wire.WireError) -> None:
-        """A batch that cannot be read (such as a header over the bus's limit) is answered ``failed``, never
-        dropped: its requests hear now and its replica's credit comes back to the batch manager."""
-        ref = _peek_batch_ref(frame)
-        if ref is None:
-            log.error("dropping an unreadable message from batch manager %s that names no batch: %s",
-                      sender.hex(), exc)
-            return
-        target, batch_id = ref
-        log.error("batch %r for replica %r from batch manager %s is unreadable; answered failed: %s",
-                  batch_id, target, sender.hex(), exc)
-        message = f"the task manager could not read the batch: {exc}"
-        self._send_batch_manager(sender, failed_message(str(target), batch_id, ErrorCode.INTERNAL, message))
-
-    def _heard_batch_manager(self, sender: bytes) -> bool:
-        """Record a sign of life; True (after announcing everything to it) when the batch manager is new."""
-        new = sender not in self._batch_managers
-        if new:
-            log.info("batch manager %s connected", sender.hex())
-            self._announce_to(sender)
-        self._batch_managers[sender] = time.monotonic()
-        return new
-
-    def _announce_to(self, sender: bytes) -> None:
+    def announce_to(self, sender: bytes) -> None:
         """A new, restarted or resyncing batch manager learns every replica it can use."""
-        self._send_batch_manager(sender, self._heartbeat_header())  # first: our epoch, before what it announces
+        self.relay.send_batch_manager(sender, self._heartbeat_header())  # first: our epoch, before what it announces
         for replica in self._replicas.values():
             if replica.announced and replica.state is ReplicaState.READY:
-                self._send_batch_manager(sender, self._replica_up(replica))
+                self.relay.send_batch_manager(sender, self._replica_up(replica))
         for group in self._groups.values():
-            self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
+            self.relay.send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
 
     def _heartbeat_header(self) -> dict[str, Any]:
         return {"t": protocol.HEARTBEAT, "epoch": self.epoch}
 
-    def _on_model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
+    def model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
         model, version = header.get("model"), header.get("version")
         if not isinstance(model, str) or not isinstance(version, str):
             log.warning("dropping a model_drained message without model and version: %r", header)
@@ -291,7 +215,7 @@ class TaskManager:
 
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
-        if group is not None and not (group.awaiting & self._batch_managers.keys()):
+        if group is not None and not (group.awaiting & self.relay.batch_managers.keys()):
             self._retire(key, "every batch manager has answered what it queued for it")
 
     def _retire(self, key: str, why: str) -> None:
@@ -309,75 +233,10 @@ class TaskManager:
             self._end(replica, "the model was removed", wanted=True)
         self._status_changed(group)
 
-    def _forward_batch(self, sender: bytes, header: Mapping[str, Any], frames: list[Any]) -> None:
-        target, batch_id = header.get("replica"), header.get("batch")
-        replica = self._replicas.get(target.encode()) if isinstance(target, str) else None
-        if not isinstance(batch_id, (int, str)):
-            problem = (ErrorCode.INTERNAL, f"batch id {batch_id!r} must be an int or a string")
-        elif replica is not None and replica.state is ReplicaState.STOPPING and replica.wanted_gone:
-            # Sent before the batch manager heard `replica_draining`.
-            problem = (ErrorCode.REPLICA_LOST, f"replica {target} is draining: {replica.end_reason}")
-        elif replica is None or replica.state is not ReplicaState.READY:
-            problem = (ErrorCode.REPLICA_LOST, f"replica {target!r} is not serving")
-        elif batch_id in replica.in_flight:
-            problem = (ErrorCode.INTERNAL, f"batch {batch_id} is already at replica {target}")
-        elif len(replica.in_flight) >= replica.capacity:
-            problem = (ErrorCode.OVERLOADED, f"replica {target} already holds {replica.capacity} batches")
-        elif not self._send_replica(replica, frames[1:]):
-            problem = (ErrorCode.REPLICA_LOST, f"replica {target} is not connected")
-            # A batch manager stops using a replica that lost a batch: one that cannot be reached is
-            # replaced, so `replica_lost` always means gone (and `replica_down` goes out before the `failed`).
-            self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
-        else:
-            if not replica.in_flight:
-                replica.progress_at = time.monotonic()  # the wait for its next answer starts now
-            replica.in_flight[batch_id] = sender
-            return
-        code, message = problem
-        self._send_batch_manager(sender, failed_message(str(target), batch_id, code, message))
+    def replica_unreachable(self, replica: Replica) -> None:
+        self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
 
-    def _on_replica_message(self, frames: list[Any]) -> None:
-        if len(frames) < 2:
-            return
-        replica = self._replicas.get(frames[0].bytes)
-        if replica is None:
-            # Not a replica we started, or one we already gave up on (its batches were answered then).
-            ref = _peek_batch_ref(frames[1])
-            if ref is not None:
-                log.warning("replica %r, which is not one of ours (any more), answered batch %r; dropped",
-                            frames[0].bytes.decode(errors="replace"), ref[1])
-            return
-        replica.last_seen = time.monotonic()
-        try:
-            header = wire.unpack_header(frames[1])
-        except wire.WireError as exc:
-            self._fail_unreadable_answer(replica, frames[1], exc)
-            return
-        kind = header.get("t")
-        if kind == protocol.READY:
-            if not self._dialled_with_its_key(replica, frames[1]):
-                return
-            self._on_ready(replica, header)
-        elif kind in (protocol.RESULT, protocol.FAILED):
-            self._on_answer(replica, header, frames)
-        elif kind != protocol.HEARTBEAT:
-            log.warning("ignoring a %r message from replica %s", kind, replica.id)
-
-    def _dialled_with_its_key(self, replica: Replica, frame: Any) -> bool:
-        """A replica's id is accepted only from the connection that holds the key issued for it: another
-        replica (or anything else holding some replica's key) cannot take over an id not yet ready."""
-        if self._replica_keys is None:
-            return True
-        try:
-            user_id = frame.get("User-Id")
-        except zmq.ZMQError:  # no metadata: not a CURVE connection
-            user_id = None
-        if self._replica_keys.issued_to(replica.id, user_id):
-            return True
-        log.warning("a peer said `ready` as replica %s without that replica's key; ignored", replica.id)
-        return False
-
-    def _on_ready(self, replica: Replica, header: Mapping[str, Any]) -> None:
+    def replica_ready(self, replica: Replica, header: Mapping[str, Any]) -> None:
         if replica.state is not ReplicaState.STARTING:
             return
         capacity, pid = header.get("capacity"), header.get("pid")
@@ -388,36 +247,9 @@ class TaskManager:
         replica.announced = True
         log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
                  replica.ready_at - replica.started_at, replica.pid, replica.capacity)
-        self._to_batch_managers(self._replica_up(replica))
+        self.relay.to_batch_managers(self._replica_up(replica))
         self._status_changed(replica.group)
         self._reconcile(replica.group)  # a rolling update waits for this
-
-    def _on_answer(self, replica: Replica, header: Mapping[str, Any], frames: list[Any]) -> None:
-        if header.get("replica") != replica.id:
-            log.warning("replica %s answered as %r; dropped", replica.id, header.get("replica"))
-            return
-        batch_id = header.get("batch")
-        sender = replica.in_flight.pop(batch_id, None) if isinstance(batch_id, (int, str)) else None
-        if sender is None:
-            log.warning("replica %s answered batch %r, which it does not hold; dropped", replica.id, batch_id)
-            return
-        replica.progress_at = time.monotonic()
-        if not bus.send_nowait(self._sock(self._bm_sock), [sender, *frames[1:]]):
-            log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
-
-    def _fail_unreadable_answer(self, replica: Replica, frame: Any, exc: wire.WireError) -> None:
-        """An answer that cannot be read (such as a header over the bus's limit) fails its batch, so its
-        requests hear now and the batch manager gets the replica's credit back."""
-        ref = _peek_batch_ref(frame)
-        sender = replica.in_flight.pop(ref[1], None) if ref is not None and ref[0] == replica.id else None
-        if ref is None or sender is None:
-            log.error("dropping an unreadable message from replica %s that answers no batch it holds: %s",
-                      replica.id, exc)
-            return
-        replica.progress_at = time.monotonic()
-        log.error("replica %s answered batch %r unreadably; the batch fails: %s", replica.id, ref[1], exc)
-        message = f"replica {replica.id} answered with a message the task manager could not read: {exc}"
-        self._send_batch_manager(sender, failed_message(replica.id, ref[1], ErrorCode.INTERNAL, message))
 
     def _replica_up(self, replica: Replica) -> dict[str, Any]:
         return {"t": protocol.REPLICA_UP, "replica": replica.id, "model": replica.spec.name,
@@ -437,7 +269,7 @@ class TaskManager:
         """Tell every batch manager of each changed serving state (only real changes: they log each one)."""
         self._announce_scheduled = False
         pending, self._to_announce = self._to_announce, {}
-        if self._bm_sock is None or self._bm_sock.closed:
+        if not self.relay.is_open:
             return  # scheduled as the task manager stopped: no one left to tell
         for key, group in pending.items():
             if self._groups.get(key) is not group:
@@ -446,34 +278,12 @@ class TaskManager:
             state = self._serving_state(group)
             if self._announced.get(key) != state:
                 self._announced[key] = state
-                self._to_batch_managers(self._model_status(group, *state))
+                self.relay.to_batch_managers(self._model_status(group, *state))
 
     def _announce_down(self, replica: Replica, reason: str) -> None:
         if replica.announced:
             replica.announced = False
-            self._to_batch_managers({"t": protocol.REPLICA_DOWN, "replica": replica.id, "reason": reason})
-
-    def _fail_in_flight(self, replica: Replica, reason: str) -> None:
-        for batch_id, sender in replica.in_flight.items():
-            message = f"replica {replica.id} was lost: {reason}"
-            self._send_batch_manager(sender, failed_message(replica.id, batch_id, ErrorCode.REPLICA_LOST, message))
-        replica.in_flight.clear()
-
-    def _to_batch_managers(self, header: Mapping[str, Any]) -> None:
-        for sender in self._batch_managers:
-            self._send_batch_manager(sender, header)
-
-    def _send_batch_manager(self, identity: bytes, message: Mapping[str, Any] | Sequence[Any]) -> None:
-        frames = [wire.pack_header(message)] if isinstance(message, Mapping) else list(message)
-        bus.send_nowait(self._sock(self._bm_sock), [identity, *frames])
-
-    def _send_replica(self, replica: Replica, frames: Sequence[Any]) -> bool:
-        return bus.send_nowait(self._sock(self._replica_sock), [replica.identity, *frames])
-
-    @staticmethod
-    def _sock(sock: zmq.asyncio.Socket | None) -> zmq.asyncio.Socket:
-        assert sock is not None, "sockets exist while the task manager runs"
-        return sock
+            self.relay.to_batch_managers({"t": protocol.REPLICA_DOWN, "replica": replica.id, "reason": reason})
 
     # ------------------------------------------------------------------------------------------
     # Supervision
@@ -489,19 +299,19 @@ class TaskManager:
                         self._end(replica, f"not ready within {self.settings.replica_start_timeout_s:g}s",
                                   wanted=False)
                     continue
-                self._send_replica(replica, heartbeat)
+                self.relay.send_replica(replica, heartbeat)
                 silent = now - replica.last_seen
                 if replica.state is ReplicaState.READY and silent > self._silence_limit_s:
                     self._end(replica, f"no heartbeat for {silent:.1f}s", wanted=False)
                 elif replica.state is ReplicaState.READY:
                     self._recycle_if_stuck(replica, now)
             self._forgive_recovered(now)
-            self._to_batch_managers(self._heartbeat_header())
+            self.relay.to_batch_managers(self._heartbeat_header())
             forgot = False
-            for identity, seen in list(self._batch_managers.items()):
+            for identity, seen in list(self.relay.batch_managers.items()):
                 if now - seen > self._silence_limit_s:
                     log.info("batch manager %s went silent; forgetting it", identity.hex())
-                    del self._batch_managers[identity]
+                    del self.relay.batch_managers[identity]
                     forgot = True
             if forgot:
                 for key in list(self._retiring):
@@ -575,7 +385,7 @@ class TaskManager:
             # holds nothing more (model_drained), or until a request's timeout has surely passed.
             self._retiring[key] = group
             early = self._early_drained.pop(key, {})
-            group.awaiting = set(self._batch_managers) - set(early)
+            group.awaiting = set(self.relay.batch_managers) - set(early)
             if group.awaiting and group.live():
                 log.info("model %s was removed; its replicas stay until batch managers drained it (at most %gs)",
                          key, self.settings.request_timeout_s)
@@ -740,14 +550,14 @@ class TaskManager:
         replica.wanted_gone = wanted
         if wanted:
             if replica.announced:
-                self._to_batch_managers({"t": protocol.REPLICA_DRAINING, "replica": replica.id, "reason": reason})
-            self._send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
+                self.relay.to_batch_managers({"t": protocol.REPLICA_DRAINING, "replica": replica.id, "reason": reason})
+            self.relay.send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
             replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
                                     else max(STOP_GRACE_S, self.settings.request_timeout_s))
         else:
             replica.group.replacing[replica.id] = reason  # readiness says which replica is replaced, and why
             self._announce_down(replica, reason)  # before the `failed`s: see `_ended`
-            self._fail_in_flight(replica, reason)
+            self.relay.fail_in_flight(replica, reason)
             replica.stop_grace_s = KILL_GRACE_S
         replica.stop_requested.set()
         self._status_changed(replica.group)
@@ -765,7 +575,7 @@ class TaskManager:
         # Down first: a batch manager must know the replica is dead before any `failed` of its batches, or
         # the credit each returns would send the retry and the queue to the corpse.
         self._announce_down(replica, reason)
-        self._fail_in_flight(replica, reason)
+        self.relay.fail_in_flight(replica, reason)
         self._status_changed(group)
         if self._closing:
             return
@@ -911,33 +721,6 @@ class TaskManager:
         """Write every live status again before its TTL runs out (and into a Redis that restarted empty)."""
         if self._live_statuses:
             await store.put_statuses(list(self._live_statuses.values()), ttl_s=self._status_ttl_s)
-
-
-def _peek_batch_ref(frame: Any) -> tuple[Any, Any] | None:
-    """``replica`` and ``batch`` of a header too large or too broken to decode whole, or None.
-
-    Reads the map key by key and skips every other value, so the items and tensor descriptions of an
-    oversize batch are never built.
-    """
-    try:
-        data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
-        unpacker.feed(data)
-        found: dict[str, Any] = {}
-        for _ in range(unpacker.read_map_header()):
-            key = unpacker.unpack()
-            if key in ("replica", "batch"):
-                found[key] = unpacker.unpack()
-                if len(found) == 2:
-                    break
-            else:
-                unpacker.skip()
-    except Exception:  # garbage: msgpack raises several unrelated types
-        return None
-    replica, batch = found.get("replica"), found.get("batch")
-    if not isinstance(replica, str) or not isinstance(batch, (int, str)) or isinstance(batch, bool):
-        return None
-    return replica, batch
 
 
 async def _start_uncancelled(runtime: Runtime, plan: ReplicaPlan) -> ReplicaHandle:
