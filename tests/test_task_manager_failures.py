@@ -181,13 +181,13 @@ def test_a_status_change_made_while_the_last_one_is_written_is_written_too() -> 
             written.append(status.state)
             if len(written) == 1:
                 group.failed_reason = "weights missing"  # the model's state changes meanwhile...
-                manager._dirty[group.spec.key] = group  # ...and is marked to write, as _status_changed does
+                manager.statuses.mark(group)  # ...and is marked to write, as _status_changed does
 
     async def scenario() -> None:
-        manager._dirty[group.spec.key] = group
-        await manager._flush_statuses(SlowStore())  # type: ignore[arg-type]
+        manager.statuses.mark(group)
+        await manager.statuses.flush(SlowStore())  # type: ignore[arg-type]
 
     manager = TaskManager(Settings(models_file=""), zmq.asyncio.Context())
     asyncio.run(scenario())
     assert written == ["starting", "failed"], written
-    assert manager._live_statuses[group.spec.key].state == "failed", "the record the TTL refresh rewrites"
+    assert manager.statuses.live[group.spec.key].state == "failed", "the record the TTL refresh rewrites"
