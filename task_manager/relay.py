@@ -32,7 +32,7 @@ from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from task_manager.replicas import Replica, ReplicaState
 
-log = logging.getLogger("task_manager.service")
+log = logging.getLogger(__name__)
 
 class Lifecycle(Protocol):
     """What the relay tells the rest of the task manager."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from task_manager.replicas import Replica
 from task_manager.runtimes.base import ReplicaHandle, ReplicaPlan, Runtime
 
-log = logging.getLogger("task_manager.service")
+log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 1.0  # a replica that stopped answering gets little patience
 

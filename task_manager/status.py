@@ -19,7 +19,7 @@ from model_manager.spec import ModelStatus, ServingState
 from model_manager.store import SpecStore
 from task_manager.replicas import ModelGroup
 
-log = logging.getLogger("task_manager.service")
+log = logging.getLogger(__name__)
 
 # A reason travels in message headers and may reach clients: the first line (how it ended) and the last log lines.
 MAX_REASON_CHARS = 4000

@@ -191,3 +191,19 @@ def test_a_status_change_made_while_the_last_one_is_written_is_written_too() -> 
     asyncio.run(scenario())
     assert written == ["starting", "failed"], written
     assert manager.statuses.live[group.spec.key].state == "failed", "the record the TTL refresh rewrites"
+
+
+def test_a_batch_without_its_routing_envelope_is_answered_failed_not_dropped() -> None:
+    # The task manager routes by the envelope alone; a batch that comes without one (a batch manager of another
+    # version) still names its batch in the header, and its requests must hear now rather than at their deadline.
+    tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
+    told: list[tuple[bytes, dict[str, Any]]] = []
+    tm.relay.send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
+        (identity, wire.unpack_header(message[0]) if not isinstance(message, Mapping) else dict(message)))
+    tm.relay.batch_managers[b"bm"] = 0.0
+    bare = {"t": "batch", "replica": "r-0", "batch": 3, "items": [], "tensors": []}
+    tm.relay.on_batch_manager_message([zmq.Frame(b"bm"), zmq.Frame(wire.pack_header(bare))])
+    [(identity, failed)] = told
+    assert identity == b"bm" and (failed["t"], failed["replica"], failed["batch"], failed["code"]) == (
+        "failed", "r-0", 3, "internal")
+    assert "envelope" in failed["message"]

@@ -24,7 +24,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from task_manager.runtimes.base import ReplicaExit, ReplicaHandle
 
-log = logging.getLogger("task_manager.runtimes.docker")
+log = logging.getLogger(__name__)
 
 LABEL_INSTANCE = "inferoxy.instance"
 LOG_TAIL_LINES = 50
