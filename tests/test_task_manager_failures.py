@@ -207,3 +207,27 @@ def test_a_batch_without_its_routing_envelope_is_answered_failed_not_dropped() -
     assert identity == b"bm" and (failed["t"], failed["replica"], failed["batch"], failed["code"]) == (
         "failed", "r-0", 3, "internal")
     assert "envelope" in failed["message"]
+
+
+def test_a_replica_cannot_settle_a_batch_it_does_not_hold() -> None:
+    # The task manager relays answers by their envelope alone, so the envelope is what it checks: it must name
+    # the replica on that connection and a batch that replica holds, or the answer goes nowhere.
+    tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
+    relayed: list[list[Any]] = []
+    tm.relay._send = lambda _sock, frames: relayed.append(frames) or True  # type: ignore[method-assign]
+    model = spec("echo", ECHO)
+    group = ModelGroup(model)
+    mine = Replica("r-0", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2)
+    other = Replica("r-1", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2)
+    mine.in_flight[4] = b"bm"
+    other.in_flight[5] = b"bm"
+    tm._replicas.update({mine.identity: mine, other.identity: other})
+    answer = wire.pack_header({"t": "result", "replica": "r-1", "batch": 5, "items": [], "tensors": []})
+
+    tm.relay.on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(envelope.pack("r-1", 5)), zmq.Frame(answer)])
+    tm.relay.on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(envelope.pack("r-0", 5)), zmq.Frame(answer)])
+    assert relayed == [] and other.in_flight == {5: b"bm"} and mine.in_flight == {4: b"bm"}
+
+    tm.relay.on_replica_message([zmq.Frame(b"r-1"), zmq.Frame(envelope.pack("r-1", 5)), zmq.Frame(answer)])
+    [frames] = relayed
+    assert frames[0] == b"bm" and envelope.unpack(frames[1]) == ("r-1", 5) and other.in_flight == {}
