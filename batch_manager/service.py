@@ -33,7 +33,7 @@ import zmq.asyncio
 from batch_manager import messages
 from batch_manager.params import parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
-from inferoxy import curve, protocol
+from inferoxy import curve, envelope, protocol
 from inferoxy import messages as m
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
@@ -221,11 +221,21 @@ class BatchManager:
         self._perform(self.scheduler.submit(request, now))
 
     def _on_task_manager_message(self, message: list[Any]) -> None:
+        route: tuple[str, envelope.BatchId] | None = None
         try:
+            if envelope.is_envelope(message[0]):
+                # A replica's answer, behind the envelope the task manager routed it by (and checked is the
+                # replica's own): it, not the header, says which batch this settles.
+                route = envelope.unpack(message[0])
+                message = message[1:]
+                if not message:
+                    raise WireError("no header frame follows the routing envelope")
             header = unpack_header(message[0])
             kind = header.get("t")
             self._heard_task_manager(header)
             now = self._now()
+            if route is not None:
+                self._check_route(route, kind, header)
             if kind == protocol.RESULT:
                 batch = messages.parse_batch_ref(header)
                 self._check_known(kind, batch.replica, batch.batch_id, header)
@@ -272,7 +282,15 @@ class BatchManager:
                 return
             else:
                 raise WireError(f"unknown message type {kind!r}")
+        except envelope.EnvelopeError as exc:
+            log.warning("dropping an answer from the task manager whose envelope names no batch: %s", exc)
+            return
         except WireError as exc:
+            if route is not None:
+                # An answer that cannot be read still settles its batch: its requests hear now and the credit
+                # comes back.
+                self._fail_unreadable_answer(route, exc)
+                return
             # The task manager has no error message to receive; a bad message is its bug, worth a log line.
             log.warning("dropping a malformed message from the task manager: %s", exc)
             return
@@ -280,6 +298,24 @@ class BatchManager:
             log.exception("failed to handle a message from the task manager")
             return
         self._perform(actions)
+
+    @staticmethod
+    def _check_route(route: tuple[str, envelope.BatchId], kind: Any, header: dict[str, Any]) -> None:
+        if kind not in (protocol.RESULT, protocol.FAILED):
+            raise WireError(f"a routed message must be an answer, not {kind!r}")
+        if (header.get("replica"), header.get("batch")) != route:
+            raise WireError(f"the answer names batch {header.get('batch')!r} of replica {header.get('replica')!r}, "
+                            f"its envelope batch {route[1]!r} of replica {route[0]!r}")
+
+    def _fail_unreadable_answer(self, route: tuple[str, envelope.BatchId], exc: Exception) -> None:
+        replica, batch_id = route
+        if not isinstance(batch_id, int) or not self.scheduler.knows_batch(replica, batch_id):
+            log.warning("dropping an unreadable answer for batch %r of replica %r, which matches no batch sent "
+                        "here: %s", batch_id, replica, exc)
+            return
+        log.warning("replica %r answered batch %s unreadably; the batch fails: %s", replica, batch_id, exc)
+        self._perform(self.scheduler.on_failed(replica, batch_id, ErrorCode.INTERNAL.value,
+                                               f"the replica sent an unreadable answer: {exc}", self._now()))
 
     def _check_known(self, kind: str, replica: messages.ReplicaId, batch_id: int, header: dict[str, Any]) -> None:
         """An answer for a batch this batch manager never sent (or already had answered) settles nothing: say so
@@ -315,7 +351,10 @@ class BatchManager:
                     "the task manager cannot take batches now", self._now()))
 
     def _send_batch(self, dispatch: Dispatch) -> bool:
-        return self._send(self._task_manager, [pack_header(dispatch.header()), *dispatch.frames])
+        # The envelope in front is all the task manager reads (inferoxy.envelope); the header travels unread.
+        replica = dispatch.replica if isinstance(dispatch.replica, str) else dispatch.replica.decode(errors="replace")
+        route = envelope.pack(replica, dispatch.batch_id)
+        return self._send(self._task_manager, [route, pack_header(dispatch.header()), *dispatch.frames])
 
     def _send_to_bridge(self, identity: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
         self._send_encoded(identity, pack_header(header), frames)

@@ -1,14 +1,13 @@
 """Sockets of the internal bus, made one way everywhere.
 
 High-water marks are set on purpose: a ROUTER drops messages for a peer whose queue
-is full, and a DEALER blocks (which asyncio turns into waiting), so every socket gets
+is full, and a DEALER refuses the send (every send is non-blocking), so every socket gets
 a bound that is larger than the credit and queue limits above it will ever let it
 reach. Linger is short so a stopping component never hangs on unsent messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -16,28 +15,9 @@ import zmq.asyncio
 
 from inferoxy import curve
 from inferoxy.curve import CurveClient, CurveServer
-from inferoxy.wire import Frame
 
 DEFAULT_HWM = 100_000
 LINGER_MS = 200
-
-
-def make_socket(
-    ctx: zmq.asyncio.Context,
-    kind: int,
-    *,
-    bind: str | None = None,
-    connect: str | None = None,
-    identity: bytes | None = None,
-    hwm: int = DEFAULT_HWM,
-    max_message_bytes: int | None = None,
-    curve_server: CurveServer | None = None,
-    curve_client: CurveClient | None = None,
-) -> zmq.asyncio.Socket:
-    sock = ctx.socket(kind)
-    _configure(sock, kind, bind=bind, connect=connect, identity=identity, hwm=hwm,
-               max_message_bytes=max_message_bytes, curve_server=curve_server, curve_client=curve_client)
-    return sock
 
 
 def plain_socket(
@@ -52,7 +32,8 @@ def plain_socket(
     curve_server: CurveServer | None = None,
     curve_client: CurveClient | None = None,
 ) -> zmq.Socket[Any]:
-    """A non-asyncio socket on ``ctx`` (so inproc:// peers still meet) for ``inferoxy.reactor`` to drive."""
+    """A non-asyncio socket on ``ctx`` (so inproc:// peers still meet) for ``inferoxy.reactor`` to drive: every
+    component reads its bus sockets that way (one I/O model on the data path)."""
     sock: zmq.Socket[Any] = zmq.Context.shadow(ctx.underlying).socket(kind)
     _configure(sock, kind, bind=bind, connect=connect, identity=identity, hwm=hwm,
                max_message_bytes=max_message_bytes, curve_server=curve_server, curve_client=curve_client)
@@ -91,28 +72,3 @@ def _configure(
     except zmq.ZMQError:
         sock.close(linger=0)
         raise
-
-
-async def recv(sock: zmq.asyncio.Socket) -> list[Any]:
-    """One multipart message as zmq.Frame objects (no copy of large frames)."""
-    return await sock.recv_multipart(copy=False)
-
-
-def recv_nowait(sock: zmq.asyncio.Socket) -> list[Any] | None:
-    """The next message if one is already queued, else None; lets a reader drain a burst in one wake-up."""
-    try:
-        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False).result()  # type: ignore[attr-defined]
-    except zmq.Again:
-        return None
-
-
-async def send(sock: zmq.asyncio.Socket, frames: Sequence[Frame]) -> None:
-    # Frames under the socket's copy_threshold are copied anyway; large ones travel by reference.
-    await sock.send_multipart(frames, copy=False)
-
-
-def send_nowait(sock: zmq.asyncio.Socket, frames: Sequence[Frame]) -> bool:
-    """Send without waiting. False when the peer is unreachable or its queue is full (the message is dropped)."""
-    # zmq.asyncio hands back an already-finished future, whose exception must be read or it is logged.
-    done = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-    return done.exception() is None  # type: ignore[attr-defined]

@@ -246,10 +246,20 @@ REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PR
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
-async def log_refusals(sock: zmq.asyncio.Socket, hint: str) -> None:
+async def log_refusals(sock: zmq.Socket[Any], hint: str, ctx: zmq.asyncio.Context | None = None) -> None:
     """Log (at most once per REFUSAL_LOG_INTERVAL_S, so a flood cannot fill the log) each peer that this
-    CURVE server refused during the handshake; ``hint`` says what the usual cause is."""
-    monitor = sock.get_monitor_socket(REFUSALS)
+    CURVE server refused during the handshake; ``hint`` says what the usual cause is.
+
+    ``ctx``: for a plain (reactor-driven) socket, the asyncio context it was made on, so the monitor
+    socket can be awaited."""
+    monitor: zmq.asyncio.Socket
+    if ctx is None:
+        monitor = sock.get_monitor_socket(REFUSALS)  # type: ignore[assignment]  # an asyncio socket's own
+    else:
+        address = f"inproc://inferoxy-refusals-{id(sock)}"
+        sock.monitor(address, REFUSALS)
+        monitor = ctx.socket(zmq.PAIR)
+        monitor.connect(address)
     last = -REFUSAL_LOG_INTERVAL_S
     refused = 0
     try:

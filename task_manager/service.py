@@ -1,9 +1,15 @@
 """The task manager: keeps each model's replicas running and carries batches to them.
 
-It binds two ROUTER sockets: one for batch managers (``task_manager_url``) and one that
-replicas dial (``replica_bind_url``). Batches and their answers are forwarded as they
-arrive, frames untouched; the only timer is the supervision tick, which sends heartbeats
-and ends replicas that fell silent or never became ready.
+This module is the composition, and the replica lifecycle that ties the parts together (about 480
+lines: starting, ending and replacing a replica, registry changes and retirement all act on the same
+replica table and must run in order inside one handler, so they stay in one place). The parts:
+
+- ``relay``: the two ROUTER sockets (batch managers dial ``task_manager_url``, replicas dial
+  ``replica_bind_url``); batches and answers move by their routing envelope, headers unread.
+- ``reconciler``: what to start and drain, backoff, crash loops, lost replicas. Pure.
+- ``placement``: GPU or CPU slot, and what a replica is started with.
+- ``status`` (Redis records with a TTL) and ``announce`` (what batch managers are told).
+- ``replica_task``: one replica's start-to-end as an asyncio task.
 
 A replica's life: ``starting`` (its runtime started it; only the identity we gave it is
 listened to) -> ``ready`` (it said ``ready``; batch managers get ``replica_up``) -> gone
@@ -11,7 +17,9 @@ listened to) -> ``ready`` (it said ``ready``; batch managers get ``replica_up``)
 unanswered batches fail with ``replica_lost``). A replica that ends unexpectedly is
 replaced after an exponential backoff, which resets once a replica has served for
 ``restart_backoff_max_s``; ``crash_loop_failures`` such ends in a row (or a start the runtime
-refuses, such as a missing image) mark the model ``failed``, and restarts go on.
+refuses, such as a missing image) mark the model ``failed``, and restarts go on. The only timer
+is the supervision tick, which sends heartbeats and ends replicas that fell silent or never
+became ready.
 
 Planned stops drain: batch managers get ``replica_draining`` (no new batches), the replica gets
 ``stop`` and answers what it holds, and ``replica_down`` follows its exit. A model removed from the
@@ -20,55 +28,50 @@ batch manager it knows sent ``model_drained`` for it, or after ``request_timeout
 alters what replicas run is a rolling update: one replica of the new spec starts, and only once
 it is ready is one old replica drained, one at a time.
 
-Placement: a ``run_on_gpu`` replica gets a GPU from the ``GpuAllocator`` (one per model per
-GPU), any other replica one of ``cpu_slots``. A replica that cannot be placed leaves its model
-``unschedulable`` (logged, in its status) until a replica elsewhere ends and frees room.
-
-Each model's ``ModelStatus`` goes to Redis whenever it changes, and its serving state and reason
-to every batch manager (``model_status``), which answers requests for a model that cannot run at
-once instead of letting them wait for their deadline.
+A replica that cannot be placed leaves its model ``unschedulable`` (logged, in its status) until a
+replica elsewhere ends and frees room. Each model's ``ModelStatus`` goes to Redis whenever it changes,
+and its serving state and reason to every batch manager (``model_status``), which answers requests for
+a model that cannot run at once instead of letting them wait for their deadline.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from inferoxy import bus, curve, protocol, wire
-from inferoxy.protocol import ErrorCode
-from inferoxy.runtime import failed_message
+from inferoxy import curve, protocol, wire
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
-from model_manager.spec import ModelStatus, ServingState
 from model_manager.store import Registry, SpecStore, open_store
+from task_manager.announce import Announcer
 from task_manager.gpus import GpuAllocator, gpu_inventory
+from task_manager.placement import Placement, replica_plan
+from task_manager.reconciler import Liveness, RestartPolicy, lost_because, plan, record_unexpected_end, recovered
+from task_manager.relay import Relay
+from task_manager.replica_task import KILL_GRACE_S, run_replica
 from task_manager.replicas import (
     ModelGroup,
     Replica,
     ReplicaState,
-    backoff_delay,
     new_nonce,
     replica_fields_differ,
     replica_id,
 )
-from task_manager.runtimes.base import ReplicaHandle, ReplicaPlan, Runtime
+from task_manager.runtimes.base import ReplicaPlan, Runtime
 from task_manager.runtimes.factory import make_runtime
+from task_manager.status import StatusWriter, clip_reason
+
+__all__ = ["TaskManager", "clip_reason"]
 
 log = logging.getLogger(__name__)
 
-# A reason travels in message headers and may reach clients: the first line (how it ended) and the last log lines.
-MAX_REASON_CHARS = 4000
 STOP_GRACE_S = 5.0  # a replica drained while the proxy runs may finish the batches it holds (at least this long)
-KILL_GRACE_S = 1.0  # a replica that stopped answering gets little patience
 # At shutdown, past the drain budget (INFEROXY_SHUTDOWN_DRAIN_S): time for the runtime to kill and remove.
 SHUTDOWN_KILL_MARGIN_S = 3.0
 
@@ -82,33 +85,24 @@ class TaskManager:
         self.runtime = runtime
         self._groups: dict[str, ModelGroup] = {}  # by spec key, name/version
         self._replicas: dict[bytes, Replica] = {}  # by ZeroMQ identity, which is the replica id
-        self._batch_managers: dict[bytes, float] = {}  # identity -> when last heard
         self._closing = False
         self._owns_instance = False  # only the instance's owner may sweep what is labelled with it
-        self._bm_sock: zmq.asyncio.Socket | None = None
-        self._replica_sock: zmq.asyncio.Socket | None = None
         # Each replica dials with a CURVE key of its own, admitted only while it runs (None: the bus is plain).
         bus_secret = settings.bus_key_secret
         self._replica_keys = curve.ReplicaKeys(bus_secret) if bus_secret else None
-        self.gpus = GpuAllocator([], allow_sharing=settings.gpu_sharing)  # the inventory is read in run()
-        # Status records to (re)write: by spec key, the group (removed groups too, to delete theirs).
-        self._dirty: dict[str, ModelGroup] = {}
-        self._dirty_event = asyncio.Event()
-        self._written: dict[str, tuple[Any, ...]] = {}  # what Redis holds, to write only changes
-        # The status records last written, by spec key: rewritten every heartbeat interval, since they expire.
-        self._live_statuses: dict[str, ModelStatus] = {}
-        # Serving states to announce to batch managers, by spec key; sent after the handler that changed
-        # them, so they go out once, in their final form (``_ended`` sets the failure after the change).
-        self._to_announce: dict[str, ModelGroup] = {}
-        self._announce_scheduled = False
-        self._announced: dict[str, tuple[ServingState, str | None]] = {}  # what batch managers were told
+        self.relay = Relay(settings, self._replicas, self, self._replica_keys)
+        self.placement = Placement(settings)
+        # Status records expire after the same silence that makes every other peer give up on us.
+        self.statuses = StatusWriter(self._groups, ttl_s=self._silence_limit_s,
+                                     refresh_s=settings.heartbeat_interval_s)
+        self._restart_policy = RestartPolicy(settings.restart_backoff_s, settings.restart_backoff_max_s,
+                                             settings.crash_loop_failures)
+        self._liveness = Liveness(settings.replica_start_timeout_s, self._silence_limit_s, settings.request_timeout_s)
+        self.announce = Announcer(self.relay, self._groups, self._replicas)
         # Removed models whose replicas still serve what batch managers queued for them, by spec key.
         self._retiring: dict[str, ModelGroup] = {}
         # ``model_drained`` notices that came before the task manager saw the removal: key -> sender -> when.
         self._early_drained: dict[str, dict[bytes, float]] = {}
-        # Fresh each run and sent in every ``hb`` to batch managers: a new one tells them this task manager
-        # restarted, so the replicas the old one announced (and the batches they held) are gone.
-        self.epoch = os.urandom(8).hex()
 
     @property
     def _silence_limit_s(self) -> float:
@@ -128,28 +122,19 @@ class TaskManager:
             self._owns_instance = True
             # nvidia-smi may take seconds: not on the event loop.
             inventory = await asyncio.to_thread(gpu_inventory, settings.gpus)
-            self.gpus = GpuAllocator(inventory, allow_sharing=settings.gpu_sharing)
+            self.placement.gpus = GpuAllocator(inventory, allow_sharing=settings.gpu_sharing)
             if inventory:
                 log.info("GPUs for replicas: %s (sharing between models %s)", ", ".join(inventory),
                          "on" if settings.gpu_sharing else "off")
-            self._bm_sock = bus.make_socket(
-                self.ctx, zmq.ROUTER, bind=settings.task_manager_url, max_message_bytes=settings.max_message_bytes,
-                curve_server=curve.server_for(settings.bus_key_secret, curve.TASK_MANAGER, settings.task_manager_url))
-            # No ROUTER_HANDOVER: a second connection with a live replica's id must not take its batches over.
-            # Replica ids never repeat (random nonce), so a restarted replica never needs to replace an old one.
-            self._replica_sock = bus.make_socket(
-                self.ctx, zmq.ROUTER, bind=settings.replica_bind_url, max_message_bytes=settings.max_message_bytes,
-                curve_server=self._replica_keys.server if self._replica_keys is not None else None)
+            self.relay.open(self.ctx)
             removed = await runtime.remove_orphans()
             if removed:
                 log.info("removed %d replicas an earlier run left behind", removed)
             registry_task = asyncio.create_task(store.watch(self._apply_registry), name="tm registry")
             tasks = [
-                asyncio.create_task(self._serve(self._bm_sock, self._on_batch_manager_message), name="tm bm"),
-                asyncio.create_task(self._serve(self._replica_sock, self._on_replica_message), name="tm replicas"),
                 asyncio.create_task(self._supervise(), name="tm supervise"),
-                *self._refusal_logger(),
-                asyncio.create_task(self._write_statuses(store), name="tm status"),
+                *self.relay.refusal_logger(self.ctx),
+                asyncio.create_task(self.statuses.run(store), name="tm status"),
                 registry_task,
             ]
             log.info("task manager up: batch managers at %s, replicas dial %s (%s runtime)",
@@ -166,16 +151,7 @@ class TaskManager:
             await self._stop_all_replicas()
             await cancel_and_wait(tasks)
             await self._final_cleanup(runtime, store)
-            for sock in (self._bm_sock, self._replica_sock):
-                if sock is not None:
-                    sock.close(linger=0)
-
-    def _refusal_logger(self) -> list[asyncio.Task[None]]:
-        if self._replica_keys is None or self._replica_sock is None:
-            return []
-        hint = ("a model image built before the bus was authenticated does not speak CURVE: rebuild it FROM the "
-                "current inferoxy/model-base (docs/DOCKER.md)")
-        return [asyncio.create_task(curve.log_refusals(self._replica_sock, hint), name="tm refusals")]
+            self.relay.close()
 
     def status(self) -> dict[str, Any]:
         """Per model: its replicas and their states, restarts, and the last error. Read-only, JSON-able."""
@@ -209,73 +185,14 @@ class TaskManager:
     # ------------------------------------------------------------------------------------------
     # Messages
 
-    async def _serve(self, sock: zmq.asyncio.Socket, handle: Callable[[list[Any]], None]) -> None:
-        while True:
-            frames: list[Any] | None = await bus.recv(sock)
-            while frames is not None:  # drain a burst in one wake-up
-                try:
-                    handle(frames)
-                except Exception:  # one bad message must not stop the task manager
-                    log.exception("error handling a message")
-                frames = bus.recv_nowait(sock)
+    @property
+    def epoch(self) -> str:
+        return self.announce.epoch
 
-    def _on_batch_manager_message(self, frames: list[Any]) -> None:
-        if len(frames) < 2:
-            log.warning("dropping an empty message from a batch manager")
-            return
-        sender = frames[0].bytes
-        new = self._heard_batch_manager(sender)
-        try:
-            header = wire.unpack_header(frames[1])
-        except wire.WireError as exc:
-            self._refuse_unreadable(sender, frames[1], exc)
-            return
-        kind = header.get("t")
-        if kind == protocol.BATCH:
-            self._forward_batch(sender, header, frames)
-        elif kind == protocol.HEARTBEAT and header.get("resync") is True and not new:
-            self._announce_to(sender)  # it gave us up for lost and dropped our replicas; we never noticed
-        elif kind == protocol.MODEL_DRAINED:
-            self._on_model_drained(sender, header)
-        elif kind != protocol.HEARTBEAT:
-            log.warning("ignoring a %r message from a batch manager", kind)
+    def announce_to(self, sender: bytes) -> None:
+        self.announce.to(sender)
 
-    def _refuse_unreadable(self, sender: bytes, frame: Any, exc: wire.WireError) -> None:
-        """A batch that cannot be read (such as a header over the bus's limit) is answered ``failed``, never
-        dropped: its requests hear now and its replica's credit comes back to the batch manager."""
-        ref = _peek_batch_ref(frame)
-        if ref is None:
-            log.error("dropping an unreadable message from batch manager %s that names no batch: %s",
-                      sender.hex(), exc)
-            return
-        target, batch_id = ref
-        log.error("batch %r for replica %r from batch manager %s is unreadable; answered failed: %s",
-                  batch_id, target, sender.hex(), exc)
-        message = f"the task manager could not read the batch: {exc}"
-        self._send_batch_manager(sender, failed_message(str(target), batch_id, ErrorCode.INTERNAL, message))
-
-    def _heard_batch_manager(self, sender: bytes) -> bool:
-        """Record a sign of life; True (after announcing everything to it) when the batch manager is new."""
-        new = sender not in self._batch_managers
-        if new:
-            log.info("batch manager %s connected", sender.hex())
-            self._announce_to(sender)
-        self._batch_managers[sender] = time.monotonic()
-        return new
-
-    def _announce_to(self, sender: bytes) -> None:
-        """A new, restarted or resyncing batch manager learns every replica it can use."""
-        self._send_batch_manager(sender, self._heartbeat_header())  # first: our epoch, before what it announces
-        for replica in self._replicas.values():
-            if replica.announced and replica.state is ReplicaState.READY:
-                self._send_batch_manager(sender, self._replica_up(replica))
-        for group in self._groups.values():
-            self._send_batch_manager(sender, self._model_status(group, *self._serving_state(group)))
-
-    def _heartbeat_header(self) -> dict[str, Any]:
-        return {"t": protocol.HEARTBEAT, "epoch": self.epoch}
-
-    def _on_model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
+    def model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
         model, version = header.get("model"), header.get("version")
         if not isinstance(model, str) or not isinstance(version, str):
             log.warning("dropping a model_drained message without model and version: %r", header)
@@ -291,7 +208,7 @@ class TaskManager:
 
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
-        if group is not None and not (group.awaiting & self._batch_managers.keys()):
+        if group is not None and not (group.awaiting & self.relay.batch_managers.keys()):
             self._retire(key, "every batch manager has answered what it queued for it")
 
     def _retire(self, key: str, why: str) -> None:
@@ -309,75 +226,10 @@ class TaskManager:
             self._end(replica, "the model was removed", wanted=True)
         self._status_changed(group)
 
-    def _forward_batch(self, sender: bytes, header: Mapping[str, Any], frames: list[Any]) -> None:
-        target, batch_id = header.get("replica"), header.get("batch")
-        replica = self._replicas.get(target.encode()) if isinstance(target, str) else None
-        if not isinstance(batch_id, (int, str)):
-            problem = (ErrorCode.INTERNAL, f"batch id {batch_id!r} must be an int or a string")
-        elif replica is not None and replica.state is ReplicaState.STOPPING and replica.wanted_gone:
-            # Sent before the batch manager heard `replica_draining`.
-            problem = (ErrorCode.REPLICA_LOST, f"replica {target} is draining: {replica.end_reason}")
-        elif replica is None or replica.state is not ReplicaState.READY:
-            problem = (ErrorCode.REPLICA_LOST, f"replica {target!r} is not serving")
-        elif batch_id in replica.in_flight:
-            problem = (ErrorCode.INTERNAL, f"batch {batch_id} is already at replica {target}")
-        elif len(replica.in_flight) >= replica.capacity:
-            problem = (ErrorCode.OVERLOADED, f"replica {target} already holds {replica.capacity} batches")
-        elif not self._send_replica(replica, frames[1:]):
-            problem = (ErrorCode.REPLICA_LOST, f"replica {target} is not connected")
-            # A batch manager stops using a replica that lost a batch: one that cannot be reached is
-            # replaced, so `replica_lost` always means gone (and `replica_down` goes out before the `failed`).
-            self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
-        else:
-            if not replica.in_flight:
-                replica.progress_at = time.monotonic()  # the wait for its next answer starts now
-            replica.in_flight[batch_id] = sender
-            return
-        code, message = problem
-        self._send_batch_manager(sender, failed_message(str(target), batch_id, code, message))
+    def replica_unreachable(self, replica: Replica) -> None:
+        self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
 
-    def _on_replica_message(self, frames: list[Any]) -> None:
-        if len(frames) < 2:
-            return
-        replica = self._replicas.get(frames[0].bytes)
-        if replica is None:
-            # Not a replica we started, or one we already gave up on (its batches were answered then).
-            ref = _peek_batch_ref(frames[1])
-            if ref is not None:
-                log.warning("replica %r, which is not one of ours (any more), answered batch %r; dropped",
-                            frames[0].bytes.decode(errors="replace"), ref[1])
-            return
-        replica.last_seen = time.monotonic()
-        try:
-            header = wire.unpack_header(frames[1])
-        except wire.WireError as exc:
-            self._fail_unreadable_answer(replica, frames[1], exc)
-            return
-        kind = header.get("t")
-        if kind == protocol.READY:
-            if not self._dialled_with_its_key(replica, frames[1]):
-                return
-            self._on_ready(replica, header)
-        elif kind in (protocol.RESULT, protocol.FAILED):
-            self._on_answer(replica, header, frames)
-        elif kind != protocol.HEARTBEAT:
-            log.warning("ignoring a %r message from replica %s", kind, replica.id)
-
-    def _dialled_with_its_key(self, replica: Replica, frame: Any) -> bool:
-        """A replica's id is accepted only from the connection that holds the key issued for it: another
-        replica (or anything else holding some replica's key) cannot take over an id not yet ready."""
-        if self._replica_keys is None:
-            return True
-        try:
-            user_id = frame.get("User-Id")
-        except zmq.ZMQError:  # no metadata: not a CURVE connection
-            user_id = None
-        if self._replica_keys.issued_to(replica.id, user_id):
-            return True
-        log.warning("a peer said `ready` as replica %s without that replica's key; ignored", replica.id)
-        return False
-
-    def _on_ready(self, replica: Replica, header: Mapping[str, Any]) -> None:
+    def replica_ready(self, replica: Replica, header: Mapping[str, Any]) -> None:
         if replica.state is not ReplicaState.STARTING:
             return
         capacity, pid = header.get("capacity"), header.get("pid")
@@ -385,95 +237,11 @@ class TaskManager:
         replica.pid = pid if isinstance(pid, int) else None
         replica.state = ReplicaState.READY
         replica.ready_at = time.monotonic()
-        replica.announced = True
         log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
                  replica.ready_at - replica.started_at, replica.pid, replica.capacity)
-        self._to_batch_managers(self._replica_up(replica))
+        self.announce.replica_up(replica)
         self._status_changed(replica.group)
         self._reconcile(replica.group)  # a rolling update waits for this
-
-    def _on_answer(self, replica: Replica, header: Mapping[str, Any], frames: list[Any]) -> None:
-        if header.get("replica") != replica.id:
-            log.warning("replica %s answered as %r; dropped", replica.id, header.get("replica"))
-            return
-        batch_id = header.get("batch")
-        sender = replica.in_flight.pop(batch_id, None) if isinstance(batch_id, (int, str)) else None
-        if sender is None:
-            log.warning("replica %s answered batch %r, which it does not hold; dropped", replica.id, batch_id)
-            return
-        replica.progress_at = time.monotonic()
-        if not bus.send_nowait(self._sock(self._bm_sock), [sender, *frames[1:]]):
-            log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
-
-    def _fail_unreadable_answer(self, replica: Replica, frame: Any, exc: wire.WireError) -> None:
-        """An answer that cannot be read (such as a header over the bus's limit) fails its batch, so its
-        requests hear now and the batch manager gets the replica's credit back."""
-        ref = _peek_batch_ref(frame)
-        sender = replica.in_flight.pop(ref[1], None) if ref is not None and ref[0] == replica.id else None
-        if ref is None or sender is None:
-            log.error("dropping an unreadable message from replica %s that answers no batch it holds: %s",
-                      replica.id, exc)
-            return
-        replica.progress_at = time.monotonic()
-        log.error("replica %s answered batch %r unreadably; the batch fails: %s", replica.id, ref[1], exc)
-        message = f"replica {replica.id} answered with a message the task manager could not read: {exc}"
-        self._send_batch_manager(sender, failed_message(replica.id, ref[1], ErrorCode.INTERNAL, message))
-
-    def _replica_up(self, replica: Replica) -> dict[str, Any]:
-        return {"t": protocol.REPLICA_UP, "replica": replica.id, "model": replica.spec.name,
-                "version": replica.spec.version, "capacity": replica.capacity}
-
-    @staticmethod
-    def _model_status(group: ModelGroup, state: ServingState, reason: str | None) -> dict[str, Any]:
-        return {"t": protocol.MODEL_STATUS, "model": group.spec.name, "version": group.spec.version,
-                "state": state, "reason": reason}
-
-    @staticmethod
-    def _serving_state(group: ModelGroup) -> tuple[ServingState, str | None]:
-        state, reason = group.serving_state()
-        return state, clip_reason(reason) if reason else None
-
-    def _announce_states(self) -> None:
-        """Tell every batch manager of each changed serving state (only real changes: they log each one)."""
-        self._announce_scheduled = False
-        pending, self._to_announce = self._to_announce, {}
-        if self._bm_sock is None or self._bm_sock.closed:
-            return  # scheduled as the task manager stopped: no one left to tell
-        for key, group in pending.items():
-            if self._groups.get(key) is not group:
-                self._announced.pop(key, None)  # removed: a model added again under the key is news
-                continue
-            state = self._serving_state(group)
-            if self._announced.get(key) != state:
-                self._announced[key] = state
-                self._to_batch_managers(self._model_status(group, *state))
-
-    def _announce_down(self, replica: Replica, reason: str) -> None:
-        if replica.announced:
-            replica.announced = False
-            self._to_batch_managers({"t": protocol.REPLICA_DOWN, "replica": replica.id, "reason": reason})
-
-    def _fail_in_flight(self, replica: Replica, reason: str) -> None:
-        for batch_id, sender in replica.in_flight.items():
-            message = f"replica {replica.id} was lost: {reason}"
-            self._send_batch_manager(sender, failed_message(replica.id, batch_id, ErrorCode.REPLICA_LOST, message))
-        replica.in_flight.clear()
-
-    def _to_batch_managers(self, header: Mapping[str, Any]) -> None:
-        for sender in self._batch_managers:
-            self._send_batch_manager(sender, header)
-
-    def _send_batch_manager(self, identity: bytes, message: Mapping[str, Any] | Sequence[Any]) -> None:
-        frames = [wire.pack_header(message)] if isinstance(message, Mapping) else list(message)
-        bus.send_nowait(self._sock(self._bm_sock), [identity, *frames])
-
-    def _send_replica(self, replica: Replica, frames: Sequence[Any]) -> bool:
-        return bus.send_nowait(self._sock(self._replica_sock), [replica.identity, *frames])
-
-    @staticmethod
-    def _sock(sock: zmq.asyncio.Socket | None) -> zmq.asyncio.Socket:
-        assert sock is not None, "sockets exist while the task manager runs"
-        return sock
 
     # ------------------------------------------------------------------------------------------
     # Supervision
@@ -484,24 +252,21 @@ class TaskManager:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             now = time.monotonic()
             for replica in list(self._replicas.values()):
-                if replica.state is ReplicaState.STARTING:
-                    if now - replica.started_at > self.settings.replica_start_timeout_s:
-                        self._end(replica, f"not ready within {self.settings.replica_start_timeout_s:g}s",
-                                  wanted=False)
-                    continue
-                self._send_replica(replica, heartbeat)
-                silent = now - replica.last_seen
-                if replica.state is ReplicaState.READY and silent > self._silence_limit_s:
-                    self._end(replica, f"no heartbeat for {silent:.1f}s", wanted=False)
-                elif replica.state is ReplicaState.READY:
-                    self._recycle_if_stuck(replica, now)
-            self._forgive_recovered(now)
-            self._to_batch_managers(self._heartbeat_header())
+                if replica.state is not ReplicaState.STARTING:
+                    self.relay.send_replica(replica, heartbeat)
+                reason = lost_because(replica, now, self._liveness)
+                if reason is not None:
+                    self._end(replica, reason, wanted=False)
+            for group in self._groups.values():
+                if recovered(group, now, self.settings.restart_backoff_max_s):
+                    group.failures, group.failed_reason = 0, None  # it served long enough: healthy again
+                    self._status_changed(group)
+            self.relay.to_batch_managers(self.announce.heartbeat())
             forgot = False
-            for identity, seen in list(self._batch_managers.items()):
+            for identity, seen in list(self.relay.batch_managers.items()):
                 if now - seen > self._silence_limit_s:
                     log.info("batch manager %s went silent; forgetting it", identity.hex())
-                    del self._batch_managers[identity]
+                    del self.relay.batch_managers[identity]
                     forgot = True
             if forgot:
                 for key in list(self._retiring):
@@ -513,31 +278,6 @@ class TaskManager:
                         del senders[identity]
                 if not senders:
                     del self._early_drained[key]
-
-    def _recycle_if_stuck(self, replica: Replica, now: float) -> None:
-        """Replace a replica that holds batches but answered none for longer than any request may wait: it
-        heartbeats fine (a hung ``predict``, an answer lost on the way) yet would hold its credit for ever.
-
-        The timeout is ``request_timeout_s``, not the spec's ``default_timeout_s``: a client may ask for
-        longer than the model's default, never for longer than the server's, so by then no request in
-        those batches is waiting for the answer any more.
-        """
-        timeout_s = self.settings.request_timeout_s
-        stuck_s = now - replica.progress_at
-        if replica.in_flight and stuck_s > timeout_s:
-            self._end(replica, f"replica {replica.id} held {len(replica.in_flight)} batches for {stuck_s:.1f}s "
-                      f"without answering any (longer than any request may wait: {timeout_s:g}s)", wanted=False)
-
-    def _forgive_recovered(self, now: float) -> None:
-        """A model whose replica has served for restart_backoff_max_s since its failures is healthy again."""
-        healthy_after = self.settings.restart_backoff_max_s
-        for group in self._groups.values():
-            if not (group.failures or group.failed_reason):
-                continue
-            if any(r.state is ReplicaState.READY and r.generation == group.generation and r.ready_at is not None
-                   and now - r.ready_at >= healthy_after for r in group.replicas.values()):
-                group.failures, group.failed_reason = 0, None
-                self._status_changed(group)
 
     def _apply_registry(self, registry: Registry) -> None:
         for spec in registry:
@@ -575,7 +315,7 @@ class TaskManager:
             # holds nothing more (model_drained), or until a request's timeout has surely passed.
             self._retiring[key] = group
             early = self._early_drained.pop(key, {})
-            group.awaiting = set(self._batch_managers) - set(early)
+            group.awaiting = set(self.relay.batch_managers) - set(early)
             if group.awaiting and group.live():
                 log.info("model %s was removed; its replicas stay until batch managers drained it (at most %gs)",
                          key, self.settings.request_timeout_s)
@@ -586,51 +326,22 @@ class TaskManager:
                 self._retire(key, "no batch manager holds requests for it")
 
     def _reconcile(self, group: ModelGroup) -> None:
-        """Start or drain replicas until the group runs as many of its current spec as it wants.
-
-        During a rolling update at most one replica more than wanted runs, and an outdated replica
-        is drained only while no other is draining and the replicas left cover what is wanted.
-        """
-        if self._closing or group.removed:
+        """Carry out what ``reconciler.plan`` decides for the group: drains first, then starts."""
+        if self._closing:
             return
-        live = group.live()
-        current = [r for r in live if r.generation == group.generation]
-        outdated = [r for r in live if r.generation != group.generation]
-        surplus = len(current) - group.desired
-        if surplus > 0:
-            # Fewest losses first: replicas still starting, then the newest.
-            doomed = sorted(current, key=lambda r: (r.state is ReplicaState.READY, -r.started_at))[:surplus]
-            for replica in doomed:
-                self._end(replica, "scaled down", wanted=True)
-                current.remove(replica)
-        for replica in [r for r in outdated if r.state is not ReplicaState.READY]:
-            self._end(replica, "the model's spec changed", wanted=True)  # serves nothing yet: no wait
-            outdated.remove(replica)
-        if outdated and not self._draining_outdated(group):
-            ready_current = sum(r.state is ReplicaState.READY for r in current)
-            if ready_current + len(outdated) - 1 >= group.desired:
-                self._end(outdated.pop(0), "replaced after the model's spec changed", wanted=True)
-        missing = group.desired - len(current)
-        if outdated:
-            missing = min(missing, group.desired + 1 - len(current) - len(outdated))
-        if missing <= 0:
-            return
-        wait_s = group.not_before - time.monotonic()
-        if wait_s > 0:
-            if group.retry is None:
-                group.retry = asyncio.get_running_loop().call_later(wait_s, self._retry, group)
-            return
-        for _ in range(missing):
+        decided = plan(group, time.monotonic())
+        for replica, why in decided.drain:
+            self._end(replica, why, wanted=True)
+        if decided.retry_at is not None and group.retry is None:
+            group.retry = asyncio.get_running_loop().call_later(
+                max(0.0, decided.retry_at - time.monotonic()), self._retry, group)
+        for _ in range(decided.start):
             if not self._start_replica(group):
-                if outdated and not self._draining_outdated(group):
+                if decided.make_room is not None:
                     # No room to start the successor first: make room by draining an old replica.
-                    self._end(outdated.pop(0), "replaced after the model's spec changed (no room to start "
+                    self._end(decided.make_room, "replaced after the model's spec changed (no room to start "
                               "its successor first)", wanted=True)
                 break
-
-    @staticmethod
-    def _draining_outdated(group: ModelGroup) -> bool:
-        return any(r.generation != group.generation and not r.live for r in group.replicas.values())
 
     def _retry(self, group: ModelGroup) -> None:
         group.retry = None
@@ -641,7 +352,8 @@ class TaskManager:
         spec = group.spec
         index = group.next_index
         new_id = replica_id(self.settings.instance, spec.name, spec.version, index, new_nonce())
-        gpu, problem = self._place(spec.key, spec.run_on_gpu, new_id)
+        on_cpu = sum(r.gpu is None for r in self._replicas.values())  # draining ones hold theirs until gone
+        gpu, problem = self.placement.place(spec.key, spec.run_on_gpu, new_id, on_cpu=on_cpu)
         if problem is not None:
             if group.unschedulable != problem:
                 log.warning("model %s: cannot place another replica: %s", spec.key, problem)
@@ -655,75 +367,15 @@ class TaskManager:
         replica = Replica(new_id, spec, group, started_at=time.monotonic(), generation=group.generation, gpu=gpu)
         group.replicas[new_id] = replica
         self._replicas[replica.identity] = replica
-        replica.task = asyncio.create_task(self._run_replica(replica), name=f"replica {new_id}")
+        assert self.runtime is not None
+        replica.task = asyncio.create_task(
+            run_replica(self.runtime, self._plan(replica), replica, self._ended),
+            name=f"replica {new_id}")
         self._status_changed(group)
         return True
 
-    def _place(self, model_key: str, run_on_gpu: bool, new_id: str) -> tuple[str | None, str | None]:
-        """(GPU or None, None) when the replica fits; (None, why not) when it does not."""
-        if run_on_gpu:
-            gpu = self.gpus.allocate(model_key, new_id)
-            if gpu is not None:
-                return gpu, None
-            if not self.gpus.gpus:
-                return None, "it runs on a GPU and this machine has none (INFEROXY_GPUS, nvidia-smi)"
-            sharing = "" if self.gpus.allow_sharing else " or by another model (INFEROXY_GPU_SHARING is off)"
-            return None, (f"no GPU free: each of {', '.join(self.gpus.gpus)} is taken by a replica of this "
-                          f"model{sharing}")
-        on_cpu = sum(r.gpu is None for r in self._replicas.values())  # draining ones hold theirs until gone
-        if on_cpu >= self.settings.cpu_slots:
-            return None, f"all {self.settings.cpu_slots} CPU slots are taken (INFEROXY_CPU_SLOTS)"
-        return None, None
-
     def _plan(self, replica: Replica) -> ReplicaPlan:
-        spec, settings = replica.spec, self.settings
-        env = {
-            "INFEROXY_REPLICA_URL": settings.replica_url,
-            "INFEROXY_REPLICA_ID": replica.id,
-            "INFEROXY_MODEL_NAME": spec.name,
-            "INFEROXY_MODEL_VERSION": spec.version,
-            "INFEROXY_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
-            "INFEROXY_HEARTBEAT_LIVENESS": str(settings.heartbeat_liveness),
-            "INFEROXY_LOG_LEVEL": settings.log_level,
-        }
-        if spec.model_class:
-            env["INFEROXY_MODEL_CLASS"] = spec.model_class
-        if self._replica_keys is not None:
-            env.update(self._replica_keys.issue(replica.id))
-        labels = {"inferoxy.instance": settings.instance, "inferoxy.model": spec.name,
-                  "inferoxy.version": spec.version, "inferoxy.replica": replica.id}
-        return ReplicaPlan(replica_id=replica.id, spec=spec, env=env, gpu=replica.gpu, labels=labels)
-
-    async def _run_replica(self, replica: Replica) -> None:
-        """Own one replica's handle from start to end; the only place that stops it."""
-        runtime = self.runtime
-        assert runtime is not None
-        try:
-            handle = await _start_uncancelled(runtime, self._plan(replica))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._ended(replica, f"could not start: {exc}", start_failed=True)
-            return
-        replica.handle = handle
-        waiting = asyncio.create_task(handle.wait())
-        stopping = asyncio.create_task(replica.stop_requested.wait())
-        try:
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
-                await handle.stop(replica.stop_grace_s)
-            how = (await waiting).describe()
-        except asyncio.CancelledError:  # the task manager is shutting down, past its drain budget
-            await _stop_quietly(handle, 0)
-            raise
-        except Exception as exc:  # the runtime failed us; the replica is as good as gone
-            log.exception("lost track of replica %s", replica.id)
-            how = f"the {runtime.name} runtime lost track of it: {exc}"
-        finally:
-            stopping.cancel()
-            waiting.cancel()
-        self._ended(replica, how)
-        await _stop_quietly(handle, 0)  # removes what the replica left behind (process group, container)
+        return replica_plan(self.settings, replica, self._replica_keys)
 
     def _end(self, replica: Replica, reason: str, *, wanted: bool) -> None:
         """Begin ending a replica.
@@ -739,33 +391,32 @@ class TaskManager:
         replica.end_reason = reason
         replica.wanted_gone = wanted
         if wanted:
-            if replica.announced:
-                self._to_batch_managers({"t": protocol.REPLICA_DRAINING, "replica": replica.id, "reason": reason})
-            self._send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
+            self.announce.replica_draining(replica, reason)
+            self.relay.send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
             replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
                                     else max(STOP_GRACE_S, self.settings.request_timeout_s))
         else:
             replica.group.replacing[replica.id] = reason  # readiness says which replica is replaced, and why
-            self._announce_down(replica, reason)  # before the `failed`s: see `_ended`
-            self._fail_in_flight(replica, reason)
+            self.announce.replica_down(replica, reason)  # before the `failed`s: see `_ended`
+            self.relay.fail_in_flight(replica, reason)
             replica.stop_grace_s = KILL_GRACE_S
         replica.stop_requested.set()
         self._status_changed(replica.group)
 
-    def _ended(self, replica: Replica, how: str, *, start_failed: bool = False) -> None:
+    def _ended(self, replica: Replica, how: str, start_failed: bool) -> None:
         """Forget a replica that is gone, tell the batch managers, and replace it if it should be."""
         self._replicas.pop(replica.identity, None)
         if self._replica_keys is not None:
             self._replica_keys.revoke(replica.id)
-        self.gpus.release(replica.id)
+        self.placement.release(replica.id)
         group = replica.group
         group.replicas.pop(replica.id, None)
         group.replacing.pop(replica.id, None)
         reason = clip_reason(f"{replica.end_reason}; {how}" if replica.end_reason else how)
         # Down first: a batch manager must know the replica is dead before any `failed` of its batches, or
         # the credit each returns would send the retry and the queue to the corpse.
-        self._announce_down(replica, reason)
-        self._fail_in_flight(replica, reason)
+        self.announce.replica_down(replica, reason)
+        self.relay.fail_in_flight(replica, reason)
         self._status_changed(group)
         if self._closing:
             return
@@ -773,18 +424,9 @@ class TaskManager:
             log.info("replica %s ended: %s", replica.id, how)
         elif replica.generation == group.generation:  # an outdated replica's failure is no news
             log.warning("replica %s of %s ended unexpectedly: %s", replica.id, group.spec.key, reason)
-            group.last_error = reason
-            group.restarts += 1
-            now = time.monotonic()
-            served_s = now - replica.ready_at if replica.ready_at is not None else 0.0
-            group.failures = 1 if served_s >= self.settings.restart_backoff_max_s else group.failures + 1
-            group.not_before = now + backoff_delay(
-                group.failures, self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
-            )
-            if start_failed or group.failures >= self.settings.crash_loop_failures:
-                if group.failed_reason is None:
-                    log.error("model %s failed: %s", group.spec.key, reason)
-                group.failed_reason = reason
+            if record_unexpected_end(group, replica, reason, time.monotonic(), self._restart_policy,
+                                     start_failed=start_failed):
+                log.error("model %s failed: %s", group.spec.key, reason)
         self._reconcile(group)
         # The room it held may be what another model waits for.
         for other in list(self._groups.values()):
@@ -827,139 +469,12 @@ class TaskManager:
         except Exception as exc:
             log.warning("could not sweep leftover replicas: %s", exc)
         for group in self._groups.values():
-            self._dirty[group.spec.key] = group
+            self.statuses.mark(group)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._flush_statuses(store, stopped=True), timeout=5.0)
+            await asyncio.wait_for(self.statuses.flush(store, stopped=True), timeout=5.0)
         await runtime.close()
         await store.close()
 
-    # ------------------------------------------------------------------------------------------
-    # Status records in Redis
-
     def _status_changed(self, group: ModelGroup) -> None:
-        self._dirty[group.spec.key] = group
-        self._dirty_event.set()
-        self._to_announce[group.spec.key] = group
-        if not self._announce_scheduled:
-            self._announce_scheduled = True
-            asyncio.get_running_loop().call_soon(self._announce_states)
-
-    @property
-    def _status_ttl_s(self) -> float:
-        # Readers must find no status once this task manager is gone (docs/ARCHITECTURE.md): it expires
-        # after the same silence that makes every other peer give up on us.
-        return self._silence_limit_s
-
-    async def _write_statuses(self, store: SpecStore) -> None:
-        interval = self.settings.heartbeat_interval_s
-        next_refresh = time.monotonic()
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dirty_event.wait(), max(0.0, next_refresh - time.monotonic()))
-            self._dirty_event.clear()
-            try:
-                await self._flush_statuses(store)
-                if time.monotonic() >= next_refresh:
-                    next_refresh = time.monotonic() + interval
-                    await self._refresh_statuses(store)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: keep serving, write when it is back
-                log.warning("could not write model status to Redis (%s); retrying", exc)
-                self._dirty_event.set()
-                await asyncio.sleep(1.0)
-
-    async def _flush_statuses(self, store: SpecStore, *, stopped: bool = False) -> None:
-        while self._dirty:
-            # Taken before the write: a change made while the write is in flight marks the model again and is
-            # written in turn. (Dropping the mark after the write lost such changes: it is always the same group.)
-            key, group = self._dirty.popitem()
-            try:
-                await self._write_status(store, key, group, stopped=stopped)
-            except BaseException:
-                self._dirty.setdefault(key, group)  # left for the retry
-                raise
-
-    async def _write_status(self, store: SpecStore, key: str, group: ModelGroup, *, stopped: bool) -> None:
-        spec = group.spec
-        if group.removed and key not in self._groups:
-            if not group.replicas:
-                await store.delete_status(spec.name, spec.version)
-                self._written.pop(key, None)
-                self._live_statuses.pop(key, None)
-            return
-        record: tuple[ServingState, int, int, str | None]
-        if stopped:
-            record = ("stopped", 0, group.desired, "the task manager stopped")
-        else:
-            state, reason = group.serving_state()
-            record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None)
-        if self._written.get(key) == record:
-            return
-        status = ModelStatus(name=spec.name, version=spec.version, state=record[0], ready_replicas=record[1],
-                             desired_replicas=record[2], reason=record[3], updated_at=time.time())
-        # The final "stopped" record stays (it claims nothing, and says why); live ones expire.
-        await store.put_status(status, ttl_s=None if stopped else self._status_ttl_s)
-        self._live_statuses[key] = status
-        previous = self._written.get(key, ("none",))[0]
-        if previous != record[0]:
-            log.info("model %s is %s (%d of %d replicas ready)%s", key, record[0], record[1], record[2],
-                     f": {record[3].splitlines()[0]}" if record[3] else "")
-        self._written[key] = record
-
-    async def _refresh_statuses(self, store: SpecStore) -> None:
-        """Write every live status again before its TTL runs out (and into a Redis that restarted empty)."""
-        if self._live_statuses:
-            await store.put_statuses(list(self._live_statuses.values()), ttl_s=self._status_ttl_s)
-
-
-def _peek_batch_ref(frame: Any) -> tuple[Any, Any] | None:
-    """``replica`` and ``batch`` of a header too large or too broken to decode whole, or None.
-
-    Reads the map key by key and skips every other value, so the items and tensor descriptions of an
-    oversize batch are never built.
-    """
-    try:
-        data = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1))
-        unpacker.feed(data)
-        found: dict[str, Any] = {}
-        for _ in range(unpacker.read_map_header()):
-            key = unpacker.unpack()
-            if key in ("replica", "batch"):
-                found[key] = unpacker.unpack()
-                if len(found) == 2:
-                    break
-            else:
-                unpacker.skip()
-    except Exception:  # garbage: msgpack raises several unrelated types
-        return None
-    replica, batch = found.get("replica"), found.get("batch")
-    if not isinstance(replica, str) or not isinstance(batch, (int, str)) or isinstance(batch, bool):
-        return None
-    return replica, batch
-
-
-async def _start_uncancelled(runtime: Runtime, plan: ReplicaPlan) -> ReplicaHandle:
-    """``runtime.start`` that, when cancelled, still stops whatever it started instead of orphaning it."""
-    starting = asyncio.ensure_future(runtime.start(plan))
-    try:
-        return await asyncio.shield(starting)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await _stop_quietly(await starting, KILL_GRACE_S)  # cancelled: the task manager is stopping
-        raise
-
-
-async def _stop_quietly(handle: ReplicaHandle, grace_s: float) -> None:
-    try:
-        await handle.stop(grace_s)
-    except Exception:
-        log.exception("could not stop replica %s", handle.replica_id)
-
-
-def clip_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    first_line = text.partition("\n")[0][: limit // 4]
-    return f"{first_line}\n[...]\n{text[-(limit - len(first_line) - 7):]}"
+        self.statuses.mark(group)
+        self.announce.state_changed(group)

@@ -22,7 +22,7 @@ import zmq.asyncio
 from fakeredis import TcpFakeServer
 
 from batch_manager.service import BatchManager
-from inferoxy import wire
+from inferoxy import envelope, wire
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
@@ -81,8 +81,14 @@ class FakeTaskManager:
     async def serve(self) -> None:
         while True:
             identity, header_frame, *frames = await self.sock.recv_multipart()
+            route = None
+            if envelope.is_envelope(header_frame):  # a batch: the envelope the task manager routes by, then its header
+                route = envelope.unpack(header_frame)
+                header_frame, *frames = frames
             header = msgpack.unpackb(header_frame)
             self.peer = identity
+            assert (route is not None) == (header["t"] == "batch"), header
+            assert route is None or route == (header["replica"], header["batch"]), (route, header)
             if header["t"] == "hb":
                 self.heartbeats += 1
                 self.resyncs += header.get("resync") is True
@@ -100,11 +106,14 @@ class FakeTaskManager:
     async def answer(self, header: dict[str, Any], frames: list[bytes]) -> None:
         result = {"t": "result", "replica": header["replica"], "batch": header["batch"],
                   "items": [{"n": item["n"]} for item in header["items"]], "tensors": header["tensors"]}
-        await self.send(result, frames)
+        await self.send(result, frames, route=(header["replica"], header["batch"]))
 
-    async def send(self, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
+    async def send(self, header: dict[str, Any], frames: Sequence[Any] = (), *,
+                   route: tuple[str, Any] | None = None) -> None:
+        """``route``: an answer as the task manager relays it, behind the envelope it was routed by."""
         assert self.peer is not None, "the batch manager has not said hello"
-        await self.sock.send_multipart([self.peer, msgpack.packb(header), *frames])
+        envelope_frames = [] if route is None else [envelope.pack(*route)]
+        await self.sock.send_multipart([self.peer, *envelope_frames, msgpack.packb(header), *frames])
 
     async def replica_up(self, replica: str = "r1", capacity: int = 2, model: str = "m") -> None:
         await poll(lambda: self.peer, "the batch manager's first heartbeat")
@@ -317,6 +326,35 @@ def test_deadline_replica_loss_and_late_results(redis_url: str) -> None:
             reply, _ = await bridge.receive()
             assert (reply["t"], reply["id"]) == ("reply", 3)
             assert service.scheduler.pending() == 0
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_an_answer_behind_its_envelope_settles_its_batch_even_when_its_header_cannot_be_read(redis_url: str) -> None:
+    # The task manager relays answers without reading their headers (inferoxy.envelope): an answer whose header
+    # is garbage, or names another batch than its envelope, must fail the batch the envelope names, at once.
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=1)
+            for request_id, answer in ((1, [b"\xc1 not msgpack"]), (2, None)):
+                await bridge.infer(request_id, np.zeros((1, 3), dtype=np.float32))
+                await poll(lambda: len(task_manager.held) == 1, "a batch on replica r1")
+                header, *_ = task_manager.held.pop()
+                route = (header["replica"], header["batch"])
+                if answer is None:  # a well-formed result, for another batch than the one routed
+                    answer = [msgpack.packb({"t": "result", "replica": "r1", "batch": header["batch"] + 100,
+                                             "items": [{"n": 0}], "tensors": []})]
+                assert task_manager.peer is not None
+                await task_manager.sock.send_multipart([task_manager.peer, envelope.pack(*route), *answer])
+                reply, _ = await bridge.receive()
+                assert (reply["id"], reply["code"]) == (request_id, "internal"), reply
+                assert "unreadable answer" in reply["message"], reply["message"]
+            # The credit came back each time: a third request is sent on.
+            await bridge.infer(3, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a third batch on replica r1")
             bridge.sock.close()
 
     run(body())

@@ -342,10 +342,10 @@ def test_gpu_replicas_get_their_own_device(engine: Any, images: None, instance: 
     container carries the device request and NVIDIA_VISIBLE_DEVICES."""
     settings = Settings(instance=instance, gpus="0,1", redis_url=real_redis_url, runtime="docker")
     tm = TaskManager(settings, ctx=None, runtime=None)  # type: ignore[arg-type]
-    tm.gpus = GpuAllocator(gpu_inventory(settings.gpus), allow_sharing=settings.gpu_sharing)
+    tm.placement.gpus = GpuAllocator(gpu_inventory(settings.gpus), allow_sharing=settings.gpu_sharing)
     spec = ModelSpec(name="gpu-echo", image="inferoxy/echo", run_on_gpu=True, min_replicas=3, max_replicas=3)
     group = ModelGroup(spec)
-    placed = [tm._place(spec.key, True, f"{instance}-gpu-echo-1-{n}") for n in range(3)]
+    placed = [tm.placement.place(spec.key, True, f"{instance}-gpu-echo-1-{n}", on_cpu=0) for n in range(3)]
     assert [gpu for gpu, _ in placed[:2]] == ["0", "1"], "never two replicas of one model on one GPU"
     assert placed[2][0] is None and "no GPU free" in (placed[2][1] or "")
 

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from examples.models.counter.model import CounterModel
-from inferoxy import wire
+from inferoxy import envelope, wire
 from inferoxy.runtime import EXIT_CONFIG, EXIT_LOST_TASK_MANAGER, EXIT_STOPPED, SessionStore, answer_batch
 from tests.models_for_tests import BatchProbeModel
 from tests.support import REPO
@@ -68,7 +68,11 @@ class FakeTaskManager:
             if remaining <= 0 or not self.sock.poll(int(remaining * 1000) + 1):
                 raise AssertionError(f"no message from the replica within {timeout}s")
             identity, *frames = self.sock.recv_multipart(copy=False)
+            route = envelope.unpack(frames.pop(0)) if envelope.is_envelope(frames[0]) else None
             header, tensors = wire.decode(frames)
+            # Answers, and only answers, come back behind the envelope of the batch they answer.
+            assert (route is not None) == (header["t"] in ("result", "failed")), header
+            assert route is None or route == (header["replica"], header["batch"]), (route, header)
             if header["t"] != "hb":
                 return identity.bytes, header, tensors
             self.heartbeats += 1
@@ -81,7 +85,8 @@ class FakeTaskManager:
         return header
 
     def send(self, identity: bytes, header: dict[str, Any], tensors: Tensors = ()) -> None:
-        self.sock.send_multipart([identity, *wire.encode(header, tensors)])
+        routed = [envelope.pack(header["replica"], header["batch"])] if header["t"] == "batch" else []
+        self.sock.send_multipart([identity, *routed, *wire.encode(header, tensors)])
 
     def send_batch(self, batch: int, items: Sequence[Tensors], replica: str = "r-1") -> None:
         header = {"t": "batch", "replica": replica, "batch": batch, "model": "m", "version": "7",
@@ -222,7 +227,7 @@ def test_malformed_batches_are_answered_and_the_replica_lives_on(tm: FakeTaskMan
     # The header promises 8 bytes, the frame has 3.
     header = {"t": "batch", "replica": "r-1", "batch": 9, "items": [{"id": 1, "n": 1}],
               "tensors": [{"name": "x", "dtype": "float32", "shape": [2]}]}
-    tm.sock.send_multipart([b"r-1", wire.pack_header(header), b"abc"])
+    tm.sock.send_multipart([b"r-1", envelope.pack("r-1", 9), wire.pack_header(header), b"abc"])
     answer, _ = tm.answer(9)
     assert (answer["t"], answer["code"]) == ("failed", "bad_input")
     # Counts of tensors that do not add up.
@@ -230,6 +235,10 @@ def test_malformed_batches_are_answered_and_the_replica_lives_on(tm: FakeTaskMan
             [("x", np.zeros(1, np.float32))])
     assert tm.answer(10)[0]["code"] == "bad_input"
     tm.sock.send_multipart([b"r-1", b"\xc1 not msgpack"])
+    # A batch whose header is garbage is still answered: its envelope says which batch failed.
+    tm.sock.send_multipart([b"r-1", envelope.pack("r-1", 12), b"\xc1 not msgpack"])
+    answer, _ = tm.answer(12)
+    assert (answer["t"], answer["replica"], answer["code"]) == ("failed", "r-1", "bad_input"), answer
     tm.send_batch(11, [[("x", np.ones(1, np.float32))]])
     assert tm.answer(11)[0]["t"] == "result"
     assert process.poll() is None

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import zmq
 
+from inferoxy import envelope, wire
 from inferoxy import messages as m
-from inferoxy import wire
 from tests.support import REPO, free_port, require_service
 
 DOUBLE_CAPACITY = 3  # tiny_model.Double.capacity
@@ -154,7 +154,13 @@ def test_a_tiny_model_serves_a_batch_through_the_runtime_entry_point(clean_pytho
                 assert router.poll(60_000), f"no {kind.__name__} from the replica within 60 s"
                 identity, header, *frames = router.recv_multipart()
                 assert identity == replica_id.encode()
+                route = None
+                if envelope.is_envelope(header):  # an answer, behind the envelope of the batch it answers
+                    route = envelope.unpack(header)
+                    header, *frames = frames
                 message = m.REPLICA_TO_TASK_MANAGER.decode(header)
+                assert (route is not None) == isinstance(message, (m.Result, m.Failed)), message
+                assert route is None or route == (message.replica, message.batch), (route, message)
                 if isinstance(message, kind):
                     return message, frames
 
@@ -165,7 +171,8 @@ def test_a_tiny_model_serves_a_batch_through_the_runtime_entry_point(clean_pytho
         batch = m.Batch(replica=replica_id, batch=1, model="tiny", version="1",
                         items=[m.BatchItem(id=1, n=1), m.BatchItem(id=2, n=1)],
                         tensors=[wire.tensor_meta("x", x[:1]), wire.tensor_meta("x", x[1:])])
-        router.send_multipart([replica_id.encode(), m.encode(batch), x[:1].tobytes(), x[1:].tobytes()])
+        router.send_multipart([replica_id.encode(), envelope.pack(replica_id, 1), m.encode(batch), x[:1].tobytes(),
+                               x[1:].tobytes()])
         result, frames = receive(m.Result)
         assert isinstance(result, m.Result) and result.batch == 1 and result.items == [m.ResultItem(1)] * 2
         outputs = [wire.as_array(meta, frame) for meta, frame in zip(result.tensors, frames, strict=True)]

@@ -18,7 +18,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from inferoxy import wire
+from inferoxy import envelope, wire
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
@@ -111,7 +111,7 @@ class Harness:
                 return header, tensors
         async with asyncio.timeout(timeout):
             while True:
-                header, tensors = wire.decode(await self.bm.recv_multipart())
+                header, tensors = decode_answer(await self.bm.recv_multipart())
                 if match(header):
                     return header, tensors
                 self.inbox.append((header, tensors))
@@ -128,7 +128,7 @@ class Harness:
     async def send_batch(self, replica: str, batch: int, tensors: Tensors) -> None:
         header = {"t": "batch", "replica": replica, "batch": batch, "model": "m", "version": "1",
                   "items": [{"id": batch, "n": len(tensors)}]}
-        await self.bm.send_multipart(wire.encode(header, tensors))
+        await self.bm.send_multipart([envelope.pack(replica, batch), *wire.encode(header, tensors)])
 
     def replicas(self, key: str) -> list[dict[str, Any]]:
         return self.tm.status().get(key, {}).get("replicas", [])
@@ -155,6 +155,16 @@ class Harness:
         (pid,) = [r["pid"] for r in self.replicas(key) if r["id"] == replica]
         assert isinstance(pid, int)
         return pid
+
+
+def decode_answer(frames: list[bytes]) -> tuple[dict[str, Any], Tensors]:
+    """A message from the task manager; a replica's answer comes behind the envelope of its batch."""
+    if envelope.is_envelope(frames[0]):
+        route = envelope.unpack(frames.pop(0))
+        header, tensors = wire.decode(frames)
+        assert header["t"] in ("result", "failed") and route == (header["replica"], header["batch"]), header
+        return header, tensors
+    return wire.decode(frames)
 
 
 def environ_of(pid: int) -> list[bytes]:
@@ -357,7 +367,7 @@ def test_a_removed_model_drains_once_every_batch_manager_said_model_drained(redi
         up, _ = await h.expect("replica_up")
         other = h.batch_manager()
         await other.send_multipart(wire.encode({"t": "hb"}))
-        await eventually(lambda: len(h.tm._batch_managers) == 2, what="the second batch manager")
+        await eventually(lambda: len(h.tm.relay.batch_managers) == 2, what="the second batch manager")
         await h.store.delete("slow")
         await eventually(lambda: "slow/1" in h.tm._retiring, what="the removal to be seen")
         await h.drained("slow")
@@ -539,7 +549,7 @@ def test_a_silent_batch_manager_is_forgotten_and_gets_no_more_beats(redis_url: s
     async def scenario(h: Harness) -> None:
         await h.expect("hb", timeout=5)
         h._tasks.pop().cancel()  # the fake batch manager stops beating
-        await eventually(lambda: not h.tm._batch_managers, timeout=10, what="the batch manager forgotten")
+        await eventually(lambda: not h.tm.relay.batch_managers, timeout=10, what="the batch manager forgotten")
 
     run(redis_url, scenario, heartbeat_liveness=3)
 

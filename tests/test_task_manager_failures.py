@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import zmq.asyncio
 
-from inferoxy import wire
+from inferoxy import envelope, wire
 from inferoxy.settings import Settings
 from task_manager.replicas import ModelGroup, Replica, ReplicaState
 from task_manager.service import TaskManager
 from tests.support import alive
-from tests.test_task_manager import ECHO, SLOW, Harness, eventually, redis_url, run, spec
+from tests.test_task_manager import ECHO, SLOW, Harness, decode_answer, eventually, redis_url, run, spec
 
 __all__ = ["redis_url"]  # the fixture, shared with tests/test_task_manager.py
 
@@ -36,7 +36,7 @@ def test_a_killed_replica_is_reported_down_before_any_of_its_batches_fails(redis
         os.kill(victim, signal.SIGKILL)
         order: list[str] = []
         while len(order) < 3:
-            header, _ = wire.decode(await h.bm.recv_multipart())
+            header, _ = decode_answer(await h.bm.recv_multipart())
             if header.get("replica") == up["replica"] and header["t"] in ("replica_down", "failed"):
                 order.append(header["t"])
         assert order == ["replica_down", "failed", "failed"], order
@@ -52,7 +52,7 @@ def test_a_batch_whose_header_passes_the_bus_limit_is_answered_failed_and_credit
         up, _ = await h.expect("replica_up")
         header = {"t": "batch", "replica": up["replica"], "batch": 5, "model": "echo", "version": "1",
                   "items": [{"id": 5, "n": 0, "pad": "x" * (wire.MAX_HEADER_BYTES + 10)}], "tensors": []}
-        await h.bm.send_multipart([wire.pack_header(header)])
+        await h.bm.send_multipart([envelope.pack(up["replica"], 5), wire.pack_header(header)])
         failed, _ = await h.expect("failed", batch=5, timeout=5)
         assert (failed["replica"], failed["code"]) == (up["replica"], "internal")
         assert str(wire.MAX_HEADER_BYTES) in failed["message"], failed["message"]
@@ -113,18 +113,18 @@ def test_a_replica_a_batch_cannot_reach_is_announced_down_then_the_batch_fails()
     async def main() -> None:
         tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
         told: list[dict[str, Any]] = []
-        tm._send_batch_manager = lambda _identity, message: told.append(  # type: ignore[method-assign]
+        tm.relay.send_batch_manager = lambda _identity, message: told.append(  # type: ignore[method-assign]
             dict(message) if isinstance(message, Mapping) else wire.unpack_header(message[0]))
-        tm._send_replica = lambda _replica, _frames: False  # type: ignore[method-assign]
+        tm.relay.send_replica = lambda _replica, _frames: False  # type: ignore[method-assign]
         model = spec("echo", ECHO)
         group = ModelGroup(model)
         replica = Replica("r-0", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2, announced=True)
         group.replicas[replica.id] = replica
         tm._groups[model.key] = group
         tm._replicas[replica.identity] = replica
-        tm._batch_managers[b"bm"] = 0.0
+        tm.relay.batch_managers[b"bm"] = 0.0
 
-        tm._forward_batch(b"bm", {"t": "batch", "replica": "r-0", "batch": 9}, [b"bm", b"header"])
+        tm.relay.forward_batch(b"bm", [b"bm", envelope.pack("r-0", 9), b"header"])
         assert [(m["t"], m.get("batch")) for m in told] == [("replica_down", None), ("failed", 9)]
         assert told[1]["code"] == "replica_lost"
         assert replica.state is ReplicaState.STOPPING and replica.stop_requested.is_set()
@@ -150,7 +150,7 @@ def test_an_answer_the_task_manager_cannot_read_fails_its_batch() -> None:
     async def main() -> None:
         tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
         told: list[tuple[bytes, dict[str, Any]]] = []
-        tm._send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
+        tm.relay.send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
             (identity, wire.unpack_header(message[0]) if not isinstance(message, Mapping) else dict(message)))
         model = spec("echo", ECHO)
         group = ModelGroup(model)
@@ -159,7 +159,8 @@ def test_an_answer_the_task_manager_cannot_read_fails_its_batch() -> None:
         tm._replicas[replica.identity] = replica
 
         huge = {"t": "result", "replica": "r-0", "batch": 4, "items": [{"n": 0, "pad": "x" * wire.MAX_HEADER_BYTES}]}
-        tm._on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(wire.pack_header(huge))])
+        tm.relay.on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(envelope.pack("r-0", 4)),
+                                     zmq.Frame(wire.pack_header(huge))])
         [(identity, failed)] = told
         assert identity == b"bm" and (failed["t"], failed["batch"], failed["code"]) == ("failed", 4, "internal")
         assert replica.in_flight == {}
@@ -180,13 +181,53 @@ def test_a_status_change_made_while_the_last_one_is_written_is_written_too() -> 
             written.append(status.state)
             if len(written) == 1:
                 group.failed_reason = "weights missing"  # the model's state changes meanwhile...
-                manager._dirty[group.spec.key] = group  # ...and is marked to write, as _status_changed does
+                manager.statuses.mark(group)  # ...and is marked to write, as _status_changed does
 
     async def scenario() -> None:
-        manager._dirty[group.spec.key] = group
-        await manager._flush_statuses(SlowStore())  # type: ignore[arg-type]
+        manager.statuses.mark(group)
+        await manager.statuses.flush(SlowStore())  # type: ignore[arg-type]
 
     manager = TaskManager(Settings(models_file=""), zmq.asyncio.Context())
     asyncio.run(scenario())
     assert written == ["starting", "failed"], written
-    assert manager._live_statuses[group.spec.key].state == "failed", "the record the TTL refresh rewrites"
+    assert manager.statuses.live[group.spec.key].state == "failed", "the record the TTL refresh rewrites"
+
+
+def test_a_batch_without_its_routing_envelope_is_answered_failed_not_dropped() -> None:
+    # The task manager routes by the envelope alone; a batch that comes without one (a batch manager of another
+    # version) still names its batch in the header, and its requests must hear now rather than at their deadline.
+    tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
+    told: list[tuple[bytes, dict[str, Any]]] = []
+    tm.relay.send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
+        (identity, wire.unpack_header(message[0]) if not isinstance(message, Mapping) else dict(message)))
+    tm.relay.batch_managers[b"bm"] = 0.0
+    bare = {"t": "batch", "replica": "r-0", "batch": 3, "items": [], "tensors": []}
+    tm.relay.on_batch_manager_message([zmq.Frame(b"bm"), zmq.Frame(wire.pack_header(bare))])
+    [(identity, failed)] = told
+    assert identity == b"bm" and (failed["t"], failed["replica"], failed["batch"], failed["code"]) == (
+        "failed", "r-0", 3, "internal")
+    assert "envelope" in failed["message"]
+
+
+def test_a_replica_cannot_settle_a_batch_it_does_not_hold() -> None:
+    # The task manager relays answers by their envelope alone, so the envelope is what it checks: it must name
+    # the replica on that connection and a batch that replica holds, or the answer goes nowhere.
+    tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
+    relayed: list[list[Any]] = []
+    tm.relay._send = lambda _sock, frames: relayed.append(frames) or True  # type: ignore[method-assign]
+    model = spec("echo", ECHO)
+    group = ModelGroup(model)
+    mine = Replica("r-0", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2)
+    other = Replica("r-1", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2)
+    mine.in_flight[4] = b"bm"
+    other.in_flight[5] = b"bm"
+    tm._replicas.update({mine.identity: mine, other.identity: other})
+    answer = wire.pack_header({"t": "result", "replica": "r-1", "batch": 5, "items": [], "tensors": []})
+
+    tm.relay.on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(envelope.pack("r-1", 5)), zmq.Frame(answer)])
+    tm.relay.on_replica_message([zmq.Frame(b"r-0"), zmq.Frame(envelope.pack("r-0", 5)), zmq.Frame(answer)])
+    assert relayed == [] and other.in_flight == {5: b"bm"} and mine.in_flight == {4: b"bm"}
+
+    tm.relay.on_replica_message([zmq.Frame(b"r-1"), zmq.Frame(envelope.pack("r-1", 5)), zmq.Frame(answer)])
+    [frames] = relayed
+    assert frames[0] == b"bm" and envelope.unpack(frames[1]) == ("r-1", 5) and other.in_flight == {}
