@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import zmq.asyncio
 
+from inferoxy import gctune
 from inferoxy.service import Service
 from inferoxy.settings import Settings
 
@@ -91,6 +92,7 @@ async def run_component(name: str, settings: Settings) -> None:
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
+            gctune.settle()
             _report_ready(name, service)
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
