@@ -125,6 +125,8 @@ def _reply_id(message: list[Any]) -> tuple[Any, dict[str, Any]] | None:
 
 _NOWAIT = int(zmq.NOBLOCK)
 _NOWAIT_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def _send_nowait(sock: zmq.Socket[Any], frames: list[Frame]) -> None:
@@ -286,8 +288,11 @@ class AsyncClient:
             raise InferenceError(
                 ErrorCode.OVERLOADED.value, f"{MAX_QUEUED} requests are already queued for {self.url}; is it up?"
             ) from None
-        # The send may have consumed the socket's edge-triggered notification: look again soon.
-        self._drain_soon(loop)
+        # The send may have consumed the socket's edge-triggered notification. Asking ZMQ_EVENTS re-arms
+        # it, so a reply that is not queued yet will signal; one that is gets drained soon. Cheaper than
+        # a drain after every send, which ends in a raised zmq.Again (about 2 vs 6 µs, and a callback).
+        if int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
+            self._drain_soon(loop)
         future: asyncio.Future[tuple[dict[str, Any], list[Any]]] = loop.create_future()
         self._waiting[rid] = future
         timer = loop.call_later(timeout_s, _expire, future, timeout_s)
