@@ -52,12 +52,16 @@ def free_port() -> int:
 
 
 def bus_env(bus: str) -> dict[str, str]:
+    """The bus URLs of a run: "serve" leaves them (replica link included) to `inferoxy serve`'s private ipc://
+    directory, unless INFEROXY_REPLICA_BIND_URL is in the environment (the replica link as it was: tcp+CURVE)."""
+    replicas = {"INFEROXY_REPLICA_BIND_URL": f"tcp://127.0.0.1:{free_port()}"}
     if bus == "tcp":
         return {"INFEROXY_BATCH_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}",
-                "INFEROXY_TASK_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}"}
+                "INFEROXY_TASK_MANAGER_URL": f"tcp://127.0.0.1:{free_port()}", **replicas}
     if bus == "ipc-curve":
         return {"INFEROXY_BATCH_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-bm-{os.getpid()}",
-                "INFEROXY_TASK_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-tm-{os.getpid()}"}
+                "INFEROXY_TASK_MANAGER_URL": f"ipc://{tempfile.gettempdir()}/inferoxy-bench-tm-{os.getpid()}",
+                **replicas}
     return {}
 
 
@@ -71,7 +75,6 @@ class Proxy:
             "INFEROXY_BIND_HOST": "127.0.0.1",
             "INFEROXY_REST_PORT": str(self.rest_port),
             "INFEROXY_ZMQ_PORT": str(self.zmq_port),
-            "INFEROXY_REPLICA_BIND_URL": f"tcp://127.0.0.1:{free_port()}",
             "INFEROXY_EMBEDDED_REDIS_PORT": str(free_port()),
             "INFEROXY_MODELS_FILE": models_file,
             "INFEROXY_LOG_LEVEL": "WARNING",

@@ -15,8 +15,11 @@ client's public key. inproc:// links are inside one process and need none of thi
 neither do the components' ipc:// links when their socket files sit in a directory only this
 uid may enter (``private_ipc``; ``inferoxy serve`` makes one): the kernel then admits only
 processes of this uid, which can read the bus secret from the components' environment anyway,
-so CURVE would cost its encryption and keep no one out (docs/SECURITY.md). The replica link
-keeps CURVE whatever its URL: a replica's key is how the task manager knows which replica it is.
+so CURVE would cost its encryption and keep no one out (docs/SECURITY.md). The replica link follows
+the same rule: on tcp:// (Docker replicas, or a URL the operator set) each replica's own key is how the
+task manager knows which replica it is; on an ipc:// socket in serve's private directory (replicas that
+are local processes of this uid, which could read the bus secret anyway) the ROUTER identity the
+replica dials with names it, and a second connection cannot take a live replica's id (no ROUTER_HANDOVER).
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
                                    "`serve`: ipc:// in a private directory.")
     task_manager_url: str = Field("tcp://127.0.0.1:7791", description="Batch manager -> task manager; unset under "
                                   "`serve`: ipc:// in a private directory.")
-    replica_bind_url: str = Field("tcp://127.0.0.1:7792", description="Task manager binds; replicas dial.")
+    replica_bind_url: str = Field("tcp://127.0.0.1:7792", description="Task manager binds; replicas dial. Unset under "
+                                  "`serve` with process replicas: ipc:// in its private directory, no CURVE.")
     replica_connect_url: str | None = Field(
         None, description="The address replicas dial, when it differs from replica_bind_url (containers, pods)."
     )

@@ -20,8 +20,11 @@ and route around it, and it carries on if it is continued.
 The components' own links (bridges -> batch manager -> task manager) run over ipc:// sockets in a
 directory made for this run (mode 0700, removed at exit; ``private_bus``) unless the operator set
 their URLs: no TCP stack between processes of one host, and no CURVE either, since only this uid
-can enter the directory (docs/ARCHITECTURE.md, "Decisions"). The replica link stays tcp://, as
-Docker replicas dial it from their own network namespace.
+can enter the directory (docs/ARCHITECTURE.md, "Decisions"). The replica link joins them when replicas
+are local processes (``INFEROXY_RUNTIME=process``) and neither replica URL was set: they run as this uid,
+which could read the bus secret from the components' environment anyway, so CURVE there only cost two
+encryptions of every tensor each way. Docker replicas dial from their own network namespace and mount
+namespace, so their link stays tcp:// with a CURVE key per replica.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ COMPONENT_CRASH_LOOP = 5
 BUS_DIR_PREFIX = "inferoxy-bus-"
 # The links serve puts there unless the operator set their URL, and the socket file of each.
 PRIVATE_LINKS = {"batch_manager_url": "batch_manager", "task_manager_url": "task_manager"}
+# The replica link, only for replicas that are local processes (``private_links``).
+REPLICA_LINK = {"replica_bind_url": "replicas"}
 # A Unix socket path holds at most 107 bytes (sun_path, with its NUL); libzmq refuses a longer ipc:// URL.
 MAX_IPC_PATH = 107
 
@@ -82,7 +87,8 @@ class Child:
 def private_bus(settings: Settings) -> tuple[str | None, dict[str, str]]:
     """A fresh 0700 directory for the components' ipc:// sockets, and the variables that point the links the
     operator left unset at it; (None, {}) when every such link was set."""
-    unset = [name for name in PRIVATE_LINKS if name not in settings.model_fields_set]
+    links = private_links(settings)
+    unset = [name for name in links if name not in settings.model_fields_set]
     if not unset:
         return None, {}
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()  # the run dir: per user, cleared at logout
@@ -90,7 +96,15 @@ def private_bus(settings: Settings) -> tuple[str | None, dict[str, str]]:
         base = "/tmp"
     remove_stale_bus_dirs(base)
     directory = tempfile.mkdtemp(prefix=f"{BUS_DIR_PREFIX}{os.getpid()}-", dir=base)  # 0700, this uid's
-    return directory, {f"INFEROXY_{name.upper()}": f"ipc://{directory}/{PRIVATE_LINKS[name]}" for name in unset}
+    return directory, {f"INFEROXY_{name.upper()}": f"ipc://{directory}/{links[name]}" for name in unset}
+
+
+def private_links(settings: Settings) -> dict[str, str]:
+    """The links serve may put in its private directory, and the socket file of each. The replica link only
+    when replicas are processes of this uid and the operator named no replica address (a replica_connect_url
+    says they dial from elsewhere)."""
+    local_replicas = settings.runtime == "process" and "replica_connect_url" not in settings.model_fields_set
+    return {**PRIVATE_LINKS, **(REPLICA_LINK if local_replicas else {})}
 
 
 def remove_stale_bus_dirs(base: str) -> None:
@@ -239,7 +253,7 @@ class Supervisor:
         started = [self._start(name, env) for name in names[1:]]
         for child in started:
             self._wait_ready(child)
-        bus = {name: self._bus_env[f"INFEROXY_{name.upper()}"] for name in PRIVATE_LINKS
+        bus = {name: self._bus_env[f"INFEROXY_{name.upper()}"] for name in (*PRIVATE_LINKS, *REPLICA_LINK)
                if f"INFEROXY_{name.upper()}" in self._bus_env}
         return self.settings.model_copy(update={"redis_url": redis_url, **bus})
 
@@ -313,6 +327,7 @@ def print_endpoints(settings: Settings, *, embedded_redis: bool, children: Seque
     lines.append(f"  model registry                  {mask_url(settings.redis_url)}{embedded}")
     lines.append(f"  bridges -> batch manager        {bus_link(settings, 'batch_manager_url')}")
     lines.append(f"  batch manager -> task manager   {bus_link(settings, 'task_manager_url')}")
+    lines.append(f"  replicas -> task manager        {bus_link(settings, 'replica_bind_url')}")
     lines.append(f"  replicas run as                 {settings.runtime}")
     if children:
         pids = ", ".join(f"{child.name} {child.process.pid}" for child in children)

@@ -1,6 +1,7 @@
 """The task manager's data path: two ROUTER sockets, and batches and answers moved between them.
 
-Batch managers dial ``task_manager_url``; replicas dial ``replica_bind_url``. A batch
+Batch managers dial ``task_manager_url``; replicas dial ``replica_bind_url`` (tcp:// with a CURVE key
+per replica, or, for local process replicas under ``serve``, ipc:// in its private directory). A batch
 (``[envelope, header, *tensors]``) goes to the replica its routing envelope names, and the
 answer comes back behind the same envelope to the batch manager that sent it. Only the
 envelope is read (``inferoxy.envelope``): header and tensor frames pass through as opaque
@@ -231,6 +232,8 @@ class Relay:
         """A replica's id is accepted only from the connection that holds the key issued for it: another
         replica (or anything else holding some replica's key) cannot take over an id not yet ready."""
         if self.replica_keys is None:
+            # A plain replica link (a private ipc:// socket, or the bus's CURVE off): the ROUTER identity the
+            # replica dialled with is its name, and libzmq gives a live id to no second connection.
             return True
         try:
             user_id = frame.get("User-Id")

@@ -87,9 +87,12 @@ class TaskManager:
         self._replicas: dict[bytes, Replica] = {}  # by ZeroMQ identity, which is the replica id
         self._closing = False
         self._owns_instance = False  # only the instance's owner may sweep what is labelled with it
-        # Each replica dials with a CURVE key of its own, admitted only while it runs (None: the bus is plain).
+        # Each replica dials with a CURVE key of its own, admitted only while it runs. None: the bus is plain, or
+        # the replica link is an ipc:// socket in serve's private directory, which only this uid's processes (the
+        # local replicas among them) can reach, the same rule as the components' own links (curve.needs_curve).
         bus_secret = settings.bus_key_secret
-        self._replica_keys = curve.ReplicaKeys(bus_secret) if bus_secret else None
+        keyed = bool(bus_secret) and curve.needs_curve(settings.replica_bind_url)
+        self._replica_keys = curve.ReplicaKeys(bus_secret) if keyed and bus_secret else None
         self.relay = Relay(settings, self._replicas, self, self._replica_keys)
         self.placement = Placement(settings)
         # Status records expire after the same silence that makes every other peer give up on us.

@@ -4,7 +4,10 @@ that admits a replica only over the connection holding the key it issued to that
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -194,6 +197,37 @@ def test_a_replica_key_is_revoked_when_its_replica_ends(redis_url: str) -> None:
             await scenario(harness)
 
     asyncio.run(main())
+
+
+def test_a_local_replica_on_a_private_ipc_link_serves_without_curve_and_its_id_cannot_be_taken(
+        redis_url: str) -> None:
+    """With the replica link on ipc:// in a 0700 directory (what `serve` gives process replicas), the ROUTER
+    identity the replica sets is all that names it: a second connection with a live replica's id must get none
+    of its batches (no ROUTER_HANDOVER), and the relay's envelope check keeps working on that identity."""
+    directory = Path(tempfile.mkdtemp(prefix="ixr", dir="/tmp"))  # short: a socket path holds 107 bytes
+
+    async def scenario(h: Harness) -> None:
+        assert h.tm._replica_keys is None  # nothing to issue: no CURVE on this link
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up", model="echo")
+        intruder, _ = await dial(h.settings.replica_bind_url, ready_message(up["replica"]), up["replica"])
+        for batch in (1, 2):
+            x = np.arange(batch * 4, dtype=np.float32)
+            await h.send_batch(up["replica"], batch, [("x", x)])
+            _, tensors = await h.expect("result", batch=batch)
+            np.testing.assert_array_equal(dict(tensors)["x"], x)
+        assert intruder.poll(200) == 0, "a batch reached the second connection that named itself the replica"
+        intruder.close()
+
+    async def main() -> None:
+        async with KeyedHarness(redis_url, bus_secret=SECRET,
+                                replica_bind_url=f"ipc://{directory}/replicas") as harness:
+            await scenario(harness)
+
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("bus", ["tcp", "inproc"])

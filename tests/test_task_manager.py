@@ -55,10 +55,10 @@ class Harness:
     def __init__(self, redis_url: str, **settings: Any) -> None:
         self.settings = Settings(
             task_manager_url=f"tcp://127.0.0.1:{free_port()}",
-            replica_bind_url=f"tcp://127.0.0.1:{free_port()}",
             redis_url=redis_url,
             redis_prefix=f"tm-test-{os.getpid()}-{next(_prefixes)}",
-            **{"instance": "Test", "heartbeat_interval_s": 0.1, "heartbeat_liveness": 10, "restart_backoff_s": 0.05,
+            **{"replica_bind_url": f"tcp://127.0.0.1:{free_port()}",
+               "instance": "Test", "heartbeat_interval_s": 0.1, "heartbeat_liveness": 10, "restart_backoff_s": 0.05,
                "restart_backoff_max_s": 1.0, **settings},
         )
         self.ctx = zmq.asyncio.Context()
