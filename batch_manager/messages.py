@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard, get_args
 
-from inferoxy import protocol
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import WireError
 from model_manager.spec import ServingState
@@ -22,14 +21,6 @@ Origin = tuple[bytes, int]
 # Replica ids are echoed back exactly as the task manager spelled them.
 ReplicaId = str | bytes
 TensorMeta = dict[str, Any]
-
-
-def reply_header(request_id: int, model: str, version: str, tensors: list[TensorMeta]) -> dict[str, Any]:
-    return {"t": protocol.REPLY, "id": request_id, "model": model, "version": version, "tensors": tensors}
-
-
-def error_header(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
-    return {"t": protocol.ERROR, "id": request_id, "code": ErrorCode(code).value, "message": message}
 
 
 # --- task manager -> batch manager -----------------------------------------------------------------

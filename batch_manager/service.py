@@ -339,10 +339,10 @@ class BatchManager:
         while work:
             action = work.popleft()
             if isinstance(action, Reply):
-                self._send_to_bridge(action.origin[0], action.header, action.frames)
+                self._send_encoded(action.origin[0], m.encode(action.header), action.frames)
             elif isinstance(action, ModelDrained):
                 log.info("model %s/%s was removed and holds no request here any more", action.model, action.version)
-                if not self._send(self._task_manager, [pack_header(action.header())]):
+                if not self._send(self._task_manager, [m.encode(action.header())]):
                     log.warning("could not tell the task manager that model %s/%s drained; it stops its replicas "
                                 "after its grace", action.model, action.version)
             elif not self._send_batch(action):
@@ -354,10 +354,7 @@ class BatchManager:
         # The envelope in front is all the task manager reads (inferoxy.envelope); the header travels unread.
         replica = dispatch.replica if isinstance(dispatch.replica, str) else dispatch.replica.decode(errors="replace")
         route = envelope.pack(replica, dispatch.batch_id)
-        return self._send(self._task_manager, [route, pack_header(dispatch.header()), *dispatch.frames])
-
-    def _send_to_bridge(self, identity: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
-        self._send_encoded(identity, pack_header(header), frames)
+        return self._send(self._task_manager, [route, m.encode(dispatch.header()), *dispatch.frames])
 
     def _send_encoded(self, identity: bytes, header: bytes, frames: list[Any] | None = None) -> None:
         if not self._send(self._bridges, [identity, header, *(frames or ())]):
