@@ -42,7 +42,6 @@ from typing import Annotated, Any, Generic, TypeVar, Union
 
 import msgspec
 
-from inferoxy.protocol import ErrorCode
 from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError
 from model_manager.spec import ServingState
 
@@ -97,8 +96,10 @@ class Reply(Message, tag="reply"):
 
 
 class Error(Message, tag="error"):
+    """``code`` is read as any string: one from a newer peer is passed on unchanged (``InferoxyError``)."""
+
     id: int | None
-    code: ErrorCode
+    code: str
     message: str
 
 
