@@ -66,10 +66,9 @@ class Dispatch:
     end_sessions: list[SessionId] | None = None
 
     def header(self) -> m.Batch:
-        # An empty end_sessions is left out, as the optional fields are (docs/PROTOCOL.md). A bytes replica id
-        # (batch_manager.messages reads one until that link moves to the structs) packs as bin, as in the dict.
-        return m.Batch(self.replica, self.batch_id, self.model, self.version,  # type: ignore[arg-type]
-                       self.items, self.metas, self.ragged, self.end_sessions or None)
+        # An empty end_sessions is left out, as the optional fields are (docs/PROTOCOL.md).
+        return m.Batch(self.replica, self.batch_id, self.model, self.version, self.items, self.metas, self.ragged,
+                       self.end_sessions or None)
 
 
 @dataclass(slots=True)
