@@ -1,6 +1,6 @@
 """How a bridge reaches the batch manager, and what it knows of the model registry.
 
-(About 440 lines, a quarter of them this docstring: one job, the bridge's end of the bus link. Sending,
+(About 450 lines, a quarter of them this docstring: one job, the bridge's end of the bus link. Sending,
 settling each request exactly once, deadlines, cancels and the batch manager's liveness all touch the
 same table of requests in flight, so they stay together; the registry view is bridges/catalog.py.)
 
