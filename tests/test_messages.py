@@ -185,3 +185,26 @@ def test_any_msgpack_is_a_message_or_a_wire_error(value: Any) -> None:
             ANY.decode(data)
         except wire.WireError as exc:
             assert str(exc)
+
+
+def test_a_batch_that_only_ends_sessions_leaves_out_its_empty_tensors_and_the_runtime_reads_it() -> None:
+    # The one header whose bytes changed with the structs: omit_defaults drops the empty `tensors` list.
+    from examples.models.counter.model import CounterModel
+
+    class Ends(CounterModel):
+        def __init__(self) -> None:
+            self.ended: list[Any] = []
+
+        def end_session(self, session_id: Any, state: Any) -> None:
+            self.ended.append(session_id)
+
+    model = Ends()
+    store = runtime.SessionStore(model)
+    x = np.ones((1, 2), np.float32)
+    start = m.encode(m.Batch("r1", 1, "m", "1", [m.BatchItem(1, 1, session=4, start=True)], [wire.tensor_meta("x", x)]))
+    runtime.answer_batch(model, "r1", wire.unpack_header(start), [("x", x)], store)
+    frame = m.encode(Dispatch("r1", 2, "m", "1", [], [], [], end_sessions=[4]).header())
+    assert "tensors" not in msgpack.unpackb(frame)
+    header, tensors = wire.decode([frame])
+    answer = m.REPLICA_TO_TASK_MANAGER.decode(runtime.answer_batch(model, "r1", header, tensors, store)[0])
+    assert answer == m.Result("r1", 2, []) and model.ended == [4]
