@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch_manager.messages import Origin, ReplicaId, TensorMeta, error_header
+from batch_manager.messages import Origin, ReplicaId, TensorMeta
 from batch_manager.params import DEFAULT_PARAMS, RequestParams, SessionId
-from inferoxy import protocol
+from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
 
 # A per-item error in a ``result``: (code, message).
@@ -39,16 +39,16 @@ class Reply:
     """Send ``header`` (a ``reply`` or an ``error``) and ``frames`` to the bridge ``origin[0]``."""
 
     origin: Origin
-    header: dict[str, Any]
+    header: m.Reply | m.Error
     frames: list[Any] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return bool(self.header["t"] == protocol.REPLY)
+        return isinstance(self.header, m.Reply)
 
     @property
     def code(self) -> str | None:
-        return self.header.get("code")
+        return self.header.code if isinstance(self.header, m.Error) else None
 
 
 @dataclass(slots=True)
@@ -59,27 +59,16 @@ class Dispatch:
     batch_id: int
     model: str
     version: str
-    items: list[dict[str, Any]]
+    items: list[m.BatchItem]
     metas: list[TensorMeta]
     frames: list[Any]
     ragged: bool = False
     end_sessions: list[SessionId] | None = None
 
-    def header(self) -> dict[str, Any]:
-        header: dict[str, Any] = {
-            "t": protocol.BATCH,
-            "replica": self.replica,
-            "batch": self.batch_id,
-            "model": self.model,
-            "version": self.version,
-            "items": self.items,
-            "tensors": self.metas,
-        }
-        if self.ragged:
-            header["ragged"] = True
-        if self.end_sessions:
-            header["end_sessions"] = self.end_sessions
-        return header
+    def header(self) -> m.Batch:
+        # An empty end_sessions is left out, as the optional fields are (docs/PROTOCOL.md).
+        return m.Batch(self.replica, self.batch_id, self.model, self.version, self.items, self.metas, self.ragged,
+                       self.end_sessions or None)
 
 
 @dataclass(slots=True)
@@ -89,8 +78,8 @@ class ModelDrained:
     model: str
     version: str
 
-    def header(self) -> dict[str, Any]:
-        return {"t": protocol.MODEL_DRAINED, "model": self.model, "version": self.version}
+    def header(self) -> m.ModelDrained:
+        return m.ModelDrained(self.model, self.version)
 
 
 Action = Reply | Dispatch | ModelDrained
@@ -104,4 +93,4 @@ def error_code(code: str) -> ErrorCode:
 
 
 def error_reply(origin: Origin, code: ErrorCode, message: str) -> Reply:
-    return Reply(origin, error_header(origin[1], code, message))
+    return Reply(origin, m.Error(origin[1], code, message))

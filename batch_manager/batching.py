@@ -8,7 +8,7 @@ limits. Sessions' groups are per replica and go only to it (``sessions.Sessions`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from batch_manager.actions import Action, Dispatch
 from batch_manager.admission import Admission, waited
@@ -16,6 +16,7 @@ from batch_manager.inputs import header_room
 from batch_manager.messages import ReplicaId
 from batch_manager.state import Batch, Book, Group, Model, Pending, Replica, Signature, State, batch_tensors
 from batch_manager.wakeups import Wakeups
+from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -118,16 +119,16 @@ class Batching:
             return
         batch = self.new_batch(replica, taken)
         if spec.stateful:
-            items: list[dict[str, Any]] = []
+            items: list[m.BatchItem] = []
             for pending in taken:
                 session = pending.session
                 assert session is not None
-                items.append({"id": pending.seq, "n": len(pending.metas), "session": session.id,
-                              "start": pending.start or not session.started, "end": pending.end})
+                items.append(m.BatchItem(pending.seq, len(pending.metas), session.id,
+                                         pending.start or not session.started, pending.end))
                 # After an end the replica holds no state: whatever of the session comes next starts afresh.
                 session.started = not pending.end
         else:
-            items = [{"id": pending.seq, "n": len(pending.metas)} for pending in taken]
+            items = [m.BatchItem(pending.seq, len(pending.metas)) for pending in taken]
         metas, frames = batch_tensors(taken)
         out.append(Dispatch(replica.id, batch.id, spec.name, spec.version, items, metas, frames,
                             ragged=spec.ragged_batches))

@@ -29,11 +29,12 @@ from batch_manager.admission import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_PRIORITY_AGI
 from batch_manager.batching import DEFAULT_MAX_BATCH_BYTES, Batching
 from batch_manager.inputs import MAX_REPLICA_ID_BYTES, check_inputs, header_room, item_header_bytes
 from batch_manager.lifecycle import REFUSING_STATES, Lifecycle
-from batch_manager.messages import Origin, ReplicaId, TensorMeta, reply_header
+from batch_manager.messages import Origin, ReplicaId, TensorMeta
 from batch_manager.params import SessionId
 from batch_manager.sessions import Sessions
 from batch_manager.state import Book, Model, Session, Signature, State
 from batch_manager.wakeups import Wakeups, scan_groups
+from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import MAX_HEADER_BYTES
 from model_manager.spec import ModelSpec, ServingState
@@ -262,7 +263,7 @@ class Scheduler:
                         admission.fail(pending, error_code(problem[0]), problem[1], out)
                     else:
                         spec = pending.spec
-                        header = reply_header(pending.origin[1], spec.name, spec.version, list(metas[start:end]))
+                        header = m.Reply(pending.origin[1], spec.name, spec.version, list(metas[start:end]))
                         out.append(Reply(pending.origin, header, list(frames[start:end])))
                         admission.finish(pending)
                 if pending.session is not None:

@@ -30,10 +30,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from batch_manager import messages
+from batch_manager.messages import ReplicaId
 from batch_manager.params import parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
-from inferoxy import curve, envelope, protocol
+from inferoxy import curve, envelope
 from inferoxy import messages as m
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
@@ -41,7 +41,7 @@ from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
-from inferoxy.wire import WireError, check_tensors, pack_header, unpack_header
+from inferoxy.wire import WireError, check_tensors
 from model_manager.store import Registry, open_store
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class BatchManager:
         # announced (dropped together when it is lost), and when each bridge was last heard.
         self._tm_peer: PeerLiveness | None = None
         self._tm_epoch: str | None = None
-        self._tm_replicas: set[messages.ReplicaId] = set()
+        self._tm_replicas: set[ReplicaId] = set()
         self._bridges_heard: dict[bytes, float] = {}
         self.epoch = os.urandom(8).hex()  # fresh each run: bridges tell a restart by it
 
@@ -136,7 +136,7 @@ class BatchManager:
             await store.close()
 
     async def _heartbeat(self) -> None:
-        header = pack_header({"t": protocol.HEARTBEAT})
+        header = m.encode(m.Heartbeat())
         peer = self._tm_peer
         assert peer is not None
         while True:
@@ -159,14 +159,13 @@ class BatchManager:
         for replica in lost:
             self._perform(self.scheduler.replica_down(replica, why, self._now()))
 
-    def _heard_task_manager(self, header: dict[str, Any]) -> None:
+    def _heard_task_manager(self, epoch: str | None) -> None:
         peer = self._tm_peer
         if peer is not None and peer.heard(self._now()):
             # It may never have noticed our silence, and then would not announce its replicas again unasked.
             log.info("the task manager answers again; asking it for its replicas")
-            self._send(self._task_manager, [pack_header({"t": protocol.HEARTBEAT, "resync": True})])
-        epoch = header.get("epoch") if header.get("t") == protocol.HEARTBEAT else None
-        if isinstance(epoch, str) and epoch != self._tm_epoch:
+            self._send(self._task_manager, [m.encode(m.Heartbeat(resync=True))])
+        if epoch is not None and epoch != self._tm_epoch:
             if self._tm_epoch is not None and self._tm_replicas:
                 self._lose_task_manager("the task manager restarted")
             self._tm_epoch = epoch
@@ -230,65 +229,23 @@ class BatchManager:
                 message = message[1:]
                 if not message:
                     raise WireError("no header frame follows the routing envelope")
-            header = unpack_header(message[0])
-            kind = header.get("t")
-            self._heard_task_manager(header)
-            now = self._now()
+            try:
+                msg = m.TASK_MANAGER_TO_BATCH_MANAGER.decode(message[0])
+            except WireError:
+                self._heard_task_manager(None)
+                raise
+            self._heard_task_manager(msg.epoch if isinstance(msg, m.Heartbeat) else None)
             if route is not None:
-                self._check_route(route, kind, header)
-            if kind == protocol.RESULT:
-                batch = messages.parse_batch_ref(header)
-                self._check_known(kind, batch.replica, batch.batch_id, header)
-                try:
-                    counts = messages.parse_result_items(header)
-                    errors = messages.parse_result_item_errors(header)
-                    metas = check_tensors(header, message[1:])
-                except WireError as exc:
-                    # The batch is known, so its requests hear about it now rather than at their deadline.
-                    actions = self.scheduler.on_failed(batch.replica, batch.batch_id, ErrorCode.INTERNAL.value,
-                                                       f"the replica sent a malformed result: {exc}", now)
-                else:
-                    actions = self.scheduler.on_result(batch.replica, batch.batch_id, counts, metas, message[1:], now,
-                                                       errors)
-            elif kind == protocol.FAILED:
-                failed = messages.parse_failed(header)
-                self._check_known(kind, failed.replica, failed.batch_id, header)
-                actions = self.scheduler.on_failed(failed.replica, failed.batch_id, failed.code, failed.message, now)
-            elif kind == protocol.REPLICA_UP:
-                up = messages.parse_replica_up(header)
-                if up.replica in self._tm_replicas:
-                    # Within one task manager run an id is announced once until its replica_down: this is the
-                    # answer to a resync, and taking it as a new replica would fail what the replica holds.
-                    return
-                log.info("replica %r of %s/%s is up with capacity %d", up.replica, up.model, up.version, up.capacity)
-                actions = self.scheduler.replica_up(up.replica, up.model, up.version, up.capacity, now)
-                self._tm_replicas.add(up.replica)
-            elif kind == protocol.REPLICA_DOWN:
-                down = messages.parse_replica_down(header)
-                log.info("replica %r is down: %s", down.replica, down.reason)
-                actions = self.scheduler.replica_down(down.replica, down.reason, now)
-                self._tm_replicas.discard(down.replica)
-            elif kind == protocol.REPLICA_DRAINING:
-                draining = messages.parse_replica_down(header)
-                log.info("replica %r is draining: %s", draining.replica, draining.reason)
-                actions = self.scheduler.replica_draining(draining.replica, draining.reason, now)
-            elif kind == protocol.MODEL_STATUS:
-                status = messages.parse_model_status(header)
-                reason = f": {status.reason.splitlines()[0]}" if status.reason else ""
-                log.info("model %s/%s is %s%s", status.model, status.version, status.state, reason)
-                actions = self.scheduler.model_status(status.model, status.version, status.state, status.reason,
-                                                      now)
-            elif kind == protocol.HEARTBEAT:
-                return
-            else:
-                raise WireError(f"unknown message type {kind!r}")
+                self._check_route(route, msg)
+            actions = self._on_task_manager_header(msg, message[1:])
         except envelope.EnvelopeError as exc:
             log.warning("dropping an answer from the task manager whose envelope names no batch: %s", exc)
             return
         except WireError as exc:
+            # An answer that cannot be read still settles its batch: its requests hear now and the credit comes back.
+            if route is None and (ref := m.peek_batch(message[0])) is not None:
+                route = (ref.replica, ref.batch)
             if route is not None:
-                # An answer that cannot be read still settles its batch: its requests hear now and the credit
-                # comes back.
                 self._fail_unreadable_answer(route, exc)
                 return
             # The task manager has no error message to receive; a bad message is its bug, worth a log line.
@@ -299,12 +256,56 @@ class BatchManager:
             return
         self._perform(actions)
 
+    def _on_task_manager_header(self, msg: m.Message, frames: list[Any]) -> list[Action]:
+        now = self._now()
+        match msg:
+            case m.Result(replica=replica, batch=batch_id, items=items):
+                self._check_known(msg)
+                try:
+                    metas = check_tensors({"tensors": msg.tensors}, frames)
+                except WireError as exc:
+                    # The batch is known, so its requests hear about it now rather than at their deadline.
+                    return self.scheduler.on_failed(replica, batch_id, ErrorCode.INTERNAL.value,
+                                                    f"the replica sent a malformed result: {exc}", now)
+                errors = None
+                if any(item.code is not None for item in items):
+                    errors = [None if item.code is None else (item.code, item.message or "the item failed")
+                              for item in items]
+                return self.scheduler.on_result(replica, batch_id, [item.n for item in items], metas, frames, now,
+                                                errors)
+            case m.Failed():
+                self._check_known(msg)
+                return self.scheduler.on_failed(msg.replica, msg.batch, msg.code, msg.message, now)
+            case m.ReplicaUp(replica=replica):
+                if replica in self._tm_replicas:
+                    # Within one task manager run an id is announced once until its replica_down: this is the
+                    # answer to a resync, and taking it as a new replica would fail what the replica holds.
+                    return []
+                log.info("replica %r of %s/%s is up with capacity %d", replica, msg.model, msg.version, msg.capacity)
+                actions = self.scheduler.replica_up(replica, msg.model, msg.version, msg.capacity, now)
+                self._tm_replicas.add(replica)
+                return actions
+            case m.ReplicaDown(replica=replica):
+                reason = msg.reason or "replica went down"
+                log.info("replica %r is down: %s", replica, reason)
+                self._tm_replicas.discard(replica)
+                return self.scheduler.replica_down(replica, reason, now)
+            case m.ReplicaDraining(replica=replica):
+                reason = msg.reason or "replica went down"
+                log.info("replica %r is draining: %s", replica, reason)
+                return self.scheduler.replica_draining(replica, reason, now)
+            case m.ModelStatus():
+                shown = f": {msg.reason.splitlines()[0]}" if msg.reason else ""
+                log.info("model %s/%s is %s%s", msg.model, msg.version, msg.state, shown)
+                return self.scheduler.model_status(msg.model, msg.version, msg.state, msg.reason or None, now)
+        return []  # hb
+
     @staticmethod
-    def _check_route(route: tuple[str, envelope.BatchId], kind: Any, header: dict[str, Any]) -> None:
-        if kind not in (protocol.RESULT, protocol.FAILED):
-            raise WireError(f"a routed message must be an answer, not {kind!r}")
-        if (header.get("replica"), header.get("batch")) != route:
-            raise WireError(f"the answer names batch {header.get('batch')!r} of replica {header.get('replica')!r}, "
+    def _check_route(route: tuple[str, envelope.BatchId], msg: m.Message) -> None:
+        if not isinstance(msg, (m.Result, m.Failed)):
+            raise WireError(f"a routed message must be an answer, not {type(msg).__name__}")
+        if (msg.replica, msg.batch) != route:
+            raise WireError(f"the answer names batch {msg.batch!r} of replica {msg.replica!r}, "
                             f"its envelope batch {route[1]!r} of replica {route[0]!r}")
 
     def _fail_unreadable_answer(self, route: tuple[str, envelope.BatchId], exc: Exception) -> None:
@@ -317,13 +318,13 @@ class BatchManager:
         self._perform(self.scheduler.on_failed(replica, batch_id, ErrorCode.INTERNAL.value,
                                                f"the replica sent an unreadable answer: {exc}", self._now()))
 
-    def _check_known(self, kind: str, replica: messages.ReplicaId, batch_id: int, header: dict[str, Any]) -> None:
+    def _check_known(self, answer: m.Result | m.Failed) -> None:
         """An answer for a batch this batch manager never sent (or already had answered) settles nothing: say so
         loudly, since a request or a replica's credit may be waiting for the answer that went astray."""
-        if not self.scheduler.knows_batch(replica, batch_id):
-            detail = f" ({header.get('code')}: {header.get('message')})" if kind == protocol.FAILED else ""
+        if not self.scheduler.knows_batch(answer.replica, answer.batch):
+            detail = f" ({answer.code}: {answer.message})" if isinstance(answer, m.Failed) else ""
             log.warning("a %s from the task manager for batch %s of replica %r matches no batch sent here; "
-                        "dropped%s", kind, batch_id, replica, detail)
+                        "dropped%s", answer.__struct_config__.tag, answer.batch, answer.replica, detail)
 
     def _on_registry(self, registry: Registry) -> None:
         log.info("model registry at revision %d: %d model versions", registry.revision, len(registry))
@@ -339,10 +340,10 @@ class BatchManager:
         while work:
             action = work.popleft()
             if isinstance(action, Reply):
-                self._send_to_bridge(action.origin[0], action.header, action.frames)
+                self._send_encoded(action.origin[0], m.encode(action.header), action.frames)
             elif isinstance(action, ModelDrained):
                 log.info("model %s/%s was removed and holds no request here any more", action.model, action.version)
-                if not self._send(self._task_manager, [pack_header(action.header())]):
+                if not self._send(self._task_manager, [m.encode(action.header())]):
                     log.warning("could not tell the task manager that model %s/%s drained; it stops its replicas "
                                 "after its grace", action.model, action.version)
             elif not self._send_batch(action):
@@ -352,12 +353,8 @@ class BatchManager:
 
     def _send_batch(self, dispatch: Dispatch) -> bool:
         # The envelope in front is all the task manager reads (inferoxy.envelope); the header travels unread.
-        replica = dispatch.replica if isinstance(dispatch.replica, str) else dispatch.replica.decode(errors="replace")
-        route = envelope.pack(replica, dispatch.batch_id)
-        return self._send(self._task_manager, [route, pack_header(dispatch.header()), *dispatch.frames])
-
-    def _send_to_bridge(self, identity: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
-        self._send_encoded(identity, pack_header(header), frames)
+        route = envelope.pack(dispatch.replica, dispatch.batch_id)
+        return self._send(self._task_manager, [route, m.encode(dispatch.header()), *dispatch.frames])
 
     def _send_encoded(self, identity: bytes, header: bytes, frames: list[Any] | None = None) -> None:
         if not self._send(self._bridges, [identity, header, *(frames or ())]):

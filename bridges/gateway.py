@@ -1,6 +1,6 @@
 """How a bridge reaches the batch manager, and what it knows of the model registry.
 
-(About 440 lines, a quarter of them this docstring: one job, the bridge's end of the bus link. Sending,
+(About 450 lines, a quarter of them this docstring: one job, the bridge's end of the bus link. Sending,
 settling each request exactly once, deadlines, cancels and the batch manager's liveness all touch the
 same table of requests in flight, so they stay together; the registry view is bridges/catalog.py.)
 
@@ -11,7 +11,9 @@ deadline (a ``deadline`` error, and a ``cancel`` to the batch manager so it can 
 or by the gateway closing, or with ``unavailable`` when the batch manager falls silent.
 Answers are matched to requests by id; an id the gateway no longer holds (a late answer after the
 deadline) is dropped, and an error that matches no request this gateway ever sent (the batch
-manager could not read it) is logged as an error.
+manager could not read it) is logged as an error. Headers are read and built with
+``inferoxy.messages`` (``BATCH_MANAGER_TO_BRIDGE``); an answer that codec refuses fails the request
+it names (``peek_id``) as ``internal`` at once, rather than leaving it to its deadline.
 
 The hot path is callback based (``start_request``): the ZeroMQ bridge answers from the
 callback without a task or a future per request. ``submit`` wraps it for handlers that await.
@@ -38,7 +40,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import zmq
@@ -48,13 +50,14 @@ from bridges.auth import Authorizer
 from bridges.catalog import Catalog, Readiness, ResolvedModel
 from bridges.errors import RequestError
 from inferoxy import curve
+from inferoxy import messages as m
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
-from inferoxy.protocol import CANCEL, ERROR, HEARTBEAT, INFER, REPLY, ErrorCode
+from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
-from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError, pack_header, unpack_header
+from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError
 from model_manager.store import Registry, SpecStore, open_store
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ GRACEFUL_SHUTDOWN_S = 3
 class Reply(NamedTuple):
     """The batch manager's answer: its ``reply`` header (``model``, ``version``, ``tensors``) and frames."""
 
-    header: dict[str, Any]
+    header: m.Reply
     frames: list[Any]
 
 
@@ -198,7 +201,7 @@ class Gateway:
         return self._batch_manager is not None and self._batch_manager.lost
 
     async def _heartbeat(self) -> None:
-        header = pack_header({"t": HEARTBEAT})
+        header = m.encode(m.Heartbeat())
         peer, loop = self._batch_manager, self._loop
         assert peer is not None and loop is not None
         while True:
@@ -225,12 +228,11 @@ class Gateway:
         self._settled_one()
         self.reactor.wake_soon()  # callbacks may have sent replies to clients
 
-    def _heard_batch_manager(self, header: Mapping[str, Any]) -> None:
+    def _heard_batch_manager(self, epoch: str | None) -> None:
         peer, loop = self._batch_manager, self._loop
         if peer is not None and loop is not None and peer.heard(loop.time()):
             log.info("the batch manager at %s answers again; taking requests", self.settings.batch_manager_url)
-        epoch = header.get("epoch") if header.get("t") == HEARTBEAT else None
-        if isinstance(epoch, str) and epoch != self._batch_manager_epoch:
+        if epoch is not None and epoch != self._batch_manager_epoch:
             if self._batch_manager_epoch is not None:
                 self._fail_in_flight("the batch manager restarted and lost the request; retry")
             self._batch_manager_epoch = epoch
@@ -275,15 +277,19 @@ class Gateway:
 
     def start_request(
         self,
-        header: Mapping[str, Any],
+        model: str,
+        version: str | None,
+        tensors: list[m.TensorMeta],
         frames: Sequence[Frame],
         timeout_s: float,
         callback: Callback,
+        *,
+        params: dict[str, Any] | None = None,
     ) -> int:
         """Send one request; ``callback`` gets its outcome exactly once, later, from the event loop.
 
-        ``header`` holds ``model``, ``version``, ``params`` and the inputs' ``tensors`` list; the
-        frames go out untouched. Raises RequestError (``overloaded``) instead of queueing past
+        ``tensors`` describes the inputs, one per frame; the frames go out untouched. ``params`` are
+        the request parameters (``batch_manager.params``). Raises RequestError (``overloaded``) instead of queueing past
         ``max_outstanding`` or when the batch manager's socket is full; the callback is then
         never called. Returns the request's id, for ``cancel``.
         """
@@ -297,16 +303,7 @@ class Gateway:
                 ErrorCode.OVERLOADED, f"{self.max_outstanding} requests are already in flight; retry later"
             )
         rid = self._last_id = next(self._ids)
-        message = {
-            "t": INFER,
-            "id": rid,
-            "model": header["model"],
-            "version": header.get("version"),
-            "timeout_ms": max(1, math.ceil(timeout_s * 1000)),
-            "params": header.get("params") or {},
-            "tensors": header["tensors"],
-        }
-        packed = pack_header(message)
+        packed = m.encode(m.Infer(rid, model, version, max(1, math.ceil(timeout_s * 1000)), params or {}, tensors))
         self._check_size(packed, frames)
         if not send_nowait(sock, [packed, *frames]):
             raise RequestError(ErrorCode.OVERLOADED, "the batch manager's queue is full; retry later")
@@ -341,12 +338,19 @@ class Gateway:
         entry.timer.cancel()
         self._settled_one()
         if self._sock is not None:
-            send_nowait(self._sock, [pack_header({"t": CANCEL, "id": rid})])
+            send_nowait(self._sock, [m.encode(m.Cancel(rid))])
             self.reactor.wake_soon()
 
     async def submit(
-        self, header: Mapping[str, Any], frames: Sequence[Frame], timeout_s: float
-    ) -> tuple[dict[str, Any], list[Any]]:
+        self,
+        model: str,
+        version: str | None,
+        tensors: list[m.TensorMeta],
+        frames: Sequence[Frame],
+        timeout_s: float,
+        *,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[m.Reply, list[Any]]:
         """``start_request`` for callers that await: the reply header and frames, or RequestError."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
@@ -354,7 +358,7 @@ class Gateway:
             if not future.done():  # the awaiting handler may have been cancelled meanwhile
                 future.set_result(outcome)
 
-        rid = self.start_request(header, frames, timeout_s, settle)
+        rid = self.start_request(model, version, tensors, frames, timeout_s, settle, params=params)
         try:
             outcome = await future
         except asyncio.CancelledError:
@@ -378,56 +382,60 @@ class Gateway:
 
     def _dispatch(self, message: list[Any]) -> None:
         try:
-            header = unpack_header(message[0])
+            answer = m.BATCH_MANAGER_TO_BRIDGE.decode(message[0])
         except WireError as exc:
-            log.error("dropping unreadable message from the batch manager: %s", exc)
+            self._malformed(message[0], exc)
             return
-        self._heard_batch_manager(header)
-        if header.get("t") == HEARTBEAT:
+        if isinstance(answer, m.Heartbeat):
+            self._heard_batch_manager(answer.epoch)
             return
-        rid = header.get("id")
-        entry = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        self._heard_batch_manager(None)
+        entry = self._pending.pop(answer.id, None) if answer.id is not None else None
         if entry is None:
-            self._unmatched(header)
+            self._unmatched(answer)
             return
         entry.timer.cancel()
         self._settled_one()
-        kind = header.get("t")
         outcome: Outcome
-        if kind == REPLY:
-            tensors = header.get("tensors")
-            frames = message[1:]
-            if isinstance(tensors, list) and len(tensors) == len(frames):
-                outcome = Reply(header, frames)
-            else:
-                outcome = RequestError(ErrorCode.INTERNAL, "the batch manager sent a malformed reply")
-        elif kind == ERROR:
-            code = header.get("code")
-            outcome = RequestError(
-                code if isinstance(code, str) else ErrorCode.INTERNAL.value,
-                str(header.get("message") or "the request failed"),
-            )
+        if isinstance(answer, m.Error):
+            outcome = RequestError(answer.code, answer.message or "the request failed")
+        elif len(answer.tensors) == len(message) - 1:
+            outcome = Reply(answer, message[1:])
         else:
-            outcome = RequestError(ErrorCode.INTERNAL, f"the batch manager answered with {kind!r}")
+            outcome = _malformed_answer(f"{len(answer.tensors)} tensors described, {len(message) - 1} frames sent")
         _settle(entry.callback, outcome)
 
-    def _unmatched(self, header: Mapping[str, Any]) -> None:
+    def _malformed(self, frame: Frame, exc: WireError) -> None:
+        """An answer the codec refused: the request it names (if it can be read) fails now, not at its deadline."""
+        log.error("the batch manager sent a message this bridge cannot read: %s", exc)
+        rid = m.peek_id(frame)
+        entry = self._pending.pop(rid, None) if rid is not None else None
+        if entry is not None:
+            entry.timer.cancel()
+            self._settled_one()
+            _settle(entry.callback, _malformed_answer(str(exc)))
+
+    def _unmatched(self, answer: m.Reply | m.Error) -> None:
         """An answer no request waits for. A late one (its request timed out or was cancelled) is normal;
         an error for an id this gateway never issued means the batch manager could not read a request,
         whose client then waits for its deadline, so it is logged loudly."""
-        rid, kind, code = header.get("id"), header.get("t"), header.get("code")
+        rid = answer.id
         # Ids count up from 1, so every id up to the last one handed out has been issued.
-        issued = isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid <= self._last_id
-        if kind != ERROR:
-            log.debug("dropping a late %s for request %r", kind, rid)
+        issued = rid is not None and 0 < rid <= self._last_id
+        if isinstance(answer, m.Reply):
+            log.debug("dropping a late reply for request %r", rid)
         elif not issued:
             log.error("the batch manager sent an error for no request of this bridge (id %r): %s: %s",
-                      rid, code, _clip(header.get("message")))
-        elif code != ErrorCode.DEADLINE.value:
+                      rid, answer.code, _clip(answer.message))
+        elif answer.code != ErrorCode.DEADLINE.value:
             log.warning("the batch manager's %s error for request %r came after the request was settled: %s",
-                        code, rid, _clip(header.get("message")))
+                        answer.code, rid, _clip(answer.message))
         else:
             log.debug("dropping a late deadline error for request %r", rid)
+
+
+def _malformed_answer(why: str) -> RequestError:
+    return RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed answer: {why}")
 
 
 def _clip(text: Any) -> str:

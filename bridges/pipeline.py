@@ -35,11 +35,12 @@ from model_manager.spec import ModelSpec
 
 
 class Prepared(NamedTuple):
-    """A checked request, ready for the bus: the gateway's header (``model``, ``version``, ``params``,
-    ``tensors``), its frames (untouched), and the deadline it runs under."""
+    """A checked request, ready for the bus: the model version it goes to, its parameters as the batch
+    manager reads them, its inputs' descriptions and frames (untouched), and the deadline it runs under."""
 
     spec: ModelSpec
-    header: dict[str, Any]
+    params: dict[str, Any]
+    metas: list[dict[str, Any]]
     frames: Sequence[Frame]
     timeout_s: float
 
@@ -99,8 +100,7 @@ class Pipeline:
             # parameter (µs); without it the model's default would apply over the client's `timeout_ms`.
             # The deadline capped by the server's is sent, so a huge `timeout_ms` cannot overflow it.
             params["timeout"] = max(1, int(timeout_s * 1_000_000))
-        header = {"model": spec.name, "version": spec.version, "params": params, "tensors": metas}
-        return Prepared(spec, header, frames, timeout_s)
+        return Prepared(spec, params, metas, frames, timeout_s)
 
     def start(self, prepared: Prepared, callback: AnswerCallback) -> int:
         """Send the request; ``callback`` gets its ``Answer`` or ``RequestError`` exactly once, later.
@@ -111,11 +111,15 @@ class Pipeline:
         def settle(outcome: Outcome) -> None:
             callback(outcome if isinstance(outcome, RequestError) else _answer(prepared.spec, outcome))
 
-        return self.gateway.start_request(prepared.header, prepared.frames, prepared.timeout_s, settle)
+        spec = prepared.spec
+        return self.gateway.start_request(spec.name, spec.version, prepared.metas, prepared.frames, prepared.timeout_s,
+                                          settle, params=prepared.params)
 
     async def run(self, prepared: Prepared) -> Answer:
         """Send the request and wait for its answer; cancelling this cancels the request at the batch manager."""
-        reply, frames = await self.gateway.submit(prepared.header, prepared.frames, prepared.timeout_s)
+        spec = prepared.spec
+        reply, frames = await self.gateway.submit(spec.name, spec.version, prepared.metas, prepared.frames,
+                                                  prepared.timeout_s, params=prepared.params)
         answer = _answer(prepared.spec, Reply(reply, frames))
         if isinstance(answer, RequestError):
             raise answer
@@ -125,7 +129,7 @@ class Pipeline:
 def _answer(spec: ModelSpec, reply: Reply) -> Answer | RequestError:
     header = reply.header
     try:
-        metas = check_tensors(header, reply.frames)
+        metas = check_tensors({"tensors": header.tensors}, reply.frames)
     except WireError as exc:
         return RequestError(ErrorCode.INTERNAL, f"the batch manager sent a malformed reply: {exc}")
-    return Answer(header.get("model") or spec.name, header.get("version") or spec.version, metas, reply.frames)
+    return Answer(header.model or spec.name, header.version or spec.version, metas, reply.frames)

@@ -8,7 +8,7 @@ reads and writes: a struct encodes to the map a hand-built dict would have packe
 decodes from one, so a peer that builds its headers by hand (a replica's runtime) needs
 nothing new.
 
-How to adopt it, one link at a time::
+Every component of the proxy builds and reads its headers this way (docs/ARCHITECTURE.md, "Decisions")::
 
     from inferoxy import messages as m
 
@@ -20,9 +20,8 @@ How to adopt it, one link at a time::
         case m.Cancel(id=request_id): ...
 
 A link's codec refuses kinds that link never carries, so prefer it to ``decode`` in a component.
-To move a hand-built header here: build the struct instead of the dict (``m.encode(m.Reply(...))``
-packs the same map), and replace ``unpack_header`` plus the field checks with the link's codec;
-``peek_id`` and ``peek_batch`` recover the ids to answer or settle when a header is refused.
+A struct packs to the map a hand-built dict would have (``m.encode(m.Reply(...))``); ``peek_id`` and
+``peek_batch`` recover the ids to answer or settle when a header is refused.
 
 Every codec raises ``inferoxy.wire.WireError`` with a text that is safe to send to the peer
 (it names the field and what was wrong, in at most ``MAX_ERROR_CHARS``), and enforces
@@ -42,7 +41,6 @@ from typing import Annotated, Any, Generic, TypeVar, Union
 
 import msgspec
 
-from inferoxy.protocol import ErrorCode
 from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError
 from model_manager.spec import ServingState
 
@@ -97,8 +95,10 @@ class Reply(Message, tag="reply"):
 
 
 class Error(Message, tag="error"):
+    """``code`` is read as any string: one from a newer peer is passed on unchanged (``InferoxyError``)."""
+
     id: int | None
-    code: ErrorCode
+    code: str
     message: str
 
 

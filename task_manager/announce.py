@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
-from typing import Any
 
-from inferoxy import protocol
+from inferoxy import messages as m
 from model_manager.spec import ServingState
 from task_manager.relay import Relay
 from task_manager.replicas import ModelGroup, Replica, ReplicaState
@@ -31,8 +30,8 @@ class Announcer:
         self._scheduled = False
         self._announced: dict[str, tuple[ServingState, str | None]] = {}  # what batch managers were told
 
-    def heartbeat(self) -> dict[str, Any]:
-        return {"t": protocol.HEARTBEAT, "epoch": self.epoch}
+    def heartbeat(self) -> m.Heartbeat:
+        return m.Heartbeat(epoch=self.epoch)
 
     def to(self, sender: bytes) -> None:
         """A new, restarted or resyncing batch manager learns every replica it can use."""
@@ -49,12 +48,12 @@ class Announcer:
 
     def replica_draining(self, replica: Replica, reason: str) -> None:
         if replica.announced:
-            self.relay.to_batch_managers({"t": protocol.REPLICA_DRAINING, "replica": replica.id, "reason": reason})
+            self.relay.to_batch_managers(m.ReplicaDraining(replica.id, reason))
 
     def replica_down(self, replica: Replica, reason: str) -> None:
         if replica.announced:
             replica.announced = False
-            self.relay.to_batch_managers({"t": protocol.REPLICA_DOWN, "replica": replica.id, "reason": reason})
+            self.relay.to_batch_managers(m.ReplicaDown(replica.id, reason))
 
     def state_changed(self, group: ModelGroup) -> None:
         self._pending[group.spec.key] = group
@@ -78,14 +77,12 @@ class Announcer:
                 self.relay.to_batch_managers(_model_status(group, *state))
 
 
-def _replica_up(replica: Replica) -> dict[str, Any]:
-    return {"t": protocol.REPLICA_UP, "replica": replica.id, "model": replica.spec.name,
-            "version": replica.spec.version, "capacity": replica.capacity}
+def _replica_up(replica: Replica) -> m.ReplicaUp:
+    return m.ReplicaUp(replica.id, replica.spec.name, replica.spec.version, replica.capacity)
 
 
-def _model_status(group: ModelGroup, state: ServingState, reason: str | None) -> dict[str, Any]:
-    return {"t": protocol.MODEL_STATUS, "model": group.spec.name, "version": group.spec.version,
-            "state": state, "reason": reason}
+def _model_status(group: ModelGroup, state: ServingState, reason: str | None) -> m.ModelStatus:
+    return m.ModelStatus(group.spec.name, group.spec.version, state, reason)
 
 
 def _serving_state(group: ModelGroup) -> tuple[ServingState, str | None]:

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
-from inferoxy import bus, curve, envelope, protocol, wire
-from inferoxy.batches import failed_message
+from inferoxy import bus, curve, envelope, wire
+from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
@@ -41,9 +41,9 @@ class Lifecycle(Protocol):
     def announce_to(self, sender: bytes) -> None:
         """A new, restarted or resyncing batch manager: tell it every replica and model state."""
 
-    def model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None: ...
+    def model_drained(self, sender: bytes, msg: m.ModelDrained) -> None: ...
 
-    def replica_ready(self, replica: Replica, header: Mapping[str, Any]) -> None: ...
+    def replica_ready(self, replica: Replica, msg: m.Ready) -> None: ...
 
     def replica_unreachable(self, replica: Replica) -> None:
         """A batch could not be delivered to it: it is replaced (so ``replica_lost`` always means gone)."""
@@ -108,24 +108,25 @@ class Relay:
             self.forward_batch(sender, frames)
             return
         try:
-            header = wire.unpack_header(frames[1])
+            msg = m.BATCH_MANAGER_TO_TASK_MANAGER.decode(frames[1])
         except wire.WireError as exc:
             log.error("dropping an unreadable message from batch manager %s: %s", sender.hex(), exc)
+            ref = m.peek_batch(frames[1])
+            if ref is not None:  # a batch without its envelope that still names itself: its requests hear now
+                self.send_batch_manager(sender, failed(ref.replica, ref.batch, ErrorCode.INTERNAL,
+                                                       f"a batch needs its routing envelope frame (and this one's "
+                                                       f"header could not be read: {exc})"))
             return
-        kind = header.get("t")
-        if kind == protocol.HEARTBEAT and header.get("resync") is True and not new:
-            self.lifecycle.announce_to(sender)  # it gave us up for lost and dropped our replicas; we never noticed
-        elif kind == protocol.MODEL_DRAINED:
-            self.lifecycle.model_drained(sender, header)
-        elif kind == protocol.BATCH:
-            target, batch_id = header.get("replica"), header.get("batch")
-            log.error("batch %r from batch manager %s has no routing envelope; answered failed", batch_id,
+        if isinstance(msg, m.Heartbeat):
+            if msg.resync and not new:
+                self.lifecycle.announce_to(sender)  # it gave us up for lost and dropped our replicas; we never noticed
+        elif isinstance(msg, m.ModelDrained):
+            self.lifecycle.model_drained(sender, msg)
+        else:
+            log.error("batch %r from batch manager %s has no routing envelope; answered failed", msg.batch,
                       sender.hex())
-            if isinstance(target, str) and isinstance(batch_id, (int, str)):
-                self.send_batch_manager(sender, failed_message(target, batch_id, ErrorCode.INTERNAL,
-                                                               "a batch needs its routing envelope frame"))
-        elif kind != protocol.HEARTBEAT:
-            log.warning("ignoring a %r message from a batch manager", kind)
+            self.send_batch_manager(sender, failed(msg.replica, msg.batch, ErrorCode.INTERNAL,
+                                                   "a batch needs its routing envelope frame"))
 
     def _heard_batch_manager(self, sender: bytes) -> bool:
         """Record a sign of life; True (after announcing everything to it) when the batch manager is new."""
@@ -170,7 +171,7 @@ class Relay:
             replica.in_flight[batch_id] = sender
             return
         code, message = problem
-        self.send_batch_manager(sender, failed_message(target, batch_id, code, message))
+        self.send_batch_manager(sender, failed(target, batch_id, code, message))
 
     # --- replicas ------------------------------------------------------------------------------
 
@@ -190,19 +191,16 @@ class Relay:
             self._on_answer(replica, frames)
             return
         try:
-            header = wire.unpack_header(frames[1])
+            msg = m.REPLICA_TO_TASK_MANAGER.decode(frames[1])
         except wire.WireError as exc:
             log.error("dropping an unreadable message from replica %s: %s", replica.id, exc)
             return
-        kind = header.get("t")
-        if kind == protocol.READY:
+        if isinstance(msg, m.Ready):
             if self._dialled_with_its_key(replica, frames[1]):
-                self.lifecycle.replica_ready(replica, header)
-        elif kind in (protocol.RESULT, protocol.FAILED):
+                self.lifecycle.replica_ready(replica, msg)
+        elif isinstance(msg, (m.Result, m.Failed)):
             log.warning("replica %s answered batch %r without its routing envelope (an image older than this "
-                        "proxy?); dropped", replica.id, header.get("batch"))
-        elif kind != protocol.HEARTBEAT:
-            log.warning("ignoring a %r message from replica %s", kind, replica.id)
+                        "proxy?); dropped", replica.id, msg.batch)
 
     def _on_answer(self, replica: Replica, frames: list[Any]) -> None:
         try:
@@ -224,7 +222,7 @@ class Relay:
             log.error("replica %s answered batch %r unreadably; the batch fails: %s", replica.id, batch_id,
                       unreadable)
             message = f"replica {replica.id} answered with a message the task manager could not read: {unreadable}"
-            self.send_batch_manager(sender, failed_message(replica.id, batch_id, ErrorCode.INTERNAL, message))
+            self.send_batch_manager(sender, failed(replica.id, batch_id, ErrorCode.INTERNAL, message))
         elif not self._send(self.bm_sock, [sender, *frames[1:]]):
             log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
 
@@ -249,16 +247,16 @@ class Relay:
     def fail_in_flight(self, replica: Replica, reason: str) -> None:
         for batch_id, sender in replica.in_flight.items():
             message = f"replica {replica.id} was lost: {reason}"
-            self.send_batch_manager(sender, failed_message(replica.id, batch_id, ErrorCode.REPLICA_LOST, message))
+            self.send_batch_manager(sender, failed(replica.id, batch_id, ErrorCode.REPLICA_LOST, message))
         replica.in_flight.clear()
 
-    def to_batch_managers(self, header: Mapping[str, Any]) -> None:
-        frame = wire.pack_header(header)  # once for all of them
+    def to_batch_managers(self, header: m.Message) -> None:
+        frame = m.encode(header)  # once for all of them
         for sender in self.batch_managers:
             self.send_batch_manager(sender, [frame])
 
-    def send_batch_manager(self, identity: bytes, message: Mapping[str, Any] | Sequence[Any]) -> None:
-        frames = [wire.pack_header(message)] if isinstance(message, Mapping) else list(message)
+    def send_batch_manager(self, identity: bytes, message: m.Message | Sequence[Any]) -> None:
+        frames = [m.encode(message)] if isinstance(message, m.Message) else list(message)
         self._send(self.bm_sock, [identity, *frames])
 
     def send_replica(self, replica: Replica, frames: Sequence[Any]) -> bool:
@@ -272,6 +270,12 @@ class Relay:
             # A send may swallow the socket's read edge (inferoxy.reactor); inside a drain this is a flag.
             self._reactor.wake_soon()
         return sent
+
+
+def failed(replica: str, batch_id: envelope.BatchId, code: ErrorCode, message: str) -> m.Failed:
+    """The ``failed`` that settles a batch the task manager could not deliver or get answered."""
+    # A batch id is the batch manager's int; one an envelope spelled otherwise is echoed back as it came.
+    return m.Failed(replica, batch_id, code, message)  # type: ignore[arg-type]
 
 
 def _unreadable_header(frames: Sequence[Any]) -> str | None:

@@ -39,13 +39,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from inferoxy import curve, protocol, wire
+from inferoxy import curve
+from inferoxy import messages as m
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from model_manager.store import Registry, SpecStore, open_store
@@ -195,12 +195,8 @@ class TaskManager:
     def announce_to(self, sender: bytes) -> None:
         self.announce.to(sender)
 
-    def model_drained(self, sender: bytes, header: Mapping[str, Any]) -> None:
-        model, version = header.get("model"), header.get("version")
-        if not isinstance(model, str) or not isinstance(version, str):
-            log.warning("dropping a model_drained message without model and version: %r", header)
-            return
-        key = f"{model}/{version}"
+    def model_drained(self, sender: bytes, msg: m.ModelDrained) -> None:
+        key = f"{msg.model}/{msg.version}"
         group = self._retiring.get(key)
         if group is None:
             # The batch manager may see the removal before we do: keep the notice for a while.
@@ -232,12 +228,11 @@ class TaskManager:
     def replica_unreachable(self, replica: Replica) -> None:
         self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
 
-    def replica_ready(self, replica: Replica, header: Mapping[str, Any]) -> None:
+    def replica_ready(self, replica: Replica, msg: m.Ready) -> None:
         if replica.state is not ReplicaState.STARTING:
             return
-        capacity, pid = header.get("capacity"), header.get("pid")
-        replica.capacity = capacity if isinstance(capacity, int) and capacity >= 1 else 1
-        replica.pid = pid if isinstance(pid, int) else None
+        replica.capacity = max(msg.capacity, 1)
+        replica.pid = msg.pid
         replica.state = ReplicaState.READY
         replica.ready_at = time.monotonic()
         log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
@@ -250,7 +245,7 @@ class TaskManager:
     # Supervision
 
     async def _supervise(self) -> None:
-        heartbeat = [wire.pack_header({"t": protocol.HEARTBEAT})]
+        heartbeat = [m.encode(m.Heartbeat())]
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
             now = time.monotonic()
@@ -395,7 +390,7 @@ class TaskManager:
         replica.wanted_gone = wanted
         if wanted:
             self.announce.replica_draining(replica, reason)
-            self.relay.send_replica(replica, [wire.pack_header({"t": protocol.STOP})])
+            self.relay.send_replica(replica, [m.encode(m.Stop())])
             replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
                                     else max(STOP_GRACE_S, self.settings.request_timeout_s))
         else:

@@ -319,6 +319,15 @@ def test_deadline_replica_loss_and_late_results(redis_url: str) -> None:
             reply, _ = await bridge.receive()
             assert (reply["id"], reply["code"]) == (4, "internal") and "malformed result" in reply["message"]
             await task_manager.send({"t": "replica_down", "replica": "r11", "reason": "test over"})
+            # So does one whose header the codec refuses but that still names its batch (inferoxy.messages.peek_batch).
+            await task_manager.replica_up("r12", capacity=1)
+            await bridge.infer(5, np.zeros((1, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1, "a batch on replica r12")
+            header, *frames = task_manager.held.pop()
+            await task_manager.send({"t": "result", "replica": "r12", "batch": header["batch"], "items": [{"n": "1"}]})
+            reply, _ = await bridge.receive()
+            assert (reply["id"], reply["code"]) == (5, "internal") and "'items[0].n' must be an int" in reply["message"]
+            await task_manager.send({"t": "replica_down", "replica": "r12", "reason": "test over"})
 
             task_manager.hold = False
             await task_manager.replica_up("r10", capacity=1)

@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from bridges.errors import RequestError
 from bridges.gateway import Gateway, Outcome, Reply
+from inferoxy import messages as m
 from inferoxy.client import Client, InferenceError
 from inferoxy.wire import decode, encode, pack_header, unpack_header
 from tests.bridge_harness import WAIT_S, BridgeStack
@@ -301,11 +302,10 @@ def test_gateway_refuses_beyond_its_bound_and_answers_all_on_close(stack):
         await gateway.start()
         await asyncio.wait_for(gateway.registry_loaded.wait(), WAIT_S)
         outcomes: list[Outcome] = []
-        request = {"model": "slow", "version": "1", "tensors": []}
-        gateway.start_request(request, [], 30.0, outcomes.append)
-        gateway.start_request(request, [], 30.0, outcomes.append)
+        gateway.start_request("slow", "1", [], [], 30.0, outcomes.append)
+        gateway.start_request("slow", "1", [], [], 30.0, outcomes.append)
         with pytest.raises(RequestError) as refused:
-            gateway.start_request(request, [], 30.0, outcomes.append)
+            gateway.start_request("slow", "1", [], [], 30.0, outcomes.append)
         assert refused.value.code == "overloaded"
         assert gateway.outstanding == 2
         await gateway.close()
@@ -317,20 +317,18 @@ def test_gateway_refuses_beyond_its_bound_and_answers_all_on_close(stack):
 
 
 def test_gateway_submit_returns_the_reply(stack):
-    async def scenario() -> tuple[dict[str, Any], list[Any]]:
+    async def scenario() -> tuple[m.Reply, list[Any]]:
         ctx = zmq.asyncio.Context()
         gateway = Gateway(stack.settings, ctx)
         await gateway.start()
         try:
-            return await gateway.submit(
-                {"model": "any", "version": "1", "tensors": [meta("a", "int8", [1])]}, [b"\x07"], 5.0
-            )
+            return await gateway.submit("any", "1", [meta("a", "int8", [1])], [b"\x07"], 5.0)
         finally:
             await gateway.close()
             ctx.term()
 
     reply, frames = asyncio.run(scenario())
-    assert reply["t"] == "reply" and reply["tensors"] == [meta("a", "int8", [1])]
+    assert reply == m.Reply(reply.id, "any", "1", [meta("a", "int8", [1])])
     assert [bytes(f) for f in frames] == [b"\x07"]
     assert isinstance(Reply(reply, frames), tuple)
 

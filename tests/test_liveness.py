@@ -64,8 +64,7 @@ async def poll(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) ->
 
 
 def request(gateway: Gateway, outcomes: list[Outcome], timeout_s: float = 60.0) -> int:
-    header = {"model": "echo", "version": None, "params": {}, "tensors": []}
-    return gateway.start_request(header, [], timeout_s, outcomes.append)
+    return gateway.start_request("echo", None, [], [], timeout_s, outcomes.append)
 
 
 Scenario = Callable[[Gateway, FakeBatchManager], Awaitable[None]]
@@ -151,3 +150,34 @@ def test_liveness_notices_silence_once_and_recovery_once() -> None:
     assert not peer.check(4.0), "reported once"
     assert peer.heard(5.0) and not peer.lost
     assert not peer.heard(5.5)
+
+
+def answered_with(header: Callable[[int], dict[str, Any]]) -> Outcome:
+    """The outcome of one request that the batch manager answers with ``header(request id)``."""
+    outcomes: list[Outcome] = []
+
+    async def scenario(gateway: Gateway, batch_manager: FakeBatchManager) -> None:
+        request(gateway, outcomes)
+        identity, sent = await poll(lambda: batch_manager.requests and batch_manager.requests[0], "the request")
+        await batch_manager.sock.send_multipart([identity, pack_header(header(sent["id"]))])
+        await poll(lambda: outcomes, "the outcome", timeout=5.0)
+
+    with_gateway(scenario)
+    return outcomes[0]
+
+
+def test_an_error_code_this_version_does_not_know_reaches_the_client_unchanged() -> None:
+    # A newer batch manager may answer with a code this bridge has never heard of (InferoxyError's promise).
+    outcome = answered_with(lambda rid: {"t": "error", "id": rid, "code": "brand_new", "message": "why"})
+    assert isinstance(outcome, RequestError) and (outcome.code, outcome.message) == ("brand_new", "why")
+
+
+def test_a_malformed_answer_to_a_request_fails_it_at_once_as_internal() -> None:
+    """Before: a reply whose model was not a string passed as a success (the client got that "model" back)."""
+    for header in ({"t": "reply", "id": "RID", "model": 5, "version": "1", "tensors": []},
+                   {"t": "reply", "id": "RID", "model": "echo", "version": "1", "tensors": "none"},
+                   {"t": "explode", "id": "RID"},
+                   {"t": "error", "id": "RID", "code": 3, "message": "?"}):
+        outcome = answered_with(lambda rid, header=header: {k: rid if v == "RID" else v for k, v in header.items()})
+        assert isinstance(outcome, RequestError) and outcome.code == "internal", (header, outcome)
+        assert "the batch manager sent a malformed answer" in outcome.message, outcome.message

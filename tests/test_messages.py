@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batch_manager.messages import error_header, reply_header
 from batch_manager.scheduler import Dispatch, ModelDrained
 from inferoxy import messages as m
 from inferoxy import runtime, wire
@@ -78,20 +77,29 @@ def test_every_kind_of_docs_protocol_has_a_struct() -> None:
     assert kinds == {str(kind.__struct_config__.tag) for kind in ANY.kinds}
 
 
-def test_the_headers_the_proxy_and_the_runtime_build_by_hand_decode() -> None:
-    dispatch = Dispatch("r1", 5, "m", "1", [{"id": 1, "n": 1}, {"id": 2, "n": 1, "session": 9, "start": True,
-                                                                 "end": False}],
+def test_the_proxy_sends_the_bytes_its_hand_built_dicts_did() -> None:
+    # The batch manager builds structs now; a replica (plain msgpack) must see exactly the frames it saw before.
+    dispatch = Dispatch("r1", 5, "m", "1", [m.BatchItem(1, 1), m.BatchItem(2, 1, session=9, start=True)],
                         [META, META], ["a", "b"], ragged=True, end_sessions=[3])
-    batch = m.TASK_MANAGER_TO_REPLICA.decode(wire.pack_header(dispatch.header()))
-    assert isinstance(batch, m.Batch) and batch.ragged and batch.end_sessions == [3]
-    assert batch.items[1] == m.BatchItem(id=2, n=1, session=9, start=True, end=False)
-    assert m.BATCH_MANAGER_TO_TASK_MANAGER.decode(wire.pack_header(ModelDrained("m", "1").header())) == \
-        m.ModelDrained("m", "1")
-    assert m.BATCH_MANAGER_TO_BRIDGE.decode(wire.pack_header(reply_header(4, "m", "1", [META]))) == \
-        m.Reply(4, "m", "1", [META])
-    assert m.BATCH_MANAGER_TO_BRIDGE.decode(wire.pack_header(error_header(None, "deadline", "late"))) == \
-        m.Error(None, ErrorCode.DEADLINE, "late")
+    assert m.encode(dispatch.header()) == wire.pack_header(
+        {"t": "batch", "replica": "r1", "batch": 5, "model": "m", "version": "1",
+         "items": [{"id": 1, "n": 1}, {"id": 2, "n": 1, "session": 9, "start": True}],
+         "tensors": [META, META], "ragged": True, "end_sessions": [3]})
+    plain = Dispatch("r1", 6, "m", "1", [m.BatchItem(1, 1)], [META], ["a"], end_sessions=[])
+    assert m.encode(plain.header()) == wire.pack_header(
+        {"t": "batch", "replica": "r1", "batch": 6, "model": "m", "version": "1", "items": [{"id": 1, "n": 1}],
+         "tensors": [META]})
+    assert m.encode(ModelDrained("m", "1").header()) == wire.pack_header({"t": "model_drained", "model": "m",
+                                                                          "version": "1"})
+    assert m.encode(m.Reply(4, "m", "1", [META])) == wire.pack_header(
+        {"t": "reply", "id": 4, "model": "m", "version": "1", "tensors": [META]})
+    assert m.encode(m.Error(None, ErrorCode.DEADLINE, "late")) == wire.pack_header(
+        {"t": "error", "id": None, "code": "deadline", "message": "late"})
+    assert m.encode(m.Infer(7, "m", None, 250, {}, [META])) == wire.pack_header(
+        {"t": "infer", "id": 7, "model": "m", "version": None, "timeout_ms": 250, "params": {}, "tensors": [META]})
 
+
+def test_the_headers_the_runtime_builds_by_hand_decode() -> None:
     class Double:
         def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {"y": inputs["x"] * 2}
@@ -177,3 +185,26 @@ def test_any_msgpack_is_a_message_or_a_wire_error(value: Any) -> None:
             ANY.decode(data)
         except wire.WireError as exc:
             assert str(exc)
+
+
+def test_a_batch_that_only_ends_sessions_leaves_out_its_empty_tensors_and_the_runtime_reads_it() -> None:
+    # The one header whose bytes changed with the structs: omit_defaults drops the empty `tensors` list.
+    from examples.models.counter.model import CounterModel
+
+    class Ends(CounterModel):
+        def __init__(self) -> None:
+            self.ended: list[Any] = []
+
+        def end_session(self, session_id: Any, state: Any) -> None:
+            self.ended.append(session_id)
+
+    model = Ends()
+    store = runtime.SessionStore(model)
+    x = np.ones((1, 2), np.float32)
+    start = m.encode(m.Batch("r1", 1, "m", "1", [m.BatchItem(1, 1, session=4, start=True)], [wire.tensor_meta("x", x)]))
+    runtime.answer_batch(model, "r1", wire.unpack_header(start), [("x", x)], store)
+    frame = m.encode(Dispatch("r1", 2, "m", "1", [], [], [], end_sessions=[4]).header())
+    assert "tensors" not in msgpack.unpackb(frame)
+    header, tensors = wire.decode([frame])
+    answer = m.REPLICA_TO_TASK_MANAGER.decode(runtime.answer_batch(model, "r1", header, tensors, store)[0])
+    assert answer == m.Result("r1", 2, []) and model.ended == [4]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, NamedTuple
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from batch_manager.messages import ReplicaId
 from batch_manager.params import Priority, RequestParams, SessionParams, parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
+from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import WireError
 from model_manager.spec import ModelSpec, TensorSpec
@@ -53,7 +55,7 @@ def only_reply(actions: list[Action]) -> Reply:
 
 def echo_result(scheduler: Scheduler, dispatch: Dispatch, now: float) -> list[Action]:
     """Answer a batch the way an echo model would: every item's inputs become its outputs."""
-    counts = [item["n"] for item in dispatch.items]
+    counts = [item.n for item in dispatch.items]
     return scheduler.on_result(dispatch.replica, dispatch.batch_id, counts, dispatch.metas, dispatch.frames, now)
 
 
@@ -70,9 +72,9 @@ def test_batch_leaves_as_soon_as_it_is_full(scheduler: Scheduler) -> None:
     [batch] = dispatches(actions)
     assert replies(actions) == []
     assert batch.replica == "r1" and batch.model == "m" and batch.version == "1"
-    assert [item["n"] for item in batch.items] == [1, 1, 1, 1]
+    assert [item.n for item in batch.items] == [1, 1, 1, 1]
     assert batch.frames == ["x0", "x1", "x2", "x3"]
-    assert batch.header()["tensors"] == batch.metas and batch.header()["t"] == "batch"
+    assert batch.header().tensors == batch.metas and isinstance(batch.header(), m.Batch)
     assert scheduler.queued() == 0
 
 
@@ -157,7 +159,8 @@ def test_results_go_back_to_the_right_requests_in_item_order(scheduler: Schedule
     got = {reply.origin: reply for reply in replies(actions)}
     assert set(got) == {(b"a", 10), (b"b", 7), (b"a", 12)}
     assert got[(b"b", 7)].frames == ["o1"] and got[(b"a", 12)].frames == ["o2"]
-    assert got[(b"b", 7)].header == {"t": "reply", "id": 7, "model": "m", "version": "1", "tensors": [outputs[1]]}
+    assert msgspec.to_builtins(got[(b"b", 7)].header) == {"t": "reply", "id": 7, "model": "m", "version": "1",
+                                                          "tensors": [outputs[1]]}
     assert all(reply.ok for reply in got.values())
     assert scheduler.pending() == 0
 
@@ -175,7 +178,8 @@ def test_failed_batch_passes_its_code_on(scheduler: Scheduler) -> None:
     [one] = dispatches(scheduler.submit(make_request(1, model="wide"), now=0.0))
     [two] = dispatches(scheduler.submit(make_request(2, model="wide"), now=0.0))
     reply = only_reply(scheduler.on_failed("r1", one.batch_id, "model_error", "ZeroDivisionError", now=0.1))
-    assert reply.header == {"t": "error", "id": 1, "code": "model_error", "message": "ZeroDivisionError"}
+    assert msgspec.to_builtins(reply.header) == {"t": "error", "id": 1, "code": "model_error",
+                                                 "message": "ZeroDivisionError"}
     assert only_reply(scheduler.on_failed("r1", two.batch_id, "no-such-code", "?", now=0.1)).code == "internal"
 
 
@@ -198,7 +202,7 @@ def test_replica_down_retries_stateless_batches_once_on_another_replica(schedule
     # The second death is final: replica_lost, with the reason.
     lost = replies(scheduler.replica_down("r2", "exit code 137", now=0.9))
     assert sorted(reply.origin[1] for reply in lost) == sorted(int(b.frames[0][1:]) for b in on_r1)
-    assert all(reply.code == "replica_lost" and "exit code 137" in reply.header["message"] for reply in lost)
+    assert all(reply.code == "replica_lost" and "exit code 137" in reply.header.message for reply in lost)
     assert scheduler.pending() == 0
 
 
@@ -229,7 +233,7 @@ def test_queued_requests_fail_when_their_deadline_passes(scheduler: Scheduler) -
     assert scheduler.next_wakeup() == pytest.approx(0.5)
     reply = only_reply(scheduler.tick(0.5))
     assert reply.origin == (BRIDGE, 1) and reply.code == "deadline"
-    assert "no ready replica" in reply.header["message"]
+    assert "no ready replica" in reply.header.message
     assert scheduler.next_wakeup() == pytest.approx(1.0)
     assert only_reply(scheduler.tick(2.0)).origin == (BRIDGE, 2)
     assert scheduler.next_wakeup() is None and scheduler.queued() == 0
@@ -250,7 +254,7 @@ def test_unknown_model_and_missing_registry() -> None:
     assert only_reply(Scheduler().submit(make_request(1), now=0.0)).code == "not_ready"
     scheduler = Scheduler(make_registry(make_spec()))
     reply = only_reply(scheduler.submit(make_request(1, model="nope"), now=0.0))
-    assert reply.header["code"] == "unknown_model" and reply.header["id"] == 1
+    assert reply.header.code == "unknown_model" and reply.header.id == 1
     assert only_reply(scheduler.submit(make_request(2, version="9"), now=0.0)).code == "unknown_model"
     assert scheduler.pending() == 0
 
@@ -271,19 +275,18 @@ def test_unknown_model_and_missing_registry() -> None:
 def test_bad_input(scheduler: Scheduler, metas: list[dict[str, Any]], frames: list[str], needle: str) -> None:
     reply = only_reply(scheduler.submit(Request((BRIDGE, 1), "m", None, metas, frames, 10.0), now=0.0))
     assert reply.code == "bad_input"
-    assert needle in reply.header["message"]
+    assert needle in reply.header.message
 
 
 def test_inputs_are_checked_against_the_spec_when_it_declares_them() -> None:
     spec = make_spec(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 3])])
     scheduler = Scheduler(make_registry(spec))
     assert scheduler.submit(make_request(1, dims=(7, 3)), now=0.0) == []
-    assert "shape" in only_reply(scheduler.submit(make_request(2, dims=(7, 4)), now=0.0)).header["message"]
-    assert "float32" in only_reply(scheduler.submit(make_request(3, dims=(7, 3), dtype="int8"), now=0.0)).header[
-        "message"]
+    assert "shape" in only_reply(scheduler.submit(make_request(2, dims=(7, 4)), now=0.0)).header.message
+    assert "float32" in only_reply(scheduler.submit(make_request(3, dims=(7, 3), dtype="int8"), now=0.0)).header.message
     assert "inputs are ['x']" in only_reply(scheduler.submit(
         Request((BRIDGE, 4), "m", None, [{"name": "z", "dtype": "float32", "shape": [1, 1, 3]}], ["f"], 9.0),
-        now=0.0)).header["message"]
+        now=0.0)).header.message
 
 
 def test_overloaded_beyond_max_queue_size() -> None:
@@ -634,7 +637,7 @@ def test_ragged_models_batch_requests_of_any_shape_together() -> None:
     scheduler.submit(make_request(3, dims=(5, 2)), now=0.0)  # another rank: another group
     actions = scheduler.replica_up("r1", "m", "1", 2, now=0.0)
     first, second = dispatches(actions)
-    assert first.frames == ["x1", "x2"] and first.header()["ragged"] is True
+    assert first.frames == ["x1", "x2"] and first.header().ragged is True
     assert second.frames == ["x3"]
 
 
@@ -665,19 +668,19 @@ def test_sessions_are_pinned_ordered_and_ended() -> None:
     [a1] = dispatches(scheduler.submit(session_request(1, 7, start=True), now=0.0))
     [b1] = dispatches(scheduler.submit(session_request(2, 8, start=True), now=0.0))
     assert a1.replica != b1.replica, "sessions spread over replicas"
-    assert a1.items == [{"id": a1.items[0]["id"], "n": 1, "session": 7, "start": True, "end": False}]
+    assert a1.items == [m.BatchItem(id=a1.items[0].id, n=1, session=7, start=True, end=False)]
     # The session's next requests wait for the one at the replica: at most one in its hands, in order.
     assert dispatches(scheduler.submit(session_request(3, 7), now=0.0)) == []
     assert dispatches(scheduler.submit(session_request(4, 7, end=True), now=0.0)) == []
     actions = echo_result(scheduler, a1, now=0.1)
     [a2] = dispatches(actions)
-    assert a2.replica == a1.replica and a2.frames == ["x3"] and a2.items[0]["start"] is False
+    assert a2.replica == a1.replica and a2.frames == ["x3"] and a2.items[0].start is False
     [a3] = dispatches(echo_result(scheduler, a2, now=0.2))
-    assert a3.frames == ["x4"] and a3.items[0]["end"] is True
+    assert a3.frames == ["x4"] and a3.items[0].end is True
     echo_result(scheduler, a3, now=0.3)
     assert 7 not in scheduler.sessions("s/1")
     lost = only_reply(scheduler.submit(session_request(5, 7), now=0.4))
-    assert lost.code == "session_lost" and "sequence_end" in lost.header["message"]
+    assert lost.code == "session_lost" and "sequence_end" in lost.header.message
 
 
 def test_a_stateful_model_needs_a_sequence_id_and_a_start() -> None:
@@ -696,7 +699,7 @@ def test_new_sessions_wait_for_a_free_slot() -> None:
     assert scheduler.submit(session_request(3, 3, start=True), now=0.0) == []
     assert scheduler.sessions("s/1")[3] is None
     [third] = dispatches(echo_result(scheduler, first[0], now=0.1))
-    assert third.items[0]["session"] == 3 and scheduler.sessions_on("r1") == 2
+    assert third.items[0].session == 3 and scheduler.sessions_on("r1") == 2
 
 
 def test_idle_sessions_end_and_the_replica_is_told() -> None:
@@ -706,10 +709,10 @@ def test_idle_sessions_end_and_the_replica_is_told() -> None:
     echo_result(scheduler, batch, now=1.0)
     assert scheduler.next_wakeup() == pytest.approx(6.0)
     [ends] = dispatches(scheduler.tick(6.0))
-    assert ends.items == [] and ends.header()["end_sessions"] == [4]
+    assert ends.items == [] and ends.header().end_sessions == [4]
     assert scheduler.sessions_on("r1") == 0
     reply = only_reply(scheduler.submit(session_request(2, 4), now=6.1))
-    assert reply.code == "session_lost" and "idle" in reply.header["message"]
+    assert reply.code == "session_lost" and "idle" in reply.header.message
     assert scheduler.on_result("r1", ends.batch_id, [], [], [], now=6.2) == []
 
 
@@ -724,7 +727,7 @@ def test_a_dead_replica_loses_its_sessions_explicitly() -> None:
     # Starting again is explicit, and waits for a replica.
     assert scheduler.submit(session_request(4, 5, start=True), now=0.3) == []
     [fresh] = dispatches(scheduler.replica_up("r2", "s", "1", 2, now=0.4))
-    assert fresh.items[0]["start"] is True and fresh.replica == "r2"
+    assert fresh.items[0].start is True and fresh.replica == "r2"
 
 
 def test_draining_ends_sessions_but_takes_the_results_held() -> None:
@@ -764,7 +767,7 @@ def test_queued_requests_of_a_failed_model_are_answered_at_once_with_the_reason(
     assert scheduler.model_status("m", "1", "starting", None, now=0.1) == []
     failed = replies(scheduler.model_status("m", "1", "failed", MISSING, now=0.2))
     assert sorted(reply.origin[1] for reply in failed) == [0, 1, 2]
-    assert all(reply.code == "not_ready" and MISSING in reply.header["message"] for reply in failed)
+    assert all(reply.code == "not_ready" and MISSING in reply.header.message for reply in failed)
     assert scheduler.queued() == 0 and scheduler.pending() == 0 and scheduler.next_wakeup() is None
     assert scheduler.tick(100.0) == [], "exactly one answer: no deadline error later"
 
@@ -773,8 +776,8 @@ def test_queued_requests_of_a_failed_model_are_answered_at_once_with_the_reason(
 def test_new_requests_for_a_model_that_cannot_run_are_refused_not_queued(scheduler: Scheduler, state: str) -> None:
     scheduler.model_status("m", "1", state, "all 2 CPU slots are taken", now=0.0)  # type: ignore[arg-type]
     refused = only_reply(scheduler.submit(make_request(1), now=0.1))
-    assert refused.code == "not_ready" and "CPU slots" in refused.header["message"]
-    assert state in refused.header["message"] and scheduler.pending() == 0
+    assert refused.code == "not_ready" and "CPU slots" in refused.header.message
+    assert state in refused.header.message and scheduler.pending() == 0
     # Other models are untouched.
     assert scheduler.submit(make_request(2, model="wide"), now=0.1) == []
     assert scheduler.queued("wide/1") == 1
@@ -823,13 +826,13 @@ def test_sessions_of_a_failed_model_are_refused_and_their_queued_requests_fail()
     assert scheduler.submit(session_request(2, 7), now=0.0) == []
     failed = replies(scheduler.model_status("s", "1", "failed", MISSING, now=0.1))
     assert sorted(reply.origin[1] for reply in failed) == [1, 2]
-    assert all(reply.code == "not_ready" and MISSING in reply.header["message"] for reply in failed)
+    assert all(reply.code == "not_ready" and MISSING in reply.header.message for reply in failed)
     assert scheduler.sessions("s/1") == {}
     refused = only_reply(scheduler.submit(session_request(3, 8, start=True), now=0.2))
-    assert refused.code == "not_ready" and MISSING in refused.header["message"]
+    assert refused.code == "not_ready" and MISSING in refused.header.message
 
     # Recovered: a new session runs; the old one's state is gone, and says why.
     scheduler.replica_up("r1", "s", "1", 2, now=0.3)
     assert dispatches(scheduler.submit(session_request(4, 8, start=True), now=0.3))
     lost = only_reply(scheduler.submit(session_request(5, 7), now=0.3))
-    assert lost.code == "session_lost" and MISSING in lost.header["message"]
+    assert lost.code == "session_lost" and MISSING in lost.header.message

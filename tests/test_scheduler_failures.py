@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from batch_manager.scheduler import Action, Dispatch, Scheduler
+from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
-from inferoxy.wire import MAX_HEADER_BYTES, pack_header
+from inferoxy.wire import MAX_HEADER_BYTES
 from tests.test_scheduler import dispatches, echo_result, make_registry, make_request, make_spec, only_reply, replies
 
 
@@ -102,7 +103,7 @@ def test_a_burst_is_cut_into_batches_whose_header_fits_the_bus_limit() -> None:
     batches = dispatches(actions)
     assert sum(len(b.items) for b in batches) == 64 and len(batches) > 1
     for batch in batches:
-        assert len(pack_header(batch.header())) <= 4000
+        assert len(m.encode(batch.header())) <= 4000
 
 
 def test_a_batch_closes_early_when_its_tensors_would_pass_the_message_limit() -> None:
@@ -124,7 +125,7 @@ def test_a_request_whose_descriptions_alone_pass_the_header_limit_is_refused_at_
     request = make_request(0)
     request.metas[0]["name"] = "x" * 2000
     reply = only_reply(scheduler.submit(request, now=0.0))
-    assert reply.code == ErrorCode.BAD_INPUT.value and "1000" in reply.header["message"]
+    assert reply.code == ErrorCode.BAD_INPUT.value and "1000" in reply.header.message
 
 
 def test_a_stopped_model_answers_not_ready_at_once() -> None:
@@ -137,13 +138,13 @@ def test_a_stopped_model_answers_not_ready_at_once() -> None:
     assert (queued.origin[1], queued.code) == (0, ErrorCode.NOT_READY.value)
     refused = only_reply(scheduler.submit(make_request(1, now=0.2), now=0.2))
     assert refused.code == ErrorCode.NOT_READY.value
-    assert "stopped" in refused.header["message"] and reason in refused.header["message"]
+    assert "stopped" in refused.header.message and reason in refused.header.message
 
     # The hook for an autoscaler: a replica being started makes the state `starting`, and requests wait.
     assert scheduler.model_status("m", "1", "starting", None, now=0.3) == []
     assert scheduler.submit(make_request(2, now=0.3), now=0.3) == []
     [batch] = dispatches(scheduler.replica_up("r1", "m", "1", 1, now=0.4))
-    assert [item["id"] for item in batch.items] and scheduler.queued() == 0
+    assert [item.id for item in batch.items] and scheduler.queued() == 0
 
 
 def test_the_issues_burst_8000_requests_of_4_inputs_never_makes_a_header_over_the_bus_limit() -> None:
@@ -158,4 +159,4 @@ def test_the_issues_burst_8000_requests_of_4_inputs_never_makes_a_header_over_th
     batches = dispatches(scheduler.replica_up("r1", "m", "1", 64, now=0.1))  # past the delay: all go
     assert sum(len(batch.items) for batch in batches) == 8000
     assert len(batches) > 1
-    assert max(len(pack_header(batch.header())) for batch in batches) <= MAX_HEADER_BYTES
+    assert max(len(m.encode(batch.header())) for batch in batches) <= MAX_HEADER_BYTES

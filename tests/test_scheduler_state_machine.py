@@ -81,20 +81,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         held = self.held.setdefault(batch.replica, set())
         for session in batch.end_sessions or ():
             held.discard(session)
-        sessions = [item["session"] for item in batch.items if "session" in item]
+        sessions = [item.session for item in batch.items if item.session is not None]
         assert len(sessions) == len(set(sessions)), "two items of one session in one batch"
         for item in batch.items:
             if batch.model != "s":
                 continue
-            session = item["session"]
-            if item["start"]:
+            session = item.session
+            if item.start:
                 held.add(session)
             # Never a silent fresh state: a session's request goes only where its state lives.
             assert session in held, f"session {session} sent to {batch.replica}, which does not hold it"
             # Order within a session: item ids grow with arrival.
-            assert item["id"] > self.last_item.get(session, -1), "a session's requests overtook each other"
-            self.last_item[session] = item["id"]
-            if item["end"]:
+            assert item.id > self.last_item.get(session, -1), "a session's requests overtook each other"
+            self.last_item[session] = item.id
+            if item.end:
                 held.discard(session)
 
     # --- rules ---------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.replicas[batch.replica]["draining"] = True
             self.check(s.on_failed(batch.replica, batch.batch_id, "replica_lost", "undeliverable", self.now))
         else:
-            counts = [item["n"] for item in batch.items]
+            counts = [item.n for item in batch.items]
             errors: list[tuple[str, str] | None] | None = None
             metas, frames = batch.metas, batch.frames
             if how == "session_lost_item" and batch.items and batch.model == "s":

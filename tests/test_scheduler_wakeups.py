@@ -85,7 +85,7 @@ def test_a_retried_request_brings_its_groups_wakeup_forward() -> None:
     # Request 1 went back to the front of the group: the delay counts from its arrival, not request 3's.
     assert agree(scheduler) == pytest.approx(0.010)
     [batch] = dispatches(scheduler.tick(0.010))
-    assert [item["n"] for item in batch.items] == [1, 1]
+    assert [item.n for item in batch.items] == [1, 1]
 
 
 def test_a_retry_in_front_of_a_waiting_group_brings_its_wakeup_before_another_groups() -> None:

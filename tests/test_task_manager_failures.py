@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq.asyncio
 
 from inferoxy import envelope, wire
+from inferoxy.messages import Message
 from inferoxy.settings import Settings
 from task_manager.replicas import ModelGroup, Replica, ReplicaState
 from task_manager.service import TaskManager
@@ -21,6 +22,11 @@ from tests.test_task_manager import ECHO, SLOW, Harness, decode_answer, eventual
 
 __all__ = ["redis_url"]  # the fixture, shared with tests/test_task_manager.py
 
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    """What the relay sends a batch manager, as the map a peer reads: a struct, or frames already packed."""
+    return msgspec.to_builtins(message) if isinstance(message, Message) else wire.unpack_header(message[0])
 
 def test_a_killed_replica_is_reported_down_before_any_of_its_batches_fails(redis_url: str) -> None:
     # The failure: `failed` came first, so the batch manager gave the dead replica its credit back and sent
@@ -114,7 +120,7 @@ def test_a_replica_a_batch_cannot_reach_is_announced_down_then_the_batch_fails()
         tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
         told: list[dict[str, Any]] = []
         tm.relay.send_batch_manager = lambda _identity, message: told.append(  # type: ignore[method-assign]
-            dict(message) if isinstance(message, Mapping) else wire.unpack_header(message[0]))
+            as_dict(message))
         tm.relay.send_replica = lambda _replica, _frames: False  # type: ignore[method-assign]
         model = spec("echo", ECHO)
         group = ModelGroup(model)
@@ -151,7 +157,7 @@ def test_an_answer_the_task_manager_cannot_read_fails_its_batch() -> None:
         tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
         told: list[tuple[bytes, dict[str, Any]]] = []
         tm.relay.send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
-            (identity, wire.unpack_header(message[0]) if not isinstance(message, Mapping) else dict(message)))
+            (identity, as_dict(message)))
         model = spec("echo", ECHO)
         group = ModelGroup(model)
         replica = Replica("r-0", model, group, started_at=0.0, state=ReplicaState.READY, capacity=2, announced=True)
@@ -199,7 +205,7 @@ def test_a_batch_without_its_routing_envelope_is_answered_failed_not_dropped() -
     tm = TaskManager(Settings(), zmq.asyncio.Context.instance())
     told: list[tuple[bytes, dict[str, Any]]] = []
     tm.relay.send_batch_manager = lambda identity, message: told.append(  # type: ignore[method-assign]
-        (identity, wire.unpack_header(message[0]) if not isinstance(message, Mapping) else dict(message)))
+        (identity, as_dict(message)))
     tm.relay.batch_managers[b"bm"] = 0.0
     bare = {"t": "batch", "replica": "r-0", "batch": 3, "items": [], "tensors": []}
     tm.relay.on_batch_manager_message([zmq.Frame(b"bm"), zmq.Frame(wire.pack_header(bare))])
