@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import zmq.asyncio
 from fakeredis import TcpFakeServer
+from fakeredis._clients import _tcp_server as fake_tcp_server
 from fakeredis._clients._tcp_server import TCPFakeRequestHandler
 from fakeredis._helpers import SimpleError
 from redis.exceptions import RedisError
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 
 NOAUTH = "NOAUTH Authentication required."
+# fakeredis's thread for each connection wakes every 10 ms to look for replies pushed without a request
+# (pub/sub messages): with the dozen connections of `inferoxy serve` that kept 13% of a core busy while the
+# proxy was idle (bench/bench_vs_triton.py's idle line). Commands are still answered as soon as they arrive;
+# only a registry change event may reach its subscribers up to this much later.
+PUSH_POLL_INTERVAL_S = 0.1
 
 
 class _PasswordFirstHandler(TCPFakeRequestHandler):
@@ -81,6 +87,8 @@ class _PasswordServer(TcpFakeServer):
     def __init__(self, address: tuple[str, int], password: str) -> None:
         super().__init__(address, server_type="redis")
         self.RequestHandlerClass = _PasswordFirstHandler
+        if hasattr(fake_tcp_server, "_POLL_INTERVAL"):  # a private name: a fakeredis without it keeps its own
+            fake_tcp_server._POLL_INTERVAL = max(fake_tcp_server._POLL_INTERVAL, PUSH_POLL_INTERVAL_S)
         self.password = password.encode()
         self.fake_server.config[b"requirepass"] = self.password  # what fakeredis's AUTH compares with
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import redis
 from pydantic import ValidationError
 
 from model_manager.models_file import ModelsFileError, load_models_file, parse_models
-from model_manager.service import EmbeddedRedis
+from model_manager.service import PUSH_POLL_INTERVAL_S, EmbeddedRedis
 from model_manager.spec import ModelSpec, ModelStatus
 from model_manager.store import Registry, SpecStore
 from tests.support import REPO, free_port
@@ -103,6 +104,29 @@ def test_store_against_embedded_redis() -> None:
     server.start()
     try:
         asyncio.run(_exercise_store(SpecStore.from_url(server.url, "embedded")))
+    finally:
+        server.stop()
+
+
+def test_embedded_redis_polls_for_pushed_replies_less_often_and_still_delivers_them() -> None:
+    # fakeredis's own 10 ms poll kept 13% of a core busy in an idle proxy; the slower one must still deliver.
+    from fakeredis._clients import _tcp_server
+
+    server = EmbeddedRedis(free_port(), "a password")
+    server.start()
+    try:
+        assert _tcp_server._POLL_INTERVAL >= PUSH_POLL_INTERVAL_S
+        client = redis.Redis.from_url(server.url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe("changes")
+        assert client.publish("changes", b"revision 2") == 1
+        deadline = time.monotonic() + 10 * PUSH_POLL_INTERVAL_S + 2
+        message = None
+        while message is None and time.monotonic() < deadline:  # an ignored subscribe confirmation reads as None
+            message = pubsub.get_message(timeout=0.5)
+        assert message is not None and message["data"] == b"revision 2"
+        pubsub.close()
+        client.close()
     finally:
         server.stop()
 
