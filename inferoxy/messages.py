@@ -41,7 +41,7 @@ from typing import Annotated, Any, Generic, TypeVar, Union
 
 import msgspec
 
-from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError
+from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError, frame_buffer
 from model_manager.spec import ServingState
 
 # Model, version and tensor names (docs/PROTOCOL.md, "Limits every bridge enforces").
@@ -232,7 +232,7 @@ class Codec(Generic[M]):
         self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(Union[kinds])  # noqa: UP007
 
     def decode(self, frame: Frame) -> M:
-        data = _buffer(frame)
+        data = frame_buffer(frame)
         if len(data) > MAX_HEADER_BYTES:
             raise WireError(f"header of {len(data)} bytes is larger than {MAX_HEADER_BYTES}")
         try:
@@ -273,7 +273,7 @@ _BATCH_REF_DECODER = msgspec.msgpack.Decoder(BatchRef)
 def peek_id(frame: Frame) -> int | None:
     """The request ``id`` of a header that failed to decode, so the error can still name it; None if unreadable."""
     try:
-        value = _ID_DECODER.decode(_buffer(frame)).id
+        value = _ID_DECODER.decode(frame_buffer(frame)).id
     except (msgspec.MsgspecError, TypeError):
         return None
     # bool is an int subclass, and True is no request id.
@@ -283,18 +283,10 @@ def peek_id(frame: Frame) -> int | None:
 def peek_batch(frame: Frame) -> BatchRef | None:
     """The ``replica`` and ``batch`` of a garbled ``result``/``failed`` header, or None if even they are missing."""
     try:
-        return _BATCH_REF_DECODER.decode(_buffer(frame))
+        return _BATCH_REF_DECODER.decode(frame_buffer(frame))
     except (msgspec.MsgspecError, TypeError):
         return None
 
-
-def _buffer(frame: Frame) -> Any:
-    if isinstance(frame, (bytes, bytearray, memoryview)):
-        return frame
-    buffer = getattr(frame, "buffer", None)  # zmq.Frame
-    if buffer is None:
-        raise WireError(f"frame of type {type(frame).__name__} has no buffer")
-    return buffer
 
 
 # msgspec's ValidationError texts, e.g. "Expected `int`, got `str` - at `$.id`", turned into the proxy's.

@@ -30,15 +30,9 @@ from task_manager.placement import replica_plan
 from task_manager.replicas import ModelGroup, Replica
 from task_manager.service import TaskManager
 from tests.support import ProxyProcess, free_port, wait_for
+from tests.test_supervisor import MODELS
 
 SECRET = "s" * 43
-MODELS = """
-models:
-  echo:
-    model_class: examples.models.echo.model:EchoModel
-    max_batch_size: 8
-    max_batch_delay_ms: 0
-"""
 
 
 def test_an_ipc_socket_in_a_directory_only_this_uid_enters_needs_no_curve(tmp_path: Path) -> None:
