@@ -35,6 +35,8 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from model_manager.store import wait_for_event
+
 log = logging.getLogger(__name__)
 
 Scope = Literal["infer", "admin"]
@@ -180,7 +182,7 @@ class KeyStore:
                             # Subscribed before reading, so a change made meanwhile still brings a message.
                             on_change(await self.all(), revision)
                             seen = revision
-                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=resync_interval_s)
+                        await wait_for_event(pubsub, resync_interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors of every kind: keep the keys we know

@@ -35,6 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -296,7 +297,7 @@ class SpecStore:
                                 continue
                             if time.monotonic() - reset_since < reset_grace_s:
                                 wait_s = min(interval, 0.5)
-                                await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+                                await wait_for_event(pubsub, wait_s)
                                 continue
                             log.warning("no restore within %.0fs; taking the registry as Redis holds it", reset_grace_s)
                         reset_since = None
@@ -307,7 +308,7 @@ class SpecStore:
                             result = on_change(registry)
                             if asyncio.iscoroutine(result):
                                 await result
-                        await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+                        await wait_for_event(pubsub, wait_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors of every kind: keep serving what we know
@@ -315,6 +316,20 @@ class SpecStore:
                 log.warning("model registry unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, retry_max_s)
+
+
+async def wait_for_event(pubsub: Any, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for a message on ``pubsub`` (its content does not matter: the caller re-reads).
+
+    redis-py's pub/sub read can swallow the cancel of the task awaiting it: a cancelled watcher was seen
+    polling on, about once in 30 starts under load, which hung whatever awaited its end (a test for 180 s; a
+    component's shutdown the same way). So after each read the task's own pending cancel is honoured here.
+    """
+    await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Task.cancelling() is Python 3.11+
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
 
 
 class WatchState:
