@@ -77,7 +77,7 @@ def test_private_bus_covers_only_the_links_left_unset(short_dir: Path, monkeypat
     # Docker replicas dial from their own namespaces, and a replica_connect_url says replicas dial from elsewhere:
     # either way the replica link stays where it was (tcp://, with a CURVE key per replica).
     assert private_bus(Settings(**links, runtime="docker")) == (None, {})
-    assert private_bus(Settings(**links, replica_connect_url="tcp://10.0.0.1:7792")) == (None, {})
+    assert private_bus(Settings(**links, replica_connect_url="tcp://127.0.0.1:7792")) == (None, {})
     directory, env = private_bus(Settings(runtime="docker"))
     assert directory is not None and "INFEROXY_REPLICA_BIND_URL" not in env
 
