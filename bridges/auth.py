@@ -161,6 +161,17 @@ class Authorizer:
         if "infer" not in key.scopes or not key.allows_model(model):
             raise RequestError(ErrorCode.FORBIDDEN, f"API key {key.name!r} may not read model {model!r}")
 
+    def check_observer(self, credential: object) -> None:
+        """What spans every model (``/metrics``, statistics of all models, the dashboard): open unless
+        ``INFEROXY_AUTH_METADATA`` closes metadata; then a key with the admin scope, or one that may call
+        every model, since these show every model's name and traffic."""
+        if not self.metadata_closed or not self.required:
+            return
+        key = self._authenticate(credential)
+        if "admin" not in key.scopes and not ("infer" in key.scopes and key.models is None):
+            raise RequestError(ErrorCode.FORBIDDEN, f"API key {key.name!r} may not read every model's metrics: "
+                               "it needs the admin scope, or infer on every model")
+
     def _authenticate(self, credential: object) -> ApiKey:
         if not self.loaded.is_set():
             raise RequestError(ErrorCode.NOT_READY, "the API keys have not been read yet; retry shortly")

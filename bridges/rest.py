@@ -37,6 +37,7 @@ from bridges.images import decode_image
 from bridges.pipeline import Answer, Pipeline, Prepared
 from bridges.tls import uvicorn_tls_options
 from bridges.validation import check_parameters
+from inferoxy import metrics
 from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec, TensorSpec
@@ -201,6 +202,14 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def server_metadata(request: Request) -> Response:
         return Response(about, media_type=JSON)
 
+    async def prometheus_metrics(request: Request) -> Response:
+        try:
+            gateway.auth.check_observer(_credential(request))
+        except RequestError as exc:
+            return error_response(exc)
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     add = app.router.add_route
     add("/v2/models/{name}/infer", infer, methods=["POST"])
     add("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
@@ -213,6 +222,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     add("/v2/health/live", live, methods=["GET"])
     add("/v2/health/ready", ready, methods=["GET"])
     add("/v2", server_metadata, methods=["GET"])
+    add("/metrics", prometheus_metrics, methods=["GET"])
     # The admin API and GET /v2/health/registry (docs/ADMIN.md).
     app.include_router(admin_router(gateway.settings, lambda: gateway.registry))
     return app

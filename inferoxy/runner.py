@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import zmq.asyncio
 
-from inferoxy import gctune
+from inferoxy import gctune, metrics
 from inferoxy.service import Service
 from inferoxy.settings import Settings
 
@@ -83,6 +83,8 @@ async def run_until_signalled(main: Callable[[asyncio.Event], asyncio.Future[Non
 
 async def run_component(name: str, settings: Settings) -> None:
     """Run one component until SIGINT/SIGTERM; tell a supervising ``serve`` when it is ready."""
+    if not settings.metrics:
+        metrics.disable()
     ctx = zmq.asyncio.Context()
     service = load_component(name)(settings, ctx)
     ready = asyncio.Event()

@@ -142,6 +142,13 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per line (time, level, component, model, request id, "
+        "message) from every component and replica."
+    )
+    metrics: bool = Field(
+        True, description="Record Prometheus metrics (GET /metrics); false makes every metric a no-op."
+    )
 
     @field_validator("replica_bind_url")
     @classmethod

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from inferoxy import curve
+from inferoxy import curve, metrics
 from inferoxy.credentials import make_serve_secrets, mask_url
 from inferoxy.procutil import die_with_parent
 from inferoxy.runner import component_names
@@ -60,6 +60,8 @@ STOP_GRACE_S = 15.0
 COMPONENT_CRASH_LOOP = 5
 # The private directory of the components' ipc:// sockets: inferoxy-bus-{serve's pid}-{random}.
 BUS_DIR_PREFIX = "inferoxy-bus-"
+# Where the children's metrics samples meet: inferoxy-metrics-{serve's pid}-{random}.
+METRICS_DIR_PREFIX = "inferoxy-metrics-"
 # The links serve puts there unless the operator set their URL, and the socket file of each.
 PRIVATE_LINKS = {"batch_manager_url": "batch_manager", "task_manager_url": "task_manager"}
 # The replica link, only for replicas that are local processes (``private_links``).
@@ -107,12 +109,30 @@ def private_links(settings: Settings) -> dict[str, str]:
     return {**PRIVATE_LINKS, **(REPLICA_LINK if local_replicas else {})}
 
 
-def remove_stale_bus_dirs(base: str) -> None:
+def metrics_dir(settings: Settings) -> str | None:
+    """A fresh 0700 directory where every child writes its metrics samples (prometheus-client's multiprocess
+    mode), so the REST bridge's ``GET /metrics`` shows the whole proxy; None with metrics off or when the
+    operator named one (PROMETHEUS_MULTIPROC_DIR, which is then used as it is)."""
+    if not settings.metrics:
+        metrics.disable()
+        return None
+    named = metrics.multiprocess_dir()
+    if named is not None:
+        metrics.use_directory(named)
+        return None
+    base = tempfile.gettempdir()
+    remove_stale_bus_dirs(base, METRICS_DIR_PREFIX)
+    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=base)
+    metrics.use_directory(directory)  # the children inherit it through the environment
+    return directory
+
+
+def remove_stale_bus_dirs(base: str, prefix: str = BUS_DIR_PREFIX) -> None:
     """Directories a SIGKILLed serve left behind (its children died with it): this uid's, their serve gone."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(base):
-            pid = entry.name.removeprefix(BUS_DIR_PREFIX).split("-", 1)[0]
-            if not entry.name.startswith(BUS_DIR_PREFIX) or not pid.isdigit() or pid_alive(int(pid)):
+            pid = entry.name.removeprefix(prefix).split("-", 1)[0]
+            if not entry.name.startswith(prefix) or not pid.isdigit() or pid_alive(int(pid)):
                 continue
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid == os.getuid() and entry.is_dir(follow_symlinks=False):
@@ -145,6 +165,7 @@ class Supervisor:
         self._secrets = make_serve_secrets(settings)
         self._bus_dir: str | None = None
         self._bus_env: dict[str, str] = {}
+        self._metrics_dir: str | None = None
 
     def serve(self) -> int:
         """Start everything, print where to reach it, and return an exit status once told to stop."""
@@ -160,6 +181,10 @@ class Supervisor:
                 self._bus_dir, self._bus_env = private_bus(self.settings)
             except OSError as exc:
                 raise StartupError(f"cannot make the private directory of the bus's ipc:// sockets: {exc}") from None
+            try:
+                self._metrics_dir = metrics_dir(self.settings)
+            except OSError as exc:
+                raise StartupError(f"cannot make the directory of the metrics samples: {exc}") from None
             settings = self._start_all()
             print_endpoints(settings, embedded_redis=not self.settings.redis_url, children=self.children)
             return self._watch(wake_r)
@@ -171,8 +196,9 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
             self._stop_all()
-            if self._bus_dir is not None:
-                shutil.rmtree(self._bus_dir, ignore_errors=True)
+            for directory in (self._bus_dir, self._metrics_dir):
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
 
     def _watch(self, wake_fd: int) -> int:
         """Restart children that die until told to stop (0) or a child crash-loops (1)."""
@@ -199,6 +225,8 @@ class Supervisor:
     def _schedule_restart(self, child: Child) -> bool:
         """A child died: plan its restart, or False when it is crash-looping."""
         self._close_ready_pipe(child)
+        metrics.COMPONENT_UP.labels(child.name).set(0)
+        metrics.process_dead(child.process.pid)  # its live gauges (queue depth, replicas) leave the sums
         now = time.monotonic()
         served_s = now - child.started_at
         child.deaths = child.deaths + 1 if served_s < self.settings.restart_backoff_max_s else 1
@@ -217,6 +245,7 @@ class Supervisor:
 
     def _restart(self, child: Child) -> None:
         fresh = self._spawn(child.name, child.extra_env)
+        metrics.COMPONENT_RESTARTS.labels(child.name).inc()
         child.process, child.ready_pipe, child.started_at = fresh.process, fresh.ready_pipe, fresh.started_at
         child.restart_at, child.ready_buffer = None, b""
 
@@ -228,6 +257,7 @@ class Supervisor:
             self._close_ready_pipe(child)
         elif b"\n" in child.ready_buffer:
             self._close_ready_pipe(child)
+            metrics.COMPONENT_UP.labels(child.name).set(1)
             log.warning("%s is back (pid %d)", child.name, child.process.pid)
 
     @staticmethod
@@ -291,6 +321,7 @@ class Supervisor:
                 raise StartupError(f"{child.name} failed to start (exit status {child.process.returncode})")
             buffer += chunk
         self._close_ready_pipe(child)
+        metrics.COMPONENT_UP.labels(child.name).set(1)
         return json.loads(buffer.split(b"\n", 1)[0])
 
     def _stop_all(self) -> None:
