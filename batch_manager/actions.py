@@ -32,6 +32,7 @@ class Request:
     # Bytes of the ``infer`` header it came in: an upper bound of what its tensor descriptions add to a batch
     # header, known without encoding anything. 0: the scheduler measures its tensor descriptions itself.
     header_bytes: int = 0
+    rid: str | None = None  # the request's id (the bridge's), passed on to the replica for its log lines
 
 
 @dataclass(slots=True)

@@ -186,6 +186,7 @@ class BatchManager:
     def _on_bridge_message(self, message: list[Any]) -> None:
         identity: bytes = message[0].bytes
         request_id: int | None = None
+        rid: str | None = None  # the request's own id, for the log line if handling it fails
         try:
             if len(message) < 2:
                 raise WireError("empty message: a header frame is required")
@@ -196,7 +197,7 @@ class BatchManager:
                 request_id = m.peek_id(message[1])
                 raise
             if isinstance(msg, m.Infer):
-                request_id = msg.id
+                request_id, rid = msg.id, msg.rid
                 self._on_infer(identity, msg, message[2:], len(message[1]))
             elif isinstance(msg, m.Heartbeat):
                 self._on_bridge_heartbeat(identity)
@@ -207,7 +208,7 @@ class BatchManager:
             self._send_encoded(identity, m.encode(m.Error(request_id, ErrorCode.BAD_INPUT, str(exc))))
         except Exception:
             # A bug must cost one request, not the component.
-            log.exception("failed to handle a message from bridge %r", identity)
+            log.exception("failed to handle a message from bridge %r", identity, extra={"request_id": rid})
             self._send_encoded(identity, m.encode(m.Error(request_id, ErrorCode.INTERNAL, "internal error")))
 
     def _on_infer(self, identity: bytes, msg: m.Infer, frames: list[Any], header_bytes: int) -> None:
@@ -216,7 +217,10 @@ class BatchManager:
         timeout_s = self._default_timeout_s if msg.timeout_ms is None else msg.timeout_ms / 1000.0
         now = self._now()
         request = Request((identity, msg.id), msg.model, msg.version, metas, frames, now + timeout_s, params,
-                          header_bytes)
+                          header_bytes, msg.rid)
+        if log.isEnabledFor(logging.DEBUG):  # one line per request, and only when asked for: this is the hot path
+            log.debug("request %d for %s/%s, timeout %.0f ms", msg.id, msg.model, msg.version or "default",
+                      timeout_s * 1000, extra={"request_id": msg.rid, "model": msg.model})
         self._perform(self.scheduler.submit(request, now))
 
     def _on_task_manager_message(self, message: list[Any]) -> None:

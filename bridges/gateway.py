@@ -285,12 +285,14 @@ class Gateway:
         callback: Callback,
         *,
         params: dict[str, Any] | None = None,
+        request_id: str | None = None,
     ) -> int:
         """Send one request; ``callback`` gets its outcome exactly once, later, from the event loop.
 
         ``tensors`` describes the inputs, one per frame; the frames go out untouched. ``params`` are
-        the request parameters (``batch_manager.params``). Raises RequestError (``overloaded``) instead of queueing past
-        ``max_outstanding`` or when the batch manager's socket is full; the callback is then
+        the request parameters (``batch_manager.params``); ``request_id`` its id (``bridges.request_ids``),
+        which travels with it to the replica for log lines. Raises RequestError (``overloaded``) instead of
+        queueing past ``max_outstanding`` or when the batch manager's socket is full; the callback is then
         never called. Returns the request's id, for ``cancel``.
         """
         sock, loop = self._sock, self._loop
@@ -303,13 +305,17 @@ class Gateway:
                 ErrorCode.OVERLOADED, f"{self.max_outstanding} requests are already in flight; retry later"
             )
         rid = self._last_id = next(self._ids)
-        packed = m.encode(m.Infer(rid, model, version, max(1, math.ceil(timeout_s * 1000)), params or {}, tensors))
+        packed = m.encode(m.Infer(rid, model, version, max(1, math.ceil(timeout_s * 1000)), params or {}, tensors,
+                                  request_id))
         self._check_size(packed, frames)
         if not send_nowait(sock, [packed, *frames]):
             raise RequestError(ErrorCode.OVERLOADED, "the batch manager's queue is full; retry later")
         self.reactor.wake_soon()
         timer = loop.call_later(timeout_s, self._expire, rid)
         self._pending[rid] = _Pending(callback, timeout_s, timer)
+        if log.isEnabledFor(logging.DEBUG):  # one line per request, and only when asked for: this is the hot path
+            log.debug("request %d for %s/%s sent, timeout %g s", rid, model, version or "default", timeout_s,
+                      extra={"request_id": request_id, "model": model})
         return rid
 
     def _check_size(self, packed: bytes, frames: Sequence[Frame]) -> None:
@@ -350,6 +356,7 @@ class Gateway:
         timeout_s: float,
         *,
         params: dict[str, Any] | None = None,
+        request_id: str | None = None,
     ) -> tuple[m.Reply, list[Any]]:
         """``start_request`` for callers that await: the reply header and frames, or RequestError."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -358,7 +365,8 @@ class Gateway:
             if not future.done():  # the awaiting handler may have been cancelled meanwhile
                 future.set_result(outcome)
 
-        rid = self.start_request(model, version, tensors, frames, timeout_s, settle, params=params)
+        rid = self.start_request(model, version, tensors, frames, timeout_s, settle, params=params,
+                                 request_id=request_id)
         try:
             outcome = await future
         except asyncio.CancelledError:

@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bridges import request_ids
 from bridges.auth import credential_of_header, retry_after_header
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
@@ -44,6 +45,7 @@ from bridges.grpc_codec import (
 from bridges.pipeline import Pipeline
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from bridges.tls import grpc_server_credentials
+from inferoxy.logs import REQUEST_IDS, current_request_id
 from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.settings import Settings
 
@@ -192,8 +194,12 @@ class InferenceServicer:
             if usage.idle:
                 del self._connections[peer]
             raise
+        # The id from the call's metadata until the request is parsed (_infer may switch to the request's own);
+        # _unary_raw sends it back as x-request-id, answer or error.
+        given = request_ids.given(None, *_metadata(context, request_ids.HEADER, request_ids.TRACEPARENT))
+        REQUEST_IDS.set(given or request_ids.fresh())
         try:
-            return await self._infer(raw, context.time_remaining(), _credential(context))
+            return await self._infer(raw, context.time_remaining(), _credential(context), given=given)
         finally:
             usage.add(-1, -size)
             if usage.idle:
@@ -267,21 +273,27 @@ class InferenceServicer:
                 task.cancel()
 
     async def _infer(
-        self, raw: bytes, time_left_s: float | None, credential: str | None, ids: list[str] | None = None
+        self, raw: bytes, time_left_s: float | None, credential: str | None, ids: list[str] | None = None,
+        given: str | None = None,
     ) -> bytes:
         """A serialized ModelInferResponse, or with ``ids`` (a stream's call: the request's id is put there once
-        parsed, to name it in an error) a serialized ModelStreamInferResponse."""
+        parsed, to name it in an error) a serialized ModelStreamInferResponse. ``given``: the id the call's
+        metadata gave (a unary call's; a stream's requests each have their own)."""
         request, contents = parse_infer_request(raw)
+        request_id = request_ids.usable(request.id) or current_request_id() or request_ids.fresh()
+        REQUEST_IDS.set(request_id)
+        echo = request.id or given or ""  # the client's own id, or the one it gave in metadata (request_ids.py)
         if ids is not None:
-            ids.append(request.id)
+            ids.append(echo)
         pipeline = self.pipeline
         resolved = pipeline.admit(credential, request.model_name, request.model_version or None)
         metas, frames = decode_inputs(request, contents, pipeline.gateway.settings.max_message_bytes)
         requested = [output.name for output in request.outputs] or None
         prepared = pipeline.prepare(resolved, metas, frames, decode_parameters(request.parameters),
-                                    outputs=requested, time_left_s=time_left_s)  # the client's own gRPC deadline
+                                    outputs=requested, time_left_s=time_left_s,  # the client's own gRPC deadline
+                                    request_id=request_id)
         answer = await pipeline.run(prepared)
-        return encode_response(answer.model, answer.version, request.id, requested, answer.metas, answer.frames,
+        return encode_response(answer.model, answer.version, echo, requested, answer.metas, answer.frames,
                                stream=ids is not None)
 
 
@@ -300,21 +312,50 @@ def _unary_raw(
     """A unary call that maps every InferoxyError to its status (and ``retry-after`` metadata)."""
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message | bytes:
+        # An inference call sets the request id; whatever a call sets ends with it.
+        token = REQUEST_IDS.set(None)
         try:
-            return await call(raw, context)
-        except InferoxyError as exc:
-            error = RequestError.of(exc)
-            if error.retry_after_s is not None:
-                context.set_trailing_metadata((("retry-after", retry_after_header(error.retry_after_s)),))
-            await context.abort(status_of(error), error.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("failed to handle a gRPC request")
-            await context.abort(grpc.StatusCode.INTERNAL, "the bridge failed to handle the request")
-        raise AssertionError("context.abort returns only by raising")
+            try:
+                answer = await call(raw, context)
+            except InferoxyError as exc:
+                error = RequestError.of(exc)
+                metadata = _request_id_metadata()
+                if error.retry_after_s is not None:
+                    metadata.append(("retry-after", retry_after_header(error.retry_after_s)))
+                if metadata:
+                    context.set_trailing_metadata(tuple(metadata))
+                await context.abort(status_of(error), error.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("failed to handle a gRPC request")
+                if metadata := _request_id_metadata():
+                    context.set_trailing_metadata(tuple(metadata))
+                await context.abort(grpc.StatusCode.INTERNAL, "the bridge failed to handle the request")
+            else:
+                if metadata := _request_id_metadata():
+                    context.set_trailing_metadata(tuple(metadata))
+                return answer
+            raise AssertionError("context.abort returns only by raising")
+        finally:
+            REQUEST_IDS.reset(token)
 
     return handle
+
+
+def _request_id_metadata() -> list[tuple[str, str]]:
+    """``x-request-id`` for an inference call (its handler set ``REQUEST_IDS``); nothing for the other calls."""
+    request_id = current_request_id()
+    return [(request_ids.HEADER, request_id)] if isinstance(request_id, str) else []
+
+
+def _metadata(context: grpc.aio.ServicerContext, *keys: str) -> list[str | None]:
+    """The values of ``keys`` in the call's metadata (the first of each; None where absent)."""
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in keys and isinstance(value, str):
+            found.setdefault(key, value)
+    return [found.get(key) for key in keys]
 
 
 def _credential(context: grpc.aio.ServicerContext) -> str | None:

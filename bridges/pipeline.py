@@ -43,6 +43,7 @@ class Prepared(NamedTuple):
     metas: list[dict[str, Any]]
     frames: Sequence[Frame]
     timeout_s: float
+    request_id: str | None = None  # the request's one id (bridges/request_ids.py), for log lines and the reply
 
 
 class Answer(NamedTuple):
@@ -81,10 +82,12 @@ class Pipeline:
         outputs: Sequence[str] | None = None,
         timeout_ms: Any = None,
         time_left_s: float | None = None,
+        request_id: str | None = None,
     ) -> Prepared:
         """Check a decoded request against its model; ``bad_input`` names the first thing that does not fit.
 
-        ``timeout_ms``: ZeroMQ's own deadline field; ``time_left_s``: what is left of a gRPC call's deadline.
+        ``timeout_ms``: ZeroMQ's own deadline field; ``time_left_s``: what is left of a gRPC call's deadline;
+        ``request_id``: the request's id (``bridges.request_ids.choose``).
         """
         spec = resolved.spec
         check_requested_outputs(spec, outputs)
@@ -100,7 +103,7 @@ class Pipeline:
             # parameter (µs); without it the model's default would apply over the client's `timeout_ms`.
             # The deadline capped by the server's is sent, so a huge `timeout_ms` cannot overflow it.
             params["timeout"] = max(1, int(timeout_s * 1_000_000))
-        return Prepared(spec, params, metas, frames, timeout_s)
+        return Prepared(spec, params, metas, frames, timeout_s, request_id)
 
     def start(self, prepared: Prepared, callback: AnswerCallback) -> int:
         """Send the request; ``callback`` gets its ``Answer`` or ``RequestError`` exactly once, later.
@@ -113,13 +116,14 @@ class Pipeline:
 
         spec = prepared.spec
         return self.gateway.start_request(spec.name, spec.version, prepared.metas, prepared.frames, prepared.timeout_s,
-                                          settle, params=prepared.params)
+                                          settle, params=prepared.params, request_id=prepared.request_id)
 
     async def run(self, prepared: Prepared) -> Answer:
         """Send the request and wait for its answer; cancelling this cancels the request at the batch manager."""
         spec = prepared.spec
         reply, frames = await self.gateway.submit(spec.name, spec.version, prepared.metas, prepared.frames,
-                                                  prepared.timeout_s, params=prepared.params)
+                                                  prepared.timeout_s, params=prepared.params,
+                                                  request_id=prepared.request_id)
         answer = _answer(prepared.spec, Reply(reply, frames))
         if isinstance(answer, RequestError):
             raise answer

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from bridges import rest_reply, tensors
+from bridges import request_ids, rest_reply, tensors
 from bridges.admin import admin_router
 from bridges.auth import credential_of_header, retry_after_header
 from bridges.errors import RequestError
@@ -38,6 +38,7 @@ from bridges.pipeline import Answer, Pipeline, Prepared
 from bridges.tls import uvicorn_tls_options
 from bridges.validation import check_parameters
 from inferoxy import metrics
+from inferoxy.logs import REQUEST_IDS, current_request_id
 from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec, TensorSpec
@@ -46,6 +47,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+# Every inference answer names its request (docs/PROTOCOL.md, "Request ids").
+REQUEST_ID_HEADER = "X-Request-ID"
 # What a client hears when told to come back (429); the queues drain within about this long.
 RETRY_AFTER_S = "1"
 
@@ -150,18 +153,24 @@ def build_app(gateway: Gateway) -> FastAPI:
     def inference(handle: Callable[[Pipeline, Request, str, str | None], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             params = request.path_params
+            # The id from the headers until the body is read (_infer may switch to the body's own); every log
+            # line of this request carries it, and so does the answer, error or not.
+            token = REQUEST_IDS.set(_header_request_id(request) or request_ids.fresh())
             try:
-                return await handle(pipeline, request, params["name"], params.get("version"))
+                response = await handle(pipeline, request, params["name"], params.get("version"))
             except InferoxyError as exc:
-                return error_response(RequestError.of(exc))
+                response = error_response(RequestError.of(exc))
             except ClientDisconnect:
                 # Nobody is left to answer; a client that hangs up mid-body is routine, not a bridge failure.
                 log.info("%s %s: the client disconnected before sending the whole body", request.method,
                          request.url.path)
-                return error_response(RequestError(ErrorCode.BAD_INPUT, "the client disconnected"))
+                response = error_response(RequestError(ErrorCode.BAD_INPUT, "the client disconnected"))
             except Exception:
                 log.exception("failed to handle %s %s", request.method, request.url.path)
-                return error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
+                response = error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
+            response.headers[REQUEST_ID_HEADER] = str(current_request_id())
+            REQUEST_IDS.reset(token)
+            return response
 
         return endpoint
 
@@ -234,9 +243,15 @@ async def _infer(pipeline: Pipeline, request: Request, name: str, version: str |
     limit = settings.max_message_bytes
     body = await _within(_read_body(request, limit), settings.request_timeout_s)
     parsed = tensors.parse_infer_request(body, _header_length(request), max_bytes=limit)
-    prepared = pipeline.prepare(resolved, parsed.metas, parsed.frames, parsed.parameters, outputs=parsed.outputs)
+    own = request_ids.usable(parsed.id)
+    if own is not None:
+        REQUEST_IDS.set(own)  # the endpoint resets it
+    request_id = current_request_id()
+    prepared = pipeline.prepare(resolved, parsed.metas, parsed.frames, parsed.parameters, outputs=parsed.outputs,
+                                request_id=request_id)
     answer = await _run(pipeline, request, prepared)
-    body, json_length = rest_reply.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames)
+    body, json_length = rest_reply.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames,
+                                                      _header_request_id(request))
     if json_length is None:
         return Response(body, media_type=JSON)
     return Response(
@@ -290,9 +305,11 @@ async def _infer_image(pipeline: Pipeline, request: Request, name: str, version:
     # Three bytes a pixel: an image whose pixels would not fit in a message is refused before decoding.
     array = decode_image(data, max_pixels=limit // 3)
     metas, frames = tensors.to_wire([(input_name, array)])
-    answer = await _run(pipeline, request, pipeline.prepare(resolved, metas, frames, parameters))
+    request_id = current_request_id()
+    answer = await _run(pipeline, request, pipeline.prepare(resolved, metas, frames, parameters, request_id=request_id))
     parsed = tensors.InferRequest(None, metas, frames, parameters, None, frozenset(), False)
-    body, _ = rest_reply.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames)
+    body, _ = rest_reply.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames,
+                                            _header_request_id(request))
     return Response(body, media_type=JSON)
 
 
@@ -347,6 +364,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(ErrorCode.BAD_INPUT, f"the request body is more than the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _header_request_id(request: Request) -> str | None:
+    """The id the client gave the request in its headers (X-Request-ID, else a traceparent's trace id), if usable."""
+    headers = request.headers
+    return request_ids.given(None, headers.get(request_ids.HEADER), headers.get(request_ids.TRACEPARENT))
 
 
 def _header_length(request: Request) -> int | None:

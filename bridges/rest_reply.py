@@ -37,10 +37,12 @@ def encode_infer_reply(
     request: InferRequest,
     metas: Sequence[Mapping[str, Any]],
     frames: Sequence[Frame],
+    request_id: str | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body for a reply's checked tensors and, when some outputs travel as raw bytes, the JSON
     part's length. Binary outputs are the reply's frames as they came (one copy, into the body); only
-    outputs written as JSON are decoded."""
+    outputs written as JSON are decoded. ``id`` echoes the request's own, else ``request_id``: the id the client
+    gave in a header (absent when it gave none, as before request ids)."""
     by_name = {meta["name"]: (meta, frame) for meta, frame in zip(metas, frames, strict=True)}
     names = list(by_name) if request.outputs is None else request.outputs
     missing = [name for name in names if name not in by_name]
@@ -63,8 +65,8 @@ def encode_infer_reply(
             entry["data"] = _json_data(as_array(meta, frame))
         out_tensors.append(entry)
     document: dict[str, Any] = {"model_name": model, "model_version": version}
-    if request.id is not None:
-        document["id"] = request.id
+    if request.id is not None or request_id is not None:
+        document["id"] = request.id if request.id is not None else request_id
     document["outputs"] = out_tensors
     body = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:

@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from bridges import request_ids
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
@@ -142,20 +143,24 @@ class ZmqBridge:
         else:
             envelope, body = message[:1], message[1:]
         rid: int | str | None = None
+        request_id: str | None = None  # the request's id for logs (bridges/request_ids.py); `id` only matches replies
         try:
             if not body:
                 raise RequestError(ErrorCode.BAD_INPUT, "empty message: a msgpack header frame is needed")
             header = unpack_header(body[0])
+            request_id = request_ids.choose(header.get("request_id"))
             rid = _request_id(header)
-            self._submit(header, body, envelope, rid)
+            self._submit(header, body, envelope, rid, request_id)
         except InferoxyError as exc:
             error = RequestError.of(exc)
-            self._send_error(envelope, rid, error.code, error.message, error.retry_after_s)
+            self._send_error(envelope, rid, request_id, error.code, error.message, error.retry_after_s)
         except Exception:
-            log.exception("failed to handle a ZeroMQ request")
-            self._send_error(envelope, rid, ErrorCode.INTERNAL.value, "the bridge failed to handle the request")
+            log.exception("failed to handle a ZeroMQ request", extra={"request_id": request_id})
+            self._send_error(envelope, rid, request_id, ErrorCode.INTERNAL.value,
+                             "the bridge failed to handle the request")
 
-    def _submit(self, header: dict[str, Any], body: list[Any], envelope: list[Any], rid: int | str) -> None:
+    def _submit(self, header: dict[str, Any], body: list[Any], envelope: list[Any], rid: int | str,
+                request_id: str) -> None:
         model = header.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError(ErrorCode.BAD_INPUT, "'model' is required and must be a non-empty string")
@@ -175,7 +180,8 @@ class ZmqBridge:
         frames = body[1:]
         # Clients' BYTES data enters the bus here: its lengths are walked once, now (wire.scan_bytes).
         metas = check_tensors(header, frames, scan_bytes=True)
-        prepared = self.pipeline.prepare(resolved, metas, frames, params, timeout_ms=header.get("timeout_ms"))
+        prepared = self.pipeline.prepare(resolved, metas, frames, params, timeout_ms=header.get("timeout_ms"),
+                                         request_id=request_id)
         identity = bytes(envelope[0].bytes if isinstance(envelope[0], zmq.Frame) else envelope[0])
         peer = self._peers.get(identity)
         if peer is None:
@@ -186,9 +192,9 @@ class ZmqBridge:
         def answer(outcome: Answer | RequestError) -> None:
             peer.add(-1, -size)
             if isinstance(outcome, Answer):
-                self._send_reply(envelope, rid, outcome, peer)
+                self._send_reply(envelope, rid, request_id, outcome, peer)
             else:
-                self._send_error(envelope, rid, outcome.code, outcome.message)
+                self._send_error(envelope, rid, request_id, outcome.code, outcome.message)
             self._forget_if_idle(identity, peer)
 
         try:
@@ -198,8 +204,9 @@ class ZmqBridge:
             self._forget_if_idle(identity, peer)
             raise
 
-    def _send_reply(self, envelope: list[Any], rid: int | str, reply: Answer, peer: _Peer) -> None:
-        out = {"id": rid, "ok": True, "model": reply.model, "version": reply.version, "tensors": reply.metas}
+    def _send_reply(self, envelope: list[Any], rid: int | str, request_id: str, reply: Answer, peer: _Peer) -> None:
+        out = {"id": rid, "request_id": request_id, "ok": True, "model": reply.model, "version": reply.version,
+               "tensors": reply.metas}
         sock = self._sock
         if sock is None:
             return
@@ -213,12 +220,16 @@ class ZmqBridge:
             peer.unsent.append((tracked, size))
 
     def _send_error(
-        self, envelope: list[Any], rid: int | str | None, code: str, message: str, retry_after_s: float | None = None
+        self, envelope: list[Any], rid: int | str | None, request_id: str | None, code: str, message: str,
+        retry_after_s: float | None = None,
     ) -> None:
         error: dict[str, Any] = {"code": code, "message": message}
         if retry_after_s is not None:
             error["retry_after_ms"] = max(1, round(retry_after_s * 1000))
-        self._send([*envelope, pack_header({"id": rid, "ok": False, "error": error})])
+        reply: dict[str, Any] = {"id": rid, "ok": False, "error": error}
+        if request_id is not None:  # None: the header could not be read, so no id was chosen
+            reply["request_id"] = request_id
+        self._send([*envelope, pack_header(reply)])
 
     def _send(self, frames: list[Any]) -> None:
         sock = self._sock

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     if args.command == "run":
-        setup_logging(settings.log_level, args.component)
+        setup_logging(settings.log_level, args.component, settings.log_format)
         if settings.bus_curve and settings.bus_secret is None:
             print("inferoxy: a component run alone needs INFEROXY_BUS_SECRET, the same for every component "
                   "(or INFEROXY_BUS_CURVE=false to run the bus unauthenticated)", file=sys.stderr)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
-    setup_logging(settings.log_level, "serve")
+    setup_logging(settings.log_level, "serve", settings.log_format)
     # Made once here, inherited by every component (and a restarted one), so siblings keep agreeing.
     os.environ.update(make_serve_secrets(settings))
     settings = load_settings()

@@ -48,12 +48,15 @@ Outputs = dict[str, np.ndarray]
 class InferenceError(Exception):
     """A request that failed; ``code`` is one of ``inferoxy.protocol.ErrorCode``'s values."""
 
-    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         # ``rate_limited``: when the key may send again.
         self.retry_after_s = retry_after_s
+        # The id the proxy logged the request under (docs/PROTOCOL.md, "Request ids"): quote it to an operator.
+        self.request_id = request_id
 
 
 def _request_frames(
@@ -65,6 +68,7 @@ def _request_frames(
     timeout_s: float,
     max_message_bytes: int | None,
     api_key: str | None = None,
+    request_id: str | None = None,
 ) -> list[Frame]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise InferenceError(ErrorCode.BAD_INPUT.value, "inputs must be a non-empty mapping of name to array")
@@ -75,6 +79,8 @@ def _request_frames(
         header["parameters"] = dict(parameters)
     if api_key is not None:
         header["api_key"] = api_key
+    if request_id is not None:
+        header["request_id"] = request_id
     try:
         frames = encode(header, [(name, np.asarray(value)) for name, value in inputs.items()])
     except WireError as exc:
@@ -97,7 +103,9 @@ def _outputs(header: dict[str, Any], frames: list[Any]) -> Outputs:
             raise InferenceError(ErrorCode.INTERNAL.value, "the bridge sent a malformed error reply")
         retry_ms = error.get("retry_after_ms")
         retry_s = retry_ms / 1000 if isinstance(retry_ms, int | float) and not isinstance(retry_ms, bool) else None
-        raise InferenceError(str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", "")), retry_s)
+        request_id = header.get("request_id")
+        raise InferenceError(str(error.get("code", ErrorCode.INTERNAL.value)), str(error.get("message", "")), retry_s,
+                             request_id if isinstance(request_id, str) else None)
     try:
         metas = check_tensors(header, frames)
     except WireError as exc:
@@ -195,12 +203,15 @@ class Client:
         version: str | None = None,
         parameters: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Outputs:
-        """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name."""
+        """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name.
+
+        ``request_id``: the id the proxy logs the request under (else it makes one; ``InferenceError.request_id``)."""
         timeout_s = self.timeout if timeout is None else timeout
         rid = next(self._ids)
         frames = _request_frames(
-            rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes, self._api_key
+            rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes, self._api_key, request_id
         )
         deadline = time.monotonic() + timeout_s
         sock = self._sock
@@ -272,15 +283,18 @@ class AsyncClient:
         version: str | None = None,
         parameters: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Outputs:
-        """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name."""
+        """Run ``model`` on ``inputs`` (name -> array, leading dimension = batch rows); its outputs by name.
+
+        ``request_id``: the id the proxy logs the request under (else it makes one; ``InferenceError.request_id``)."""
         if self._sock.closed:
             raise RuntimeError("the client is closed")
         loop = self._attach()
         timeout_s = self.timeout if timeout is None else timeout
         rid = next(self._ids)
         frames = _request_frames(
-            rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes, self._api_key
+            rid, model, inputs, version, parameters, timeout_s, self.max_message_bytes, self._api_key, request_id
         )
         try:
             _send_nowait(self._sock, frames)

@@ -54,6 +54,9 @@ MAX_TIMEOUT_MS = 86_400_000
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_MAX_BYTES)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 TimeoutMs = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_MS)]
+# A request's id (docs/PROTOCOL.md, "Request ids"): the bridges hand out only visible ASCII, at most this long.
+REQUEST_ID_MAX_CHARS = 128
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=REQUEST_ID_MAX_CHARS)]
 # Replica ids are the task manager's strings; a session is the client's sequence_id (int or str).
 ReplicaId = Annotated[str, msgspec.Meta(min_length=1)]
 SessionId = Union[int, str]  # noqa: UP007 (msgspec reads the annotation at runtime, 3.10 too)
@@ -75,6 +78,7 @@ class Infer(Message, tag="infer"):
     timeout_ms: TimeoutMs | None = None
     params: dict[str, Any] | None = None
     tensors: list[TensorMeta] = []
+    rid: RequestId | None = None  # the request's id, for log lines; last, so the fields before keep their places
 
     def __post_init__(self) -> None:
         # max_length counts characters; the limit is in UTF-8 bytes. Only a long name can be over it.
@@ -149,6 +153,7 @@ class BatchItem(msgspec.Struct, omit_defaults=True, gc=False):
     session: SessionId | None = None
     start: bool = False
     end: bool = False
+    rid: RequestId | None = None  # the request's id (the bridge's), for the replica's log lines
 
 
 class Batch(Message, tag="batch", omit_defaults=True):

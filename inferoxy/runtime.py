@@ -18,7 +18,7 @@ Each batch arrives behind its routing envelope (``inferoxy.envelope``), and its 
 behind the same envelope frame: the task manager routes by it without reading either header.
 
 This module runs inside model images, so it depends on the standard library, pyzmq,
-numpy, msgpack and ``inferoxy.{wire,protocol,model,envelope,batches}`` only.
+numpy, msgpack and ``inferoxy.{wire,protocol,model,envelope,batches,logs}`` only.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import zmq
 
 from inferoxy import envelope, protocol, wire
 from inferoxy.batches import SessionStore, answer_batch, failed_message
+from inferoxy.logs import setup_logging
 from inferoxy.model import Model, StatefulModel
 from inferoxy.protocol import ErrorCode
 
@@ -356,11 +357,10 @@ def exit_now(code: int) -> NoReturn:
 def main() -> int:
     replica_id = os.environ.get("INFEROXY_REPLICA_ID", "replica")
     level = os.environ.get("INFEROXY_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level if isinstance(logging.getLevelName(level), int) else logging.INFO,
-        format=f"%(asctime)s %(levelname)s {replica_id} %(name)s: %(message)s",
-    )
+    setup_logging(level if isinstance(logging.getLevelName(level), int) else "INFO", "replica",
+                  os.environ.get("INFEROXY_LOG_FORMAT", "text"),
+                  text_format=f"%(asctime)s %(levelname)s {replica_id} %(name)s: %(message)s",
+                  model=os.environ.get("INFEROXY_MODEL_NAME"), static={"replica": replica_id})
     try:
         config = ReplicaConfig.from_env(os.environ)
         model = import_model_class(config.model_class)()

@@ -53,6 +53,7 @@ def replica_plan(settings: Settings, replica: Replica, keys: curve.ReplicaKeys |
         "INFEROXY_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
         "INFEROXY_HEARTBEAT_LIVENESS": str(settings.heartbeat_liveness),
         "INFEROXY_LOG_LEVEL": settings.log_level,
+        "INFEROXY_LOG_FORMAT": settings.log_format,
     }
     if spec.model_class:
         env["INFEROXY_MODEL_CLASS"] = spec.model_class

@@ -5,6 +5,7 @@ Replicas import them as ``tests.models_for_tests:ClassName`` (the repository roo
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -23,6 +24,14 @@ class BatchProbeModel(Model):
             "row": np.arange(rows, dtype=np.int64),
             "batch_rows": np.full(rows, rows, dtype=np.int64),
         }
+
+
+class LoggingModel(Model):
+    """Logs one line from inside ``predict`` (which carries the batch's request ids) and echoes ``x`` as ``y``."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        logging.getLogger("tests.logging_model").info("predict on %d rows", len(batch["x"]))
+        return {"y": batch["x"]}
 
 
 class RaisingModel(Model):

@@ -19,9 +19,9 @@ META = {"name": "x", "dtype": "float32", "shape": [2, 3]}
 
 # Each message kind, as a struct and as the dict a peer builds by hand (docs/PROTOCOL.md).
 SAME: list[tuple[m.Message, dict[str, Any]]] = [
-    (m.Infer(id=7, model="m", version=None, timeout_ms=250, params={"priority": "high"}, tensors=[META]),
+    (m.Infer(id=7, model="m", version=None, timeout_ms=250, params={"priority": "high"}, tensors=[META], rid="r-7"),
      {"t": "infer", "id": 7, "model": "m", "version": None, "timeout_ms": 250, "params": {"priority": "high"},
-      "tensors": [META]}),
+      "tensors": [META], "rid": "r-7"}),
     (m.Cancel(id=7), {"t": "cancel", "id": 7}),
     (m.Reply(id=7, model="m", version="1", tensors=[META]),
      {"t": "reply", "id": 7, "model": "m", "version": "1", "tensors": [META]}),
@@ -39,10 +39,10 @@ SAME: list[tuple[m.Message, dict[str, Any]]] = [
      {"t": "model_status", "model": "m", "version": "1", "state": "failed", "reason": "boom"}),
     (m.ModelDrained(model="m", version="1"), {"t": "model_drained", "model": "m", "version": "1"}),
     (m.Batch(replica="r1", batch=3, model="m", version="1",
-             items=[m.BatchItem(id=1, n=1), m.BatchItem(id=2, n=1, session="s", start=True, end=True)],
+             items=[m.BatchItem(id=1, n=1), m.BatchItem(id=2, n=1, session="s", start=True, end=True, rid="r-2")],
              tensors=[META, META], end_sessions=[4]),
      {"t": "batch", "replica": "r1", "batch": 3, "model": "m", "version": "1",
-      "items": [{"id": 1, "n": 1}, {"id": 2, "n": 1, "session": "s", "start": True, "end": True}],
+      "items": [{"id": 1, "n": 1}, {"id": 2, "n": 1, "session": "s", "start": True, "end": True, "rid": "r-2"}],
       "tensors": [META, META], "end_sessions": [4]}),
     (m.Result(replica="r1", batch=3, items=[m.ResultItem(n=1), m.ResultItem(n=0, code="session_lost", message="x")],
               tensors=[META]),
@@ -95,8 +95,10 @@ def test_the_proxy_sends_the_bytes_its_hand_built_dicts_did() -> None:
         {"t": "reply", "id": 4, "model": "m", "version": "1", "tensors": [META]})
     assert m.encode(m.Error(None, ErrorCode.DEADLINE, "late")) == wire.pack_header(
         {"t": "error", "id": None, "code": "deadline", "message": "late"})
-    assert m.encode(m.Infer(7, "m", None, 250, {}, [META])) == wire.pack_header(
-        {"t": "infer", "id": 7, "model": "m", "version": None, "timeout_ms": 250, "params": {}, "tensors": [META]})
+    # The request's id is new, and last: every field before it packs as it did.
+    assert m.encode(m.Infer(7, "m", None, 250, {}, [META], "r-7")) == wire.pack_header(
+        {"t": "infer", "id": 7, "model": "m", "version": None, "timeout_ms": 250, "params": {}, "tensors": [META],
+         "rid": "r-7"})
 
 
 def test_the_headers_the_runtime_builds_by_hand_decode() -> None:

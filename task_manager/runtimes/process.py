@@ -22,6 +22,7 @@ import signal
 import sys
 from collections import deque
 
+from inferoxy.logs import forwarded_fields
 from inferoxy.procutil import die_with_parent
 from inferoxy.settings import Settings
 from task_manager.runtimes.base import (
@@ -53,7 +54,10 @@ class LogTail:
     def add(self, line: str) -> None:
         line = line.rstrip("\r\n")
         self.lines.append(line)
-        replica_log.info("[%s] %s", self.replica_id, line)
+        # With INFEROXY_LOG_FORMAT=json the replica's own JSON line is passed on as one JSON line (its fields,
+        # with component and replica set here); text lines print as they always did.
+        fields = forwarded_fields(line) or {"message": line}
+        replica_log.info("[%s] %s", self.replica_id, line, extra={"forwarded": fields, "replica": self.replica_id})
 
     async def follow(self, stream: asyncio.StreamReader) -> None:
         """Read ``stream`` to its end in chunks, so one endless line cannot exhaust memory."""
