@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from inferoxy import logs, wire
 from inferoxy import messages as m
 from inferoxy.batches import answer_batch
 from tests.models_for_tests import LoggingModel
-from tests.support import ProxyProcess, wait_for
+from tests.support import REPO, ProxyProcess, wait_for
 
 FRESH = re.compile(r"[0-9a-f]{32}")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -180,6 +181,16 @@ def test_a_replica_cannot_pass_its_lines_off_as_a_component() -> None:
     assert len(out["message"]) == logs.MAX_FIELD_CHARS and out["request_ids"] == ["a", "1"] and "extra" not in out
     assert logs.forwarded_fields("Traceback (most recent call last):") is None
     assert logs.forwarded_fields("[1, 2]") is None
+
+
+def test_the_model_base_image_holds_every_module_the_runtime_imports() -> None:
+    # The replica's logging (inferoxy.logs) is new to the runtime: a model image without it would not start.
+    script = "import sys, inferoxy.runtime; print(*(n for n in sys.modules if n.startswith('inferoxy.')))"
+    listed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True,
+                            timeout=60)
+    needed = {f"inferoxy/{name.split('.', 1)[1]}.py" for name in listed.stdout.split()}
+    copied = set(re.findall(r"inferoxy/\w+\.py", (REPO / "docker/model-base/Dockerfile").read_text()))
+    assert "inferoxy/logs.py" in needed and needed <= copied, needed - copied
 
 
 # --- end to end ------------------------------------------------------------------------------------------
