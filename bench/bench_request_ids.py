@@ -3,11 +3,13 @@
     python bench/bench_request_ids.py [--repeats 5] [--number 20000]
 
 Times, in this process (no sockets), best of the repeats in µs, each step the id adds to:
-- the bridge: choosing the id (a client's X-Request-ID checked, or a fresh one made);
+- the bridge: choosing the id (a client's X-Request-ID checked, or a fresh one made); REST's endpoint also
+  reads the headers, sets the context variable and adds ``X-Request-ID`` to the answer (the row's "without" is
+  the bare ``Response``; REST only, so left out of the sum);
 - the gateway: building the ``infer`` header (``m.Infer`` encoded) without ``rid`` and with a 32-character one;
 - the batch manager: reading that ``infer``; building a 64-item ``batch`` without and with an id per item;
-- the replica: reading the 64-item ``batch`` (plain msgpack, as the runtime does) and, with ids, collecting
-  them for its log lines (``batches.request_ids``) and setting the context variable around the batch;
+- the replica: reading the 64-item ``batch`` (plain msgpack, as the runtime does) and, with ids, setting the
+  context variable around the batch (``logs.BatchIds``: the ids are collected only if a line is logged);
 - a ``log.debug`` call guarded by ``isEnabledFor`` at INFO (what every per-request line costs when off).
 
 Then the sum per request (one ``infer``, a 64th of a batch) without and with the id. On a shared machine
@@ -22,10 +24,12 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.responses import Response
+
 from bridges import request_ids
 from inferoxy import messages as m
-from inferoxy.batches import request_ids as batch_request_ids
-from inferoxy.logs import REQUEST_IDS
+from inferoxy.logs import REQUEST_IDS, BatchIds
 from inferoxy.wire import unpack_header
 
 META = {"name": "x", "dtype": "float32", "shape": [1, 16]}
@@ -49,9 +53,26 @@ def replica_reads(frame: bytes, with_ids: bool) -> Any:
     header = unpack_header(frame)
     if not with_ids:
         return header
-    token = REQUEST_IDS.set(batch_request_ids(header) or None)
+    token = REQUEST_IDS.set(BatchIds(header.get("items")))
     REQUEST_IDS.reset(token)
     return header
+
+
+HEADERS = Headers(raw=[(b"host", b"127.0.0.1:8698"), (b"content-type", b"application/json"),
+                       (b"content-length", b"120"), (b"x-request-id", RID.encode())])
+
+
+def rest_endpoint() -> None:
+    """What bridges/rest.py's endpoint adds: the id from the headers, the context variable, the answer's header."""
+    given = request_ids.given(None, HEADERS.get(request_ids.HEADER), HEADERS.get(request_ids.TRACEPARENT))
+    token = REQUEST_IDS.set(given or request_ids.fresh())
+    response = Response(b"{}", media_type="application/json")
+    response.raw_headers.append((b"x-request-id", str(REQUEST_IDS.get()).encode("ascii")))
+    REQUEST_IDS.reset(token)
+
+
+def rest_response() -> None:
+    Response(b"{}", media_type="application/json")
 
 
 def debug_line() -> None:
@@ -76,6 +97,7 @@ def main() -> None:
     rows: list[tuple[str, float, float, float]] = [  # (step, µs without, µs with, share of one request)
         ("bridge: choose the id", 0.0, best_us(lambda: request_ids.choose(None, RID, None), n, r), 1.0),
         ("bridge: make a fresh id", 0.0, best_us(request_ids.fresh, n, r), 0.0),  # instead of the above
+        ("REST: endpoint's share", best_us(rest_response, n, r), best_us(rest_endpoint, n, r), 0.0),  # REST only
         ("gateway: infer out", best_us(lambda: infer(None), n, r), best_us(lambda: infer(RID), n, r), 1.0),
         ("BM: infer in", best_us(lambda: codec.decode(infer_plain), n, r),
          best_us(lambda: codec.decode(infer_id), n, r), 1.0),

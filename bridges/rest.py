@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 # Every inference answer names its request (docs/PROTOCOL.md, "Request ids").
-REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_HEADER = b"x-request-id"
+# Where the endpoint keeps the id the client's headers gave (or None), for the answer's body `id`.
+GIVEN_ID = "inferoxy.given_request_id"
 # What a client hears when told to come back (429); the queues drain within about this long.
 RETRY_AFTER_S = "1"
 
@@ -155,7 +157,8 @@ def build_app(gateway: Gateway) -> FastAPI:
             params = request.path_params
             # The id from the headers until the body is read (_infer may switch to the body's own); every log
             # line of this request carries it, and so does the answer, error or not.
-            token = REQUEST_IDS.set(_header_request_id(request) or request_ids.fresh())
+            given = request.scope[GIVEN_ID] = _header_request_id(request)
+            token = REQUEST_IDS.set(given or request_ids.fresh())
             try:
                 response = await handle(pipeline, request, params["name"], params.get("version"))
             except InferoxyError as exc:
@@ -168,7 +171,8 @@ def build_app(gateway: Gateway) -> FastAPI:
             except Exception:
                 log.exception("failed to handle %s %s", request.method, request.url.path)
                 response = error_response(RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request"))
-            response.headers[REQUEST_ID_HEADER] = str(current_request_id())
+            # Appended raw: the id is visible ASCII, and MutableHeaders would rebuild the list (0.7 against 0.15 µs).
+            response.raw_headers.append((REQUEST_ID_HEADER, str(current_request_id()).encode("ascii")))
             REQUEST_IDS.reset(token)
             return response
 
@@ -251,7 +255,7 @@ async def _infer(pipeline: Pipeline, request: Request, name: str, version: str |
                                 request_id=request_id)
     answer = await _run(pipeline, request, prepared)
     body, json_length = rest_reply.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames,
-                                                      _header_request_id(request))
+                                                      request.scope[GIVEN_ID])
     if json_length is None:
         return Response(body, media_type=JSON)
     return Response(
@@ -309,7 +313,7 @@ async def _infer_image(pipeline: Pipeline, request: Request, name: str, version:
     answer = await _run(pipeline, request, pipeline.prepare(resolved, metas, frames, parameters, request_id=request_id))
     parsed = tensors.InferRequest(None, metas, frames, parameters, None, frozenset(), False)
     body, _ = rest_reply.encode_infer_reply(answer.model, answer.version, parsed, answer.metas, answer.frames,
-                                            _header_request_id(request))
+                                            request.scope[GIVEN_ID])
     return Response(body, media_type=JSON)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from inferoxy import protocol, wire
-from inferoxy.logs import REQUEST_IDS
+from inferoxy.logs import REQUEST_IDS, BatchIds
 from inferoxy.model import Model, Session, SessionId, StatefulModel
 from inferoxy.protocol import ErrorCode
 
@@ -137,20 +137,13 @@ def split_outputs(outputs: object, rows: Sequence[int]) -> list[tuple[str, np.nd
     return tensors
 
 
-def request_ids(header: Mapping[str, Any]) -> tuple[str, ...]:
-    """The batch's request ids, one per item that has one (``rid``: a proxy older than them sends none)."""
-    items = header.get("items")
-    if not isinstance(items, list):
-        return ()
-    return tuple(rid for item in items if isinstance(item, dict) and isinstance(rid := item.get("rid"), str))
-
-
 def answer_batch(model: Model, replica_id: str, header: Mapping[str, Any],
                  tensors: Sequence[tuple[str, np.ndarray]], sessions: SessionStore | None = None) -> list[wire.Frame]:
     """The `result` or `failed` message for one batch. Never raises: the replica must outlive any batch.
 
     While it runs, every log line (the model's own too) carries the batch's request ids (``logs.REQUEST_IDS``)."""
-    token = REQUEST_IDS.set(request_ids(header) or None)
+    # One id per item that has one (``rid``: a proxy older than request ids sends none), read if a line is logged.
+    token = REQUEST_IDS.set(BatchIds(header.get("items")))
     try:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch %s: %d item(s)", header.get("batch"), len(header.get("items") or ()))

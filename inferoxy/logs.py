@@ -19,12 +19,43 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, overload
 
-# The request (one id) or batch (a tuple, one id per item) the code running now works for.
-REQUEST_IDS: ContextVar[str | tuple[str, ...] | None] = ContextVar("inferoxy_request_ids", default=None)
+
+class BatchIds(Sequence[str]):
+    """A batch's request ids (each item's ``rid``), read from its items only when a line is logged: most batches
+    log nothing, and walking 64 items costs more than the rest of what the id adds to a batch."""
+
+    __slots__ = ("_items", "_ids")
+
+    def __init__(self, items: object) -> None:
+        self._items = items
+        self._ids: tuple[str, ...] | None = None
+
+    def _read(self) -> tuple[str, ...]:
+        if self._ids is None:
+            items = self._items if isinstance(self._items, list) else ()
+            self._ids = tuple(rid for item in items
+                              if isinstance(item, dict) and isinstance(rid := item.get("rid"), str))
+        return self._ids
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._read()[index]
+
+
+# The request (one id) or batch (one id per item) the code running now works for.
+REQUEST_IDS: ContextVar[str | Sequence[str] | None] = ContextVar("inferoxy_request_ids", default=None)
 
 # What a replica's JSON line may say about itself when the task manager passes it on (LogTail): the task
 # manager sets component and replica itself, so model code cannot pass its lines off as a component's.
@@ -41,7 +72,7 @@ def current_request_id() -> str | None:
     return ids if isinstance(ids, str) else None
 
 
-def request_ids_of(record: logging.LogRecord) -> str | tuple[str, ...] | None:
+def request_ids_of(record: logging.LogRecord) -> str | Sequence[str] | None:
     ids = getattr(record, "request_id", None)
     return ids if ids is not None else REQUEST_IDS.get()
 
