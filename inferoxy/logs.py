@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any, overload
 
 
@@ -152,6 +154,23 @@ def setup_logging(level: str, component: str, log_format: str = "text", *, text_
     root.setLevel(level.upper())
     # uvicorn's access log would print a line per request: far too much at thousands per second.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    if log_format == "json":
+        # What Python itself would print raw (warnings, an uncaught exception, a thread's) becomes a JSON line too.
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger("inferoxy").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("inferoxy").critical("uncaught exception in thread %s", name,
+                                           exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def forwarded_fields(line: str) -> dict[str, Any] | None:

@@ -32,7 +32,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -366,8 +365,7 @@ def main() -> int:
         model = import_model_class(config.model_class)()
         model.load()
     except Exception:
-        traceback.print_exc()
-        log.error("the model could not be loaded; exiting")
+        log.exception("the model could not be loaded; exiting")  # with its traceback, a JSON line's too
         return EXIT_CONFIG
 
     ctx: zmq.Context[Any] = zmq.Context()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -181,6 +182,33 @@ def test_a_replica_cannot_pass_its_lines_off_as_a_component() -> None:
     assert len(out["message"]) == logs.MAX_FIELD_CHARS and out["request_ids"] == ["a", "1"] and "extra" not in out
     assert logs.forwarded_fields("Traceback (most recent call last):") is None
     assert logs.forwarded_fields("[1, 2]") is None
+
+
+def json_stderr(*argv: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run ``argv`` and read its stderr as JSON lines: each line must be one object."""
+    ran = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return [json.loads(line) for line in ran.stderr.splitlines()]
+
+
+def test_what_python_prints_itself_is_json_too() -> None:
+    script = ("import threading, warnings; from inferoxy.logs import setup_logging; "
+              "setup_logging('INFO', 'task_manager', 'json'); warnings.warn('old'); "
+              "thread = threading.Thread(target=lambda: 1 / 0, name='worker'); thread.start(); thread.join(); "
+              "raise ValueError('boom')")
+    lines = json_stderr(sys.executable, "-c", script)
+    assert [line["level"] for line in lines] == ["WARNING", "CRITICAL", "CRITICAL"]
+    assert "old" in lines[0]["message"] and "ZeroDivisionError" in lines[1]["exception"]
+    assert "ValueError: boom" in lines[2]["exception"] and lines[2]["component"] == "task_manager"
+
+
+def test_a_replica_that_cannot_load_says_why_in_json() -> None:
+    env = {"INFEROXY_LOG_FORMAT": "json", "INFEROXY_REPLICA_URL": "tcp://127.0.0.1:9", "INFEROXY_REPLICA_ID": "r1",
+           "INFEROXY_MODEL_CLASS": "tests.models_for_tests:FailingLoadModel", "INFEROXY_MODEL_NAME": "broken"}
+    lines = json_stderr(sys.executable, "-m", "inferoxy.runtime", env=env)
+    failed = [line for line in lines if line["level"] == "ERROR"]
+    assert failed and "weights missing" in failed[0]["exception"]
+    assert (failed[0]["component"], failed[0]["model"], failed[0]["replica"]) == ("replica", "broken", "r1")
 
 
 def test_the_model_base_image_holds_every_module_the_runtime_imports() -> None:
