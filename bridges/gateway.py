@@ -94,12 +94,14 @@ def server_version() -> str:
 
 
 class _Pending:
-    __slots__ = ("callback", "timeout_s", "timer")
+    __slots__ = ("callback", "timeout_s", "timer", "request_id")
 
-    def __init__(self, callback: Callback, timeout_s: float, timer: asyncio.TimerHandle) -> None:
+    def __init__(self, callback: Callback, timeout_s: float, timer: asyncio.TimerHandle,
+                 request_id: str | None = None) -> None:
         self.callback = callback
         self.timeout_s = timeout_s
         self.timer = timer
+        self.request_id = request_id  # only to name the request in a log line
 
 
 class Gateway:
@@ -183,7 +185,7 @@ class Gateway:
         pending, self._pending = self._pending, {}
         for entry in pending.values():
             entry.timer.cancel()
-            _settle(entry.callback, RequestError(ErrorCode.NOT_READY, "the bridge is shutting down"))
+            _settle(entry, RequestError(ErrorCode.NOT_READY, "the bridge is shutting down"))
         if self._sock is not None:
             self.reactor.remove(self._sock)
             self._sock.close()
@@ -224,7 +226,7 @@ class Gateway:
             log.warning("failing %d request(s) in flight: %s", len(pending), message)
         for entry in pending.values():
             entry.timer.cancel()
-            _settle(entry.callback, RequestError(ErrorCode.UNAVAILABLE, message))
+            _settle(entry, RequestError(ErrorCode.UNAVAILABLE, message))
         self._settled_one()
         self.reactor.wake_soon()  # callbacks may have sent replies to clients
 
@@ -312,7 +314,7 @@ class Gateway:
             raise RequestError(ErrorCode.OVERLOADED, "the batch manager's queue is full; retry later")
         self.reactor.wake_soon()
         timer = loop.call_later(timeout_s, self._expire, rid)
-        self._pending[rid] = _Pending(callback, timeout_s, timer)
+        self._pending[rid] = _Pending(callback, timeout_s, timer, request_id)
         if log.isEnabledFor(logging.DEBUG):  # one line per request, and only when asked for: this is the hot path
             log.debug("request %d for %s/%s sent, timeout %g s", rid, model, version or "default", timeout_s,
                       extra={"request_id": request_id, "model": model})
@@ -383,7 +385,7 @@ class Gateway:
             return
         self.cancel(rid)
         _settle(
-            entry.callback,
+            entry,
             RequestError(ErrorCode.DEADLINE, f"no answer within the request's timeout of {entry.timeout_s:g}s"),
         )
         self.reactor.wake_soon()  # this ran from a timer, and the callback may have sent too
@@ -411,17 +413,18 @@ class Gateway:
             outcome = Reply(answer, message[1:])
         else:
             outcome = _malformed_answer(f"{len(answer.tensors)} tensors described, {len(message) - 1} frames sent")
-        _settle(entry.callback, outcome)
+        _settle(entry, outcome)
 
     def _malformed(self, frame: Frame, exc: WireError) -> None:
         """An answer the codec refused: the request it names (if it can be read) fails now, not at its deadline."""
-        log.error("the batch manager sent a message this bridge cannot read: %s", exc)
         rid = m.peek_id(frame)
         entry = self._pending.pop(rid, None) if rid is not None else None
+        log.error("the batch manager sent a message this bridge cannot read: %s", exc,
+                  extra={"request_id": entry.request_id if entry is not None else None})
         if entry is not None:
             entry.timer.cancel()
             self._settled_one()
-            _settle(entry.callback, _malformed_answer(str(exc)))
+            _settle(entry, _malformed_answer(str(exc)))
 
     def _unmatched(self, answer: m.Reply | m.Error) -> None:
         """An answer no request waits for. A late one (its request timed out or was cancelled) is normal;
@@ -451,9 +454,9 @@ def _clip(text: Any) -> str:
     return shown if len(shown) <= 300 else shown[:297] + "..."
 
 
-def _settle(callback: Callback, outcome: Outcome) -> None:
+def _settle(entry: _Pending, outcome: Outcome) -> None:
     # A failing callback is a bug in one bridge handler; it must not stop the receive loop.
     try:
-        callback(outcome)
+        entry.callback(outcome)
     except Exception:
-        log.exception("request callback failed")
+        log.exception("request callback failed", extra={"request_id": entry.request_id})

@@ -27,12 +27,14 @@ import pytest
 import zmq
 
 from bridges import request_ids
+from bridges.gateway import Gateway, Outcome
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from inferoxy import logs, wire
 from inferoxy import messages as m
 from inferoxy.batches import answer_batch
 from tests.models_for_tests import LoggingModel
 from tests.support import REPO, ProxyProcess, wait_for
+from tests.test_liveness import FakeBatchManager, poll, with_gateway
 
 FRESH = re.compile(r"[0-9a-f]{32}")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -90,6 +92,22 @@ def test_the_id_rides_in_infer_and_in_each_batch_item() -> None:
 def test_the_bus_refuses_an_over_long_id() -> None:
     with pytest.raises(wire.WireError, match="rid"):
         m.BRIDGE_TO_BATCH_MANAGER.decode(m.encode(m.Infer(1, "m", None, 100, {}, [], TOO_LONG)))
+
+
+def test_the_gateway_sends_the_id_and_names_it_when_an_answer_is_garbled(caplog: pytest.LogCaptureFixture) -> None:
+    outcomes: list[Outcome] = []
+
+    async def scenario(gateway: Gateway, batch_manager: FakeBatchManager) -> None:
+        gateway.start_request("echo", None, [], [], 60.0, outcomes.append, request_id="gw-1")
+        identity, sent = await poll(lambda: batch_manager.requests and batch_manager.requests[0], "the request")
+        assert sent["rid"] == "gw-1"
+        await batch_manager.sock.send_multipart([identity, wire.pack_header({"t": "reply", "id": sent["id"],
+                                                                             "model": 5})])
+        await poll(lambda: outcomes, "the outcome")
+
+    with caplog.at_level(logging.ERROR, logger="bridges.gateway"):
+        with_gateway(scenario)
+    assert [getattr(record, "request_id", None) for record in caplog.records] == ["gw-1"]
 
 
 # --- log lines ------------------------------------------------------------------------------------------
