@@ -32,6 +32,7 @@ from bridges.proto import grpc_predict_v2_pb2 as pb
 from inferoxy import logs, wire
 from inferoxy import messages as m
 from inferoxy.batches import answer_batch
+from inferoxy.client import Client, InferenceError
 from tests.models_for_tests import LoggingModel
 from tests.support import REPO, ProxyProcess, wait_for
 from tests.test_liveness import FakeBatchManager, poll, with_gateway
@@ -418,3 +419,13 @@ def test_zeromq_gets_its_id_back(proxy: ProxyProcess) -> None:
     assert garbage["ok"] is True and FRESH.fullmatch(garbage["request_id"])
     refused = zmq_infer(proxy, {"id": 4, "request_id": "zmq-err-1", "model": "no-such-model"})
     assert refused["ok"] is False and refused["request_id"] == "zmq-err-1"
+
+
+def test_the_zeromq_client_names_its_requests(proxy: ProxyProcess) -> None:
+    with Client(proxy.zmq_url) as client:
+        outputs = client.infer("logged", {"x": np.ones((1, 2), np.float32)}, request_id="client-1")
+        assert outputs["y"].shape == (1, 2)
+        with pytest.raises(InferenceError) as raised:
+            client.infer("no-such-model", {"x": np.ones((1, 2), np.float32)}, request_id="client-2")
+    assert (raised.value.code, raised.value.request_id) == ("unknown_model", "client-2")
+    wait_for_components(proxy, "client-1", {"zmq_bridge", "batch_manager", "replica"})
