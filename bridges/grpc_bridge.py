@@ -42,9 +42,11 @@ from bridges.grpc_codec import (
     parse_infer_request,
     status_of,
 )
+from bridges.metering import clock
 from bridges.pipeline import Pipeline
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from bridges.tls import grpc_server_credentials
+from inferoxy import metrics
 from inferoxy.logs import REQUEST_IDS, current_request_id
 from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.settings import Settings
@@ -133,7 +135,7 @@ class InferenceServicer:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.pipeline = Pipeline(gateway)
+        self.pipeline = Pipeline(gateway, "grpc")
         self.stream_limits = ClientLimits(gateway.settings, "gRPC stream")
         self.connection_limits = ClientLimits(gateway.settings, "gRPC connection")
         # Unary ModelInfer calls in flight per connection (the peer address names the connection).
@@ -183,6 +185,7 @@ class InferenceServicer:
         return model_metadata(spec, self.gateway.versions(spec.name))
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = clock()
         peer = context.peer()
         usage = self._connections.get(peer)
         if usage is None:
@@ -190,16 +193,17 @@ class InferenceServicer:
         size = len(raw)
         try:
             self.connection_limits.admit(usage, size)
-        except RequestError:
+        except RequestError as exc:
             if usage.idle:
                 del self._connections[peer]
+            self._refused(raw, exc, started)
             raise
         # The id from the call's metadata until the request is parsed (_infer may switch to the request's own);
         # _unary_raw sends it back as x-request-id, answer or error.
         given = request_ids.given(None, *_metadata(context, request_ids.HEADER, request_ids.TRACEPARENT))
         REQUEST_IDS.set(given or request_ids.fresh())
         try:
-            return await self._infer(raw, context.time_remaining(), _credential(context), given=given)
+            return await self._infer(raw, started, context.time_remaining(), _credential(context), given=given)
         finally:
             usage.add(-1, -size)
             if usage.idle:
@@ -228,10 +232,10 @@ class InferenceServicer:
             usage.add(0, len(data) - held)
             answers.put_nowait(data)
 
-        async def serve(raw: bytes) -> None:
+        async def serve(raw: bytes, started: float) -> None:
             ids: list[str] = []  # the request's id once it is parsed, to name it in an error
             try:
-                queue(await self._infer(raw, context.time_remaining(), credential, ids), len(raw))
+                queue(await self._infer(raw, started, context.time_remaining(), credential, ids), len(raw))
             except InferoxyError as exc:
                 queue(_stream_error(ids[0] if ids else "", RequestError.of(exc)), len(raw))
             except Exception:
@@ -245,14 +249,16 @@ class InferenceServicer:
         async def read() -> None:
             try:
                 async for raw in requests:
+                    started = clock()
                     if limits.fits(usage, len(raw)):
                         usage.add(1, len(raw))
-                        task = asyncio.create_task(serve(raw))
+                        task = asyncio.create_task(serve(raw, started))
                         running.add(task)
                         task.add_done_callback(running.discard)
                     else:
                         usage.add(1, 0)
-                        queue(_stream_error(_request_id_of(raw), limits.refusal(usage)), 0)
+                        refusal = limits.refusal(usage)
+                        queue(_stream_error(self._refused(raw, refusal, started), refusal), 0)
                     while unread_fill_the_bound():
                         written.clear()
                         await written.wait()
@@ -273,28 +279,50 @@ class InferenceServicer:
                 task.cancel()
 
     async def _infer(
-        self, raw: bytes, time_left_s: float | None, credential: str | None, ids: list[str] | None = None,
-        given: str | None = None,
+        self, raw: bytes, started: float, time_left_s: float | None, credential: str | None,
+        ids: list[str] | None = None, given: str | None = None,
     ) -> bytes:
         """A serialized ModelInferResponse, or with ``ids`` (a stream's call: the request's id is put there once
         parsed, to name it in an error) a serialized ModelStreamInferResponse. ``given``: the id the call's
-        metadata gave (a unary call's; a stream's requests each have their own)."""
-        request, contents = parse_infer_request(raw)
-        request_id = request_ids.usable(request.id) or current_request_id() or request_ids.fresh()
-        REQUEST_IDS.set(request_id)
-        echo = request.id or given or ""  # the client's own id, or the one it gave in metadata (request_ids.py)
-        if ids is not None:
-            ids.append(echo)
+        metadata gave (a unary call's; a stream's requests each have their own). Counted in the metrics here,
+        whatever its end (``started``: when it arrived)."""
         pipeline = self.pipeline
-        resolved = pipeline.admit(credential, request.model_name, request.model_version or None)
-        metas, frames = decode_inputs(request, contents, pipeline.gateway.settings.max_message_bytes)
-        requested = [output.name for output in request.outputs] or None
-        prepared = pipeline.prepare(resolved, metas, frames, decode_parameters(request.parameters),
-                                    outputs=requested, time_left_s=time_left_s,  # the client's own gRPC deadline
-                                    request_id=request_id)
-        answer = await pipeline.run(prepared)
-        return encode_response(answer.model, answer.version, echo, requested, answer.metas, answer.frames,
-                               stream=ids is not None)
+        request: pb.ModelInferRequest | None = None
+        try:
+            request, contents = parse_infer_request(raw)
+            request_id = request_ids.usable(request.id) or current_request_id() or request_ids.fresh()
+            REQUEST_IDS.set(request_id)
+            echo = request.id or given or ""  # the client's own id, or the one it gave in metadata (request_ids.py)
+            if ids is not None:
+                ids.append(echo)
+            resolved = pipeline.admit(credential, request.model_name, request.model_version or None)
+            metas, frames = decode_inputs(request, contents, pipeline.gateway.settings.max_message_bytes)
+            requested = [output.name for output in request.outputs] or None
+            prepared = pipeline.prepare(resolved, metas, frames, decode_parameters(request.parameters),
+                                        outputs=requested, time_left_s=time_left_s,  # the client's own gRPC deadline
+                                        request_id=request_id)
+            answer = await pipeline.run(prepared)
+            encoded = encode_response(answer.model, answer.version, echo, requested, answer.metas, answer.frames,
+                                      stream=ids is not None)
+        except BaseException as exc:  # a cancel too: the client gave up (counted as deadline)
+            if request is None:
+                pipeline.meter.failed(None, None, exc, started)
+            else:
+                pipeline.meter.failed(request.model_name, request.model_version or None, exc, started)
+            raise
+        pipeline.meter.record(request.model_name, request.model_version or None, metrics.OK, started)
+        return encoded
+
+    def _refused(self, raw: bytes, error: RequestError, started: float) -> str:
+        """Count a request refused before it was read (a connection or stream over its bound); its id, to name it
+        in the error. The refusal path only: it parses the request once more for its model and id."""
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except (DecodeError, RuntimeError, ValueError):  # unreadable: no model, no id
+            self.pipeline.meter.record(None, None, error.code, started)
+            return ""
+        self.pipeline.meter.record(request.model_name, request.model_version or None, error.code, started)
+        return request.id
 
 
 def _unary(
@@ -372,14 +400,6 @@ def _parse(kind: type[M], raw: bytes) -> M:
     except (DecodeError, RuntimeError, ValueError) as exc:
         message = f"the request is not a valid {kind.DESCRIPTOR.name} message: {exc}"
         raise RequestError(ErrorCode.BAD_INPUT, message) from None
-
-
-def _request_id_of(raw: bytes) -> str:
-    # Only to name a refused request in its error; an unreadable one gets no id.
-    try:
-        return pb.ModelInferRequest.FromString(raw).id
-    except (DecodeError, RuntimeError, ValueError):
-        return ""
 
 
 def _serialize(message: Message | bytes) -> bytes:

@@ -13,6 +13,8 @@ frames (``inferoxy.wire``), then hand them here, so each rule lives once:
    gateway sends it to the batch manager and settles it exactly once.
 4. The reply's tensors are checked (O(1) per tensor) before a bridge encodes them; a malformed reply
    is ``internal``.
+5. ``meter.record``: each bridge counts and times every request once, where its answer (result or
+   error) goes to the transport (bridges/metering.py).
 
 Every failure is an ``InferoxyError`` (``RequestError`` here) with a stable code; each bridge maps
 codes to its protocol's status in one table (REST: ``InferoxyError.http_status``; gRPC:
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 from bridges.catalog import ResolvedModel
 from bridges.errors import RequestError
 from bridges.gateway import Gateway, Outcome, Reply
+from bridges.metering import Meter
 from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import Frame, WireError, check_tensors
@@ -61,10 +64,11 @@ AnswerCallback = Callable[["Answer | RequestError"], None]
 class Pipeline:
     """The steps every bridge runs, over one gateway."""
 
-    __slots__ = ("gateway",)
+    __slots__ = ("gateway", "meter")
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, bridge: str) -> None:
         self.gateway = gateway
+        self.meter = Meter(bridge, gateway.catalog)
 
     def admit(self, credential: object, name: str, version: str | None) -> ResolvedModel:
         """The model the request goes to, once its API key may call it (``unauthenticated``, ``forbidden``,

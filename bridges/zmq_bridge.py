@@ -33,8 +33,9 @@ from bridges import request_ids
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
+from bridges.metering import clock
 from bridges.pipeline import Answer, Pipeline
-from inferoxy import curve
+from inferoxy import curve, metrics
 from inferoxy.bus import plain_socket
 from inferoxy.curve import CurveServer
 from inferoxy.protocol import ErrorCode, InferoxyError
@@ -79,7 +80,7 @@ class ZmqBridge:
         self.settings = settings
         self.ctx = ctx
         self.gateway = gateway if gateway is not None else Gateway(settings, ctx)
-        self.pipeline = Pipeline(self.gateway)
+        self.pipeline = Pipeline(self.gateway, "zmq")
         self.url = f"tcp://{settings.bind_host}:{settings.zmq_port}"
         self._sock: zmq.Socket[Any] | None = None
         self.limits = ClientLimits(settings, "ZeroMQ client")
@@ -142,25 +143,28 @@ class ZmqBridge:
             envelope, body = message[:2], message[2:]
         else:
             envelope, body = message[:1], message[1:]
+        started = clock()
         rid: int | str | None = None
         request_id: str | None = None  # the request's id for logs (bridges/request_ids.py); `id` only matches replies
+        header: dict[str, Any] = {}
         try:
             if not body:
                 raise RequestError(ErrorCode.BAD_INPUT, "empty message: a msgpack header frame is needed")
             header = unpack_header(body[0])
             request_id = request_ids.choose(header.get("request_id"))
             rid = _request_id(header)
-            self._submit(header, body, envelope, rid, request_id)
+            self._submit(header, body, envelope, rid, request_id, started)
+            return
         except InferoxyError as exc:
             error = RequestError.of(exc)
-            self._send_error(envelope, rid, request_id, error.code, error.message, error.retry_after_s)
         except Exception:
             log.exception("failed to handle a ZeroMQ request", extra={"request_id": request_id})
-            self._send_error(envelope, rid, request_id, ErrorCode.INTERNAL.value,
-                             "the bridge failed to handle the request")
+            error = RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request")
+        self._send_error(envelope, rid, request_id, error.code, error.message, error.retry_after_s)
+        self.pipeline.meter.record(header.get("model"), header.get("version"), error.code, started)
 
     def _submit(self, header: dict[str, Any], body: list[Any], envelope: list[Any], rid: int | str,
-                request_id: str) -> None:
+                request_id: str, started: float) -> None:
         model = header.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError(ErrorCode.BAD_INPUT, "'model' is required and must be a non-empty string")
@@ -189,12 +193,16 @@ class ZmqBridge:
         peer.prune()
         self.limits.admit(peer, size)
 
+        meter = self.pipeline.meter
+
         def answer(outcome: Answer | RequestError) -> None:
             peer.add(-1, -size)
             if isinstance(outcome, Answer):
                 self._send_reply(envelope, rid, request_id, outcome, peer)
+                meter.record(model, version, metrics.OK, started)
             else:
                 self._send_error(envelope, rid, request_id, outcome.code, outcome.message)
+                meter.record(model, version, outcome.code, started)
             self._forget_if_idle(identity, peer)
 
         try:

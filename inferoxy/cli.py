@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="start one component alone (for separate containers or pods)")
     run.add_argument("component", choices=sorted(COMPONENTS))
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve this component's Prometheus metrics on http://INFEROXY_BIND_HOST:N/metrics (no auth: "
+             "keep it on loopback or a pod network)",
+    )
     add_models_parser(commands)
     add_keys_parser(commands)
     return parser
@@ -73,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             print("inferoxy: a component run alone needs INFEROXY_BUS_SECRET, the same for every component "
                   "(or INFEROXY_BUS_CURVE=false to run the bus unauthenticated)", file=sys.stderr)
             return 2
+        if args.metrics_port is not None:
+            try:
+                serve_component_metrics(settings.bind_host, args.metrics_port)
+            except OSError as exc:
+                print(f"inferoxy: cannot listen on the metrics port {args.metrics_port} of {settings.bind_host}: "
+                      f"{exc}", file=sys.stderr)
+                return 2
         try:
             with asyncio.Runner(loop_factory=loop_factory(args.component, settings)) as runner:
                 runner.run(run_component(args.component, settings))
@@ -99,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_in_process(settings, on_ready))
         return 0
     return Supervisor(settings).serve()
+
+
+def serve_component_metrics(host: str, port: int) -> None:
+    """This process's own metrics on http://host:port/metrics, from a thread of prometheus-client's (for a
+    component run alone, scraped per pod; under ``serve`` the REST bridge's /metrics shows every component).
+    Started before the component, so a port that is taken stops it at once rather than half-way up."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host)
 
 
 def warn_registry_in_memory() -> None:

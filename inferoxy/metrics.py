@@ -16,6 +16,7 @@ stay in the sum, so a restart never makes a counter go back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -150,8 +151,13 @@ class _Off:
 
 
 def disable() -> None:
-    """Turn every metric into a no-op in this process (``INFEROXY_METRICS=false``)."""
+    """Turn every metric into a no-op in this process (``INFEROXY_METRICS=false``), and take them out of
+    the default registry: an unlabelled gauge would still show its 0 there."""
+    from prometheus_client import REGISTRY
+
     off = _Off()
     for name, value in list(globals().items()):
         if value in ALL:
             globals()[name] = off
+            with contextlib.suppress(KeyError):  # disabled before
+                REGISTRY.unregister(value)

@@ -108,7 +108,8 @@ class FakeRedis(RedisAt):
 class FakeBatchManager:
     """Answers ``infer`` by model name: ``slow`` never, ``late`` only once it is cancelled, ``fail``
     with model_error, ``busy`` with overloaded, ``garbled`` with a reply whose frames do not match
-    its header, anything else by echoing the inputs back as outputs. Records every message."""
+    its header, anything else by echoing the inputs back as outputs; a request with the parameter
+    ``fake_error`` with that error code, whatever its model. Records every message."""
 
     def __init__(self) -> None:
         self.ctx = zmq.Context()
@@ -164,6 +165,10 @@ class FakeBatchManager:
 
     def answer(self, header: dict[str, Any], frames: list[bytes]) -> list[Any] | None:
         model, rid = header["model"], header["id"]
+        # Any error code on demand (the request parameter ``fake_error``), as a batch manager would send it.
+        wanted = (header.get("params") or {}).get("fake_error")
+        if wanted is not None:
+            return [pack_header({"t": ERROR, "id": rid, "code": wanted, "message": f"{wanted}, as asked"})]
         if model == "slow":
             return None
         if model == "fail":

@@ -23,6 +23,7 @@ import pytest
 import zmq
 
 from batch_manager.params import parse_params
+from bridges.catalog import Catalog
 from bridges.errors import RequestError
 from bridges.grpc_bridge import InferenceServicer
 from bridges.proto import grpc_predict_v2_pb2 as pb
@@ -369,13 +370,14 @@ def test_grpc_stream_whose_answers_are_not_read_is_not_read_either():
     # and queued every answer (a stream that never read grew the bridge to 499 MB). Now it stops reading the
     # stream once the unread answers fill the bound, and HTTP/2 flow control holds the client back.
     # Driven on one event loop with instant answers, so what is pulled depends on scheduling only.
-    gateway = types.SimpleNamespace(settings=Settings(client_max_outstanding=4))
+    gateway = types.SimpleNamespace(settings=Settings(client_max_outstanding=4), catalog=Catalog())
     servicer = InferenceServicer(gateway)  # type: ignore[arg-type]
 
     async def instant(
-        request: pb.ModelInferRequest, time_left_s: float | None, credential: str | None
-    ) -> pb.ModelInferResponse:
-        return pb.ModelInferResponse(id=request.id)
+        raw: bytes, started: float, time_left_s: float | None, credential: str | None, ids: list[str] | None = None
+    ) -> bytes:
+        answer = pb.ModelInferResponse(id=pb.ModelInferRequest.FromString(raw).id)
+        return pb.ModelStreamInferResponse(infer_response=answer).SerializeToString()
 
     servicer._infer = instant  # type: ignore[method-assign]
     pulled = 0
