@@ -29,7 +29,6 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bridges import request_ids
 from bridges.auth import credential_of_header, retry_after_header
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
@@ -119,6 +118,7 @@ class GrpcBridge:
                 await asyncio.wait({stopping})
             finally:
                 await self.gateway.close()
+                metering.flush_all()  # the last counts, before the process ends
 
 
 async def _shutdown(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:

@@ -27,7 +27,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from bridges import request_ids, rest_reply, tensors
 from bridges.admin import admin_router
 from bridges.auth import credential_of_header, retry_after_header
 from bridges.errors import RequestError
@@ -114,6 +113,7 @@ class RestBridge:
                 serving.cancel()
             listener.close()
             await self.gateway.close()
+            metering.flush_all()  # the last counts, before the process ends
 
 
 # -- the application --------------------------------------------------------------------------
@@ -230,6 +230,7 @@ def build_app(gateway: Gateway) -> FastAPI:
             gateway.auth.check_observer(_credential(request))
         except RequestError as exc:
             return error_response(exc)
+        metering.flush_all()  # this process's latest counts (other processes' are at most FLUSH_S late)
         body, content_type = metrics.render(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 

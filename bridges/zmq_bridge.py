@@ -29,7 +29,6 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from bridges import request_ids
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
@@ -120,6 +119,7 @@ class ZmqBridge:
                 await self.gateway.close()
                 sock.close()
                 self._sock = None
+                metering.flush_all()  # the last counts, before the process ends
 
     @property
     def peers(self) -> int:

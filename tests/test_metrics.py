@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,17 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridges.catalog import Catalog
+from bridges.metering import FLUSH_S, Meter, clock
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from inferoxy import metrics
 from inferoxy.client import Client, InferenceError
 from inferoxy.protocol import ErrorCode
+from model_manager.spec import ModelSpec
+from model_manager.store import Registry
 from tests.bridge_harness import WAIT_S, BridgeStack
 from tests.support import REPO, ProxyProcess, free_port, wait_for
 from tests.test_api_keys import create_key
@@ -73,6 +78,20 @@ def latencies_counted(text: str) -> collections.Counter[Key]:
 
 def moved(before: collections.Counter[Key], after: collections.Counter[Key]) -> dict[Key, int]:
     return {key: after[key] - before[key] for key in after if after[key] != before[key]}
+
+
+def settled(rest_url: str, before: str, expected: dict[Key, int]) -> str:
+    """The scrape once ``inferoxy_requests_total`` moved by ``expected`` since ``before`` (polled: other
+    processes flush every FLUSH_S); a timeout shows what moved instead."""
+    counted_before = requests_counted(before)
+    deadline = time.monotonic() + 10 * FLUSH_S + 5
+    while True:
+        after = scrape(rest_url)
+        if moved(counted_before, requests_counted(after)) == expected or time.monotonic() > deadline:
+            break
+        time.sleep(FLUSH_S / 5)
+    assert moved(counted_before, requests_counted(after)) == expected
+    return after
 
 
 # -- one request through a bridge -------------------------------------------------------------------
@@ -257,6 +276,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
         for model in ("echo", "raiser"):  # each replica is up before the counting starts
             wait_for(lambda m=model: call(proxy, "zmq", m, inputs={"fail": np.zeros(1, np.float32)}) == "ok",
                      timeout=60, interval=0.2, what=f"{model} to serve")
+
+        def warm_up_counted() -> bool:
+            # The ZeroMQ bridge flushes all it gathered at once: its last answers showing means all of them do.
+            counted = requests_counted(scrape(proxy.rest_url))
+            return bool(counted[("zmq", "echo", "1", "ok")] and counted[("zmq", "raiser", "1", "ok")])
+
+        wait_for(warm_up_counted, timeout=10, what="the warm-up's requests to be counted")
         yield proxy
 
 
@@ -268,11 +294,12 @@ def test_n_requests_through_a_bridge_show_as_n_more_under_serve(served: ProxyPro
         assert call(served, bridge, "echo") == "ok"
     assert call(served, bridge, "raiser", inputs={"fail": np.ones(1, np.float32)}) != "ok"  # predict raises
     assert call(served, bridge, "nope") != "ok"
-    after = scrape(served.rest_url)
-    assert moved(requests_counted(before), requests_counted(after)) == {
-        (bridge, "echo", "1", "ok"): n, (bridge, "raiser", "1", "model_error"): 1, (bridge, "", "", "unknown_model"): 1}
-    assert moved(latencies_counted(before), latencies_counted(after)) == {
-        (bridge, "echo", "1", "ok"): n, (bridge, "raiser", "1", "error"): 1, (bridge, "", "", "error"): 1}
+    counted = {(bridge, "echo", "1", "ok"): n, (bridge, "raiser", "1", "model_error"): 1,
+               (bridge, "", "", "unknown_model"): 1}
+    timed = {(bridge, "echo", "1", "ok"): n, (bridge, "raiser", "1", "error"): 1, (bridge, "", "", "error"): 1}
+    # Another process's bridge hands its counts to the shared samples within FLUSH_S (bridges/metering.py).
+    after = settled(served.rest_url, before, counted)
+    assert moved(latencies_counted(before), latencies_counted(after)) == timed
 
 
 def test_metrics_off_records_nothing(tmp_path: Path) -> None:
@@ -370,3 +397,33 @@ def test_every_error_code_is_a_documented_code() -> None:
     # The codes the bridges count are exactly the protocol's (a test above covers each one on each bridge).
     assert {c.value for c in ErrorCode} == {*CASES, "unauthenticated", "forbidden", "rate_limited"} - {
         "unknown_version"}
+
+
+# -- the meter alone: what its tallies hand to prometheus-client ---------------------------------------------------
+
+
+def test_tallied_latencies_land_in_the_buckets_observe_would_use() -> None:
+    # The meter adds up latencies itself and writes buckets at flush (bridges/metering.py); prometheus-client's
+    # own observe() must agree on every bucket, the count and the sum.
+    spec = ModelSpec(name="echo", model_class="examples.models.echo.model:EchoModel")
+    catalog = Catalog()
+    catalog.apply(Registry({spec.key: spec}, {"echo": "1"}, 1))
+    bridge = f"unit-{uuid.uuid4().hex[:8]}"
+    meter = Meter(bridge, catalog)
+    reference = Histogram("reference_seconds", "the same values, observed", registry=CollectorRegistry(),
+                          buckets=metrics.LATENCY_BUCKETS_S)
+    for seconds in (0.0003, 0.003, 0.003, 0.2, 100.0):
+        meter.record("echo", None, metrics.OK, clock() - seconds)  # outside a loop: flushed at once
+        reference.observe(seconds)
+    meter.record("echo", "1", "made_up", clock() - 0.003)  # an unknown code: counted as internal
+
+    def samples(metric: Any, suffix: str, **labels: str) -> dict[str, float]:
+        return {s.labels.get("le", ""): s.value for family in metric.collect() for s in family.samples
+                if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items())}
+
+    ours = {"bridge": bridge, "model": "echo", "version": "1", "outcome": "ok"}
+    assert samples(metrics.REQUEST_SECONDS, "_bucket", **ours) == samples(reference, "_bucket")
+    assert samples(metrics.REQUEST_SECONDS, "_count", **ours) == {"": 5.0}
+    assert samples(metrics.REQUEST_SECONDS, "_sum", **ours)[""] == pytest.approx(100.2063, abs=0.01)
+    assert samples(metrics.REQUESTS, "_total", bridge=bridge, code="ok") == {"": 5.0}
+    assert samples(metrics.REQUESTS, "_total", bridge=bridge, code="internal") == {"": 1.0}
