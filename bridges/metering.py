@@ -10,9 +10,9 @@ names no version is counted under the version it went to (the model's default).
 Counts are gathered per label set in plain Python numbers and handed to prometheus-client at most every
 ``FLUSH_S`` (and at each scrape of this process's registry, and when the bridge stops). Under ``serve``
 every prometheus-client update is a locked write to a memory-mapped file: a counter and a histogram
-observation cost 3.5-8.6 µs per request on the 2-core machine (depending on its load), a tally costs
-0.34 µs (``python bench/bench_metrics.py --micro``). A scrape so sees another bridge process's counts up
-to ``FLUSH_S`` late, far less than any scrape interval.
+observation cost 3.4-8.6 µs per request on the 2-core machine (depending on its load), ``record`` with
+its tally 0.54 µs (``python bench/bench_metrics.py --micro``). A scrape so sees another bridge process's
+counts up to ``FLUSH_S`` late, far less than any scrape interval.
 """
 
 from __future__ import annotations
