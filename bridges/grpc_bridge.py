@@ -315,10 +315,10 @@ class InferenceServicer:
 
     def _refused(self, raw: bytes, error: RequestError, started: float) -> str:
         """Count a request refused before it was read (a connection or stream over its bound); its id, to name it
-        in the error. The refusal path only: it parses the request once more for its model and id."""
+        in the error. Parsed as a request is (its raw tensor bytes split off uncopied), for its model and id."""
         try:
-            request = pb.ModelInferRequest.FromString(raw)
-        except (DecodeError, RuntimeError, ValueError):  # unreadable: no model, no id
+            request, _ = parse_infer_request(raw)
+        except RequestError:  # unreadable: no model, no id
             self.pipeline.meter.record(None, None, error.code, started)
             return ""
         self.pipeline.meter.record(request.model_name, request.model_version or None, error.code, started)

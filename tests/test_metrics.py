@@ -220,6 +220,30 @@ def test_grpc_stream_counts_each_message(plain: BridgeStack) -> None:
         ("grpc", "any", "1", "ok"): 2, ("grpc", "fail", "1", "model_error"): 1, ("grpc", "", "", "bad_input"): 1}
 
 
+def test_grpc_stream_refusals_past_the_bound_are_counted_under_their_model() -> None:
+    # 12 requests for "slow" (never answered; 1 s timeout) on one stream whose bound is 4: 4 run out their
+    # deadline, 8 are refused before they are read, and are counted under the model they named all the same.
+    tight = BridgeStack(client_max_outstanding=4).start()
+    try:
+        def requests() -> Iterator[bytes]:
+            for index in range(12):
+                request = pb.ModelInferRequest(model_name="slow", id=str(index))
+                request.parameters["timeout"].int64_param = 1_000_000
+                request.inputs.add(name="a", datatype="UINT8", shape=[1])
+                request.raw_input_contents.append(b"\0")
+                yield request.SerializeToString()
+
+        before = requests_counted(scrape(tight.rest_url))
+        with grpc.insecure_channel(tight.grpc_url) as channel:
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                           response_deserializer=pb.ModelStreamInferResponse.FromString)
+            assert len(list(stream(requests(), timeout=WAIT_S))) == 12
+        assert moved(before, requests_counted(scrape(tight.rest_url))) == {
+            ("grpc", "slow", "1", "deadline"): 4, ("grpc", "slow", "1", "overloaded"): 8}
+    finally:
+        tight.stop()
+
+
 # -- API keys: the codes they add, and who may read GET /metrics ---------------------------------------------------
 
 ADMIN_KEY = "metrics-test-admin-key"
