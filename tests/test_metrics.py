@@ -11,9 +11,11 @@ from __future__ import annotations
 import collections
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ from inferoxy.protocol import ErrorCode
 from model_manager.spec import ModelSpec
 from model_manager.store import Registry
 from tests.bridge_harness import WAIT_S, BridgeStack
+from tests.models_for_tests import SLOW_MODEL_SLEEPING
 from tests.support import REPO, ProxyProcess, free_port, wait_for
 from tests.test_api_keys import create_key
 
@@ -289,6 +292,8 @@ SERVED_MODELS = """
 models:
   - {name: echo, model_class: "examples.models.echo.model:EchoModel", max_batch_size: 8, max_batch_delay_ms: 0}
   - {name: raiser, model_class: "tests.models_for_tests:RaisingModel", max_batch_size: 8, max_batch_delay_ms: 0}
+  - {name: slow, model_class: "tests.models_for_tests:SlowModel", max_batch_size: 4, max_batch_delay_ms: 0,
+     env: {SLOW_MODEL_SECONDS: "30"}}
 """
 
 
@@ -324,6 +329,20 @@ def test_n_requests_through_a_bridge_show_as_n_more_under_serve(served: ProxyPro
     # Another process's bridge hands its counts to the shared samples within FLUSH_S (bridges/metering.py).
     after = settled(served.rest_url, before, counted)
     assert moved(latencies_counted(before), latencies_counted(after)) == timed
+
+
+def test_a_replica_killed_with_a_request_counts_replica_lost_under_serve(served: ProxyProcess) -> None:
+    # One request the slow replica holds (it logs when it starts sleeping on the batch); the replica is killed.
+    (victim,) = wait_for(lambda: served.replica_pids("slow"), timeout=30, what="the slow replica")
+    before = scrape(served.rest_url)
+    told: list[str] = []
+    caller = threading.Thread(target=lambda: told.append(call(served, "zmq", "slow")))
+    caller.start()
+    served.wait_for_line(SLOW_MODEL_SLEEPING, 30)
+    os.kill(victim, signal.SIGKILL)
+    caller.join(WAIT_S)
+    assert told == ["replica_lost"]
+    settled(served.rest_url, before, {("zmq", "slow", "1", "replica_lost"): 1})
 
 
 def test_metrics_off_records_nothing(tmp_path: Path) -> None:
