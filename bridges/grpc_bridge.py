@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bridges import metering, request_ids
 from bridges.auth import credential_of_header, retry_after_header
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError

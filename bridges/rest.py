@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from bridges import metering, request_ids, rest_reply, tensors
 from bridges.admin import admin_router
 from bridges.auth import credential_of_header, retry_after_header
 from bridges.errors import RequestError

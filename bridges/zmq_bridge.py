@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from bridges import metering, request_ids
 from bridges.budget import ClientLimits, Usage
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
