@@ -15,7 +15,8 @@ import pytest
 
 from tests.support import REPO
 
-REQUIRE_VARIABLES = ("CI", "INFEROXY_REQUIRE_REDIS", "INFEROXY_REQUIRE_DOCKER")
+REQUIRE_VARIABLES = ("CI", "INFEROXY_REQUIRE_REDIS", "INFEROXY_REQUIRE_DOCKER", "INFEROXY_REQUIRE_PROMETHEUS",
+                     "INFEROXY_REQUIRE_COMPOSE")
 
 
 def run_test(node: str, tmp_path: Path, *, ci: bool, **env: str) -> subprocess.CompletedProcess[str]:
@@ -27,9 +28,10 @@ def run_test(node: str, tmp_path: Path, *, ci: bool, **env: str) -> subprocess.C
     )
 
 
-def no_redis_server_path(tmp_path: Path) -> str:
-    """A PATH with every directory of this one, less any that holds redis-server."""
-    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "redis-server").exists()]
+def path_without(tmp_path: Path, *programs: str) -> str:
+    """A PATH with every directory of this one, less any that holds one of ``programs``."""
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not any((Path(d) / program).exists() for program in programs)]
     return os.pathsep.join(keep) or str(tmp_path)
 
 
@@ -40,12 +42,18 @@ CASES = {
     "dockerd": ("tests/test_docker_runtime.py::test_stop_ends_and_removes_the_container", "Docker engine"),
     "dockerd-e2e": ("tests/test_docker_end_to_end.py::test_a_sigkilled_proxy_leaves_no_container_after_its_restart",
                     "Docker engine"),
+    # Missing: Debian's prometheus package (promtool and the server), and compose.
+    "promtool": ("tests/test_deploy_stack.py::test_promtool_accepts_the_prometheus_config", "promtool"),
+    "prometheus": ("tests/test_deploy_stack.py::test_a_real_prometheus_scrapes_the_proxy", "prometheus"),
+    "docker-compose": ("tests/test_deploy_stack.py::test_compose_accepts_the_stack", "docker compose"),
 }
 
 
 def environment_without(service: str, tmp_path: Path) -> dict[str, str]:
-    if service == "redis-server":
-        return {"PATH": no_redis_server_path(tmp_path)}
+    if service == "docker-compose":  # and `docker compose`, where the CLI has the plugin
+        return {"PATH": path_without(tmp_path, "docker-compose", "docker")}
+    if service in ("redis-server", "promtool", "prometheus"):
+        return {"PATH": path_without(tmp_path, service)}
     return {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
 
 
