@@ -298,21 +298,32 @@ def test_compose_refuses_to_start_without_the_passwords(tmp_path: Path) -> None:
 # --- b) a real Prometheus scraping a running proxy -------------------------------------------------
 
 
-class Prometheus:
-    """Debian's Prometheus on a loopback port, with the repository's config aimed at one target."""
+def scrape_config(target: str, key_file: Path | None = None) -> dict[str, Any]:
+    """The repository's prometheus.yml aimed at ``target`` every second; with ``key_file``, its commented
+    ``authorization`` block switched on and pointed at that file, as its comment tells an operator to."""
+    text = PROMETHEUS_YML.read_text()
+    if key_file is not None:
+        commented = "    # authorization:\n    #   credentials_file: /etc/prometheus/inferoxy-key\n"
+        assert commented in text, "prometheus.yml no longer has the authorization block its README describes"
+        text = text.replace(commented, f"    authorization:\n      credentials_file: {key_file}\n")
+    config = yaml.safe_load(text)
+    config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+    # The repository's inferoxy job, scraping the test's proxy; no other job, so nothing leaves loopback.
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "inferoxy"]
+    job["scrape_interval"] = "1s"
+    job["static_configs"] = [{"targets": [target]}]
+    config["scrape_configs"] = [job]
+    return config
 
-    def __init__(self, program: str, target: str) -> None:
+
+class Prometheus:
+    """Debian's Prometheus on a loopback port, running ``config``, its data in a directory of its own."""
+
+    def __init__(self, program: str, config: dict[str, Any]) -> None:
         self.program = program
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.directory = Path(tempfile.mkdtemp(prefix="inferoxy-prometheus-"))
-        config = load_yaml(PROMETHEUS_YML)
-        config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
-        # The repository's inferoxy job, scraping the test's proxy; no other job, so nothing leaves loopback.
-        (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "inferoxy"]
-        job["scrape_interval"] = "1s"
-        job["static_configs"] = [{"targets": [target]}]
-        config["scrape_configs"] = [job]
         self.config = self.directory / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config))
         self.log = self.directory / "prometheus.log"
@@ -365,7 +376,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyPro
     models.write_text(yaml.safe_dump({"models": {"echo": {"model_class": "examples.models.echo.model:EchoModel",
                                                           "max_batch_size": 8, "min_replicas": 1}}}))
     proxy = ProxyProcess(env={"INFEROXY_MODELS_FILE": str(models)}).start()
-    prometheus = Prometheus(program, f"127.0.0.1:{proxy.rest_port}")
+    prometheus = Prometheus(program, scrape_config(f"127.0.0.1:{proxy.rest_port}"))
     try:
         prometheus.start()
         yield proxy, prometheus
@@ -402,3 +413,32 @@ def test_every_dashboard_expression_runs_on_the_scraped_proxy(scraped: tuple[Pro
             # Grafana's own function: the metric it reads must answer as a series selector.
             expr = re.fullmatch(r"label_values\((\w+), *\w+\)", expr).group(1)  # type: ignore[union-attr]
         prometheus.query(substitute(expr))
+
+
+def test_prometheus_scrapes_a_proxy_that_requires_keys_with_the_key_file_its_config_describes(tmp_path: Path) -> None:
+    # docs/METRICS.md: with keys required and metadata closed, /metrics needs a key that may call every model.
+    program = require_program("prometheus", REQUIRE_PROMETHEUS)
+    admin_key = "deploy-test-admin-key"
+    proxy = ProxyProcess(env={"INFEROXY_MODELS_FILE": "", "INFEROXY_AUTH": "required",
+                              "INFEROXY_AUTH_METADATA": "true", "INFEROXY_ADMIN_KEY": admin_key}).start()
+    prometheus: Prometheus | None = None
+    try:
+        created = httpx.post(f"{proxy.rest_url}/v2/admin/keys", json={"name": "prometheus", "scopes": ["infer"]},
+                             headers={"X-Inferoxy-Admin-Key": admin_key}, timeout=10)
+        assert created.status_code == 201, created.text
+        key_file = tmp_path / "inferoxy-key"
+        key_file.write_text(created.json()["key"])
+        target = f"127.0.0.1:{proxy.rest_port}"
+        config = scrape_config(target, key_file)
+        # The same job without the key, to see that the proxy does refuse an anonymous scrape.
+        anonymous = {**scrape_config(target)["scrape_configs"][0], "job_name": "anonymous"}
+        config["scrape_configs"].append(anonymous)
+        prometheus = running = Prometheus(program, config)
+        running.start()  # assigned first, so a start that fails is still stopped and cleaned below
+        wait_for(lambda: running.value('up{job="inferoxy"}') == 1.0 and running.value('up{job="anonymous"}') == 0.0,
+                 timeout=30, interval=0.25, what="the keyed scrape to succeed and the anonymous one to fail")
+        assert running.value('sum(inferoxy_component_up{job="inferoxy"})') == len(proxy.component_pids())
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        proxy.stop()
