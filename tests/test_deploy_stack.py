@@ -170,8 +170,8 @@ def test_grafana_provisioning_points_at_the_dashboard_and_the_prometheus_of_the_
 def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
     # promtool parses a rule's expression with Prometheus's own parser: one recording rule per expression.
     promtool = require_program("promtool", REQUIRE_PROMETHEUS)
-    rules = [{"record": f"dashboard:expr{i}", "expr": substitute(expr)}
-             for i, expr in enumerate(expressions(dashboard())) if not expr.startswith("label_values(")]
+    exprs = expressions(dashboard())
+    rules = [{"record": f"dashboard:expr{i}", "expr": as_promql(expr)} for i, expr in enumerate(exprs)]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
@@ -182,7 +182,12 @@ def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
     assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, timeout=60).returncode != 0
 
 
-def substitute(expr: str) -> str:
+def as_promql(expr: str) -> str:
+    """What Prometheus gets for ``expr``: Grafana's variables filled in; for ``label_values(SELECTOR, label)``
+    (Grafana's own function, for a variable's choices) the selector it reads."""
+    found = re.fullmatch(r"label_values\((.+), *\w+\)", expr)
+    if found:
+        expr = found.group(1)
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
     return expr
@@ -409,10 +414,7 @@ def test_a_real_prometheus_scrapes_the_proxy(scraped: tuple[ProxyProcess, Promet
 def test_every_dashboard_expression_runs_on_the_scraped_proxy(scraped: tuple[ProxyProcess, Prometheus]) -> None:
     _, prometheus = scraped
     for expr in expressions(dashboard()):
-        if expr.startswith("label_values("):
-            # Grafana's own function: the metric it reads must answer as a series selector.
-            expr = re.fullmatch(r"label_values\((\w+), *\w+\)", expr).group(1)  # type: ignore[union-attr]
-        prometheus.query(substitute(expr))
+        prometheus.query(as_promql(expr))
 
 
 def test_prometheus_scrapes_a_proxy_that_requires_keys_with_the_key_file_its_config_describes(tmp_path: Path) -> None:
