@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from inferoxy import metrics
+from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
 from tests.support import REPO, ProxyProcess, free_port, require_program, require_service, wait_for
 
@@ -409,6 +410,12 @@ def test_a_real_prometheus_scrapes_the_proxy(scraped: tuple[ProxyProcess, Promet
              what=f"sum(inferoxy_component_up) == {len(components)} ({sorted(components)})")
     names = {series["metric"]["component"] for series in prometheus.query("inferoxy_component_up == 1")}
     assert names == set(components)
+    # The requests above, and one for a model that does not exist, counted by bridge, model and code.
+    assert httpx.post(f"{proxy.rest_url}/v2/models/no-such-model/infer", json=body, timeout=30).status_code == 404
+    unknown = ErrorCode.UNKNOWN_MODEL.value
+    wait_for(lambda: prometheus.value('sum(inferoxy_requests_total{bridge="rest",model="echo",code="ok"})') == REQUESTS
+             and prometheus.value(f'sum(inferoxy_requests_total{{bridge="rest",code="{unknown}"}})') == 1.0,
+             timeout=30, interval=0.25, what=f"Prometheus to count {REQUESTS} echo requests and 1 {unknown}")
 
 
 def test_every_dashboard_expression_runs_on_the_scraped_proxy(scraped: tuple[ProxyProcess, Prometheus]) -> None:
