@@ -10,6 +10,7 @@ Runs inside model images: standard library, numpy and ``inferoxy.{wire,protocol,
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,15 +161,18 @@ def _answer_batch(model: Model, replica_id: str, header: Mapping[str, Any],
             return answer_session_batch(model, sessions if sessions is not None else SessionStore(model), replica_id,
                                         header, tensors)
         inputs, rows = gather_inputs(header, tensors)
+        started = time.perf_counter_ns()
         try:
             outputs = model.predict(inputs)
         except Exception as exc:
             log.exception("predict raised on batch %s", batch_id)
             raise BatchError(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}") from None
+        compute_ns = time.perf_counter_ns() - started
         result = split_ragged_outputs(outputs, len(rows)) if header.get("ragged") is True else split_outputs(
             outputs, rows)
         items = [{"n": len(outputs)} for _ in rows]
-        return wire.encode({"t": protocol.RESULT, "replica": replica_id, "batch": batch_id, "items": items}, result)
+        return wire.encode({"t": protocol.RESULT, "replica": replica_id, "batch": batch_id, "items": items,
+                            "compute_ns": compute_ns}, result)
     except BatchError as exc:
         if exc.code is ErrorCode.MODEL_ERROR:
             log.error("batch %s: %s", batch_id, exc)
@@ -242,6 +246,7 @@ def answer_session_batch(model: StatefulModel, store: SessionStore, replica_id: 
         for item in items
     ]
     result: list[tuple[str, np.ndarray]] = []
+    compute_ns: int | None = None  # no predict ran: every item's session was lost
     try:
         if kept:
             sub_header = {"items": [items[i] for i in kept], "ragged": header.get("ragged")}
@@ -255,6 +260,7 @@ def answer_session_batch(model: StatefulModel, store: SessionStore, replica_id: 
                 sessions.append(Session(session_id, store.states[session_id], span, items[i].get("start") is True,
                                         items[i].get("end") is True))
                 offset += count
+            started = time.perf_counter_ns()
             try:
                 outputs = model.predict(inputs, sessions)
             except Exception as exc:
@@ -263,6 +269,7 @@ def answer_session_batch(model: StatefulModel, store: SessionStore, replica_id: 
             finally:
                 for session in sessions:
                     store.states[session.id] = session.state
+            compute_ns = time.perf_counter_ns() - started
             result = split_ragged_outputs(outputs, len(rows)) if header.get("ragged") is True else split_outputs(
                 outputs, rows)
             for i in kept:
@@ -272,7 +279,10 @@ def answer_session_batch(model: StatefulModel, store: SessionStore, replica_id: 
         for item in items:
             if item.get("end") is True:
                 store.end(item.get("session"))
-    return wire.encode({"t": protocol.RESULT, "replica": replica_id, "batch": batch_id, "items": answers}, result)
+    header_out: dict[str, Any] = {"t": protocol.RESULT, "replica": replica_id, "batch": batch_id, "items": answers}
+    if compute_ns is not None:
+        header_out["compute_ns"] = compute_ns
+    return wire.encode(header_out, result)
 
 
 def failed_message(replica_id: str, batch_id: Any, code: ErrorCode, message: str) -> list[wire.Frame]:

@@ -175,11 +175,13 @@ class ResultItem(msgspec.Struct, omit_defaults=True, gc=False):
     message: str | None = None
 
 
-class Result(Message, tag="result"):
+class Result(Message, tag="result", omit_defaults=True):
     replica: ReplicaId
     batch: int
     items: list[ResultItem]
     tensors: list[TensorMeta] = []
+    # How long the model's predict took, as the replica measured it; replicas built before it leave it out.
+    compute_ns: Count | None = None
 
 
 class Failed(Message, tag="failed"):

@@ -48,6 +48,8 @@ SAME: list[tuple[m.Message, dict[str, Any]]] = [
               tensors=[META]),
      {"t": "result", "replica": "r1", "batch": 3, "items": [{"n": 1}, {"n": 0, "code": "session_lost",
                                                                           "message": "x"}], "tensors": [META]}),
+    (m.Result(replica="r1", batch=4, items=[m.ResultItem(n=1)], tensors=[META], compute_ns=1_500_000),
+     {"t": "result", "replica": "r1", "batch": 4, "items": [{"n": 1}], "tensors": [META], "compute_ns": 1_500_000}),
     (m.Failed(replica="r1", batch=3, code="model_error", message="ZeroDivisionError"),
      {"t": "failed", "replica": "r1", "batch": 3, "code": "model_error", "message": "ZeroDivisionError"}),
     (m.Ready(replica="r1", model="m", version="1", capacity=2, pid=99),
