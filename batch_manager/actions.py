@@ -65,6 +65,8 @@ class Dispatch:
     frames: list[Any]
     ragged: bool = False
     end_sessions: list[SessionId] | None = None
+    # How long each item's request waited between its arrival and this batch, in seconds (the queue wait metric).
+    waits: list[float] = field(default_factory=list)
 
     def header(self) -> m.Batch:
         # An empty end_sessions is left out, as the optional fields are (docs/PROTOCOL.md).

@@ -48,6 +48,7 @@ class Admission:
         self._seq += 1
         pending = Pending(self._seq, request, spec, signature, rows, now, self._aging_s, header_bytes)
         model.queued += 1
+        self._book.changed.add(model.key)
         self._book.live[request.origin] = pending
         heapq.heappush(self._deadlines, (pending.deadline, pending.seq, pending))
         return pending
@@ -55,6 +56,7 @@ class Admission:
     def unqueue(self, pending: Pending) -> None:
         """Take a queued request out of the counts; its group or session drops the entry lazily."""
         self._book.models[pending.spec.key].queued -= 1
+        self._book.changed.add(pending.spec.key)
         if pending.group is not None:
             pending.group.rows -= pending.rows
 

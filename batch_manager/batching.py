@@ -88,8 +88,10 @@ class Batching:
         """Send the group's first requests by rank, up to max_batch_size rows, as one batch to ``replica``."""
         spec = group.spec
         limit = spec.max_batch_size
+        self._book.changed.add(model.key)
         room = header_room(self.max_header_bytes, spec.name, spec.version, len(str(replica.id)))
         taken: list[Pending] = []
+        waits: list[float] = []
         rows = header_bytes = nbytes = 0
         while True:
             pending = group.head()
@@ -112,6 +114,7 @@ class Batching:
             model.queued -= 1
             pending.state = State.IN_FLIGHT
             taken.append(pending)
+            waits.append(now - pending.arrival)
             rows += pending.rows
             header_bytes += pending.header_bytes
             nbytes += pending.nbytes
@@ -131,7 +134,7 @@ class Batching:
             items = [m.BatchItem(pending.seq, len(pending.metas), rid=pending.rid) for pending in taken]
         metas, frames = batch_tensors(taken)
         out.append(Dispatch(replica.id, batch.id, spec.name, spec.version, items, metas, frames,
-                            ragged=spec.ragged_batches))
+                            ragged=spec.ragged_batches, waits=waits))
 
     def _send_ends(self, replica: Replica, out: list[Action]) -> None:
         """A batch with no items that tells the replica to run the end hook of sessions that idled out."""
@@ -149,6 +152,7 @@ class Batching:
         replica.batches[batch.id] = batch
         replica.last_used = self._use_seq
         self._book.batches[batch.id] = batch
+        self._book.changed.add(replica.model_key)
         return batch
 
     def take_batch(self, replica_id: ReplicaId, batch_id: int) -> Batch | None:
@@ -162,11 +166,13 @@ class Batching:
             return None
         del self._book.batches[batch_id]
         del batch.replica.batches[batch_id]
+        self._book.changed.add(batch.replica.model_key)
         return batch
 
     def settle(self, batch: Batch) -> None:
         """Forget a batch whose replica went; its late answer is expected, not a mix-up."""
         del self._book.batches[batch.id]
+        self._book.changed.add(batch.replica.model_key)
         self._settled[batch.id] = None
         if len(self._settled) > SETTLED_BATCHES_REMEMBERED:
             del self._settled[next(iter(self._settled))]

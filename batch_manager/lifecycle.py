@@ -141,6 +141,7 @@ class Lifecycle:
 
     def fail_queued(self, model: Model, code: ErrorCode, message: str, out: list[Action]) -> None:
         """Fail every request of ``model`` not yet at a replica and end its sessions; in-flight batches go on."""
+        self._book.changed.add(model.key)
         for session in list(model.sessions.values()):
             self._sessions.lose(model, session, code, message, out, answer_in_flight=False)
         for group in model.all_groups():
@@ -159,6 +160,7 @@ class Lifecycle:
 
     def _drop_replica(self, replica: Replica, reason: str, now: float, out: list[Action], *, retry: bool) -> None:
         del self._book.replicas[replica.id]
+        self._book.changed.add(replica.model_key)  # its batches and sessions leave the counts with it
         model = self._book.model(replica.model_key)
         model.replicas.pop(replica.id, None)
         message = f"the session's replica {replica.id!r} is gone ({reason}); its state is gone"
@@ -191,6 +193,7 @@ class Lifecycle:
                 pending.retried = True
                 pending.state = State.QUEUED
                 model.queued += 1
+                self._book.changed.add(model.key)
                 self._batching.enqueue(model, pending, front=True)
             else:
                 self._admission.fail(pending, ErrorCode.REPLICA_LOST, reason, out)

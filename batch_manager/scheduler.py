@@ -32,7 +32,7 @@ from batch_manager.lifecycle import REFUSING_STATES, Lifecycle
 from batch_manager.messages import Origin, ReplicaId, TensorMeta
 from batch_manager.params import SessionId
 from batch_manager.sessions import Sessions
-from batch_manager.state import Book, Model, Session, Signature, State
+from batch_manager.state import Book, Model, ModelCounts, Session, Signature, State
 from batch_manager.wakeups import Wakeups, scan_groups
 from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
@@ -41,7 +41,8 @@ from model_manager.spec import ModelSpec, ServingState
 from model_manager.store import Registry
 
 __all__ = ["DEFAULT_MAX_BATCH_BYTES", "DEFAULT_MAX_QUEUE_SIZE", "DEFAULT_PRIORITY_AGING_S", "REFUSING_STATES",
-           "Action", "Dispatch", "ItemError", "ModelDrained", "Reply", "Request", "Scheduler"]
+           "Action", "Dispatch", "ItemError", "ModelCounts", "ModelDrained", "Reply", "Request",
+           "Scheduler"]
 
 
 # What a request that may queue is: its spec, model version, rows, signature and share of a batch header.
@@ -323,6 +324,7 @@ class Scheduler:
         """Answer every request still held (the batch manager is stopping); replicas' credit is returned."""
         out: list[Action] = []
         self._book.touch_all()
+        self._book.changed.update(self._book.models)
         self._admission.fail_all(code, message, out)
         for model in self._book.models.values():
             model.groups.clear()
@@ -362,6 +364,22 @@ class Scheduler:
             model = models.get(model_key)
             return model.queued if model else 0
         return sum(model.queued for model in models.values())
+
+    def take_changed(self) -> list[tuple[str, ModelCounts]]:
+        """The model versions whose counts may have moved since the last call, with their counts now (zero once
+        forgotten). The service sets its gauges from these: the cost follows what changed, not the model count."""
+        book = self._book
+        changed = [(key, book.counts(key)) for key in book.changed]
+        book.changed.clear()
+        return changed
+
+    def counts(self, model_key: str) -> ModelCounts:
+        return self._book.counts(model_key)
+
+    def model_of(self, replica_id: ReplicaId) -> str | None:
+        """The model version (``name/version``) a known replica serves."""
+        replica = self._book.replicas.get(replica_id)
+        return replica.model_key if replica is not None else None
 
     def pending(self) -> int:
         """Requests not answered yet, queued or in flight."""

@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from batch_manager.messages import ReplicaId
 from batch_manager.params import parse_params
+from batch_manager.recorder import Recorder
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from inferoxy import curve, envelope
 from inferoxy import messages as m
@@ -64,6 +65,7 @@ class BatchManager:
         self.scheduler = Scheduler(max_queue_size=max_queue_size or settings.max_queue_size,
                                    priority_aging_s=settings.priority_aging_ms / 1000.0,
                                    max_batch_bytes=settings.max_message_bytes)
+        self.recorder = Recorder(self.scheduler)
         self._default_timeout_s = settings.request_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         # Plain sockets: the reactor reads them, sends never wait.
@@ -106,7 +108,7 @@ class BatchManager:
             loaded.cancel()
             if not self._registry_loaded.is_set():
                 log.warning("no model registry after %.0fs; requests are refused until it loads", REGISTRY_WAIT_S)
-            self._reactor = Reactor(after_drain=self._arm_timer)
+            self._reactor = Reactor(after_drain=self._after_drain)
             self._reactor.add(self._bridges, self._on_bridge_message)
             self._reactor.add(self._task_manager, self._on_task_manager_message)
             tasks.append(asyncio.create_task(self._heartbeat(), name="batch_manager.heartbeat"))
@@ -123,6 +125,7 @@ class BatchManager:
             if self._bridges is not None:
                 # Bridges still connected hear now rather than at their own timeout.
                 self._perform(self.scheduler.fail_all(ErrorCode.NOT_READY, "the batch manager is stopping"))
+                self.recorder.flush()
             if self._reactor is not None:
                 self._reactor.close()
                 self._reactor = None
@@ -271,6 +274,8 @@ class BatchManager:
                     # The batch is known, so its requests hear about it now rather than at their deadline.
                     return self.scheduler.on_failed(replica, batch_id, ErrorCode.INTERNAL.value,
                                                     f"the replica sent a malformed result: {exc}", now)
+                if msg.compute_ns is not None:
+                    self.recorder.computed(replica, msg.compute_ns)
                 errors = None
                 if any(item.code is not None for item in items):
                     errors = [None if item.code is None else (item.code, item.message or "the item failed")
@@ -350,7 +355,9 @@ class BatchManager:
                 if not self._send(self._task_manager, [m.encode(action.header())]):
                     log.warning("could not tell the task manager that model %s/%s drained; it stops its replicas "
                                 "after its grace", action.model, action.version)
-            elif not self._send_batch(action):
+            elif self._send_batch(action):
+                self.recorder.dispatched(action)
+            else:
                 work.extend(self.scheduler.on_failed(
                     action.replica, action.batch_id, ErrorCode.NOT_READY.value,
                     "the task manager cannot take batches now", self._now()))
@@ -374,13 +381,17 @@ class BatchManager:
         if self._reactor is not None:
             self._reactor.wake()
         else:
-            self._arm_timer()
+            self._after_drain()
 
     # --- time ----------------------------------------------------------------------------------------
 
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
+
+    def _after_drain(self) -> None:
+        self.recorder.flush()  # once per drain, however many messages it handled
+        self._arm_timer()
 
     def _arm_timer(self) -> None:
         """Sleep exactly until the scheduler's next wake-up: no polling tick on the request path."""

@@ -109,6 +109,7 @@ class Sessions:
             return False
         session.replica = best
         best.sessions[session.id] = session
+        self._book.changed.add(session.model_key)
         return True
 
     def place_waiting(self, model: Model, now: float, out: list[Action]) -> None:
@@ -196,6 +197,7 @@ class Sessions:
         replica = session.replica
         if replica is not None:
             replica.sessions.pop(session.id, None)
+            self._book.changed.add(session.model_key)
             if notify and session.started and self._book.replicas.get(replica.id) is replica:
                 replica.pending_ends.append(session.id)
             self.place_waiting(model, now, out)  # the caller pumps
@@ -209,6 +211,7 @@ class Sessions:
         self._remember_end(model, session.id, message)
         if session.replica is not None:
             session.replica.sessions.pop(session.id, None)
+            self._book.changed.add(session.model_key)
         doomed = list(session.queue)
         if session.active is not None:
             doomed.append(session.active)

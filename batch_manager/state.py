@@ -197,6 +197,11 @@ class Model:
         return list(self.groups.values()) + [g for r in self.replicas.values() for g in r.groups.values()]
 
 
+# What a model version's gauges show: (requests queued, batches sent and unanswered, sessions pinned to a
+# replica). A plain tuple: it is built for every changed model version after every socket drain.
+ModelCounts = tuple[int, int, int]
+
+
 class Book:
     """What every part of the scheduler reads: the registry view, model versions, replicas, batches, requests."""
 
@@ -213,6 +218,9 @@ class Book:
         self.deleting: dict[str, ModelSpec] = {}
         # Model versions reached since the last ``forget_idle``: only these can have become idle.
         self.touched: set[str] = set()
+        # Model versions whose queued requests, batches at replicas or pinned sessions may have changed since the
+        # caller last asked (``Scheduler.take_changed``): its gauges are set from these, not from a scan.
+        self.changed: set[str] = set()
 
     def model(self, key: str) -> Model:
         """The model version's record, made if it has none; the caller is about to change it."""
@@ -226,6 +234,17 @@ class Book:
         """The registry's spec of a model version, or the last one of a removed model version still draining."""
         spec = self.registry.specs.get(key) if self.registry else None
         return spec if spec is not None else self.deleting.get(key)
+
+    def counts(self, key: str) -> ModelCounts:
+        """A model version's requests queued, batches at its replicas and sessions pinned to a replica."""
+        model = self.models.get(key)
+        if model is None:
+            return 0, 0, 0
+        in_flight = sessions = 0
+        for replica in model.replicas.values():
+            in_flight += len(replica.batches)
+            sessions += len(replica.sessions)
+        return model.queued, in_flight, sessions
 
     def touch_all(self) -> None:
         self.touched.update(self.models)

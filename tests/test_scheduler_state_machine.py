@@ -50,6 +50,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.status: dict[str, ServingState] = {}  # model -> the state the task manager last reported
         self.registered: set[str] = set(SPECS)  # models in the registry
         self.deleting: set[str] = set()  # removed from the registry, ModelDrained not yet said
+        # What the service's gauges would show: (queued, in flight, sessions), set only from take_changed.
+        self.gauges: dict[str, tuple[int, int, int]] = {}
 
     # --- checking every action -----------------------------------------------------------------------
 
@@ -244,6 +246,20 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def the_wakeup_heap_agrees_with_a_scan_of_every_group(self) -> None:
         assert self.scheduler.next_wakeup() == self.scheduler.next_wakeup_by_scan()
+
+    @invariant()
+    def gauges_set_from_what_changed_match_the_counts(self) -> None:
+        # The service sets its gauges only for the model versions take_changed names: one whose counts moved
+        # without being named would leave its gauge stale (a queue depth that never returns to 0).
+        for key, counts in self.scheduler.take_changed():
+            self.gauges[key] = counts
+        for spec in SPECS.values():
+            counts = self.scheduler.counts(spec.key)
+            assert self.gauges.get(spec.key, (0, 0, 0)) == counts, (spec.key, self.gauges.get(spec.key), counts)
+            assert counts[0] == self.scheduler.queued(spec.key)
+        in_flight = Counter(d.model for d in self.outstanding)
+        for model, spec in SPECS.items():
+            assert self.scheduler.counts(spec.key)[1] == in_flight[model]
 
     @invariant()
     def nothing_is_answered_twice(self) -> None:
