@@ -56,6 +56,8 @@ class Replica:
     """The group's generation (spec revision that changes replicas) it was started for."""
     gpu: str | None = None
     """The GPU it was placed on; None: it holds one of the CPU slots."""
+    counted_as: str | None = None
+    """The state the ``inferoxy_replicas`` gauge counts it under (``replica_metrics``); None: not counted."""
 
     @property
     def identity(self) -> bytes:
@@ -93,6 +95,8 @@ class ModelGroup:
     """While removed but not yet drained: the batch managers whose ``model_drained`` it still waits for."""
     replacing: dict[str, str] = field(default_factory=dict)
     """Replicas lost (dead, silent, stuck) and not yet gone, by id: why. Readiness names them meanwhile."""
+    dead_unreplaced: int = 0
+    """Replicas that died and were not started again yet: the next starts count as restarts (metrics)."""
 
     @property
     def desired(self) -> int:

@@ -49,6 +49,7 @@ from inferoxy import messages as m
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from model_manager.store import Registry, SpecStore, open_store
+from task_manager import replica_metrics
 from task_manager.announce import Announcer
 from task_manager.gpus import GpuAllocator, gpu_inventory
 from task_manager.placement import Placement, replica_plan
@@ -235,6 +236,7 @@ class TaskManager:
         replica.pid = msg.pid
         replica.state = ReplicaState.READY
         replica.ready_at = time.monotonic()
+        replica_metrics.ready(replica)
         log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
                  replica.ready_at - replica.started_at, replica.pid, replica.capacity)
         self.announce.replica_up(replica)
@@ -369,6 +371,7 @@ class TaskManager:
         replica.task = asyncio.create_task(
             run_replica(self.runtime, self._plan(replica), replica, self._ended),
             name=f"replica {new_id}")
+        replica_metrics.started(replica, group)
         self._status_changed(group)
         return True
 
@@ -388,6 +391,7 @@ class TaskManager:
         replica.state = ReplicaState.STOPPING
         replica.end_reason = reason
         replica.wanted_gone = wanted
+        replica_metrics.moved(replica)
         if wanted:
             self.announce.replica_draining(replica, reason)
             self.relay.send_replica(replica, [m.encode(m.Stop())])
@@ -410,6 +414,9 @@ class TaskManager:
         group = replica.group
         group.replicas.pop(replica.id, None)
         group.replacing.pop(replica.id, None)
+        replica_metrics.gone(replica)
+        if not replica.wanted_gone:
+            replica_metrics.died(replica, group)
         reason = clip_reason(f"{replica.end_reason}; {how}" if replica.end_reason else how)
         # Down first: a batch manager must know the replica is dead before any `failed` of its batches, or
         # the credit each returns would send the retry and the queue to the corpse.
@@ -456,6 +463,8 @@ class TaskManager:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        for replica in replicas:
+            replica_metrics.gone(replica)  # a replica task cancelled past the budget never reported its end
         self._replicas.clear()
 
     async def _final_cleanup(self, runtime: Runtime, store: SpecStore) -> None:
