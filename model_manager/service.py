@@ -177,6 +177,7 @@ class ModelManager:
                 await self.seed(store)
                 return
             except (RedisError, ConnectionError) as exc:  # a bad models.yaml is not retried: it fails the start
+                store.watch_state.unreachable(str(exc) or type(exc).__name__)  # health and inferoxy_redis_up say so
                 log.warning("model registry unreachable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -40,6 +40,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from inferoxy import metrics
 from model_manager.spec import ModelSpec, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -333,7 +334,8 @@ async def wait_for_event(pubsub: Any, timeout_s: float) -> None:
 
 
 class WatchState:
-    """Whether a watcher reaches Redis, and which revision it serves: what health checks report."""
+    """Whether a watcher reaches Redis, and which revision it serves: what health checks and the
+    ``inferoxy_redis_up`` / ``inferoxy_registry_revision`` gauges report (this process's view)."""
 
     def __init__(self) -> None:
         self.connected = False
@@ -346,14 +348,17 @@ class WatchState:
         if not self.connected:
             self.since = time.monotonic()
         self.connected, self.error, self.revision_seen = True, None, revision
+        metrics.REDIS_UP.set(1)
 
     def applied(self, revision: int) -> None:
         self.revision_applied = revision
+        metrics.REGISTRY_REVISION.set(revision)
 
     def unreachable(self, error: str) -> None:
         if self.connected or self.error is None:
             self.since = time.monotonic()
         self.connected, self.error = False, error
+        metrics.REDIS_UP.set(0)
 
 
 class Registry:
