@@ -293,6 +293,41 @@ def test_task_manager_counts_replicas_starts_deaths_and_restarts(redis_url: str)
     tm.run(redis_url, scenario)
 
 
+def test_a_replica_is_counted_under_one_state_at_a_time() -> None:
+    from task_manager import replica_metrics
+    from task_manager.replicas import ModelGroup, Replica, ReplicaState
+
+    name = unique("tmu")
+    spec = ModelSpec(name=name, model_class="x:Y", min_replicas=1)
+    group = ModelGroup(spec)
+    lost = Replica("a", spec, group, started_at=10.0)
+    drained = Replica("b", spec, group, started_at=10.0)
+    for replica in (lost, drained):
+        replica_metrics.started(replica, group)
+        replica_metrics.moved(replica)  # again: no change, no double count
+    assert replicas_by_state(name) == {"starting": 2, "ready": 0, "draining": 0, "failed": 0}
+    for replica in (lost, drained):
+        replica.state, replica.ready_at = ReplicaState.READY, 12.5
+        replica_metrics.ready(replica)
+    assert replicas_by_state(name) == {"starting": 0, "ready": 2, "draining": 0, "failed": 0}
+    assert value("inferoxy_replica_ready_seconds_sum", model=name, version="1") == 5.0
+    lost.state, lost.wanted_gone = ReplicaState.STOPPING, False  # silent: killed as lost
+    drained.state, drained.wanted_gone = ReplicaState.STOPPING, True  # scaled down: drained
+    replica_metrics.moved(lost)
+    replica_metrics.moved(drained)
+    assert replicas_by_state(name) == {"starting": 0, "ready": 0, "draining": 1, "failed": 1}
+    replica_metrics.gone(lost)
+    replica_metrics.died(lost, group)
+    replica_metrics.gone(drained)
+    replica_metrics.gone(drained)  # again: it left the gauge once
+    assert replicas_by_state(name) == {"starting": 0, "ready": 0, "draining": 0, "failed": 0}
+    replica_metrics.started(Replica("c", spec, group, started_at=20.0), group)
+    replica_metrics.started(Replica("d", spec, group, started_at=20.0), group)  # one died: one restart, not two
+    assert value("inferoxy_replica_restarts_total", model=name, version="1") == 1
+    assert value("inferoxy_replica_starts_total", model=name, version="1") == 4
+    assert value("inferoxy_replica_deaths_total", model=name, version="1") == 1
+
+
 def test_replicas_gauge_returns_to_zero_when_the_task_manager_stops(redis_url: str) -> None:
     name = unique("tms")
 
