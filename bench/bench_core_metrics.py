@@ -16,6 +16,11 @@ Figures are the median per-request time of a round, in microseconds, each mode i
   ``batch_manager`` package extracted with ``git archive``), without the recorder: what the changed-set
   bookkeeping and the queue waits on each ``Dispatch`` cost the scheduler itself.
 
+``--proxy N``: instead, the CPU each process of a real ``inferoxy serve`` (ZeroMQ bridge only, process
+replicas, the echo model) spends per request over N requests at ``--concurrency`` C, with
+``INFEROXY_METRICS`` true and false in alternating rounds (``--rounds-proxy``): CPU per request is steadier
+than requests per second on a shared machine, and it names the process that pays.
+
 A shared 2-core machine is noisy: compare the modes of one run, not figures of different runs.
 """
 
@@ -91,14 +96,75 @@ def run_child(mode: str, args: argparse.Namespace, env: dict[str, str]) -> dict[
     return figures
 
 
+def proxy_round(metrics_on: bool, requests: int, concurrency: int) -> dict[str, float]:
+    """CPU µs per request of each process of one ``inferoxy serve``."""
+    import asyncio
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "bench"))
+    import procs
+
+    from inferoxy.client import AsyncClient
+    from tests.support import ProxyProcess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models.yaml"
+        models.write_text("models:\n  echo:\n    model_class: examples.models.echo.model:EchoModel\n"
+                          "    max_batch_size: 64\n    max_batch_delay_ms: 0\n")
+        env = {"INFEROXY_MODELS_FILE": str(models), "INFEROXY_BRIDGES": "zmq", "INFEROXY_LOG_LEVEL": "WARNING",
+               "INFEROXY_METRICS": "true" if metrics_on else "false", "PYTHONPATH": str(REPO)}
+        with ProxyProcess(env=env) as proxy:
+            assert proxy.process is not None
+            x = {"x": np.ones((1, 16), np.float32)}
+
+            async def load(count: int) -> None:
+                async with AsyncClient(proxy.zmq_url, timeout=60) as client:
+                    await client.infer("echo", x)  # the replica is up
+                    left = count
+
+                    async def worker() -> None:
+                        nonlocal left
+                        while left > 0:
+                            left -= 1
+                            await client.infer("echo", x)
+
+                    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+            asyncio.run(load(500))  # warm
+            before = procs.cpu_by_label(proxy.process.pid)
+            asyncio.run(load(requests))
+            after = procs.cpu_by_label(proxy.process.pid)
+    return {name: (after[name] - before.get(name, 0.0)) / requests * 1e6 for name in after}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3000)
     parser.add_argument("--compare-ref", default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--proxy", type=int, default=0, help="requests per round through a real serve")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds-proxy", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.proxy:
+        rows: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+        for _ in range(args.rounds_proxy):
+            for label, on in (("on", True), ("off", False)):
+                rows[label].append(proxy_round(on, args.proxy, args.concurrency))
+        names = sorted({name for runs in rows.values() for run in runs for name in run})
+        print(f"CPU µs per request, {args.proxy} requests at concurrency {args.concurrency}, rounds alternating")
+        for name in names:
+            figures = "  ".join(f"{label} " + " / ".join(f"{run.get(name, 0.0):.1f}" for run in runs)
+                                for label, runs in rows.items())
+            print(f"{name:14} {figures}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     if args.child:
         print(json.dumps(child(args.child, args.batch_sizes, args.rounds)))
         return
