@@ -7,15 +7,14 @@ truth and return to 0 with the queue. Each is this process's value (``livesum`` 
 
 Hot path. Under ``inferoxy serve`` every metric write goes to the shared samples directory (an mmap
 write under a lock, 1-2 µs), and a batch of one request would cost six of them. So observations are
-counted in plain ints per bucket (``Buffered``) and written, one write per bucket touched, at ``flush``,
-which the service calls once per socket drain, with the gauges (set only for the model versions whose
-counts changed, and only the values that moved). Under load one drain carries many batches and the
+counted in plain ints per bucket (``metrics.BufferedHistogram``) and written, one write per bucket
+touched, at ``flush``, which the service calls once per socket drain, with the gauges (set only for the
+model versions whose counts changed, and only the values that moved). Under load one drain carries many batches and the
 writes are shared among them; when idle, each drain flushes its own message's at once.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import Any
 
 from batch_manager.actions import Dispatch
@@ -24,57 +23,16 @@ from batch_manager.state import ModelCounts
 from inferoxy import metrics
 
 
-class Buffered:
-    """One labelled histogram whose observations wait in this process's memory until ``flush``.
-
-    Reads prometheus-client's histogram internals (tests/test_metrics_core.py holds the result to
-    ``observe``'s); a histogram without them (a no-op one) is observed directly."""
-
-    __slots__ = ("_histogram", "_bounds", "_buckets", "_sum", "_counts", "_total", "_pending")
-
-    def __init__(self, histogram: Any, pending: list[Buffered]) -> None:
-        self._histogram = histogram
-        self._bounds: list[float] | None = getattr(histogram, "_upper_bounds", None)
-        self._buckets: list[Any] | None = getattr(histogram, "_buckets", None)
-        self._sum: Any = getattr(histogram, "_sum", None)
-        if self._bounds is None or self._buckets is None or self._sum is None:
-            self._bounds = None
-        self._counts: dict[int, int] = {}
-        self._total = 0.0
-        self._pending = pending  # the recorder's list of histograms to flush, shared by all
-
-    def observe(self, amount: float) -> None:
-        bounds = self._bounds
-        if bounds is None:
-            self._histogram.observe(amount)
-            return
-        counts = self._counts
-        if not counts:
-            self._pending.append(self)  # the first since the last flush
-        index = bisect_left(bounds, amount)  # the first bucket with amount <= its bound (the last is +Inf)
-        counts[index] = counts.get(index, 0) + 1
-        self._total += amount
-
-    def flush(self) -> None:
-        buckets = self._buckets
-        assert buckets is not None
-        for index, count in self._counts.items():
-            buckets[index].inc(count)
-        self._sum.inc(self._total)
-        self._counts = {}
-        self._total = 0.0
-
-
 class _Children:
     """One model version's labelled metrics, looked up once."""
 
     __slots__ = ("queue_depth", "queue_wait", "batch_size", "compute", "in_flight", "sessions", "shown")
 
-    def __init__(self, model: str, version: str, pending: list[Buffered]) -> None:
+    def __init__(self, model: str, version: str, pending: list[metrics.BufferedHistogram]) -> None:
         self.queue_depth: Any = metrics.QUEUE_DEPTH.labels(model, version)
-        self.queue_wait = Buffered(metrics.QUEUE_SECONDS.labels(model, version), pending)
-        self.batch_size = Buffered(metrics.BATCH_SIZE.labels(model, version), pending)
-        self.compute = Buffered(metrics.BATCH_COMPUTE_SECONDS.labels(model, version), pending)
+        self.queue_wait = metrics.BufferedHistogram(metrics.QUEUE_SECONDS.labels(model, version), pending)
+        self.batch_size = metrics.BufferedHistogram(metrics.BATCH_SIZE.labels(model, version), pending)
+        self.compute = metrics.BufferedHistogram(metrics.BATCH_COMPUTE_SECONDS.labels(model, version), pending)
         self.in_flight: Any = metrics.BATCHES_IN_FLIGHT.labels(model, version)
         self.sessions: Any = metrics.SESSIONS_OPEN.labels(model, version)
         self.shown: ModelCounts = (0, 0, 0)  # what the gauges were last set to
@@ -86,7 +44,7 @@ class Recorder:
         # By model version (name/version). Bounded by the model versions this process has served, as
         # prometheus-client's own table of labelled children is.
         self._children: dict[str, _Children] = {}
-        self._pending: list[Buffered] = []  # histograms observed since the last flush
+        self._pending: list[metrics.BufferedHistogram] = []  # histograms observed since the last flush
 
     def _of(self, key: str) -> _Children:
         children = self._children.get(key)

@@ -18,7 +18,6 @@ counts up to ``FLUSH_S`` late, far less than any scrape interval.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 import weakref
 from typing import Any
@@ -52,31 +51,18 @@ def code_of(error: BaseException) -> str:
 class _Tally:
     """What one label set gathered since the last flush, and the children it is flushed into."""
 
-    __slots__ = ("count", "total", "buckets", "counter", "histogram")
+    __slots__ = ("count", "counter", "histogram")
 
     def __init__(self, counter: Any, histogram: Any) -> None:
         self.count = 0
-        self.total = 0.0
         self.counter = counter
-        self.histogram = histogram
-        bounds = getattr(histogram, "_upper_bounds", ())  # none with metrics off: nothing to flush into
-        self.buckets = [0] * len(bounds)
+        self.histogram = metrics.BufferedHistogram(histogram)
 
     def flush(self) -> None:
-        if not self.count:
-            return
-        self.counter.inc(self.count)
-        histogram = self.histogram
-        if self.buckets:
-            # What observe() does once per value, done once per flush: the sum, and each bucket's new values
-            # (prometheus-client stores a histogram's buckets uncumulated and adds them up when it is read).
-            histogram._sum.inc(self.total)
-            for index, added in enumerate(self.buckets):
-                if added:
-                    histogram._buckets[index].inc(added)
-                    self.buckets[index] = 0
-        self.count = 0
-        self.total = 0.0
+        if self.count:
+            self.counter.inc(self.count)
+            self.count = 0
+            self.histogram.flush()
 
 
 class Meter:
@@ -121,9 +107,7 @@ class Meter:
                 metrics.REQUESTS.labels(self.bridge, model, version_label, code),
                 metrics.REQUEST_SECONDS.labels(self.bridge, model, version_label, outcome))
         tally.count += 1
-        tally.total += elapsed
-        if tally.buckets:
-            tally.buckets[bisect.bisect_left(tally.histogram._upper_bounds, elapsed)] += 1
+        tally.histogram.observe(elapsed)
         if self._due is None:
             self._flush_later()
 

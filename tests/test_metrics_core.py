@@ -170,13 +170,11 @@ def test_the_scheduler_reports_pinned_sessions_and_each_request_s_wait() -> None
 def test_buffered_observations_flush_to_what_observing_each_gives() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from batch_manager.recorder import Buffered
-
     registry = CollectorRegistry()
     direct = Histogram("one", "h", ["m"], buckets=metrics.LATENCY_BUCKETS_S, registry=registry).labels("a")
-    pending: list[Buffered] = []
-    buffered = Buffered(Histogram("all", "h", ["m"], buckets=metrics.LATENCY_BUCKETS_S, registry=registry)
-                        .labels("a"), pending)
+    pending: list[metrics.BufferedHistogram] = []
+    every = Histogram("all", "h", ["m"], buckets=metrics.LATENCY_BUCKETS_S, registry=registry)
+    buffered = metrics.BufferedHistogram(every.labels("a"), pending)
 
     def samples(name: str) -> dict[tuple[str, str], float]:
         return {(s.name.removeprefix(name), s.labels.get("le", "")): s.value
