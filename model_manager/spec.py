@@ -55,6 +55,20 @@ class Resources(BaseModel):
 
 
 ServingState = Literal["starting", "ready", "degraded", "failed", "unschedulable", "stopped"]
+# A replica as the status record shows it: the inferoxy_replicas metric's states. ``failed``: being ended
+# because it died, fell silent or got stuck (replaced); ``draining``: being stopped on purpose.
+ReplicaStateName = Literal["starting", "ready", "draining", "failed"]
+
+
+class ReplicaStatus(BaseModel):
+    """One replica in a model's status record (the dashboard and ``inferoxy status`` show these)."""
+
+    id: str
+    state: ReplicaStateName
+    gpu: str | None = Field(None, description="The GPU it was placed on; None: a CPU slot.")
+    pid: int | None = Field(None, description="Its process id as the replica reported it (in its own namespace).")
+    started_at: float = Field(description="Unix time it was started (uptime: the reader's now minus this).")
+    ready_at: float | None = Field(None, description="Unix time it first said ready; None while starting.")
 
 
 class ModelStatus(BaseModel):
@@ -73,6 +87,8 @@ class ModelStatus(BaseModel):
     desired_replicas: int = 0
     reason: str | None = None
     updated_at: float = Field(description="Unix time of this report.")
+    restarts: int = Field(0, description="Replicas started to replace one that died, since the task manager started.")
+    replicas: list[ReplicaStatus] = Field(default_factory=list)
 
 
 class ModelSpec(BaseModel):

@@ -15,9 +15,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from model_manager.spec import ModelStatus, ServingState
+from model_manager.spec import ModelStatus, ReplicaStateName, ReplicaStatus, ServingState
 from model_manager.store import SpecStore
-from task_manager.replicas import ModelGroup
+from task_manager.replicas import ModelGroup, Replica, ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,20 @@ class StatusWriter:
                 self._written.pop(key, None)
                 self.live.pop(key, None)
             return
-        record: tuple[ServingState, int, int, str | None]
+        record: tuple[ServingState, int, int, str | None, int, tuple[tuple[Any, ...], ...]]
         if stopped:
-            record = ("stopped", 0, group.desired, "the task manager stopped")
+            record = ("stopped", 0, group.desired, "the task manager stopped", group.restarts, ())
         else:
             state, reason = group.serving_state()
-            record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None)
+            # The replicas' identity and state only: their times never change, so they never cause a write.
+            replicas = tuple((r.id, replica_state(r), r.gpu, r.pid, r.ready_at) for r in group.replicas.values())
+            record = (state, group.ready_count(), group.desired, clip_reason(reason) if reason else None,
+                      group.restarts, replicas)
         if self._written.get(key) == record:
             return
         status = ModelStatus(name=spec.name, version=spec.version, state=record[0], ready_replicas=record[1],
-                             desired_replicas=record[2], reason=record[3], updated_at=time.time())
+                             desired_replicas=record[2], reason=record[3], updated_at=time.time(),
+                             restarts=record[4], replicas=[] if stopped else replica_statuses(group))
         # The final "stopped" record stays (it claims nothing, and says why); live ones expire.
         await store.put_status(status, ttl_s=None if stopped else self.ttl_s)
         self.live[key] = status
@@ -110,3 +114,19 @@ class StatusWriter:
         """Write every live status again before its TTL runs out (and into a Redis that restarted empty)."""
         if self.live:
             await store.put_statuses(list(self.live.values()), ttl_s=self.ttl_s)
+
+
+def replica_state(replica: Replica) -> ReplicaStateName:
+    """A replica's state as the status record and the ``inferoxy_replicas`` metric name it."""
+    if replica.state is ReplicaState.STOPPING:
+        return "draining" if replica.wanted_gone else "failed"
+    return "ready" if replica.state is ReplicaState.READY else "starting"
+
+
+def replica_statuses(group: ModelGroup) -> list[ReplicaStatus]:
+    # Monotonic times (immune to clock steps, what the task manager decides by) become Unix times here, since
+    # the reader is another process, maybe on another machine: uptime is then as good as the clocks agree.
+    offset = time.time() - time.monotonic()
+    return [ReplicaStatus(id=r.id, state=replica_state(r), gpu=r.gpu, pid=r.pid, started_at=r.started_at + offset,
+                          ready_at=None if r.ready_at is None else r.ready_at + offset)
+            for r in group.replicas.values()]
