@@ -58,6 +58,7 @@ from inferoxy.reactor import Reactor, send_nowait
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from inferoxy.wire import MAX_HEADER_BYTES, Frame, WireError
+from model_manager.spec import ModelStatus
 from model_manager.store import Registry, SpecStore, open_store
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,12 @@ class Gateway:
     async def readiness(self, name: str, version: str | None = None) -> Readiness:
         """A model version's readiness (``Catalog.readiness``)."""
         return await self.catalog.readiness(self._store, name, version)
+
+    async def statuses(self) -> dict[str, ModelStatus]:
+        """Every model version's serving status in Redis, by ``name/version`` (the dashboard's overview)."""
+        if self._store is None:
+            raise RequestError(ErrorCode.NOT_READY, "the bridge is not connected to the model registry")
+        return await self._store.statuses()
 
     def versions(self, name: str) -> list[str]:
         """Every registered version of ``name``, in version order."""

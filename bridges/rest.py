@@ -3,7 +3,8 @@
 Routes: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``,
 ``GET /v2/models/{name}[/versions/{v}]`` (model metadata), ``.../ready`` (the model's serving
 status from Redis), ``POST .../infer`` (JSON or binary tensors), and Inferoxy's own
-``POST .../infer/image`` (a PNG or JPEG upload sent as a uint8 ``[1, H, W, 3]`` tensor).
+``POST .../infer/image`` (a PNG or JPEG upload sent as a uint8 ``[1, H, W, 3]`` tensor). Also ``GET /metrics``
+and ``GET /dashboard`` with the JSON it polls (bridges/dashboard.py).
 
 Handlers take the raw ``Request`` and return ready-made ``Response`` bodies: tensors are
 parsed with orjson and numpy (``bridges.tensors``), never through pydantic models, which
@@ -30,6 +31,7 @@ from starlette.responses import Response
 from bridges import metering, request_ids, rest_reply, tensors
 from bridges.admin import admin_router
 from bridges.auth import credential_of_header, retry_after_header
+from bridges.dashboard import dashboard_routes
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.http_server import ComponentServer, head_deadline_protocol, listen
@@ -248,6 +250,8 @@ def build_app(gateway: Gateway) -> FastAPI:
     add("/v2/health/ready", ready, methods=["GET"])
     add("/v2", server_metadata, methods=["GET"])
     add("/metrics", prometheus_metrics, methods=["GET"])
+    # GET /dashboard and the JSON it polls (docs/ADMIN.md, "The dashboard").
+    app.router.routes.extend(dashboard_routes(gateway))
     # The admin API and GET /v2/health/registry (docs/ADMIN.md).
     app.include_router(admin_router(gateway.settings, lambda: gateway.registry))
     return app
