@@ -38,6 +38,7 @@ STATIC = {
     "dashboard.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 
 
@@ -54,14 +55,11 @@ def dashboard_routes(gateway: Gateway, overview: Overview | None = None) -> list
         # no-cache: revalidated each load, so a proxy upgrade never runs yesterday's script against today's JSON.
         return Response(body, media_type=media_type, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
-    async def page(request: Request) -> Response:
-        return serve("dashboard.html")
+    def route(path: str, name: str) -> Route:
+        async def endpoint(request: Request) -> Response:
+            return serve(name)
 
-    async def script(request: Request) -> Response:
-        return serve("dashboard.js")
-
-    async def style(request: Request) -> Response:
-        return serve("dashboard.css")
+        return Route(path, endpoint, methods=["GET"])
 
     async def state(request: Request) -> Response:
         try:
@@ -77,10 +75,9 @@ def dashboard_routes(gateway: Gateway, overview: Overview | None = None) -> list
                         headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
     return [
-        Route("/dashboard", page, methods=["GET"]),
-        Route("/dashboard/", page, methods=["GET"]),
-        Route("/dashboard/dashboard.js", script, methods=["GET"]),
-        Route("/dashboard/dashboard.css", style, methods=["GET"]),
+        route("/dashboard", "dashboard.html"),
+        route("/dashboard/", "dashboard.html"),
+        *(route(f"/dashboard/{name}", name) for name in STATIC if name != "dashboard.html"),
         Route("/dashboard/state", state, methods=["GET"]),
     ]
 
