@@ -16,7 +16,7 @@ import pytest
 from tests.support import REPO
 
 REQUIRE_VARIABLES = ("CI", "INFEROXY_REQUIRE_REDIS", "INFEROXY_REQUIRE_DOCKER", "INFEROXY_REQUIRE_PROMETHEUS",
-                     "INFEROXY_REQUIRE_COMPOSE")
+                     "INFEROXY_REQUIRE_COMPOSE", "INFEROXY_REQUIRE_CHROMIUM")
 
 
 def run_test(node: str, tmp_path: Path, *, ci: bool, **env: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +46,8 @@ CASES = {
     "promtool": ("tests/test_deploy_stack.py::test_promtool_accepts_the_prometheus_config", "promtool"),
     "prometheus": ("tests/test_deploy_stack.py::test_a_real_prometheus_scrapes_the_proxy", "prometheus"),
     "docker-compose": ("tests/test_deploy_stack.py::test_compose_accepts_the_stack", "docker compose"),
+    # Missing: Debian's chromium (the dashboard's browser test).
+    "chromium": ("tests/test_dashboard_browser.py::test_the_models_appear_and_the_request_counter_rises", "chromium"),
 }
 
 
@@ -54,6 +56,8 @@ def environment_without(service: str, tmp_path: Path) -> dict[str, str]:
         return {"PATH": path_without(tmp_path, "docker-compose", "docker")}
     if service in ("redis-server", "promtool", "prometheus"):
         return {"PATH": path_without(tmp_path, service)}
+    if service == "chromium":
+        return {"PATH": path_without(tmp_path, "chromium", "chromium-browser", "chromedriver")}
     return {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
 
 
