@@ -17,6 +17,7 @@ from inferoxy.keys_cli import add_keys_parser, run_keys
 from inferoxy.logs import setup_logging
 from inferoxy.runner import COMPONENTS, loop_factory, run_component, run_in_process
 from inferoxy.settings import Settings, load_settings
+from inferoxy.status_cli import add_status_parser, run_status
 from inferoxy.supervisor import Supervisor, print_endpoints
 from model_manager.models_file import ModelsFileError, models_file_to_seed
 from task_manager.runtimes.base import RuntimeStartError
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_models_parser(commands)
     add_keys_parser(commands)
+    add_status_parser(commands)
     return parser
 
 
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_models(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "status":
+        return run_status(args)
     # Children of `serve` read the same environment, so options become variables here.
     if args.config:
         os.environ["INFEROXY_CONFIG"] = os.path.abspath(args.config)
