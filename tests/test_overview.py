@@ -223,3 +223,25 @@ def test_counters_that_went_back_count_from_zero() -> None:
     now = Counters(requests=4)
     base = Counters(requests=10)
     assert overview._recent(now, base, 2.0)["request_rate"] == 2.0
+
+
+def test_a_slow_sample_spaces_the_next_ones_out() -> None:
+    """Reading every process's samples grows with models x processes (bench/bench_dashboard.py: 0.1 s at 50 models
+    and 6 processes, seconds at 500): however many pages poll, sampling takes at most 1/COST_FACTOR of the time."""
+    r = Recorder()
+    clock = Clock()
+
+    def slow_collect() -> CollectorRegistry:
+        clock.now += 1.0  # this read takes a second
+        return r.registry
+
+    async def no_statuses() -> dict[str, ModelStatus]:
+        return {}
+
+    view = Overview(lambda: None, no_statuses, collect=slow_collect, min_interval_s=0.5, clock=clock)
+    first = asyncio.run(view.state())
+    r.answered(1)
+    clock.now += overview.COST_FACTOR * 1.0 - 1.5  # sooner than COST_FACTOR times the read's cost after it
+    assert asyncio.run(view.state()) == first
+    clock.now += 1.0
+    assert orjson.loads(asyncio.run(view.state()))["totals"]["requests"] == 1

@@ -1,0 +1,113 @@
+"""What one dashboard sample costs the REST bridge: reading every process's metric samples and building the
+JSON of ``GET /dashboard/state`` (bridges/overview.py), at several sizes, in this process (no sockets).
+
+    python bench/bench_dashboard.py [--processes 6 30] [--models 3 50 500] [--repeats 20]
+
+For each size it fills a fresh multiprocess samples directory the way ``inferoxy serve`` does: ``--processes``
+child processes (the components) each record requests from three bridges, latency, batch sizes and queue
+depth for every model (``--models``), then it times ``read_metrics(metrics.registry())`` (what the
+bridge runs in a worker thread) and ``build`` (the document, on the event loop) and the orjson encoding.
+
+The overview takes a sample at most every 0.5 s however many pages poll (it caches the document), so the
+bridge's share of CPU is at most this figure twice a second. Times are medians of ``--repeats``; on a shared
+machine compare sizes within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RECORD = """
+import sys
+from inferoxy import metrics
+models = int(sys.argv[1])
+for n in range(models):
+    name = f"model{n}"
+    for bridge in metrics.BRIDGES:
+        metrics.REQUESTS.labels(bridge, name, "1", metrics.OK).inc(100)
+        metrics.REQUESTS.labels(bridge, name, "1", "overloaded").inc(3)
+        metrics.REQUEST_SECONDS.labels(bridge, name, "1", metrics.OK).observe(0.002)
+    metrics.BATCH_SIZE.labels(name, "1").observe(8)
+    metrics.QUEUE_DEPTH.labels(name, "1").set(2)
+"""
+
+
+def fill(directory: str, processes: int, models: int) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory, "PYTHONPATH": str(REPO)}
+    children = [subprocess.Popen([sys.executable, "-c", RECORD, str(models)], env=env) for _ in range(processes)]
+    for child in children:
+        if child.wait() != 0:
+            raise SystemExit("a recording process failed")
+
+
+def measure(processes: int, models: int, repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as directory:
+        fill(directory, processes, models)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        from bridges.overview import Sample, Window, build, read_metrics
+        from inferoxy import metrics
+        from model_manager.spec import ModelSpec
+        from model_manager.store import Registry
+
+        specs = [ModelSpec(name=f"model{n}", model_class="x:Y") for n in range(models)]
+        registry = Registry({s.key: s for s in specs}, {s.name: "1" for s in specs}, 1)
+        window = Window()
+        reads, builds, encodes = [], [], []
+        size = 0
+        for i in range(repeats):
+            started = time.perf_counter()
+            read = read_metrics(metrics.registry())
+            reads.append(time.perf_counter() - started)
+            sample = Sample(float(i), *read)
+            base = window.add(sample)
+            started = time.perf_counter()
+            document = build(registry, {}, sample, base, wall_time=time.time())
+            builds.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            size = len(orjson.dumps(document))
+            encodes.append(time.perf_counter() - started)
+        files = len(os.listdir(directory))
+    return {"read_ms": statistics.median(reads) * 1e3, "build_ms": statistics.median(builds) * 1e3,
+            "encode_ms": statistics.median(encodes) * 1e3, "bytes": size, "files": files}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, nargs="+", default=[6, 30])
+    parser.add_argument("--models", type=int, nargs="+", default=[3, 50, 500])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if os.environ.get("BENCH_DASHBOARD_ONE"):  # one size, in this fresh interpreter
+        print(orjson.dumps(measure(args.processes[0], args.models[0], args.repeats)).decode())
+        return
+    from bridges.overview import COST_FACTOR, MIN_INTERVAL_S
+
+    print(f"{'processes':>9} {'models':>6} {'files':>5} {'read ms':>8} {'build ms':>8} {'encode ms':>9} "
+          f"{'JSON KiB':>8} {'sample every s':>14}")
+    for processes in args.processes:
+        for models in args.models:
+            # Each size in a fresh interpreter: prometheus-client reads PROMETHEUS_MULTIPROC_DIR once.
+            out = subprocess.run([sys.executable, __file__, "--processes", str(processes), "--models", str(models),
+                                  "--repeats", str(args.repeats)],
+                                 env={**os.environ, "BENCH_DASHBOARD_ONE": "1", "PYTHONPATH": str(REPO)},
+                                 capture_output=True, text=True, check=True)
+            r = orjson.loads(out.stdout.strip().splitlines()[-1])
+            every = max(MIN_INTERVAL_S, COST_FACTOR * r["read_ms"] / 1e3)
+            print(f"{processes:>9} {models:>6} {r['files']:>5} {r['read_ms']:>8.2f} {r['build_ms']:>8.2f} "
+                  f"{r['encode_ms']:>9.3f} {r['bytes'] / 1024:>8.1f} {every:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
