@@ -34,6 +34,8 @@ MIN_INTERVAL_S = 0.5
 # and 6 processes, 0.16 s at 50, seconds at 500, on a loaded 2-core machine): the next sample waits this many
 # times the last read's cost, so the dashboard takes at most a tenth of a core however many pages poll.
 COST_FACTOR = 10.0
+# Every poller waits for the one sample in progress: a Redis that hangs must not hold them for its 10 s timeout.
+STATUS_TIMEOUT_S = 2.0
 # More than WINDOW_S / MIN_INTERVAL_S + 1, so the window always fits; a bound whatever the clock does.
 MAX_SAMPLES = 64
 
@@ -263,13 +265,14 @@ class Overview:
     def __init__(self, registry: Callable[[], Registry | None],
                  statuses: Callable[[], Awaitable[dict[str, ModelStatus]]], *,
                  collect: Callable[[], CollectorRegistry] | None = None, window_s: float = WINDOW_S,
-                 min_interval_s: float = MIN_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 min_interval_s: float = MIN_INTERVAL_S, status_timeout_s: float = STATUS_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         self._registry = registry
         self._statuses = statuses
         self._collect = collect or metrics.registry
         self._window = Window(window_s)
         self._min_interval_s = min_interval_s
+        self._status_timeout_s = status_timeout_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._cached: bytes | None = None
@@ -284,7 +287,11 @@ class Overview:
                 return self._cached
             problems = []
             try:
-                statuses = await self._statuses()
+                statuses = await asyncio.wait_for(self._statuses(), self._status_timeout_s)
+            except asyncio.TimeoutError:
+                statuses = {}
+                problems.append(f"the serving statuses cannot be read: Redis did not answer within "
+                                f"{self._status_timeout_s:g} s")
             except Exception as exc:  # Redis away: show the rest, and say why the states are missing
                 statuses = {}
                 problems.append(f"the serving statuses cannot be read from Redis: {type(exc).__name__}: {exc}")

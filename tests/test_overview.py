@@ -245,3 +245,18 @@ def test_a_slow_sample_spaces_the_next_ones_out() -> None:
     assert asyncio.run(view.state()) == first
     clock.now += 1.0
     assert orjson.loads(asyncio.run(view.state()))["totals"]["requests"] == 1
+
+
+def test_a_redis_that_does_not_answer_delays_the_document_only_briefly() -> None:
+    """Redis's own read timeout is 10 s; every poller waits on one sample, so the overview gives up sooner."""
+    r = Recorder()
+    r.answered(2)
+
+    async def hanging() -> dict[str, ModelStatus]:
+        await asyncio.Event().wait()
+        return {}
+
+    view = Overview(lambda: None, hanging, collect=lambda: r.registry, status_timeout_s=0.05)
+    document = orjson.loads(asyncio.run(asyncio.wait_for(view.state(), 5.0)))
+    assert document["totals"]["requests"] == 2
+    assert "did not answer within 0.05 s" in document["problems"][0]
