@@ -2,11 +2,16 @@
 JSON of ``GET /dashboard/state`` (bridges/overview.py), at several sizes, in this process (no sockets).
 
     python bench/bench_dashboard.py [--processes 6 30] [--models 3 50 500] [--repeats 20]
+    python bench/bench_dashboard.py --live [--viewers 8] [--duration 5] [--repeats 3]
 
 For each size it fills a fresh multiprocess samples directory the way ``inferoxy serve`` does: ``--processes``
 child processes (the components) each record requests from three bridges, latency, batch sizes and queue
 depth for every model (``--models``), then it times ``read_metrics(metrics.registry())`` (what the
 bridge runs in a worker thread) and ``build`` (the document, on the event loop) and the orjson encoding.
+
+``--live`` measures the whole effect instead: one ``inferoxy serve`` (bench_bridges.Proxy), REST echo requests
+from 16 closed-loop clients, rounds alternating between no dashboard open and ``--viewers`` pages polling the
+state every 1.5 s as the page does; it prints req/s of each round and the median ratio.
 
 The overview takes a sample at most every 0.5 s however many pages poll (it caches the document), so the
 bridge's share of CPU is at most this figure twice a second. Times are medians of ``--repeats``; on a shared
@@ -16,6 +21,7 @@ machine compare sizes within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -83,12 +89,56 @@ def measure(processes: int, models: int, repeats: int) -> dict[str, float]:
             "encode_ms": statistics.median(encodes) * 1e3, "bytes": size, "files": files}
 
 
+async def live(viewers: int, duration: float, repeats: int) -> None:
+    import asyncio
+
+    import httpx
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_bridges import Proxy, bench_rest
+
+    async def poll(url: str, stop: asyncio.Event) -> int:
+        polls = 0
+        async with httpx.AsyncClient(timeout=30) as client:
+            while not stop.is_set():
+                (await client.get(f"{url}/dashboard/state")).raise_for_status()
+                polls += 1
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.5)
+        return polls
+
+    ratios = []
+    with Proxy(str(REPO / "models.yaml")) as proxy:
+        url = f"http://127.0.0.1:{proxy.rest_port}"
+        for repeat in range(repeats):
+            rates = {}
+            for watched in ((False, True) if repeat % 2 == 0 else (True, False)):
+                stop = asyncio.Event()
+                pollers = [asyncio.create_task(poll(url, stop)) for _ in range(viewers if watched else 0)]
+                latencies = await bench_rest(url, 16, duration)
+                stop.set()
+                polls = sum(await asyncio.gather(*pollers))
+                rates[watched] = len(latencies) / duration
+                print(f"round {repeat + 1} {'with' if watched else 'without'} {viewers} dashboards: "
+                      f"{rates[watched]:.0f} req/s ({polls} polls)")
+            ratios.append(rates[True] / rates[False])
+    print(f"with/without: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, nargs="+", default=[6, 30])
     parser.add_argument("--models", type=int, nargs="+", default=[3, 50, 500])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--live", action="store_true", help="REST throughput with and without dashboards open")
+    parser.add_argument("--viewers", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args()
+    if args.live:
+        import asyncio
+
+        asyncio.run(live(args.viewers, args.duration, args.repeats))
+        return
     if os.environ.get("BENCH_DASHBOARD_ONE"):  # one size, in this fresh interpreter
         print(orjson.dumps(measure(args.processes[0], args.models[0], args.repeats)).decode())
         return
