@@ -17,8 +17,10 @@ from typing import Any
 from inferoxy.admin_cli import OK, USAGE, AdminClient, CliError, _table, add_connection_options, run_admin_command
 
 STATE_PATH = "/dashboard/state"
-# The overview's rates need two samples: a one-off look that finds none asks again after this long.
+# The overview's rates need two samples: a one-off look that finds none asks again every SECOND_LOOK_S, for up
+# to RATES_WAIT_S (the bridge spaces samples out further when reading the metrics is slow: bridges/overview.py).
 SECOND_LOOK_S = 1.0
+RATES_WAIT_S = 5.0
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: what `watch` does between frames
 
 
@@ -42,7 +44,8 @@ def show_status(client: AdminClient, args: argparse.Namespace) -> int:
         raise CliError(USAGE, "--count takes a positive number of frames, with --watch")
     if args.watch is None:
         state = client.call("GET", STATE_PATH)
-        if state.get("window_s") is None:  # the first sample the bridge took: no rates yet
+        deadline = time.monotonic() + RATES_WAIT_S
+        while state.get("window_s") is None and time.monotonic() < deadline:  # one sample yet: no rates
             time.sleep(SECOND_LOOK_S)
             state = client.call("GET", STATE_PATH)
         print(_dump(state) if args.json else render(state, client.url))

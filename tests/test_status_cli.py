@@ -3,6 +3,7 @@ running proxy (``--json``, the tables, ``--watch``, a refused key)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from inferoxy import status_cli
 from inferoxy.admin_cli import REFUSED, UNREACHABLE, USAGE
 from inferoxy.cli import main as cli_main
 from inferoxy.status_cli import CLEAR, render
@@ -68,6 +70,36 @@ def test_render_with_nothing_yet() -> None:
     text = render({"window_s": None, "totals": {"requests": 0, "errors": 0, "request_rate": None},
                    "components": {}, "models": [], "problems": []})
     assert "no rate yet" in text and "no model is registered" in text and "no replica is running" in text
+
+
+class Answers:
+    """An AdminClient stand-in that answers each GET with the next document."""
+
+    url = "http://proxy"
+
+    def __init__(self, *documents: dict[str, Any]) -> None:
+        self.documents = list(documents)
+        self.calls = 0
+
+    def call(self, method: str, path: str) -> dict[str, Any]:
+        assert (method, path) == ("GET", "/dashboard/state")
+        self.calls += 1
+        return self.documents.pop(0) if len(self.documents) > 1 else self.documents[0]
+
+
+def test_a_one_off_look_waits_for_the_rates(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The bridge's first sample has no rates; the bridge may space samples out, so the CLI asks a few times."""
+    monkeypatch.setattr(status_cli, "SECOND_LOOK_S", 0.0)
+    first = {**STATE, "window_s": None}
+    client = Answers(first, first, STATE)
+    assert status_cli.show_status(client, argparse.Namespace(json=True, watch=None, count=None)) == 0  # type: ignore[arg-type]
+    assert client.calls == 3 and json.loads(capsys.readouterr().out)["window_s"] == 10.0
+
+    monkeypatch.setattr(status_cli, "RATES_WAIT_S", 0.0)
+    client = Answers(first)
+    assert status_cli.show_status(client, argparse.Namespace(json=False, watch=None, count=None)) == 0  # type: ignore[arg-type]
+    assert client.calls == 1 and "no rate yet" in capsys.readouterr().out
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
