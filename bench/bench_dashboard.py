@@ -9,13 +9,15 @@ child processes (the components) each record requests from three bridges, latenc
 depth for every model (``--models``), then it times ``read_metrics(metrics.registry())`` (what the
 bridge runs in a worker thread) and ``build`` (the document, on the event loop) and the orjson encoding.
 
-``--live`` measures the whole effect instead: one ``inferoxy serve`` (bench_bridges.Proxy), REST echo requests
-from 16 closed-loop clients, rounds alternating between no dashboard open and ``--viewers`` pages polling the
-state every 1.5 s as the page does; it prints req/s of each round and the median ratio.
+``--live`` measures the whole effect instead, on one ``inferoxy serve`` (bench_bridges.Proxy): first the REST
+bridge's CPU time while idle, with no dashboard open and with ``--viewers`` pages polling the state every 1.5 s
+as the page does (CPU time is what a shared machine's neighbours blur least); then REST echo requests from 16
+closed-loop clients in rounds alternating between none open and ``--viewers`` open, printing req/s of each
+round and the median ratio.
 
-The overview takes a sample at most every 0.5 s however many pages poll (it caches the document), so the
-bridge's share of CPU is at most this figure twice a second. Times are medians of ``--repeats``; on a shared
-machine compare sizes within one run.
+The overview takes a sample at most every second however many pages poll (it caches the document), so the
+bridge's share of CPU is at most this figure once a second (or a tenth, when a read takes longer). Times are
+medians of ``--repeats``; on a shared machine compare sizes within one run.
 """
 
 from __future__ import annotations
@@ -89,6 +91,24 @@ def measure(processes: int, models: int, repeats: int) -> dict[str, float]:
             "encode_ms": statistics.median(encodes) * 1e3, "bytes": size, "files": files}
 
 
+def rest_bridge_pid(serve_pid: int) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == serve_pid and b"rest_bridge" in cmdline:
+                return int(entry)
+    raise SystemExit("no rest_bridge process under serve")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 async def live(viewers: int, duration: float, repeats: int) -> None:
     import asyncio
 
@@ -110,6 +130,19 @@ async def live(viewers: int, duration: float, repeats: int) -> None:
     ratios = []
     with Proxy(str(REPO / "models.yaml")) as proxy:
         url = f"http://127.0.0.1:{proxy.rest_port}"
+        assert proxy.process is not None
+        bridge = rest_bridge_pid(proxy.process.pid)
+        # CPU time is what the machine's neighbours do not blur: the REST bridge's, idle but for the viewers.
+        for watched in (False, True, False, True):
+            stop = asyncio.Event()
+            pollers = [asyncio.create_task(poll(url, stop)) for _ in range(viewers if watched else 0)]
+            before = cpu_seconds(bridge)
+            await asyncio.sleep(duration * 2)
+            used = cpu_seconds(bridge) - before
+            stop.set()
+            polls = sum(await asyncio.gather(*pollers))
+            print(f"idle proxy, {viewers if watched else 0} dashboards: the REST bridge used "
+                  f"{used / (duration * 2) * 1e3:.1f} ms of CPU a second ({polls} polls)")
         for repeat in range(repeats):
             rates = {}
             for watched in ((False, True) if repeat % 2 == 0 else (True, False)):
@@ -122,7 +155,8 @@ async def live(viewers: int, duration: float, repeats: int) -> None:
                 print(f"round {repeat + 1} {'with' if watched else 'without'} {viewers} dashboards: "
                       f"{rates[watched]:.0f} req/s ({polls} polls)")
             ratios.append(rates[True] / rates[False])
-    print(f"with/without: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+    if ratios:
+        print(f"with/without: {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
 
 
 def main() -> None:

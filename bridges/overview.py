@@ -29,7 +29,7 @@ from model_manager.spec import ModelStatus
 from model_manager.store import Registry
 
 WINDOW_S = 10.0
-MIN_INTERVAL_S = 0.5
+MIN_INTERVAL_S = 1.0
 # Reading every process's samples costs more with models x processes (bench/bench_dashboard.py: 9 ms at 3 models
 # and 6 processes, 0.16 s at 50, seconds at 500, on a loaded 2-core machine): the next sample waits this many
 # times the last read's cost, so the dashboard takes at most a tenth of a core however many pages poll.
