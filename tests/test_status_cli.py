@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from inferoxy import status_cli
 from inferoxy.admin_cli import REFUSED, UNREACHABLE, USAGE
@@ -114,8 +115,15 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def proxy() -> Iterator[ProxyProcess]:
-    with ProxyProcess(env={"INFEROXY_AUTH_METADATA": "true"}) as running:
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    # The README's models, echo placed on a GPU: INFEROXY_GPUS declares one (the process runtime only hands the
+    # replica its id), so the GPU column is checked end to end on a machine without one.
+    models = yaml.safe_load((REPO / "models.yaml").read_text())
+    models["models"]["echo"]["run_on_gpu"] = True
+    models_file = tmp_path_factory.mktemp("status") / "models.yaml"
+    models_file.write_text(yaml.safe_dump(models))
+    env = {"INFEROXY_AUTH_METADATA": "true", "INFEROXY_GPUS": "7", "INFEROXY_MODELS_FILE": str(models_file)}
+    with ProxyProcess(env=env) as running:
         yield running
 
 
@@ -154,6 +162,7 @@ def test_json_prints_the_state_with_rates(proxy: ProxyProcess) -> None:
     echo = rows["echo/1"]
     assert echo["state"] == "ready" and len(echo["replicas"]) == 1 and echo["replicas"][0]["state"] == "ready"
     assert echo["replicas"][0]["uptime_s"] > 0
+    assert echo["replicas"][0]["gpu"] == "7" and rows["digits/1"]["replicas"][0]["gpu"] is None
     # A one-off look waits for a second sample, so the rates are there.
     assert state["window_s"] is not None and echo["request_rate"] is not None
     assert state["components"]["rest_bridge"] is True
@@ -165,6 +174,8 @@ def test_the_tables_and_watch(proxy: ProxyProcess) -> None:
     assert table.returncode == 0, table.stderr
     assert table.stdout.startswith(f"Inferoxy at {proxy.rest_url}")
     assert any(line.split()[:3] == ["echo", "1*", "ready"] for line in table.stdout.splitlines()), table.stdout
+    replica = next(line for line in table.stdout.splitlines() if " echo/1 " in line)
+    assert replica.split()[2:5] == ["ready", "GPU", "7"], replica
 
     watched = status(proxy, "--watch", "0.2", "--count", "3")
     assert watched.returncode == 0, watched.stderr
