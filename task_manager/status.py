@@ -13,11 +13,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from model_manager.spec import ModelStatus, ReplicaStateName, ReplicaStatus, ServingState
 from model_manager.store import SpecStore
-from task_manager.replicas import ModelGroup, Replica, ReplicaState
+from task_manager import replica_metrics
+from task_manager.replicas import ModelGroup, Replica
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,8 @@ class StatusWriter:
 
 
 def replica_state(replica: Replica) -> ReplicaStateName:
-    """A replica's state as the status record and the ``inferoxy_replicas`` metric name it."""
-    if replica.state is ReplicaState.STOPPING:
-        return "draining" if replica.wanted_gone else "failed"
-    return "ready" if replica.state is ReplicaState.READY else "starting"
+    """A replica's state as the status record names it: as ``inferoxy_replicas`` counts it, one rule for both."""
+    return cast(ReplicaStateName, replica_metrics.state_of(replica))
 
 
 def replica_statuses(group: ModelGroup) -> list[ReplicaStatus]:
