@@ -37,11 +37,10 @@ from starlette.responses import Response
 
 from bridges.admin_access import (
     AdminError,
-    from_browser,
+    Caller,
     is_loopback,
     refuse_cross_site,
     require_json,
-    supplied_key,
 )
 from inferoxy.settings import Settings
 from model_manager.editing import SpecError, apply_patch, check_runnable, validate_spec
@@ -80,21 +79,26 @@ class AdminApi:
                                      resync_interval_s=self.settings.registry_resync_s)
         return self._store
 
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
     # -- access --------------------------------------------------------------------------------
 
     @property
     def keys(self) -> KeyStore:
         return KeyStore(self.store.client, self.settings.redis_prefix)
 
-    async def admit(self, request: Request) -> None:
+    async def admit(self, caller: Caller) -> None:
         """``check_access``, after looking the presented key up among the API keys when it is not the admin key.
 
         The loopback exemption holds only while no key can administer the proxy: neither
         ``INFEROXY_ADMIN_KEY`` nor an API key with the ``admin`` scope exists."""
-        supplied = supplied_key(request)
+        supplied = caller.key
         admin_key = self.settings.admin_key
         if supplied is not None and admin_key and hmac.compare_digest(supplied.encode(), admin_key.encode()):
-            self.check_access(request)
+            self.check_access(caller)
             return
         known = await self.keys.all()
         wanted = key_digest(supplied) if supplied is not None else None
@@ -103,27 +107,26 @@ class AdminApi:
             if wanted is not None and hmac.compare_digest(candidate.digest, wanted):
                 api_key = candidate
         loopback = not admin_key and not any("admin" in candidate.scopes for candidate in known)
-        self.check_access(request, api_key, loopback=loopback)
+        self.check_access(caller, api_key, loopback=loopback)
 
-    def check_access(self, request: Request, api_key: ApiKey | None = None, *, loopback: bool = True) -> None:
+    def check_access(self, caller: Caller, api_key: ApiKey | None = None, *, loopback: bool = True) -> None:
         if api_key is not None:
             if "admin" not in api_key.scopes:
                 raise AdminError(403, f"API key {api_key.name!r} lacks the 'admin' scope")
             return
         key = self.settings.admin_key
         if key or not loopback:
-            supplied = supplied_key(request)
+            supplied = caller.key
             if supplied is None:
                 raise AdminError(401, "admin calls need the admin key or an API key with the admin scope: "
                                       "Authorization: Bearer KEY or X-Inferoxy-Admin-Key: KEY")
             if not key or not hmac.compare_digest(supplied.encode(), key.encode()):
                 raise AdminError(403, "wrong admin key")
             return
-        host = request.client.host if request.client else ""
-        if not is_loopback(host):
+        if not is_loopback(caller.host):
             raise AdminError(403, "admin calls are accepted from loopback only while INFEROXY_ADMIN_KEY is unset; "
                                   "set it to administer this proxy remotely")
-        if from_browser(request):
+        if caller.browser:
             # A page in the operator's browser runs on loopback too; with DNS rebinding it even looks same-origin.
             raise AdminError(403, "without INFEROXY_ADMIN_KEY the admin API answers no browser (it sent Origin, "
                                   "Sec-Fetch-* or a Host that is not loopback); use the CLI or curl, or set the key")
@@ -221,7 +224,21 @@ class AdminApi:
 
     async def repository_index(self, request: Request) -> Response:
         body = await _body(request, optional=True)
-        only_ready = isinstance(body, dict) and body.get("ready") is True
+        return _json(await self.index(only_ready=isinstance(body, dict) and body.get("ready") is True))
+
+    async def load(self, request: Request) -> Response:
+        """Serve the model again: its replicas come back (as many as before ``unload``, at least one)."""
+        parameters = _parameters(await _body(request, optional=True))
+        return _json(await self.load_model(request.path_params["name"], parameters))
+
+    async def unload(self, request: Request) -> Response:
+        """Stop serving the model: min_replicas becomes 0 so its replicas stop; the spec stays registered."""
+        parameters = _parameters(await _body(request, optional=True))
+        return _json(await self.unload_model(request.path_params["name"], parameters))
+
+    # The repository calls themselves, shared by REST (above) and gRPC (bridges/grpc_repository.py).
+
+    async def index(self, *, only_ready: bool = False) -> list[dict[str, str]]:
         registry = await self.store.snapshot()
         statuses = await self.store.statuses()
         unloaded = await self.store.unloaded()
@@ -230,12 +247,9 @@ class AdminApi:
             state, reason = _triton_state(spec.key in unloaded, statuses.get(spec.key))
             if not only_ready or state == "READY":
                 index.append({"name": spec.name, "version": spec.version, "state": state, "reason": reason})
-        return _json(index)
+        return index
 
-    async def load(self, request: Request) -> Response:
-        """Serve the model again: its replicas come back (as many as before ``unload``, at least one)."""
-        name = request.path_params["name"]
-        parameters = _parameters(await _body(request, optional=True))
+    async def load_model(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         config = parameters.get("config")
         if config is not None:
             # Triton's load may carry the model's configuration: here, a spec (JSON text or object).
@@ -249,16 +263,13 @@ class AdminApi:
         specs = await self._targets(name, parameters.get("version"))
         for spec in specs:
             await self.store.load(spec)
-        return _json({"loaded": [s.key for s in specs], "revision": await self.store.revision()})
+        return {"loaded": [s.key for s in specs], "revision": await self.store.revision()}
 
-    async def unload(self, request: Request) -> Response:
-        """Stop serving the model: min_replicas becomes 0 so its replicas stop; the spec stays registered."""
-        name = request.path_params["name"]
-        parameters = _parameters(await _body(request, optional=True))
+    async def unload_model(self, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
         specs = await self._targets(name, parameters.get("version"))
         for spec in specs:
             await self.store.unload(spec)
-        return _json({"unloaded": [s.key for s in specs], "revision": await self.store.revision()})
+        return {"unloaded": [s.key for s in specs], "revision": await self.store.revision()}
 
     # -- health (open) -------------------------------------------------------------------------
 
@@ -309,7 +320,7 @@ def admin_router(
         async def guarded(request: Request) -> Response:
             try:
                 refuse_cross_site(request)  # before any key is looked at: a browser's call never gets further
-                await api.admit(request)
+                await api.admit(Caller.of_request(request))
                 require_json(request)
                 return await handler(request)
             except AdminError as exc:

@@ -10,11 +10,24 @@ rebinding). bridges/admin.py applies these (docs/SECURITY.md).
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 
 ADMIN_KEY_HEADER = "x-inferoxy-admin-key"
+
+
+class Caller(NamedTuple):
+    """Who makes an admin call, as the access rules see it: the key it carries, its address, and whether it
+    is (or may be) a browser. REST reads these from the HTTP request, gRPC from the call's metadata and peer."""
+
+    key: str | None
+    host: str
+    browser: bool
+
+    @classmethod
+    def of_request(cls, request: Request) -> Caller:
+        return cls(supplied_key(request), request.client.host if request.client else "", from_browser(request))
 
 
 class AdminError(Exception):

@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OUTSTANDING = 10_000
 SERVER_NAME = "inferoxy"
 # Open Inference Protocol extensions the REST and gRPC bridges serve, as server metadata lists them.
-EXTENSIONS = ["binary_tensor_data", "parameters", "sequence", "image_upload"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "sequence", "image_upload", "model_repository", "model_configuration",
+              "statistics"]
 # How long start() waits for the first registry snapshot before the bridge serves anyway (refusing until it loads).
 REGISTRY_WAIT_S = 5.0
 # How long a stopping bridge lets requests in flight finish before failing them. Short enough that the bridges'

@@ -1,9 +1,10 @@
 """The gRPC bridge: the Open Inference Protocol's ``inference.GRPCInferenceService`` on grpcio's asyncio server.
 
 Serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and
-ModelStreamInfer (bridges/proto/grpc_predict_v2.proto), plus ``grpc.health.v1.Health`` and
-server reflection. Inputs come as ``raw_input_contents`` (what Triton's clients send) or as
-typed ``contents``; outputs always go back as ``raw_output_contents``, as Triton does.
+ModelStreamInfer (bridges/proto/grpc_predict_v2.proto), Triton's ModelConfig, ModelStatistics and
+repository calls (bridges/grpc_repository.py), plus ``grpc.health.v1.Health`` and server reflection.
+Inputs come as ``raw_input_contents`` (what Triton's clients send) or as typed ``contents``; outputs
+always go back as ``raw_output_contents``, as Triton does.
 
 Requests are read as raw bytes and parsed by the handler rather than by grpcio, so an
 unparseable message is INVALID_ARGUMENT, not grpcio's INTERNAL, and raw tensor bytes reach the
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import zmq.asyncio
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -42,9 +44,12 @@ from bridges.grpc_codec import (
     parse_infer_request,
     status_of,
 )
+from bridges.grpc_repository import RepositoryServicer
 from bridges.metering import clock
+from bridges.model_config import triton_config
 from bridges.pipeline import Pipeline
 from bridges.proto import grpc_predict_v2_pb2 as pb
+from bridges.statistics import requested, statistics
 from bridges.tls import grpc_server_credentials
 from inferoxy import metrics
 from inferoxy.logs import REQUEST_IDS, current_request_id
@@ -118,6 +123,7 @@ class GrpcBridge:
             try:
                 await asyncio.wait({stopping})
             finally:
+                await servicer.repository.close()
                 await self.gateway.close()
                 metering.flush_all()  # the last counts, before the process ends
 
@@ -141,6 +147,7 @@ class InferenceServicer:
         self.connection_limits = ClientLimits(gateway.settings, "gRPC connection")
         # Unary ModelInfer calls in flight per connection (the peer address names the connection).
         self._connections: dict[str, Usage] = {}
+        self.repository = RepositoryServicer(gateway.settings, lambda: gateway.registry)
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary: dict[str, tuple[Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]], type[Message]]] = {
@@ -149,6 +156,11 @@ class InferenceServicer:
             "ModelReady": (self.model_ready, pb.ModelReadyRequest),
             "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest),
+            "ModelConfig": (self.model_config, pb.ModelConfigRequest),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest),
+            "RepositoryIndex": (self.repository.index, pb.RepositoryIndexRequest),
+            "RepositoryModelLoad": (self.repository.load, pb.RepositoryModelLoadRequest),
+            "RepositoryModelUnload": (self.repository.unload, pb.RepositoryModelUnloadRequest),
         }
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(
@@ -184,6 +196,18 @@ class InferenceServicer:
         self.gateway.auth.check_metadata(_credential(context), request.name)
         spec = self.gateway.resolve(request.name, request.version or None).spec
         return model_metadata(spec, self.gateway.versions(spec.name))
+
+    async def model_config(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Message:
+        self.gateway.auth.check_metadata(_credential(context), request.name)
+        spec = self.gateway.resolve(request.name, request.version or None).spec
+        settings = self.gateway.settings
+        config = triton_config(spec, max_queue_size=settings.max_queue_size,
+                               request_timeout_s=settings.request_timeout_s)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    async def model_statistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> Message:
+        specs = requested(self.gateway, _credential(context), request.name or None, request.version or None)
+        return json_format.ParseDict(statistics(specs), pb.ModelStatisticsResponse())
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = clock()

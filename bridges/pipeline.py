@@ -24,6 +24,7 @@ format, its per-connection budgets, its transport (a disconnecting HTTP client, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from bridges.errors import RequestError
 from bridges.gateway import Gateway, Outcome, Reply
 from bridges.metering import Meter
 from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
+from inferoxy import metrics
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import Frame, WireError, check_tensors
 from model_manager.spec import ModelSpec
@@ -119,12 +121,14 @@ class Pipeline:
             callback(outcome if isinstance(outcome, RequestError) else _answer(prepared.spec, outcome))
 
         spec = prepared.spec
+        _sent(spec)
         return self.gateway.start_request(spec.name, spec.version, prepared.metas, prepared.frames, prepared.timeout_s,
                                           settle, params=prepared.params, request_id=prepared.request_id)
 
     async def run(self, prepared: Prepared) -> Answer:
         """Send the request and wait for its answer; cancelling this cancels the request at the batch manager."""
         spec = prepared.spec
+        _sent(spec)
         reply, frames = await self.gateway.submit(spec.name, spec.version, prepared.metas, prepared.frames,
                                                   prepared.timeout_s, params=prepared.params,
                                                   request_id=prepared.request_id)
@@ -132,6 +136,11 @@ class Pipeline:
         if isinstance(answer, RequestError):
             raise answer
         return answer
+
+
+def _sent(spec: ModelSpec) -> None:
+    # Triton's statistics report each model's last inference (bridges/statistics.py).
+    metrics.LAST_INFERENCE.labels(spec.name, spec.version).set(time.time())
 
 
 def _answer(spec: ModelSpec, reply: Reply) -> Answer | RequestError:

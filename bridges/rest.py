@@ -38,6 +38,7 @@ from bridges.http_server import ComponentServer, head_deadline_protocol, listen
 from bridges.images import decode_image
 from bridges.metering import clock
 from bridges.pipeline import Answer, Pipeline, Prepared
+from bridges.rest_models import add_model_routes
 from bridges.tls import uvicorn_tls_options
 from bridges.validation import check_parameters
 from inferoxy import metrics
@@ -238,6 +239,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         return Response(body, media_type=content_type)
 
     add = app.router.add_route
+    add_model_routes(add, gateway, error_response)  # statistics and configuration (before /v2/models/{name})
     add("/v2/models/{name}/infer", infer, methods=["POST"])
     add("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
     add("/v2/models/{name}/infer/image", infer_image, methods=["POST"])

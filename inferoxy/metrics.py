@@ -70,6 +70,10 @@ REDIS_UP = Gauge("inferoxy_redis_up", "1 while the registry's Redis answers, 0 w
                  multiprocess_mode="livemax")
 REGISTRY_REVISION = Gauge("inferoxy_registry_revision", "The model registry's revision, as last read.",
                           multiprocess_mode="livemax")
+# Triton's statistics report each model's last inference; "max" keeps the latest over every bridge process.
+LAST_INFERENCE = Gauge("inferoxy_last_inference_timestamp_seconds",
+                       "Unix time of the last inference request a bridge sent for the model version.", MODEL,
+                       multiprocess_mode="max")
 COMPONENT_UP = Gauge("inferoxy_component_up", "1 while the component runs, 0 while serve waits to restart it.",
                      ["component"], multiprocess_mode="livemax")
 COMPONENT_RESTARTS = Counter("inferoxy_component_restarts", "Times serve restarted a component that died.",
@@ -77,7 +81,7 @@ COMPONENT_RESTARTS = Counter("inferoxy_component_restarts", "Times serve restart
 
 ALL = (REQUESTS, REQUEST_SECONDS, QUEUE_DEPTH, QUEUE_SECONDS, BATCH_SIZE, BATCH_COMPUTE_SECONDS,
        BATCHES_IN_FLIGHT, SESSIONS_OPEN, REPLICAS, REPLICA_STARTS, REPLICA_DEATHS, REPLICA_RESTARTS,
-       REPLICA_READY_SECONDS, REDIS_UP, REGISTRY_REVISION, COMPONENT_UP, COMPONENT_RESTARTS)
+       REPLICA_READY_SECONDS, REDIS_UP, REGISTRY_REVISION, LAST_INFERENCE, COMPONENT_UP, COMPONENT_RESTARTS)
 
 
 def exported_names() -> list[str]:
