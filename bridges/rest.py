@@ -37,6 +37,7 @@ from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gatewa
 from bridges.http_server import ComponentServer, head_deadline_protocol, listen
 from bridges.images import decode_image
 from bridges.metering import clock
+from bridges.openapi import add_docs_routes
 from bridges.pipeline import Answer, Pipeline, Prepared
 from bridges.rest_models import add_model_routes
 from bridges.tls import uvicorn_tls_options
@@ -254,6 +255,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     add("/metrics", prometheus_metrics, methods=["GET"])
     # GET /dashboard and the JSON it polls (docs/ADMIN.md, "The dashboard").
     app.router.routes.extend(dashboard_routes(gateway))
+    add_docs_routes(app)  # /openapi.json and /docs (bridges/openapi.py)
     # The admin API and GET /v2/health/registry (docs/ADMIN.md).
     app.include_router(admin_router(gateway.settings, lambda: gateway.registry))
     return app
