@@ -207,7 +207,8 @@ class InferenceServicer:
 
     async def model_statistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> Message:
         specs = requested(self.gateway, _credential(context), request.name or None, request.version or None)
-        return json_format.ParseDict(statistics(specs), pb.ModelStatisticsResponse())
+        # In a thread, as over REST: reading serve's metrics directory must not hold up inference on this loop.
+        return json_format.ParseDict(await asyncio.to_thread(statistics, specs), pb.ModelStatisticsResponse())
 
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = clock()

@@ -138,9 +138,23 @@ class Pipeline:
         return answer
 
 
+# Per model version: its LAST_INFERENCE child and the time last written to it.
+_last_sent: dict[str, tuple[Any, float]] = {}
+
+
 def _sent(spec: ModelSpec) -> None:
-    # Triton's statistics report each model's last inference (bridges/statistics.py).
-    metrics.LAST_INFERENCE.labels(spec.name, spec.version).set(time.time())
+    """Triton's statistics report each model's last inference (bridges/statistics.py), in milliseconds: the
+    gauge is written at most once a millisecond per model version, and its labelled child is looked up once:
+    under load (several requests a millisecond) that takes the cost per request from 4.6 µs to 0.5 µs with
+    serve's shared metrics (bench/bench_stats.py); below a request a millisecond the cost does not matter."""
+    now = time.time()
+    entry = _last_sent.get(spec.key)
+    if entry is None:
+        entry = (metrics.LAST_INFERENCE.labels(spec.name, spec.version), 0.0)
+    elif now - entry[1] < 0.001:
+        return
+    entry[0].set(now)
+    _last_sent[spec.key] = (entry[0], now)
 
 
 def _answer(spec: ModelSpec, reply: Reply) -> Answer | RequestError:

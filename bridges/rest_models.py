@@ -7,6 +7,7 @@ The documents are built by bridges/statistics.py and bridges/model_config.py, wh
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import orjson
@@ -32,7 +33,9 @@ def add_model_routes(add: Add, gateway: Gateway, error_response: Callable[[Reque
             specs = requested(gateway, credential(request), params.get("name"), params.get("version"))
         except RequestError as exc:
             return error_response(exc)
-        return Response(orjson.dumps(statistics(specs)), media_type="application/json")
+        # In a thread: reading serve's metrics directory takes milliseconds that inference on this loop must not wait.
+        document = await asyncio.to_thread(statistics, specs)
+        return Response(orjson.dumps(document), media_type="application/json")
 
     async def config(request: Request) -> Response:
         params = request.path_params
