@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +12,7 @@ import httpx
 from starlette.routing import Route
 
 from tests.bridge_harness import BridgeStack
+from tests.support import require_program
 
 
 def _routes(routes: list[Any]) -> Iterator[Route]:
@@ -74,3 +77,17 @@ def test_docs_stay_open_when_metadata_is_closed() -> None:
     finally:
         stack.stop()
 
+
+
+def test_docs_render_in_a_real_browser(stack: BridgeStack) -> None:
+    """Swagger UI draws every described operation in headless Chromium, with nothing but the proxy to load from."""
+    chromium = require_program("chromium", "INFEROXY_REQUIRE_CHROMIUM")
+    with tempfile.TemporaryDirectory() as profile:
+        shown = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", f"{stack.rest_url}/docs"],
+            capture_output=True, text=True, timeout=120, check=False)
+    drawn = set(re.findall(r'data-path="([^"]+)"', shown.stdout))
+    with httpx.Client(base_url=stack.rest_url) as http:
+        described = set(http.get("/openapi.json").json()["paths"])
+    assert drawn == described, shown.stderr[-2000:]
