@@ -21,6 +21,7 @@ import tritonclient.grpc.service_pb2 as triton_service_pb2
 import tritonclient.http as httpclient
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from bridges import statistics
@@ -324,3 +325,10 @@ def test_real_proxy_counts_every_request_of_each_bridge(proxy: ProxyProcess) -> 
         assert after["inference_stats"]["queue"]["count"] >= before["inference_stats"]["queue"]["count"] + n
         assert after["inference_stats"]["compute_infer"]["ns"] > before["inference_stats"]["compute_infer"]["ns"]
         assert after["last_inference"] >= before["last_inference"] and after["last_inference"] > 0
+
+    # The statistics and a scrape read the same samples: they agree.
+    scraped = httpx.get(f"{proxy.rest_url}/metrics", timeout=10).text
+    ok = sum(sample.value for family in text_string_to_metric_families(scraped) for sample in family.samples
+             if sample.name == "inferoxy_requests_total" and sample.labels.get("model") == "echo"
+             and sample.labels.get("version") == "1" and sample.labels.get("code") == "ok")
+    assert one(stats_of(http, "http", "echo"), "echo", "1")["inference_stats"]["success"]["count"] == ok >= 2 * n
