@@ -207,6 +207,7 @@ class InferenceServicer:
 
     async def model_statistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> Message:
         specs = requested(self.gateway, _credential(context), request.name or None, request.version or None)
+        metering.flush_all()  # this process's latest counts, as over REST
         # In a thread, as over REST: reading serve's metrics directory must not hold up inference on this loop.
         return json_format.ParseDict(await asyncio.to_thread(statistics, specs), pb.ModelStatisticsResponse())
 
