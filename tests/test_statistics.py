@@ -345,9 +345,6 @@ def test_real_proxy_counts_every_request_of_each_bridge(proxy: ProxyProcess) -> 
     assert one(stats_of(http, "http", "echo"), "echo", "1")["inference_stats"]["success"]["count"] == ok >= 2 * n
 
 
-@pytest.mark.xfail(strict=True, reason="the batch manager's queue, batch size and compute metrics are recorded by the "
-                   "metrics-core work (issue 11), not on main yet: inference_count, execution_count, queue and "
-                   "compute_infer stay 0 until it lands; remove this mark then")
 def test_real_proxy_counts_batches_and_their_times(proxy: ProxyProcess) -> None:
     """N requests: inference_count N more, at least one more execution, N more queue waits, compute time spent."""
     client = client_for(proxy, "grpc")
