@@ -6,7 +6,7 @@ JSON of ``GET /dashboard/state`` (bridges/overview.py), at several sizes, in thi
 
 For each size it fills a fresh multiprocess samples directory the way ``inferoxy serve`` does: ``--processes``
 child processes (the components) each record requests from three bridges, latency, batch sizes and queue
-depth for every model (``--models``), then it times ``read_metrics(metrics.registry())`` (what the
+depth for every model (``--models``), then it times ``metric_samples.read()`` (what the
 bridge runs in a worker thread) and ``build`` (the document, on the event loop) and the orjson encoding.
 
 ``--live`` measures the whole effect instead, on one ``inferoxy serve`` (bench_bridges.Proxy): first the REST
@@ -64,8 +64,8 @@ def measure(processes: int, models: int, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as directory:
         fill(directory, processes, models)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-        from bridges.overview import Sample, Window, build, read_metrics
-        from inferoxy import metrics
+        from bridges.overview import Sample, Window, build
+        from inferoxy import metric_samples
         from model_manager.spec import ModelSpec
         from model_manager.store import Registry
 
@@ -76,9 +76,9 @@ def measure(processes: int, models: int, repeats: int) -> dict[str, float]:
         size = 0
         for i in range(repeats):
             started = time.perf_counter()
-            read = read_metrics(metrics.registry())
+            read = metric_samples.read()
             reads.append(time.perf_counter() - started)
-            sample = Sample(float(i), *read)
+            sample = Sample(float(i), read.models, read.components)
             base = window.add(sample)
             started = time.perf_counter()
             document = build(registry, {}, sample, base, wall_time=time.time())

@@ -3,9 +3,9 @@
 
 Three sources meet here: the registry the gateway follows (every model version, its default), the status
 records the task manager writes to Redis (serving state, replicas: model_manager/spec.py ``ModelStatus``),
-and the merged metrics (``metrics.registry()``: requests, latency, queue depth, batch sizes). Counters and
-histograms only ever grow, so rates and percentiles "now" are differences between two samples: the overview
-keeps the samples of the last ``WINDOW_S`` (plus the one just before, the base), and reports the
+and the merged metrics (inferoxy/metric_samples.py: requests, latency, queue depth, batch sizes). Counters
+and histograms only ever grow, so rates and percentiles "now" are differences between two samples: the
+overview keeps the samples of the last ``WINDOW_S`` (plus the one just before, the base), and reports the
 difference between the newest and the base. A sample is taken only when someone asks and the last is at
 least ``MIN_INTERVAL_S`` old (and ``COST_FACTOR`` times what reading it cost); a faster poller (or many viewers
 at once) gets the cached document, so the cost of reading every process's samples is bounded however many
@@ -18,13 +18,14 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
 
-from inferoxy import metrics
+from inferoxy import metric_samples, metrics
+from inferoxy.metric_samples import Key, ModelSamples
 from model_manager.spec import ModelStatus
 from model_manager.store import Registry
 
@@ -39,121 +40,12 @@ STATUS_TIMEOUT_S = 2.0
 # More than WINDOW_S / MIN_INTERVAL_S + 1, so the window always fits; a bound whatever the clock does.
 MAX_SAMPLES = 64
 
-# The catalogue's names (inferoxy/metrics.py) as a scrape shows them; tests/test_overview.py checks them.
-REQUESTS = "inferoxy_requests_total"
-LATENCY = "inferoxy_request_duration_seconds"
-QUEUE_DEPTH = "inferoxy_queue_depth"
-BATCH_SIZE = "inferoxy_batch_size"
-BATCHES_IN_FLIGHT = "inferoxy_batches_in_flight"
-SESSIONS_OPEN = "inferoxy_sessions_open"
-COMPONENT_UP = "inferoxy_component_up"
-GAUGES = {QUEUE_DEPTH: "queue_depth", BATCHES_IN_FLIGHT: "batches_in_flight", SESSIONS_OPEN: "sessions_open"}
-
-Key = tuple[str, str]  # (model, version)
-
-
-@dataclass
-class Histogram:
-    """One histogram's cumulative buckets (upper bound -> count), count and sum, summed over label sets."""
-
-    buckets: dict[float, float] = field(default_factory=dict)
-    count: float = 0.0
-    total: float = 0.0
-
-    def add_bucket(self, le: float, value: float) -> None:
-        self.buckets[le] = self.buckets.get(le, 0.0) + value
-
-    def minus(self, base: Histogram | None) -> Histogram:
-        """What was observed since ``base`` (all of it if the counts went back: the processes restarted)."""
-        if base is None or self.count < base.count:
-            return self
-        return Histogram({le: value - base.buckets.get(le, 0.0) for le, value in self.buckets.items()},
-                         self.count - base.count, self.total - base.total)
-
-
-@dataclass
-class Counters:
-    """A model version's numbers at one sample: counters and histograms cumulative, gauges as they stand."""
-
-    requests: float = 0.0
-    errors: float = 0.0
-    by_bridge: dict[str, float] = field(default_factory=dict)
-    latency: Histogram = field(default_factory=Histogram)  # answered ok: errors answer fast and would hide slowness
-    batch_size: Histogram = field(default_factory=Histogram)
-    gauges: dict[str, float] = field(default_factory=dict)
-
 
 @dataclass
 class Sample:
     at: float  # monotonic
-    models: dict[Key, Counters]
+    models: dict[Key, ModelSamples]
     components: dict[str, float]
-
-
-def read_metrics(registry: CollectorRegistry) -> tuple[dict[Key, Counters], dict[str, float]]:
-    """Per model version, what the dashboard shows of the metrics; and each component's up gauge."""
-    models: dict[Key, Counters] = {}
-    components: dict[str, float] = {}
-
-    def of(labels: Mapping[str, str]) -> Counters:
-        key = (labels.get("model", ""), labels.get("version", ""))
-        found = models.get(key)
-        if found is None:
-            found = models[key] = Counters()
-        return found
-
-    for family in registry.collect():
-        for sample in family.samples:
-            name, labels, value = sample.name, sample.labels, sample.value
-            if name == REQUESTS:
-                counters = of(labels)
-                counters.requests += value
-                if labels.get("code") != metrics.OK:
-                    counters.errors += value
-                bridge = labels.get("bridge", "")
-                counters.by_bridge[bridge] = counters.by_bridge.get(bridge, 0.0) + value
-            elif name.startswith(LATENCY) and labels.get("outcome") == metrics.OK:
-                _add(of(labels).latency, name.removeprefix(LATENCY), labels, value)
-            elif name.startswith(BATCH_SIZE):
-                _add(of(labels).batch_size, name.removeprefix(BATCH_SIZE), labels, value)
-            elif name in GAUGES:
-                gauges = of(labels).gauges
-                gauges[GAUGES[name]] = gauges.get(GAUGES[name], 0.0) + value
-            elif name == COMPONENT_UP:
-                components[labels.get("component", "")] = value
-    return models, components
-
-
-def _add(histogram: Histogram, suffix: str, labels: Mapping[str, str], value: float) -> None:
-    if suffix == "_bucket":
-        histogram.add_bucket(float(labels["le"]), value)
-    elif suffix == "_count":
-        histogram.count += value
-    elif suffix == "_sum":
-        histogram.total += value
-
-
-def quantile(q: float, histogram: Histogram) -> float | None:
-    """The ``q`` quantile of a histogram's observations, as Prometheus's ``histogram_quantile`` estimates it:
-    linear within the bucket the rank falls in; the highest finite bound if it falls in the +Inf bucket."""
-    bounds = sorted(histogram.buckets)
-    if not bounds:
-        return None
-    total = histogram.buckets[bounds[-1]]
-    if total <= 0:
-        return None
-    rank = q * total
-    lower, below = 0.0, 0.0
-    for upper in bounds:
-        count = histogram.buckets[upper]
-        if count >= rank:
-            if upper == float("inf"):
-                return lower
-            if count == below:
-                return upper
-            return lower + (upper - lower) * (rank - below) / (count - below)
-        lower, below = upper, count
-    return lower
 
 
 class Window:
@@ -183,7 +75,7 @@ def build(registry: Registry | None, statuses: Mapping[str, ModelStatus], now: S
     for name, version in keys:
         spec = registry.specs[f"{name}/{version}"] if registry is not None else None
         status = statuses.get(f"{name}/{version}")
-        counters = now.models.get((name, version), Counters())
+        samples = now.models.get((name, version), ModelSamples())
         past = base.models.get((name, version)) if base is not None else None
         rows.append({
             "name": name,
@@ -191,11 +83,13 @@ def build(registry: Registry | None, statuses: Mapping[str, ModelStatus], now: S
             "default": registry is not None and registry.defaults.get(name) == version,
             "loaded": spec is not None and spec.min_replicas > 0,
             **_serving(status, wall_time),
-            **{gauge: int(counters.gauges.get(gauge, 0)) for gauge in GAUGES.values()},
-            "requests": int(counters.requests),
-            "errors": int(counters.errors),
-            "requests_by_bridge": {bridge: int(n) for bridge, n in sorted(counters.by_bridge.items())},
-            **_recent(counters, past, span),
+            "queue_depth": int(samples.queue_depth),
+            "batches_in_flight": int(samples.batches_in_flight),
+            "sessions_open": int(samples.sessions_open),
+            "requests": int(samples.answered),
+            "errors": int(samples.errors),
+            "requests_by_bridge": {bridge: int(n) for bridge, n in sorted(samples.by_bridge().items())},
+            **_recent(samples, past, span),
         })
     total_now = _total(now.models.values())
     total_base = _total(base.models.values()) if base is not None else None
@@ -203,7 +97,7 @@ def build(registry: Registry | None, statuses: Mapping[str, ModelStatus], now: S
         "time": wall_time,
         "window_s": None if span is None else round(span, 3),
         "registry_revision": registry.revision if registry is not None else None,
-        "totals": {"requests": int(total_now.requests), "errors": int(total_now.errors),
+        "totals": {"requests": int(total_now.answered), "errors": int(total_now.errors),
                    **{k: v for k, v in _recent(total_now, total_base, span).items() if k.endswith("_rate")}},
         "components": {name: bool(up) for name, up in sorted(now.components.items())},
         "models": rows,
@@ -228,16 +122,17 @@ def _serving(status: ModelStatus | None, wall_time: float) -> dict[str, Any]:
     }
 
 
-def _recent(now: Counters, base: Counters | None, span: float | None) -> dict[str, float | None]:
+def _recent(now: ModelSamples, base: ModelSamples | None, span: float | None) -> dict[str, float | None]:
     """Rates and percentiles over the window (None with no window, or nothing in it)."""
     if span is None or span <= 0:
         return {"request_rate": None, "error_rate": None, "latency_p50_s": None, "latency_p99_s": None,
                 "batch_size_mean": None}
-    requests = now.requests - base.requests if base is not None and now.requests >= base.requests else now.requests
-    errors = now.errors - base.errors if base is not None and now.errors >= base.errors else now.errors
-    latency = now.latency.minus(base.latency if base is not None else None)
+    requests = _since(now.answered, base.answered if base is not None else None)
+    errors = _since(now.errors, base.errors if base is not None else None)
+    # Answered ok only: errors answer fast and would hide slowness.
+    latency = now.duration_ok.minus(base.duration_ok if base is not None else None)
     batches = now.batch_size.minus(base.batch_size if base is not None else None)
-    p50, p99 = quantile(0.5, latency), quantile(0.99, latency)
+    p50, p99 = latency.quantile(0.5), latency.quantile(0.99)
     return {
         "request_rate": round(requests / span, 3),
         "error_rate": round(errors / span, 3),
@@ -247,11 +142,17 @@ def _recent(now: Counters, base: Counters | None, span: float | None) -> dict[st
     }
 
 
-def _total(models: Iterable[Counters]) -> Counters:
-    total = Counters()
-    for counters in models:
-        total.requests += counters.requests
-        total.errors += counters.errors
+def _since(now: float, base: float | None) -> float:
+    """A counter's growth since ``base`` (all of it if it went back: the processes restarted)."""
+    return now - base if base is not None and now >= base else now
+
+
+def _total(models: Iterable[ModelSamples]) -> ModelSamples:
+    """Every model version's requests added up (all the totals show)."""
+    total = ModelSamples()
+    for samples in models:
+        for key, n in samples.requests.items():
+            total.requests[key] = total.requests.get(key, 0.0) + n
     return total
 
 
@@ -297,8 +198,8 @@ class Overview:
                 problems.append(f"the serving statuses cannot be read from Redis: {type(exc).__name__}: {exc}")
             # Reading every process's sample files is blocking I/O: off the event loop, which serves inference.
             started = self._clock()
-            models, components = await asyncio.to_thread(lambda: read_metrics(self._collect()))
-            sample = Sample(self._clock(), models, components)
+            read = await asyncio.to_thread(lambda: metric_samples.read(self._collect()))
+            sample = Sample(self._clock(), read.models, read.components)
             self._next_at = started + max(self._min_interval_s, COST_FACTOR * (sample.at - started))
             base = self._window.add(sample)
             document = build(self._registry(), statuses, sample, base, wall_time=self._wall_clock(),

@@ -10,16 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bridges import overview
-from bridges.overview import Counters, Overview, Sample, Window, quantile, read_metrics
-from inferoxy import metrics
+from bridges.overview import Overview, Sample, Window
+from inferoxy import metric_samples, metrics
+from inferoxy.metric_samples import ModelSamples
 from model_manager.spec import ModelSpec, ModelStatus, ReplicaStatus
 from model_manager.store import Registry
-
-
-def test_the_names_it_reads_are_the_catalogues() -> None:
-    exported = metrics.exported_names()
-    for name in (overview.REQUESTS, overview.LATENCY, overview.BATCH_SIZE, overview.COMPONENT_UP, *overview.GAUGES):
-        assert name in exported, name
 
 
 class Recorder:
@@ -35,11 +30,11 @@ class Recorder:
                 args["buckets"] = metric._upper_bounds
             return kind(metric._name, metric._documentation, metric._labelnames, **args)
 
-        self.requests = copy(next(m for m in metrics.ALL if m._name == "inferoxy_requests"))
-        self.latency = copy(next(m for m in metrics.ALL if m._name == overview.LATENCY))
-        self.batch = copy(next(m for m in metrics.ALL if m._name == overview.BATCH_SIZE))
-        self.queue = copy(next(m for m in metrics.ALL if m._name == overview.QUEUE_DEPTH))
-        self.up = copy(next(m for m in metrics.ALL if m._name == overview.COMPONENT_UP))
+        self.requests = copy(next(m for m in metrics.ALL if m._name == metric_samples.REQUESTS))
+        self.latency = copy(next(m for m in metrics.ALL if m._name == metric_samples.REQUEST_SECONDS))
+        self.batch = copy(next(m for m in metrics.ALL if m._name == metric_samples.BATCH_SIZE))
+        self.queue = copy(next(m for m in metrics.ALL if m._name == metric_samples.QUEUE_DEPTH))
+        self.up = copy(next(m for m in metrics.ALL if m._name == metric_samples.COMPONENT_UP))
         assert isinstance(self.requests, Counter) and isinstance(self.queue, Gauge)
 
     def answered(self, n: int, *, model: str = "m", bridge: str = "rest", code: str = "ok",
@@ -49,7 +44,7 @@ class Recorder:
             self.latency.labels(bridge, model, "1", "ok" if code == "ok" else "error").observe(seconds)
 
 
-def test_read_metrics_sums_bridges_and_counts_errors_apart() -> None:
+def test_the_samples_read_sum_bridges_and_count_errors_apart() -> None:
     r = Recorder()
     r.answered(3, bridge="rest")
     r.answered(2, bridge="grpc")
@@ -59,32 +54,32 @@ def test_read_metrics_sums_bridges_and_counts_errors_apart() -> None:
     r.up.labels("batch_manager").set(1)
     r.up.labels("task_manager").set(0)
 
-    models, components = read_metrics(r.registry)
-    m = models[("m", "1")]
-    assert (m.requests, m.errors) == (9, 4)
-    assert m.by_bridge == {"rest": 3, "grpc": 2, "zmq": 4}
-    assert m.latency.count == 5  # only the answers that were ok
+    read = metric_samples.read(r.registry)
+    m = read.models[("m", "1")]
+    assert (m.answered, m.errors) == (9, 4)
+    assert m.by_bridge() == {"rest": 3, "grpc": 2, "zmq": 4}
+    assert m.duration_ok.count == 5  # only the answers that were ok
     assert m.batch_size.count == 1 and m.batch_size.total == 4
-    assert m.gauges["queue_depth"] == 7
-    assert components == {"batch_manager": 1, "task_manager": 0}
+    assert m.queue_depth == 7
+    assert read.components == {"batch_manager": 1, "task_manager": 0}
 
 
-def hist(**counts: float) -> overview.Histogram:
+def hist(**counts: float) -> metric_samples.Histogram:
     buckets = {float(k.removeprefix("le_").replace("_", ".")) if k != "inf" else float("inf"): v
                for k, v in counts.items()}
-    return overview.Histogram(buckets, max(buckets.values()), 0.0)
+    return metric_samples.Histogram(buckets, max(buckets.values()), 0.0)
 
 
 def test_quantile_interpolates_within_the_bucket_as_prometheus_does() -> None:
     # 10 observations in (0, 1], 10 more in (1, 2]: the median is the top of the first bucket.
     h = hist(le_1=10, le_2=20, inf=20)
-    assert quantile(0.5, h) == pytest.approx(1.0)
-    assert quantile(0.75, h) == pytest.approx(1.5)
-    assert quantile(0.25, h) == pytest.approx(0.5)  # the first bucket starts at 0
+    assert h.quantile(0.5) == pytest.approx(1.0)
+    assert h.quantile(0.75) == pytest.approx(1.5)
+    assert h.quantile(0.25) == pytest.approx(0.5)  # the first bucket starts at 0
     # A rank in the +Inf bucket: the highest finite bound, as histogram_quantile says.
-    assert quantile(0.99, hist(le_1=1, le_2=1, inf=100)) == pytest.approx(2.0)
-    assert quantile(0.5, hist(le_1=0, inf=0)) is None
-    assert quantile(0.5, overview.Histogram()) is None
+    assert hist(le_1=1, le_2=1, inf=100).quantile(0.99) == pytest.approx(2.0)
+    assert hist(le_1=0, inf=0).quantile(0.5) is None
+    assert metric_samples.Histogram().quantile(0.5) is None
 
 
 def test_the_window_is_bounded_and_keeps_one_sample_before_its_start() -> None:
@@ -220,8 +215,8 @@ def test_redis_away_still_answers_with_the_metrics_and_says_why() -> None:
 
 def test_counters_that_went_back_count_from_zero() -> None:
     """A new samples directory (or a process's files gone) makes a counter smaller: take it as a reset."""
-    now = Counters(requests=4)
-    base = Counters(requests=10)
+    now = ModelSamples(requests={("rest", "ok"): 4})
+    base = ModelSamples(requests={("rest", "ok"): 10})
     assert overview._recent(now, base, 2.0)["request_rate"] == 2.0
 
 

@@ -76,15 +76,6 @@ def spec(name: str, **fields: Any) -> ModelSpec:
 # -- the mapping ----------------------------------------------------------------------------------------
 
 
-def test_family_names_are_the_catalogues() -> None:
-    assert metrics.REQUESTS._name == statistics.REQUESTS
-    assert metrics.REQUEST_SECONDS._name == statistics.REQUEST_SECONDS
-    assert metrics.QUEUE_SECONDS._name == statistics.QUEUE_SECONDS
-    assert metrics.BATCH_SIZE._name == statistics.BATCH_SIZE
-    assert metrics.BATCH_COMPUTE_SECONDS._name == statistics.BATCH_COMPUTE_SECONDS
-    assert metrics.LAST_INFERENCE._name == statistics.LAST_INFERENCE
-
-
 def test_each_field_is_its_metrics_sum() -> None:
     name = f"m{uuid.uuid4().hex[:8]}"  # a model no other test records for
     for bridge, count in (("rest", 3), ("grpc", 2)):
