@@ -8,9 +8,8 @@ truth and return to 0 with the queue. Each is this process's value (``livesum`` 
 Hot path. Under ``inferoxy serve`` every metric write goes to the shared samples directory (an mmap
 write under a lock, 1-2 µs), and a batch of one request would cost six of them. So observations are
 counted in plain ints per bucket (``metrics.BufferedHistogram``) and written, one write per bucket
-touched, at ``flush``, which the service calls once per socket drain, with the gauges (set only for the
-model versions whose counts changed, and only the values that moved). Under load one drain carries many batches and the
-writes are shared among them; when idle, each drain flushes its own message's at once.
+touched, at ``flush``, which the service calls at most once per ``metrics.FLUSH_S`` after a drain, with the
+gauges (set only for the model versions whose counts changed, and only the values that moved).
 """
 
 from __future__ import annotations

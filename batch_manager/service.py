@@ -34,7 +34,7 @@ from batch_manager.messages import ReplicaId
 from batch_manager.params import parse_params
 from batch_manager.recorder import Recorder
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
-from inferoxy import curve, envelope
+from inferoxy import curve, envelope, metrics
 from inferoxy import messages as m
 from inferoxy.bus import plain_socket
 from inferoxy.liveness import PeerLiveness
@@ -66,6 +66,7 @@ class BatchManager:
                                    priority_aging_s=settings.priority_aging_ms / 1000.0,
                                    max_batch_bytes=settings.max_message_bytes)
         self.recorder = Recorder(self.scheduler)
+        self._metrics_due: asyncio.TimerHandle | None = None
         self._default_timeout_s = settings.request_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         # Plain sockets: the reactor reads them, sends never wait.
@@ -125,7 +126,9 @@ class BatchManager:
             if self._bridges is not None:
                 # Bridges still connected hear now rather than at their own timeout.
                 self._perform(self.scheduler.fail_all(ErrorCode.NOT_READY, "the batch manager is stopping"))
-                self.recorder.flush()
+            if self._metrics_due is not None:
+                self._metrics_due.cancel()
+            self._flush_metrics()
             if self._reactor is not None:
                 self._reactor.close()
                 self._reactor = None
@@ -390,8 +393,15 @@ class BatchManager:
         return self._loop.time()
 
     def _after_drain(self) -> None:
-        self.recorder.flush()  # once per drain, however many messages it handled
+        if self._metrics_due is None and self._loop is not None:
+            # At most once per FLUSH_S: under load a drain carries a message or two, and each flush is
+            # several locked mmap writes under serve (docs/ARCHITECTURE.md, "Decisions").
+            self._metrics_due = self._loop.call_later(metrics.FLUSH_S, self._flush_metrics)
         self._arm_timer()
+
+    def _flush_metrics(self) -> None:
+        self._metrics_due = None
+        self.recorder.flush()
 
     def _arm_timer(self) -> None:
         """Sleep exactly until the scheduler's next wake-up: no polling tick on the request path."""

@@ -56,11 +56,12 @@ def measure(proxy: Proxy, bridge: str, concurrency: int, duration: float) -> dic
     return row
 
 
-def macro(rounds: int, duration: float, path: str) -> None:
+def macro(rounds: int, duration: float, path: str, same: bool = False) -> None:
     models = Path(tempfile.mkdtemp()) / "models.yaml"
     models.write_text(ECHO_ONLY)
     on, off = Proxy(str(models)), Proxy(str(models))
-    on.env["INFEROXY_METRICS"], off.env["INFEROXY_METRICS"] = "true", "false"
+    # --same: both with metrics on, so the two columns differ only by chance: the noise floor of the run.
+    on.env["INFEROXY_METRICS"], off.env["INFEROXY_METRICS"] = "true", "true" if same else "false"
     off.env["INFEROXY_INSTANCE"] += "off"
     for proxy in (on, off):  # bench_bridges' Proxy leaves gRPC on its default port, which only one may take
         proxy.env["INFEROXY_GRPC_PORT"] = str(free_port())
@@ -68,7 +69,9 @@ def macro(rounds: int, duration: float, path: str) -> None:
     with on, off:
         for round_ in range(rounds):
             for bridge, concurrency in LOADS:
-                for metrics, proxy in (("on", on), ("off", off)):
+                # Which goes first alternates: whatever the machine drifts by within a round falls on both.
+                pair = (("on", on), ("off", off))
+                for metrics, proxy in pair if round_ % 2 == 0 else reversed(pair):
                     row = {"round": round_, "metrics": metrics, **measure(proxy, bridge, concurrency, duration)}
                     rows.append(row)
                     print(f"round {round_} metrics {metrics:3} {bridge:4} c={concurrency:<3} {row['rps']:>9.1f} req/s"
@@ -141,12 +144,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--json", default="bench/results/metrics.json", help="where to write the figures")
     parser.add_argument("--micro", action="store_true", help="time one bridge's per-request recording alone")
+    parser.add_argument("--same", action="store_true", help="metrics on in both proxies: the run's noise floor")
     args = parser.parse_args()
     if args.micro:
         micro()
         return
     started = time.monotonic()
-    macro(max(args.rounds, 1), args.duration, args.json)
+    macro(max(args.rounds, 1), args.duration, args.json, same=args.same)
     print(f"took {time.monotonic() - started:.0f} s")
 
 

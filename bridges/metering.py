@@ -8,11 +8,11 @@ counted under ``model=""``, and a version the model does not have under ``versio
 names no version is counted under the version it went to (the model's default).
 
 Counts are gathered per label set in plain Python numbers and handed to prometheus-client at most every
-``FLUSH_S`` (and at each scrape of this process's registry, and when the bridge stops). Under ``serve``
+``metrics.FLUSH_S`` (and at each scrape of this process's registry, and when the bridge stops). Under ``serve``
 every prometheus-client update is a locked write to a memory-mapped file: a counter and a histogram
 observation cost 3.4-8.6 µs per request on the 2-core machine (depending on its load), ``record`` with
 its tally 0.54 µs (``python bench/bench_metrics.py --micro``). A scrape so sees another bridge process's
-counts up to ``FLUSH_S`` late, far less than any scrape interval.
+counts up to ``metrics.FLUSH_S`` late, far less than any scrape interval.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ ERROR = "error"
 # Codes counted as they are; any other (a replica may send its own, passed on to the client unchanged) is
 # counted as ``internal``, so a replica cannot grow the label set either.
 _CODES = frozenset({metrics.OK, *(code.value for code in ErrorCode)})
+# The answers that mean the model ran, for Triton's ``last_inference`` (inferoxy_last_inference_timestamp_seconds).
+_INFERRED = frozenset({metrics.OK, ErrorCode.MODEL_ERROR.value})
 
 clock = time.perf_counter
-# How long counts wait in a bridge before they reach the samples a scrape reads (see the module docstring).
-FLUSH_S = 0.5
 
 
 def code_of(error: BaseException) -> str:
@@ -65,16 +65,32 @@ class _Tally:
             self.histogram.flush()
 
 
+class _Last:
+    """A model version's last inference (wall time), and what its gauge was last set to."""
+
+    __slots__ = ("gauge", "at", "written")
+
+    def __init__(self, gauge: Any) -> None:
+        self.gauge = gauge
+        self.at = self.written = 0.0
+
+    def flush(self) -> None:
+        if self.at != self.written:
+            self.gauge.set(self.at)
+            self.written = self.at
+
+
 class Meter:
     """Records each request one bridge answered, under its model's labels."""
 
-    __slots__ = ("bridge", "_catalog", "_registry", "_tallies", "_due", "__weakref__")
+    __slots__ = ("bridge", "_catalog", "_registry", "_tallies", "_last", "_due", "__weakref__")
 
     def __init__(self, bridge: str, catalog: Catalog) -> None:
         self.bridge = bridge
         self._catalog = catalog
         self._registry: object = None
         self._tallies: dict[tuple[str, str, str], _Tally] = {}
+        self._last: dict[tuple[str, str], _Last] = {}
         self._due: asyncio.TimerHandle | None = None
         _METERS.add(self)
 
@@ -86,7 +102,7 @@ class Meter:
         if registry is not self._registry:  # a new snapshot: models (and defaults) may have gone or moved
             self.flush()
             self._registry = registry
-            self._tallies = {}
+            self._tallies, self._last = {}, {}
         if code not in _CODES:
             code = ErrorCode.INTERNAL.value
         model, version_label = UNKNOWN, UNKNOWN
@@ -108,6 +124,11 @@ class Meter:
                 metrics.REQUEST_SECONDS.labels(self.bridge, model, version_label, outcome))
         tally.count += 1
         tally.histogram.observe(elapsed)
+        if code in _INFERRED and model:
+            last = self._last.get(key[:2])
+            if last is None:
+                last = self._last[key[:2]] = _Last(metrics.LAST_INFERENCE.labels(model, version_label))
+            last.at = time.time()
         if self._due is None:
             self._flush_later()
 
@@ -122,10 +143,12 @@ class Meter:
             self._due = None
         for tally in self._tallies.values():
             tally.flush()
+        for last in self._last.values():
+            last.flush()
 
     def _flush_later(self) -> None:
         try:
-            self._due = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+            self._due = asyncio.get_running_loop().call_later(metrics.FLUSH_S, self.flush)
         except RuntimeError:  # no event loop (a caller outside a bridge): nothing to batch with
             self.flush()
 

@@ -24,7 +24,6 @@ format, its per-connection budgets, its transport (a disconnecting HTTP client, 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +32,6 @@ from bridges.errors import RequestError
 from bridges.gateway import Gateway, Outcome, Reply
 from bridges.metering import Meter
 from bridges.validation import check_parameters, check_requested_outputs, requested_timeout_s
-from inferoxy import metrics
 from inferoxy.protocol import ErrorCode
 from inferoxy.wire import Frame, WireError, check_tensors
 from model_manager.spec import ModelSpec
@@ -121,14 +119,12 @@ class Pipeline:
             callback(outcome if isinstance(outcome, RequestError) else _answer(prepared.spec, outcome))
 
         spec = prepared.spec
-        _sent(spec)
         return self.gateway.start_request(spec.name, spec.version, prepared.metas, prepared.frames, prepared.timeout_s,
                                           settle, params=prepared.params, request_id=prepared.request_id)
 
     async def run(self, prepared: Prepared) -> Answer:
         """Send the request and wait for its answer; cancelling this cancels the request at the batch manager."""
         spec = prepared.spec
-        _sent(spec)
         reply, frames = await self.gateway.submit(spec.name, spec.version, prepared.metas, prepared.frames,
                                                   prepared.timeout_s, params=prepared.params,
                                                   request_id=prepared.request_id)
@@ -136,25 +132,6 @@ class Pipeline:
         if isinstance(answer, RequestError):
             raise answer
         return answer
-
-
-# Per model version: its LAST_INFERENCE child and the time last written to it.
-_last_sent: dict[str, tuple[Any, float]] = {}
-
-
-def _sent(spec: ModelSpec) -> None:
-    """Triton's statistics report each model's last inference (bridges/statistics.py), in milliseconds: the
-    gauge is written at most once a millisecond per model version, and its labelled child is looked up once:
-    under load (several requests a millisecond) that takes the cost per request from 4.6 µs to 0.5 µs with
-    serve's shared metrics (bench/bench_stats.py); below a request a millisecond the cost does not matter."""
-    now = time.time()
-    entry = _last_sent.get(spec.key)
-    if entry is None:
-        entry = (metrics.LAST_INFERENCE.labels(spec.name, spec.version), 0.0)
-    elif now - entry[1] < 0.001:
-        return
-    entry[0].set(now)
-    _last_sent[spec.key] = (entry[0], now)
 
 
 def _answer(spec: ModelSpec, reply: Reply) -> Answer | RequestError:

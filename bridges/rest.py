@@ -235,7 +235,7 @@ def build_app(gateway: Gateway) -> FastAPI:
             gateway.auth.check_observer(_credential(request))
         except RequestError as exc:
             return error_response(exc)
-        metering.flush_all()  # this process's latest counts (other processes' are at most FLUSH_S late)
+        metering.flush_all()  # this process's latest counts (other processes' are at most metrics.FLUSH_S late)
         # In a thread: merging serve's samples files grows with models x processes (235 ms for 50 models,
         # bench/bench_stats.py), and on the loop it would stall every request this bridge holds meanwhile.
         body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("accept"))

@@ -34,7 +34,7 @@ def add_model_routes(add: Add, gateway: Gateway, error_response: Callable[[Reque
             specs = requested(gateway, credential(request), params.get("name"), params.get("version"))
         except RequestError as exc:
             return error_response(exc)
-        metering.flush_all()  # this process's latest counts, as a scrape gets them (others' are FLUSH_S late at most)
+        metering.flush_all()  # this process's latest counts, as a scrape gets them (others': FLUSH_S late at most)
         # In a thread: reading serve's metrics directory takes milliseconds that inference on this loop must not wait.
         document = await asyncio.to_thread(statistics, specs)
         return Response(orjson.dumps(document), media_type="application/json")

@@ -30,6 +30,11 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Pulling an image and loading weights: seconds to minutes.
 STARTUP_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
+# How long a hot path (a bridge's answers, the batch manager's batches) gathers its observations in memory
+# before writing them (``BufferedHistogram``): under serve every write is a locked mmap write, and what a
+# scrape sees of another process is at most this late, far under any scrape interval.
+FLUSH_S = 0.5
+
 BRIDGES = ("rest", "grpc", "zmq")
 # What a request ended as: "ok", or an inferoxy.protocol.ErrorCode value.
 OK = "ok"

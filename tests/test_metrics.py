@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridges.catalog import Catalog
-from bridges.metering import FLUSH_S, Meter, clock
+from bridges.metering import Meter, clock
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from inferoxy import metrics
 from inferoxy.client import Client, InferenceError
@@ -85,14 +85,14 @@ def moved(before: collections.Counter[Key], after: collections.Counter[Key]) -> 
 
 def settled(rest_url: str, before: str, expected: dict[Key, int]) -> str:
     """The scrape once ``inferoxy_requests_total`` moved by ``expected`` since ``before`` (polled: other
-    processes flush every FLUSH_S); a timeout shows what moved instead."""
+    processes flush every metrics.FLUSH_S); a timeout shows what moved instead."""
     counted_before = requests_counted(before)
-    deadline = time.monotonic() + 10 * FLUSH_S + 5
+    deadline = time.monotonic() + 10 * metrics.FLUSH_S + 5
     while True:
         after = scrape(rest_url)
         if moved(counted_before, requests_counted(after)) == expected or time.monotonic() > deadline:
             break
-        time.sleep(FLUSH_S / 5)
+        time.sleep(metrics.FLUSH_S / 5)
     assert moved(counted_before, requests_counted(after)) == expected
     return after
 
@@ -326,7 +326,7 @@ def test_n_requests_through_a_bridge_show_as_n_more_under_serve(served: ProxyPro
     counted = {(bridge, "echo", "1", "ok"): n, (bridge, "raiser", "1", "model_error"): 1,
                (bridge, "", "", "unknown_model"): 1}
     timed = {(bridge, "echo", "1", "ok"): n, (bridge, "raiser", "1", "error"): 1, (bridge, "", "", "error"): 1}
-    # Another process's bridge hands its counts to the shared samples within FLUSH_S (bridges/metering.py).
+    # Another process's bridge hands its counts to the shared samples within metrics.FLUSH_S (bridges/metering.py).
     after = settled(served.rest_url, before, counted)
     assert moved(latencies_counted(before), latencies_counted(after)) == timed
 

@@ -81,6 +81,8 @@ def test_batch_manager_records_queue_batches_waits_and_compute(redis_url: str) -
             task_manager.hold = True
             await task_manager.replica_up(capacity=2, model=name)
             await bm.poll(lambda: len(task_manager.held) == 2, "two batches at the replica")
+            # Written together, at most metrics.FLUSH_S after the drain that sent the batches.
+            await bm.poll(lambda: value("inferoxy_batch_size_count", **model) == 2, "the batches' sizes written")
             assert value("inferoxy_queue_depth", **model) == 0
             assert value("inferoxy_batches_in_flight", **model) == 2
             assert value("inferoxy_batch_size_count", **model) == 2
@@ -123,7 +125,7 @@ def test_queue_depth_returns_to_zero_when_requests_time_out_and_in_flight_when_t
         spec = ModelSpec(name=name, model_class="examples.models.echo:Echo", max_batch_size=4, max_batch_delay_ms=1)
         async with bm.running_batch_manager(redis_url, spec=spec) as running:
             task_manager, bridge = running.task_manager, running.bridge()
-            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32), model=name, timeout_ms=300)
+            await bridge.infer(1, np.zeros((1, 3), dtype=np.float32), model=name, timeout_ms=1500)  # past a flush
             await bm.poll(lambda: value("inferoxy_queue_depth", **model) == 1, "queue depth 1")
             reply, _ = await bridge.receive()
             assert reply["code"] == "deadline"

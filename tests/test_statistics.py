@@ -311,6 +311,23 @@ def _echo_when(client: Any, protocol: str, done: Any, what: str) -> dict[str, An
     return found[0]
 
 
+def _settled(client: Any, protocol: str) -> dict[str, Any]:
+    """echo/1's statistics once nothing earlier is still on its way: components hand their counts on at most
+    metrics.FLUSH_S late, so a count read too soon could still move by an earlier test's requests. Two reads
+    more than a flush interval apart that agree settle it."""
+    found: list[dict[str, Any]] = []
+
+    def unchanged() -> bool:
+        now = {k: v for k, v in one(stats_of(client, protocol, "echo"), "echo", "1").items()}
+        same = bool(found) and {k: v for k, v in now.items() if k != "last_inference"} == {
+            k: v for k, v in found[0].items() if k != "last_inference"}
+        found[:] = [now]
+        return same
+
+    wait_for(unchanged, timeout=30, interval=2 * metrics.FLUSH_S, what="echo's statistics to settle")
+    return found[0]
+
+
 def test_real_proxy_counts_every_request_of_each_bridge(proxy: ProxyProcess) -> None:
     """N requests through each bridge: the statistics (read over both protocols) count N more successes, and
     say what /metrics says."""
@@ -319,7 +336,7 @@ def test_real_proxy_counts_every_request_of_each_bridge(proxy: ProxyProcess) -> 
     n = 5
     for protocol in PROTOCOLS:
         client = client_for(proxy, protocol)
-        before = one(stats_of(client, protocol, "echo"), "echo", "1")
+        before = _settled(client, protocol)
         _send(client, protocol, n)
         success = before["inference_stats"]["success"]
         after = _echo_when(client, protocol, lambda s, success=success: s["inference_stats"]["success"]["count"]
@@ -341,7 +358,7 @@ def test_real_proxy_counts_batches_and_their_times(proxy: ProxyProcess) -> None:
     client = client_for(proxy, "grpc")
     wait_for(lambda: client.is_model_ready("echo"), timeout=60, interval=0.2, what="echo to be ready")
     n = 5
-    before = one(stats_of(client, "grpc", "echo"), "echo", "1")
+    before = _settled(client, "grpc")
     _send(client, "grpc", n)
     after = _echo_when(client, "grpc", lambda s: s["inference_count"] == before["inference_count"] + n,
                        f"inference_count to count {n} requests")
