@@ -1,5 +1,8 @@
 """Dynamic and sequence batching: which requests travel together, to which replica, and when.
 
+(About 425 lines, a third of them docstrings: this facade is the scheduler's whole public API, one
+method per event, each composing the parts below; splitting it would split that API.)
+
 The scheduler is pure logic. The caller passes the clock into every call and performs the
 actions it returns (``Dispatch`` a batch to a replica, send a ``Reply`` to a bridge), so the
 service owns every socket and tests drive the scheduler deterministically. docs/BATCHING.md

@@ -1,5 +1,8 @@
 """The batch manager component: bridges' requests in, batches out to the task manager, replies back.
 
+(About 425 lines: every socket event, timer and metrics flush of the batch manager lands here, each
+handler a few lines turning one message into one scheduler call; the decisions live in the scheduler.)
+
 It binds a ROUTER for bridges (``batch_manager_url``) and dials the task manager with a
 DEALER (``task_manager_url``). Only headers are decoded; array frames are handed from one
 socket to the other untouched. All decisions are the ``Scheduler``'s: this module turns

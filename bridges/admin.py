@@ -1,5 +1,8 @@
 """The admin API: the model registry over HTTP, mounted on the REST bridge (docs/ADMIN.md).
 
+(About 425 lines: one route table and its handlers; the operations are shared with the gRPC repository
+calls, so the rules stay written once.)
+
 Every write goes through ``SpecStore``, so it is one Redis transaction plus a change event
 that every component applies within a second. Reads come from Redis too, so an admin
 sees what is stored, not what one bridge last heard.

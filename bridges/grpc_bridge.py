@@ -1,5 +1,8 @@
 """The gRPC bridge: the Open Inference Protocol's ``inference.GRPCInferenceService`` on grpcio's asyncio server.
 
+(About 450 lines: the servicer's calls, each a thin shell over the shared pipeline, and the
+per-connection and per-stream budgets that are gRPC's own.)
+
 Serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer and
 ModelStreamInfer (bridges/proto/grpc_predict_v2.proto), Triton's ModelConfig, ModelStatistics and
 repository calls (bridges/grpc_repository.py), plus ``grpc.health.v1.Health`` and server reflection.

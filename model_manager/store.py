@@ -1,5 +1,8 @@
 """Model specs in Redis.
 
+(About 425 lines: the registry's one reader and writer in Redis: specs, revisions, status records and
+the watch that follows them, which share one key layout.)
+
 Key schema (``P`` is ``INFEROXY_REDIS_PREFIX``, ``inferoxy`` by default):
 
 =====================  ======  ==========================================================
