@@ -50,7 +50,7 @@ from model_manager.editing import SpecError, apply_patch, check_runnable, valida
 from model_manager.health import registry_health
 from model_manager.keys import ApiKey, KeyStore
 from model_manager.keys import digest as key_digest
-from model_manager.spec import ModelSpec, ModelStatus
+from model_manager.spec import ModelSpec, ModelStatus, version_order
 from model_manager.store import SpecStore, open_store
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class AdminApi:
         rows = [
             _summary(spec, registry.defaults.get(spec.name) == spec.version, spec.key not in unloaded,
                      statuses.get(spec.key))
-            for spec in sorted(registry, key=lambda s: (s.name, _version_key(s.version)))
+            for spec in sorted(registry, key=lambda s: (s.name, version_order(s.version)))
         ]
         return _json({"revision": registry.revision, "models": rows})
 
@@ -152,7 +152,7 @@ class AdminApi:
         registry = await self.store.snapshot()
         statuses = await self.store.statuses()
         unloaded = await self.store.unloaded()
-        versions = sorted((s for s in registry if s.name == name), key=lambda s: _version_key(s.version))
+        versions = sorted((s for s in registry if s.name == name), key=lambda s: version_order(s.version))
         if not versions:
             raise AdminError(404, f"unknown model {name!r}")
         return _json({
@@ -246,7 +246,7 @@ class AdminApi:
         statuses = await self.store.statuses()
         unloaded = await self.store.unloaded()
         index = []
-        for spec in sorted(registry, key=lambda s: (s.name, _version_key(s.version))):
+        for spec in sorted(registry, key=lambda s: (s.name, version_order(s.version))):
             state, reason = _triton_state(spec.key in unloaded, statuses.get(spec.key))
             if not only_ready or state == "READY":
                 index.append({"name": spec.name, "version": spec.version, "state": state, "reason": reason})
@@ -288,7 +288,7 @@ class AdminApi:
         registry = await self.store.snapshot()
         spec = registry.specs.get(f"{name}/{version}")
         if spec is None:
-            versions = sorted({s.version for s in registry if s.name == name}, key=_version_key)
+            versions = sorted({s.version for s in registry if s.name == name}, key=version_order)
             if versions:
                 raise AdminError(404, f"model {name!r} has no version {version!r}; it has {', '.join(versions)}")
             raise AdminError(404, f"unknown model {name!r}")
@@ -305,7 +305,7 @@ class AdminApi:
         if version is not None:
             return [await self._existing(name, str(version))]
         registry = await self.store.snapshot()
-        specs = sorted((s for s in registry if s.name == name), key=lambda s: _version_key(s.version))
+        specs = sorted((s for s in registry if s.name == name), key=lambda s: version_order(s.version))
         if not specs:
             raise AdminError(404, f"unknown model {name!r}")
         return specs
@@ -390,10 +390,6 @@ def _parameters(body: Any) -> dict[str, Any]:
 
 def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "").lower() in {"1", "true", "yes"}
-
-
-def _version_key(version: str) -> tuple[int, int, str]:
-    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
 def _status_dict(status: ModelStatus | None) -> dict[str, Any] | None:

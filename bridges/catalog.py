@@ -13,7 +13,7 @@ from typing import NamedTuple
 from bridges.errors import RequestError
 from bridges.validation import InputRules, check_name
 from inferoxy.protocol import ErrorCode
-from model_manager.spec import ModelSpec
+from model_manager.spec import ModelSpec, version_order
 from model_manager.store import Registry, SpecStore
 
 # Serving states in which a model takes requests (model_manager.spec.ModelStatus).
@@ -89,4 +89,4 @@ class Catalog:
         if self.registry is None:
             return []
         found = [spec.version for spec in self.registry if spec.name == name]
-        return sorted(found, key=lambda v: (1, int(v), "") if v.isdigit() else (0, 0, v))
+        return sorted(found, key=version_order)

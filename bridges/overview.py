@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from inferoxy import metric_samples, metrics
 from inferoxy.metric_samples import Key, ModelSamples
-from model_manager.spec import ModelStatus
+from model_manager.spec import ModelStatus, version_order
 from model_manager.store import Registry
 
 WINDOW_S = 10.0
@@ -71,7 +71,7 @@ def build(registry: Registry | None, statuses: Mapping[str, ModelStatus], now: S
     span = now.at - base.at if base is not None else None
     rows = []
     keys = sorted({(spec.name, spec.version) for spec in registry} if registry is not None else set(),
-                  key=lambda k: (k[0], _version_order(k[1])))
+                  key=lambda k: (k[0], version_order(k[1])))
     for name, version in keys:
         spec = registry.specs[f"{name}/{version}"] if registry is not None else None
         status = statuses.get(f"{name}/{version}")
@@ -154,10 +154,6 @@ def _total(models: Iterable[ModelSamples]) -> ModelSamples:
         for key, n in samples.requests.items():
             total.requests[key] = total.requests.get(key, 0.0) + n
     return total
-
-
-def _version_order(version: str) -> tuple[int, int | str]:
-    return (1, int(version)) if version.isdigit() else (0, version)
 
 
 class Overview:

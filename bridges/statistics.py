@@ -28,7 +28,7 @@ from bridges.errors import RequestError
 from inferoxy import metric_samples
 from inferoxy.metric_samples import ModelSamples
 from inferoxy.protocol import ErrorCode
-from model_manager.spec import ModelSpec
+from model_manager.spec import ModelSpec, version_order
 
 
 def _duration(count: float, seconds: float = 0.0) -> dict[str, int]:
@@ -76,12 +76,8 @@ def model_stats(spec: ModelSpec, found: ModelSamples | None) -> dict[str, Any]:
 def statistics(specs: Iterable[ModelSpec], registry: CollectorRegistry | None = None) -> dict[str, Any]:
     """``{"model_stats": [...]}`` for ``specs``, in name and version order."""
     found = metric_samples.read(registry).models
-    ordered = sorted(specs, key=lambda s: (s.name, _version_key(s.version)))
+    ordered = sorted(specs, key=lambda s: (s.name, version_order(s.version)))
     return {"model_stats": [model_stats(spec, found.get((spec.name, spec.version))) for spec in ordered]}
-
-
-def _version_key(version: str) -> tuple[int, int, str]:
-    return (1, int(version), "") if version.isdigit() else (0, 0, version)
 
 
 def requested(gateway: Any, credential: object, name: str | None, version: str | None) -> list[ModelSpec]:

@@ -31,6 +31,11 @@ PullPolicy = Literal["if-not-present", "always", "never"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
+def version_order(version: str) -> tuple[int, int | str]:
+    """The sort key of model versions: numbered ones by number, after any named ones (so the newest is last)."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
 class TensorSpec(BaseModel):
     """One input or output. ``shape`` leaves out the batch dimension; -1 is a free dimension."""
 

@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from inferoxy import metrics
-from model_manager.spec import ModelSpec, ModelStatus
+from model_manager.spec import ModelSpec, ModelStatus, version_order
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class SpecStore:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hdel(self.models_key, *(f"{name}/{v}" for v in doomed))
             if remaining:
-                pipe.hset(self.defaults_key, name, max(remaining, key=_version_order))
+                pipe.hset(self.defaults_key, name, max(remaining, key=version_order))
             else:
                 pipe.hdel(self.defaults_key, name)
             pipe.incr(self.revision_key)
@@ -398,10 +398,6 @@ def _glob_escape(text: str) -> str:
 def _split_key(key: str) -> tuple[str, str]:
     name, _, version = key.partition("/")
     return name, version
-
-
-def _version_order(version: str) -> tuple[int, int | str]:
-    return (1, int(version)) if version.isdigit() else (0, version)
 
 
 def open_store(redis_url: str | None, prefix: str, *, resync_interval_s: float | None = None) -> SpecStore:
