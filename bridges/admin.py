@@ -311,6 +311,12 @@ class AdminApi:
         return specs
 
 
+def registry_unreachable(exc: BaseException) -> str:
+    """What an admin call answers (REST 503, gRPC UNAVAILABLE) while Redis is away."""
+    return (f"the model registry (Redis) is unreachable ({exc}); the proxy keeps serving the models it knows, "
+            "but changes cannot be stored until Redis is back")
+
+
 def admin_router(
     settings: Settings, serving: Callable[[], Any] = lambda: None, *, store: SpecStore | None = None
 ) -> APIRouter:
@@ -332,8 +338,7 @@ def admin_router(
                 return _json({"error": str(exc), "fields": exc.fields}, 400)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("admin call %s %s failed: Redis unreachable (%s)", request.method, request.url.path, exc)
-                return _json({"error": f"the model registry (Redis) is unreachable ({exc}); the proxy keeps serving "
-                                       "the models it knows, but changes cannot be stored until Redis is back"}, 503)
+                return _json({"error": registry_unreachable(exc)}, 503)
         return guarded
 
     add = router.add_route

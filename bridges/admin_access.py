@@ -10,6 +10,7 @@ rebinding). bridges/admin.py applies these (docs/SECURITY.md).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from starlette.requests import Request
@@ -27,7 +28,8 @@ class Caller(NamedTuple):
 
     @classmethod
     def of_request(cls, request: Request) -> Caller:
-        return cls(supplied_key(request), request.client.host if request.client else "", from_browser(request))
+        return cls(supplied_key(request.headers), request.client.host if request.client else "",
+                   from_browser(request))
 
 
 class AdminError(Exception):
@@ -39,7 +41,8 @@ class AdminError(Exception):
 
 # Sec-Fetch-Site values a browser sends for the proxy's own pages and for an address the user typed.
 _OWN_SITE = frozenset({"same-origin", "none"})
-_BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest", "sec-fetch-user")
+# Headers (gRPC: metadata) only a browser sends, as the admin rules read them.
+BROWSER_HEADERS = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest", "sec-fetch-user")
 
 
 def refuse_cross_site(request: Request) -> None:
@@ -64,7 +67,7 @@ def require_json(request: Request) -> None:
 
 
 def from_browser(request: Request) -> bool:
-    if any(name in request.headers for name in _BROWSER_HEADERS):
+    if any(name in request.headers for name in BROWSER_HEADERS):
         return True
     hostname = _hostname(_authority(request.headers.get("host", "")))
     return not (hostname == "localhost" or is_loopback(hostname))
@@ -90,10 +93,11 @@ def _authority(host: str) -> str:
     return host
 
 
-def supplied_key(request: Request) -> str | None:
-    """The key an admin call carries: ``X-Inferoxy-Admin-Key: KEY`` or ``Authorization: Bearer KEY``."""
-    supplied = request.headers.get(ADMIN_KEY_HEADER)
-    auth = request.headers.get("authorization", "")
+def supplied_key(headers: Mapping[str, str]) -> str | None:
+    """The key an admin call carries: ``X-Inferoxy-Admin-Key: KEY`` or ``Authorization: Bearer KEY`` (HTTP
+    headers, or a gRPC call's metadata)."""
+    supplied = headers.get(ADMIN_KEY_HEADER)
+    auth = headers.get("authorization", "")
     if supplied is None and auth.lower().startswith("bearer "):
         supplied = auth[7:].strip()
     return supplied

@@ -17,9 +17,8 @@ from typing import Any, TypeVar
 import grpc.aio
 from redis.exceptions import RedisError
 
-from bridges.admin import AdminApi
-from bridges.admin_access import ADMIN_KEY_HEADER, AdminError, Caller
-from bridges.auth import credential_of_header
+from bridges.admin import AdminApi, registry_unreachable
+from bridges.admin_access import BROWSER_HEADERS, AdminError, Caller, supplied_key
 from bridges.errors import RequestError
 from bridges.proto import grpc_predict_v2_pb2 as pb
 from inferoxy.protocol import ErrorCode
@@ -28,7 +27,6 @@ from model_manager.editing import SpecError
 
 T = TypeVar("T")
 
-_BROWSER_METADATA = ("origin", "sec-fetch-site", "sec-fetch-mode", "sec-fetch-dest", "sec-fetch-user")
 # The REST statuses of AdminError as the error codes every bridge maps (gRPC: grpc_codec.STATUS_OF_CODE).
 _CODE_OF_STATUS = {
     400: ErrorCode.BAD_INPUT,
@@ -42,18 +40,10 @@ _CODE_OF_STATUS = {
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
-    key = None
-    browser = False
-    for name, value in context.invocation_metadata() or ():
-        if not isinstance(value, str):
-            continue
-        if name == ADMIN_KEY_HEADER:
-            key = value.strip()
-        elif name == "authorization" and key is None:
-            key = credential_of_header(value)
-        elif name in _BROWSER_METADATA:
-            browser = True
-    return Caller(key, peer_host(context.peer() or ""), browser)
+    """The caller as the REST admin API reads one, from the call's metadata (names are lower case) and peer."""
+    metadata = {name: value for name, value in context.invocation_metadata() or () if isinstance(value, str)}
+    browser = any(name in metadata for name in BROWSER_HEADERS)
+    return Caller(supplied_key(metadata), peer_host(context.peer() or ""), browser)
 
 
 def peer_host(peer: str) -> str:
@@ -118,6 +108,4 @@ class RepositoryServicer:
         except SpecError as exc:
             raise RequestError(ErrorCode.BAD_INPUT, str(exc)) from None
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            message = (f"the model registry (Redis) is unreachable ({exc}); the proxy keeps serving the models it "
-                       "knows, but changes cannot be made until it is back")
-            raise RequestError(ErrorCode.UNAVAILABLE, message) from None
+            raise RequestError(ErrorCode.UNAVAILABLE, registry_unreachable(exc)) from None
