@@ -73,6 +73,7 @@ class Scheduler:
         batching = self._batching = Batching(book, admission, wakeups, sessions, max_header_bytes=max_header_bytes,
                                              max_batch_bytes=max_batch_bytes)
         self._lifecycle = Lifecycle(book, admission, sessions, batching, wakeups)
+        self._cold = False
 
     @property
     def registry(self) -> Registry | None:
@@ -110,6 +111,8 @@ class Scheduler:
                 return [error_reply(request.origin, ErrorCode.SESSION_LOST, opened)]
             session = opened
         pending = self._admission.admit(request, spec, model, signature, rows, header_bytes, now)
+        if model.queued == 1 and not model.replicas:
+            self._cold = True  # the first to wait for a model with no replica at all (``take_cold_demand``)
         if session is None:
             group = self._batching.enqueue(model, pending, timer=False)
             self._batching.pump(model, now, out)
@@ -375,6 +378,23 @@ class Scheduler:
         changed = [(key, book.counts(key)) for key in book.changed]
         book.changed.clear()
         return changed
+
+    def take_cold_demand(self) -> bool:
+        """Whether requests started waiting for a model version with no replica at all (scaled to zero) since the
+        last call: the service then reports its load at once, so the task manager starts one without delay."""
+        cold, self._cold = self._cold, False
+        return cold
+
+    def load(self) -> dict[str, tuple[int, int]]:
+        """Each model version with requests queued or batches at replicas: (requests queued, batches at replicas).
+        What the batch manager reports to the task manager (``m.Load``); a scan, for a periodic report."""
+        book = self._book
+        loads: dict[str, tuple[int, int]] = {}
+        for key in book.models:
+            queued, in_flight, _sessions = book.counts(key)
+            if queued or in_flight:
+                loads[key] = (queued, in_flight)
+        return loads
 
     def counts(self, model_key: str) -> ModelCounts:
         return self._book.counts(model_key)

@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from batch_manager.load_report import LOAD_REPORT_S, LoadReporter
 from batch_manager.messages import ReplicaId
 from batch_manager.params import parse_params
 from batch_manager.recorder import Recorder
@@ -69,6 +70,7 @@ class BatchManager:
                                    priority_aging_s=settings.priority_aging_ms / 1000.0,
                                    max_batch_bytes=settings.max_message_bytes)
         self.recorder = Recorder(self.scheduler)
+        self.load_reporter = LoadReporter()
         self._metrics_due: asyncio.TimerHandle | None = None
         self._default_timeout_s = settings.request_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,6 +118,7 @@ class BatchManager:
             self._reactor.add(self._bridges, self._on_bridge_message)
             self._reactor.add(self._task_manager, self._on_task_manager_message)
             tasks.append(asyncio.create_task(self._heartbeat(), name="batch_manager.heartbeat"))
+            tasks.append(asyncio.create_task(self._report_load_periodically(), name="batch_manager.load"))
             self._reactor.wake()  # anything that arrived before the reader was registered
             ready.set()
             log.info("batch manager serving bridges on %s, task manager at %s",
@@ -160,6 +163,17 @@ class BatchManager:
             self._forget_silent_bridges(now, peer.limit_s)
             self._wake()
             await asyncio.sleep(peer.next_check_s(self._now()))
+
+    async def _report_load_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_REPORT_S)
+            self._report_load()
+            self._wake()
+
+    def _report_load(self) -> None:
+        report = self.load_reporter.report(self.scheduler.load())
+        if report is not None:
+            self._send(self._task_manager, [m.encode(report)])
 
     def _lose_task_manager(self, why: str) -> None:
         """Drop every replica the task manager announced: it is gone, or restarted and lost them."""
@@ -396,6 +410,8 @@ class BatchManager:
         return self._loop.time()
 
     def _after_drain(self) -> None:
+        if self.scheduler.take_cold_demand():
+            self._report_load()
         if self._metrics_due is None and self._loop is not None:
             # At most once per FLUSH_S: under load a drain carries a message or two, and each flush is
             # several locked mmap writes under serve (docs/ARCHITECTURE.md, "Decisions").

@@ -145,6 +145,32 @@ class ModelDrained(Message, tag="model_drained"):
     version: str
 
 
+class ModelLoad(msgspec.Struct, gc=False):
+    """One model version's load at one batch manager, as ``load`` reports it."""
+
+    model: Name
+    version: Name
+    queued: Count
+    """Requests waiting here for a batch (not yet at a replica)."""
+    in_flight: Count
+    """Batches this batch manager has at the model's replicas."""
+
+
+class Load(Message, tag="load"):
+    """A batch manager's load (docs/PROTOCOL.md): what the autoscaler scales on and what credit is split by.
+    Lists every model version with load, and once more with zeros each one whose load just ended."""
+
+    models: list[ModelLoad]
+
+
+class Credit(Message, tag="credit"):
+    """From now on this batch manager may have at most ``capacity`` batches at ``replica`` at once (its share of
+    the replica's credit; ``replica_up`` gave its first one)."""
+
+    replica: ReplicaId
+    capacity: Count
+
+
 class BatchItem(msgspec.Struct, omit_defaults=True, gc=False):
     """One request of a ``batch``: it owns the next ``n`` tensors; stateful models add the session fields."""
 
@@ -254,14 +280,15 @@ class Codec(Generic[M]):
 BRIDGE_TO_BATCH_MANAGER: Codec[Infer | Cancel | Heartbeat] = Codec(Infer, Cancel, Heartbeat)
 BATCH_MANAGER_TO_BRIDGE: Codec[Reply | Error | Heartbeat] = Codec(Reply, Error, Heartbeat)
 TASK_MANAGER_TO_BATCH_MANAGER: Codec[
-    Heartbeat | ReplicaUp | ReplicaDown | ReplicaDraining | ModelStatus | Result | Failed
-] = Codec(Heartbeat, ReplicaUp, ReplicaDown, ReplicaDraining, ModelStatus, Result, Failed)
-BATCH_MANAGER_TO_TASK_MANAGER: Codec[Heartbeat | ModelDrained | Batch] = Codec(Heartbeat, ModelDrained, Batch)
+    Heartbeat | ReplicaUp | ReplicaDown | ReplicaDraining | ModelStatus | Credit | Result | Failed
+] = Codec(Heartbeat, ReplicaUp, ReplicaDown, ReplicaDraining, ModelStatus, Credit, Result, Failed)
+BATCH_MANAGER_TO_TASK_MANAGER: Codec[Heartbeat | ModelDrained | Load | Batch] = Codec(Heartbeat, ModelDrained, Load,
+                                                                                      Batch)
 REPLICA_TO_TASK_MANAGER: Codec[Ready | Heartbeat | Result | Failed] = Codec(Ready, Heartbeat, Result, Failed)
 TASK_MANAGER_TO_REPLICA: Codec[Heartbeat | Batch | Stop] = Codec(Heartbeat, Batch, Stop)
 # Any header of any link: for tools and tests; a component decodes with its link's codec, which refuses the rest.
 ANY: Codec[Message] = Codec(Infer, Cancel, Reply, Error, Heartbeat, ReplicaUp, ReplicaDown, ReplicaDraining,
-                            ModelStatus, ModelDrained, Batch, Result, Failed, Ready, Stop)
+                            ModelStatus, ModelDrained, Load, Credit, Batch, Result, Failed, Ready, Stop)
 
 
 def decode(frame: Frame) -> Message:

@@ -59,7 +59,7 @@ class Resources(BaseModel):
     memory: str | None = Field(None, description="Memory limit, as Docker or Kubernetes spell it (e.g. 2g).")
 
 
-ServingState = Literal["starting", "ready", "degraded", "failed", "unschedulable", "stopped"]
+ServingState = Literal["starting", "ready", "degraded", "failed", "unschedulable", "stopped", "idle"]
 # A replica as the status record shows it: the inferoxy_replicas metric's states. ``failed``: being ended
 # because it died, fell silent or got stuck (replaced); ``draining``: being stopped on purpose.
 ReplicaStateName = Literal["starting", "ready", "draining", "failed"]
@@ -82,7 +82,8 @@ class ModelStatus(BaseModel):
     ``ready``: at least one replica takes batches. ``starting``: none yet, replicas on their
     way. ``degraded``: some replicas ready, some failing. ``failed``: replicas crash-loop or
     cannot start (``reason`` says why: missing image, load error with its last log lines).
-    ``unschedulable``: no GPU or CPU slot is free for a replica. ``stopped``: no replica wanted.
+    ``unschedulable``: no GPU or CPU slot is free for a replica. ``stopped``: no replica may run (unloaded).
+    ``idle``: scaled to zero (``min_replicas`` 0); the next request starts a replica and waits for it.
     """
 
     name: str
@@ -136,6 +137,15 @@ class ModelSpec(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     resources: Resources = Field(default_factory=Resources)
+
+    # Autoscaling between min_replicas and max_replicas (docs/MODELS.md, "Scaling").
+    target_in_flight_per_replica: float | None = Field(
+        None, gt=0, description="Batches each replica should hold at once on average; the autoscaler adds replicas "
+        "while they hold this many with requests waiting. Unset: each replica's capacity (scale when saturated).")
+    scale_up_delay_s: float = Field(2.0, ge=0, le=3600, description="How long replicas stay over the target, with "
+                                    "requests waiting, before one more starts.")
+    scale_down_delay_s: float = Field(60.0, ge=0, le=86400, description="How long the load must fit in one "
+                                      "replica fewer before one is drained (min_replicas 0: idle before none runs).")
 
     inputs: list[TensorSpec] = Field(default_factory=list)
     outputs: list[TensorSpec] = Field(default_factory=list)

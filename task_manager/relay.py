@@ -43,6 +43,8 @@ class Lifecycle(Protocol):
 
     def model_drained(self, sender: bytes, msg: m.ModelDrained) -> None: ...
 
+    def load_reported(self, sender: bytes, msg: m.Load) -> None: ...
+
     def replica_ready(self, replica: Replica, msg: m.Ready) -> None: ...
 
     def replica_unreachable(self, replica: Replica) -> None:
@@ -122,6 +124,8 @@ class Relay:
                 self.lifecycle.announce_to(sender)  # it gave us up for lost and dropped our replicas; we never noticed
         elif isinstance(msg, m.ModelDrained):
             self.lifecycle.model_drained(sender, msg)
+        elif isinstance(msg, m.Load):
+            self.lifecycle.load_reported(sender, msg)
         else:
             log.error("batch %r from batch manager %s has no routing envelope; answered failed", msg.batch,
                       sender.hex())

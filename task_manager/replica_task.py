@@ -38,17 +38,18 @@ async def run_replica(runtime: Runtime, plan: ReplicaPlan, replica: Replica, end
         await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not waiting.done():
             await handle.stop(replica.stop_grace_s)
-        how = (await waiting).describe()
+        exit_ = await waiting
+        how, never_started = exit_.describe(), exit_.never_started
     except asyncio.CancelledError:  # the task manager is shutting down, past its drain budget
         await stop_quietly(handle, 0)
         raise
     except Exception as exc:  # the runtime failed us; the replica is as good as gone
         log.exception("lost track of replica %s", replica.id)
-        how = f"the {runtime.name} runtime lost track of it: {exc}"
+        how, never_started = f"the {runtime.name} runtime lost track of it: {exc}", False
     finally:
         stopping.cancel()
         waiting.cancel()
-    ended(replica, how, False)
+    ended(replica, how, never_started)
     await stop_quietly(handle, 0)  # removes what the replica left behind (process group, container)
 
 

@@ -52,6 +52,7 @@ from model_manager.store import Registry, SpecStore, open_store
 from task_manager import replica_metrics
 from task_manager.announce import Announcer
 from task_manager.gpus import GpuAllocator, gpu_inventory
+from task_manager.load import LoadBook
 from task_manager.placement import Placement, replica_plan
 from task_manager.reconciler import Liveness, RestartPolicy, lost_because, plan, record_unexpected_end, recovered
 from task_manager.relay import Relay
@@ -103,6 +104,7 @@ class TaskManager:
                                              settings.crash_loop_failures)
         self._liveness = Liveness(settings.replica_start_timeout_s, self._silence_limit_s, settings.request_timeout_s)
         self.announce = Announcer(self.relay, self._groups, self._replicas)
+        self.loads = LoadBook()  # what each batch manager last reported (``load``)
         # Removed models whose replicas still serve what batch managers queued for them, by spec key.
         self._retiring: dict[str, ModelGroup] = {}
         # ``model_drained`` notices that came before the task manager saw the removal: key -> sender -> when.
@@ -122,6 +124,7 @@ class TaskManager:
         tasks: list[asyncio.Task[None]] = []
         registry_task: asyncio.Task[None] | None = None
         try:
+            runtime.events = self
             await runtime.claim_instance()  # another live proxy with this instance name: refuse to start
             self._owns_instance = True
             # nvidia-smi may take seconds: not on the event loop.
@@ -206,6 +209,13 @@ class TaskManager:
         group.awaiting.discard(sender)
         self._retire_if_drained(key)
 
+    def load_reported(self, sender: bytes, msg: m.Load) -> None:
+        for key in self.loads.report(sender, msg):
+            self._load_changed(key)
+
+    def _load_changed(self, key: str) -> None:
+        """A model version's load moved (a report, or a batch manager that went away)."""
+
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
         if group is not None and not (group.awaiting & self.relay.batch_managers.keys()):
@@ -226,6 +236,16 @@ class TaskManager:
             self._end(replica, "the model was removed", wanted=True)
         self._status_changed(group)
 
+    def replica_unschedulable(self, replica_id: str, reason: str | None) -> None:
+        """The runtime's scheduler cannot place a replica yet (``RuntimeEvents``): its model says why meanwhile."""
+        replica = self._replicas.get(replica_id.encode())
+        if replica is None or replica.group.unschedulable == reason:
+            return
+        if reason is not None:
+            log.warning("model %s: replica %s cannot be placed yet: %s", replica.group.spec.key, replica_id, reason)
+        replica.group.unschedulable = reason
+        self._status_changed(replica.group)
+
     def replica_unreachable(self, replica: Replica) -> None:
         self._end(replica, "a batch could not be delivered to it: it is not connected", wanted=False)
 
@@ -237,6 +257,8 @@ class TaskManager:
         replica.state = ReplicaState.READY
         replica.ready_at = time.monotonic()
         replica_metrics.ready(replica)
+        if self.runtime is not None and self.runtime.places_replicas:
+            replica.group.unschedulable = None  # it was placed after all
         log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
                  replica.ready_at - replica.started_at, replica.pid, replica.capacity)
         self.announce.replica_up(replica)
@@ -268,6 +290,8 @@ class TaskManager:
                     log.info("batch manager %s went silent; forgetting it", identity.hex())
                     del self.relay.batch_managers[identity]
                     forgot = True
+                    for key in self.loads.forget(identity):
+                        self._load_changed(key)
             if forgot:
                 for key in list(self._retiring):
                     self._retire_if_drained(key)
@@ -352,22 +376,24 @@ class TaskManager:
         spec = group.spec
         index = group.next_index
         new_id = replica_id(self.settings.instance, spec.name, spec.version, index, new_nonce())
-        on_cpu = sum(r.gpu is None for r in self._replicas.values())  # draining ones hold theirs until gone
-        gpu, problem = self.placement.place(spec.key, spec.run_on_gpu, new_id, on_cpu=on_cpu)
-        if problem is not None:
-            if group.unschedulable != problem:
-                log.warning("model %s: cannot place another replica: %s", spec.key, problem)
-                group.unschedulable = problem
+        assert self.runtime is not None
+        gpu: str | None = None
+        if not self.runtime.places_replicas:  # a cluster runtime's scheduler places, and says when it cannot
+            on_cpu = sum(r.gpu is None for r in self._replicas.values())  # draining ones hold theirs until gone
+            gpu, problem = self.placement.place(spec.key, spec.run_on_gpu, new_id, on_cpu=on_cpu)
+            if problem is not None:
+                if group.unschedulable != problem:
+                    log.warning("model %s: cannot place another replica: %s", spec.key, problem)
+                    group.unschedulable = problem
+                    self._status_changed(group)
+                return False
+            if group.unschedulable is not None:
+                group.unschedulable = None
                 self._status_changed(group)
-            return False
-        if group.unschedulable is not None:
-            group.unschedulable = None
-            self._status_changed(group)
         group.next_index = index + 1
         replica = Replica(new_id, spec, group, started_at=time.monotonic(), generation=group.generation, gpu=gpu)
         group.replicas[new_id] = replica
         self._replicas[replica.identity] = replica
-        assert self.runtime is not None
         replica.task = asyncio.create_task(
             run_replica(self.runtime, self._plan(replica), replica, self._ended),
             name=f"replica {new_id}")

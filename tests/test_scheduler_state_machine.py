@@ -30,7 +30,7 @@ STATEFUL = ModelSpec(name="s", model_class="x:Y", max_batch_size=4, max_batch_de
 SPECS = {"m": STATELESS, "s": STATEFUL}
 REPLICAS = [f"r{i}" for i in range(4)]
 SESSIONS = [1, 2, 3, 4, 5]
-STATES: list[ServingState] = ["starting", "ready", "degraded", "failed", "unschedulable", "stopped"]
+STATES: list[ServingState] = ["starting", "ready", "degraded", "failed", "unschedulable", "stopped", "idle"]
 
 
 class SchedulerMachine(RuleBasedStateMachine):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from model_manager.spec import ModelSpec
 
@@ -59,6 +60,9 @@ class ReplicaExit:
     """Exit status, or None when it is unknown (the replica vanished)."""
     log_tail: str = ""
     """Its last log lines, for error replies and the proxy's log."""
+    never_started: bool = False
+    """It could not run at all (a cluster cannot pull its image, say): the model fails at once, as when
+    ``Runtime.start`` raises, instead of after ``crash_loop_failures`` tries."""
 
     def describe(self) -> str:
         status = "ended" if self.code is None else f"exited with status {self.code}"
@@ -77,8 +81,22 @@ class ReplicaHandle(abc.ABC):
         """End the replica: ask it to stop, kill it after ``grace_s``, and remove what it left behind."""
 
 
+class RuntimeEvents(Protocol):
+    """What a runtime may tell the task manager about a replica that has not ended (``Runtime.events``)."""
+
+    def replica_unschedulable(self, replica_id: str, reason: str | None) -> None:
+        """The runtime's own scheduler cannot place the replica yet (``reason``, in the cluster's words), or
+        now has placed it (None). The model's status says so meanwhile; the replica is not ended for it."""
+
+
 class Runtime(abc.ABC):
     name: str
+    places_replicas: bool = False
+    """True: the runtime's scheduler (a cluster's) decides where replicas run, so the task manager's GPU
+    allocator and CPU slots are skipped and a ``run_on_gpu`` plan names no GPU (the runtime asks its
+    scheduler for one). False: the task manager places each replica (``task_manager.placement``)."""
+    events: RuntimeEvents | None = None
+    """Set by the task manager before the first ``start``."""
 
     @abc.abstractmethod
     async def start(self, plan: ReplicaPlan) -> ReplicaHandle:
