@@ -116,3 +116,13 @@ class CostModel(Model):
         # Sleep, not spin: the machine's cores are shared with the proxy being measured.
         time.sleep(self.batch_s + self.row_s * rows)
         return {**batch, "batch_rows": np.full(rows, rows, dtype=np.int64)}
+
+
+class EnvProbeModel(Model):
+    """Answers the value of the environment variable its input names (utf-8 bytes), so a test sees what a
+    replica process was started with (``CUDA_VISIBLE_DEVICES`` on the GPU it was allotted, say)."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = bytes(batch["name"][0]).decode()
+        value = os.environ.get(name, "<unset>").encode()
+        return {"value": np.frombuffer(value, dtype=np.uint8).reshape(1, -1).repeat(len(batch["name"]), axis=0)}
