@@ -18,7 +18,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-RuntimeKind = Literal["process", "docker"]  # a Kubernetes runtime is planned, not built
+RuntimeKind = Literal["process", "docker", "kubernetes"]
 
 
 class Settings(BaseSettings):
@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     )
 
     # Replicas.
-    runtime: RuntimeKind = "process"
+    runtime: RuntimeKind = Field("process", description="Where replicas run: process, docker or kubernetes.")
     instance: str = Field("inferoxy", description="Names and labels this proxy's replicas.")
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
@@ -116,6 +116,22 @@ class Settings(BaseSettings):
     registry_server: str | None = Field(None, description="Registry the credentials below are for.")
     registry_username: str | None = None
     registry_password: str | None = None
+
+    # The kubernetes runtime (docs/KUBERNETES.md).
+    kube_namespace: str | None = Field(
+        None, description="Namespace of the replica pods; unset: the proxy's own (in a pod), else default.")
+    kube_kubeconfig: str | None = Field(
+        None, description="kubeconfig file to reach the API server; unset: the in-cluster service account, else "
+        "~/.kube/config.")
+    kube_context: str | None = Field(None, description="Context in kube_kubeconfig; unset: its current one.")
+    kube_pull_policy: Literal["if-not-present", "always", "never"] = Field(
+        "if-not-present", description="Replica pods' imagePullPolicy unless the spec sets pull_policy.")
+    kube_image_pull_secrets: str = Field(
+        "", description="Comma-separated Secrets (in kube_namespace) replica pods pull their images with.")
+    kube_pod_name: str | None = Field(
+        None, description="The proxy's own pod (downward API metadata.name): owner of the replica pods, so "
+        "deleting it deletes them. Set with kube_pod_uid.")
+    kube_pod_uid: str | None = Field(None, description="The proxy's own pod's metadata.uid (downward API).")
 
     # Requests.
     request_timeout_s: float = 30.0

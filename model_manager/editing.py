@@ -37,13 +37,13 @@ def validate_spec(document: Any) -> ModelSpec:
 def check_runnable(spec: ModelSpec, runtime: str) -> ModelSpec:
     """``spec``, or SpecError when the proxy's runtime could never start it.
 
-    The docker runtime starts replicas from images only, so a spec without one would be stored and then fail
-    at every start; the process runtime runs ``command`` or ``model_class`` and needs no image.
+    The docker and kubernetes runtimes start replicas from images only, so a spec without one would be stored
+    and then fail at every start; the process runtime runs ``command`` or ``model_class`` and needs no image.
     """
-    if runtime == "docker" and not spec.image:
+    if runtime in ("docker", "kubernetes") and not spec.image:
         raise SpecError(f"model {spec.key} has no image, and this proxy runs replicas as containers "
-                        "(INFEROXY_RUNTIME=docker), which start from an image",
-                        [{"field": "image", "reason": "required by the docker runtime"}])
+                        f"(INFEROXY_RUNTIME={runtime}), which start from an image",
+                        [{"field": "image", "reason": f"required by the {runtime} runtime"}])
     return spec
 
 

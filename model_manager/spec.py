@@ -112,7 +112,8 @@ class ModelSpec(BaseModel):
     command: list[str] | None = None
     env: dict[str, str] = Field(default_factory=dict)
     pull_policy: PullPolicy | None = Field(
-        None, description="When a container runtime pulls the image; unset: INFEROXY_DOCKER_PULL_POLICY."
+        None, description="When a container runtime pulls the image; unset: INFEROXY_DOCKER_PULL_POLICY (docker) or "
+        "INFEROXY_KUBE_PULL_POLICY (kubernetes)."
     )
 
     # Batching.

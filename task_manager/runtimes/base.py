@@ -65,6 +65,8 @@ class ReplicaExit:
     ``Runtime.start`` raises, instead of after ``crash_loop_failures`` tries."""
 
     def describe(self) -> str:
+        if self.never_started:  # the log tail is the reason it could not run, in the runtime's words
+            return f"could not start: {self.log_tail}" if self.log_tail else "could not start"
         status = "ended" if self.code is None else f"exited with status {self.code}"
         return f"{status}; last output:\n{self.log_tail}" if self.log_tail else status
 

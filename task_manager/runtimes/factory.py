@@ -15,6 +15,7 @@ from task_manager.runtimes.base import Runtime, RuntimeStartError
 RUNTIME_MODULES: dict[str, str] = {
     "process": "task_manager.runtimes.process",
     "docker": "task_manager.runtimes.docker",
+    "kubernetes": "task_manager.runtimes.kubernetes",
 }
 
 

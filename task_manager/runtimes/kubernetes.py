@@ -1,0 +1,371 @@
+"""Replicas as Kubernetes pods (``INFEROXY_RUNTIME=kubernetes``), through the official ``kubernetes`` client.
+
+One pod per replica in ``INFEROXY_KUBE_NAMESPACE``, labelled like the Docker containers, with restartPolicy
+Never (the task manager owns restarts). The replica's CURVE secret key goes into a Secret of its own, owned by
+its pod, never into the pod spec. The cluster places replicas (``places_replicas``): a ``run_on_gpu`` pod asks
+for ``nvidia.com/gpu: 1``.
+
+The client is blocking HTTP: every call runs in a worker thread (``asyncio.to_thread``), and one thread
+(``kube_watch.PodWatcher``) follows the instance's pods. What it sees ends a replica's ``wait()``: a pod that
+cannot start (image pull failure: never started, the model fails with the cluster's words), a pod whose
+container ended (its exit code and last log lines), a pod deleted behind the proxy's back; or tells the task
+manager that the scheduler cannot place a pod (``events.replica_unschedulable``). Pod manifests and the reading
+of a pod's status are pure, in ``kube_pod.py``. docs/KUBERNETES.md says what is created and which API verbs
+this needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient, Configuration, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from inferoxy.settings import Settings
+from task_manager.runtimes.base import (
+    ReplicaExit,
+    ReplicaHandle,
+    ReplicaPlan,
+    Runtime,
+    RuntimeStartError,
+    replica_environment,
+)
+from task_manager.runtimes.kube_pod import (
+    PodOptions,
+    PodState,
+    instance_selector,
+    needs_secret,
+    owner_reference,
+    pod_manifest,
+    read_pod,
+    secret_manifest,
+    secret_name,
+)
+from task_manager.runtimes.kube_watch import PodWatcher, call_json, call_quietly
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 50
+LOG_TAIL_MAX_CHARS = 8000
+STOP_MARGIN_S = 10.0  # past a stop's grace: time for the kubelet to kill and the API server to say so
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class KubernetesRuntime(Runtime):
+    name = "kubernetes"
+    places_replicas = True
+
+    def __init__(self, options: PodOptions, connect: Callable[[], ApiClient]) -> None:
+        """options: what every pod gets (namespace, instance label, pulls, owner). connect: makes the API
+        client (reads a kubeconfig or the service account; called once, in a worker thread)."""
+        if not options.instance:
+            raise ValueError("a KubernetesRuntime needs an instance name: it labels and finds its pods")
+        self.options = options
+        self._connect = connect
+        self._api: ApiClient | None = None
+        self._core: CoreV1Api | None = None
+        self._api_lock = asyncio.Lock()
+        self._lock = threading.Lock()
+        self._replicas: dict[str, KubeReplica] = {}  # by pod name (= replica id)
+        self._created: set[str] = set()  # pods whose create call has returned
+        self._watcher: PodWatcher | None = None
+
+    # --- the Runtime interface -------------------------------------------------------------------------
+
+    async def start(self, plan: ReplicaPlan) -> KubeReplica:
+        spec = plan.spec
+        if not spec.image:
+            raise RuntimeStartError(f"model {spec.key} has no image; the kubernetes runtime runs replicas from "
+                                    "images")
+        env = replica_environment(plan)
+        try:
+            pod = pod_manifest(plan, self.options, env)
+        except ValueError as exc:  # a spec the API server could not take (an unreadable memory size)
+            raise RuntimeStartError(f"model {spec.key}: {exc}") from exc
+        core = await self._client()
+        replica = KubeReplica(plan.replica_id, self, asyncio.get_running_loop())
+        # Known before it exists, so the watch cannot report it before anyone listens.
+        with self._lock:
+            self._replicas[plan.replica_id] = replica
+        try:
+            created = await asyncio.to_thread(self._create, core, "pod", pod)
+            with self._lock:
+                self._created.add(plan.replica_id)
+            if needs_secret(env):
+                uid = str(created["metadata"]["uid"])
+                await asyncio.to_thread(self._create, core, "secret",
+                                        secret_manifest(plan, self.options, env, uid))
+        except BaseException as exc:
+            await asyncio.shield(asyncio.to_thread(self._delete_replica_objects, core, plan.replica_id, 0))
+            self.forget(plan.replica_id)
+            if isinstance(exc, ApiException):
+                raise RuntimeStartError(f"the Kubernetes API refused the replica of {spec.key}: "
+                                        f"{_explain(exc)}") from None
+            raise
+        log.info("replica %s: pod %s created in %s from %s", plan.replica_id, plan.replica_id,
+                 self.options.namespace, spec.image)
+        self._watch(core)
+        return replica
+
+    async def remove_orphans(self) -> int:
+        """Delete every pod and Secret labelled with this instance (leftovers of an earlier run, or of a stop
+        that did not finish). Removed, not adopted: a leftover replica holds a bus key this run never issued."""
+        core = await self._client()
+        return await asyncio.to_thread(self._remove_orphans, core)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+        if self._api is not None:
+            api, self._api = self._api, None
+            await asyncio.to_thread(api.close)
+
+    # --- for KubeReplica ---------------------------------------------------------------------------------
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._replicas.pop(name, None)
+            self._created.discard(name)
+
+    def delete_blocking(self, name: str, grace_s: float) -> None:
+        assert self._core is not None
+        self._delete_replica_objects(self._core, name, max(0, math.ceil(grace_s)))
+
+    def log_tail_blocking(self, name: str) -> str:
+        assert self._core is not None
+        try:
+            text = self._core.read_namespaced_pod_log(name, self.options.namespace, container="replica",
+                                                      tail_lines=LOG_TAIL_LINES, _request_timeout=10)
+        except Exception as exc:  # gone already, or a kubelet that cannot serve logs
+            log.debug("replica %s: no log tail (%s)", name, exc)
+            return ""
+        return str(text).rstrip()[-LOG_TAIL_MAX_CHARS:]
+
+    def watcher_lists(self) -> int:
+        return self._watcher.lists if self._watcher is not None else 0
+
+    # --- blocking ----------------------------------------------------------------------------------------
+
+    async def _client(self) -> CoreV1Api:
+        async with self._api_lock:
+            if self._core is None:
+                try:
+                    self._api = await asyncio.to_thread(self._connect)
+                except (ConfigException, OSError) as exc:
+                    raise RuntimeStartError(f"cannot reach the Kubernetes API: {exc} (INFEROXY_KUBE_KUBECONFIG)") \
+                        from exc
+                self._core = CoreV1Api(self._api)
+            return self._core
+
+    def _create(self, core: CoreV1Api, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        create = core.create_namespaced_pod if kind == "pod" else core.create_namespaced_secret
+        return call_json(create, self.options.namespace, body)
+
+    def _delete_replica_objects(self, core: CoreV1Api, name: str, grace_s: int) -> None:
+        """Delete a replica's pod (SIGTERM, then SIGKILL after ``grace_s``) and its Secret; gone already is fine."""
+        namespace = self.options.namespace
+        deletes = ((name, partial(core.delete_namespaced_pod, grace_period_seconds=grace_s)),
+                   (secret_name(name), core.delete_namespaced_secret))
+        for what, delete in deletes:
+            try:
+                call_quietly(delete, what, namespace)
+            except ApiException as exc:
+                if exc.status != 404:  # left for remove_orphans at the next start
+                    log.warning("could not delete %s: %s", what, _explain(exc))
+
+    def _remove_orphans(self, core: CoreV1Api) -> int:
+        namespace, selector = self.options.namespace, instance_selector(self.options.instance)
+        removed = 0
+        for pod in call_json(core.list_namespaced_pod, namespace, label_selector=selector).get("items") or []:
+            name = str(pod["metadata"]["name"])
+            try:
+                call_quietly(core.delete_namespaced_pod, name, namespace, grace_period_seconds=0)
+                removed += 1
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("could not delete leftover pod %s: %s", name, _explain(exc))
+        for secret in call_json(core.list_namespaced_secret, namespace, label_selector=selector).get("items") or []:
+            with contextlib.suppress(ApiException):  # most went with their pods (owner references)
+                call_quietly(core.delete_namespaced_secret, str(secret["metadata"]["name"]), namespace)
+        return removed
+
+    # --- the watch -----------------------------------------------------------------------------------------
+
+    def _watch(self, core: CoreV1Api) -> None:
+        if self._watcher is None:
+            self._watcher = PodWatcher(core, self.options.namespace, instance_selector(self.options.instance),
+                                       on_event=self._on_event, on_list=self._on_list, known=self._known)
+        self._watcher.start()
+
+    def _known(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._created)
+
+    def _on_event(self, kind: str, pod: dict[str, Any]) -> None:
+        name = str((pod.get("metadata") or {}).get("name", ""))
+        with self._lock:
+            replica = self._replicas.get(name)
+        if replica is None:
+            return
+        if kind == "DELETED":
+            replica.gone()
+        else:
+            replica.observe(read_pod(pod))
+
+    def _on_list(self, pods: list[dict[str, Any]], known: frozenset[str]) -> None:
+        listed = {str((pod.get("metadata") or {}).get("name", "")): pod for pod in pods}
+        for name in known:
+            if name not in listed:
+                with self._lock:
+                    replica = self._replicas.get(name)
+                if replica is not None:
+                    replica.gone()  # deleted while nobody watched
+        for pod in listed.values():
+            self._on_event("MODIFIED", pod)
+
+
+class KubeReplica(ReplicaHandle):
+    """One replica's pod. The watch thread tells it what the pod does; ``wait()`` returns its end."""
+
+    def __init__(self, replica_id: str, runtime: KubernetesRuntime, loop: asyncio.AbstractEventLoop) -> None:
+        self.replica_id = replica_id
+        self.runtime = runtime
+        self._loop = loop
+        self._ended: asyncio.Future[ReplicaExit] = loop.create_future()
+        self._lock = threading.Lock()
+        self._exit: ReplicaExit | None = None
+        self._ending = False  # an end was seen; its log tail may still be on its way
+        self._stopping = False
+        self._unschedulable: str | None = None
+
+    # --- from the watch thread ---------------------------------------------------------------------
+
+    def observe(self, state: PodState) -> None:
+        with self._lock:
+            if self._ending:
+                return
+            if state.ended or state.never_started:
+                self._ending = True
+            report = None
+            if state.unschedulable is not None and state.unschedulable != self._unschedulable:
+                self._unschedulable = report = state.unschedulable
+            elif state.scheduled and self._unschedulable is not None:
+                self._unschedulable, report = None, ""
+        if report is not None:
+            self._tell_unschedulable(report or None)
+        if state.never_started:
+            self._finish(ReplicaExit(None, state.never_started, never_started=True))
+        elif state.ended:
+            # The log read blocks; not on the watch thread, which other replicas' news waits behind.
+            threading.Thread(target=self._finish_with_log, args=(state,), name=f"log-{self.replica_id}",
+                             daemon=True).start()
+
+    def gone(self) -> None:
+        with self._lock:
+            if self._ending:
+                return
+            self._ending = True
+            stopping = self._stopping
+        self._finish(ReplicaExit(None, "" if stopping else "its pod was deleted (not by this proxy)"))
+
+    def _finish_with_log(self, state: PodState) -> None:
+        tail = self.runtime.log_tail_blocking(self.replica_id)
+        self._finish(ReplicaExit(state.exit_code, "\n".join(part for part in (state.reason, tail) if part)))
+
+    def _finish(self, exit_: ReplicaExit) -> None:
+        with self._lock:
+            if self._exit is not None:
+                return
+            self._exit = exit_
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self._loop.call_soon_threadsafe(_set_result, self._ended, exit_)
+
+    def _tell_unschedulable(self, reason: str | None) -> None:
+        events = self.runtime.events
+        if events is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(events.replica_unschedulable, self.replica_id, reason)
+
+    # --- the ReplicaHandle interface -------------------------------------------------------------------
+
+    async def wait(self) -> ReplicaExit:
+        return await asyncio.shield(self._ended)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+        await asyncio.to_thread(self.runtime.delete_blocking, self.replica_id, grace_s)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ended), timeout=grace_s + STOP_MARGIN_S)
+        except TimeoutError:
+            log.warning("replica %s: its pod was not seen to end within %.0fs of its deletion", self.replica_id,
+                        grace_s + STOP_MARGIN_S)
+            self._finish(ReplicaExit(None, ""))
+        self.runtime.forget(self.replica_id)
+
+
+def _set_result(future: asyncio.Future[ReplicaExit], value: ReplicaExit) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _explain(exc: ApiException) -> str:
+    try:
+        message = json.loads(exc.body or "").get("message")
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return f"{exc.status} {exc.reason}: {message}" if message else f"{exc.status} {exc.reason}"
+
+
+# --- from settings ------------------------------------------------------------------------------------------
+
+
+def connector(settings: Settings) -> Callable[[], ApiClient]:
+    """How to reach the API server: the kubeconfig named, else the pod's service account, else ~/.kube/config."""
+
+    def connect() -> ApiClient:
+        if settings.kube_kubeconfig:
+            return kube_config.new_client_from_config(config_file=settings.kube_kubeconfig,
+                                                      context=settings.kube_context, persist_config=False)
+        try:
+            configuration = Configuration()
+            kube_config.load_incluster_config(client_configuration=configuration)
+            return ApiClient(configuration)
+        except ConfigException:
+            return kube_config.new_client_from_config(context=settings.kube_context, persist_config=False)
+
+    return connect
+
+
+def pod_options(settings: Settings) -> PodOptions:
+    if bool(settings.kube_pod_name) != bool(settings.kube_pod_uid):
+        raise RuntimeStartError("set both INFEROXY_KUBE_POD_NAME and INFEROXY_KUBE_POD_UID (the downward API's "
+                                "metadata.name and metadata.uid), or neither")
+    namespace = settings.kube_namespace
+    if not namespace:
+        try:
+            namespace = IN_CLUSTER_NAMESPACE.read_text().strip() or "default"
+        except OSError:
+            namespace = "default"
+    owner = None
+    if settings.kube_pod_name and settings.kube_pod_uid:
+        owner = owner_reference("Pod", settings.kube_pod_name, settings.kube_pod_uid)
+    secrets = tuple(name.strip() for name in settings.kube_image_pull_secrets.split(",") if name.strip())
+    return PodOptions(namespace=namespace, instance=settings.instance, pull_policy=settings.kube_pull_policy,
+                      image_pull_secrets=secrets, owner=owner)
+
+
+def create_runtime(settings: Settings) -> KubernetesRuntime:
+    """The runtime for ``INFEROXY_RUNTIME=kubernetes`` (see task_manager.runtimes.factory)."""
+    return KubernetesRuntime(pod_options(settings), connector(settings))

@@ -1,0 +1,285 @@
+"""The kubernetes runtime (INFEROXY_RUNTIME=kubernetes), issue 12 parts 3 and 4.
+
+No Kubernetes API server can run on these machines, so the runtime, with the real ``kubernetes`` client, talks to
+``tests/kube_api_double.py`` through an ordinary kubeconfig. The double's fake kubelet runs each pod's container
+as a local process with the pod's env (the replica's CURVE secret key from its Secret), so a replica really dials
+the task manager and says ``ready``: the scenarios below go through the TaskManager itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+
+from inferoxy.settings import Settings
+from model_manager.spec import ModelSpec
+from task_manager.runtimes.base import ReplicaPlan
+from task_manager.runtimes.kube_pod import PodOptions, label_value, pod_manifest, read_pod, secret_manifest
+from task_manager.runtimes.kubernetes import KubernetesRuntime, pod_options
+from tests.kube_api_double import FakeKubelet, KubeApiDouble
+from tests.support import REPO, alive, free_port
+from tests.test_bus_curve import SECRET, KeyedHarness
+from tests.test_task_manager import ECHO
+
+NAMESPACE = "inferoxy-test"
+IMAGE = "registry.example/inferoxy-echo:1"  # the fake kubelet "has" this image: it runs the model runtime
+SELECTOR = "inferoxy.instance=Test"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"redis://127.0.0.1:{port}/0"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def api() -> Iterator[KubeApiDouble]:
+    kubelet = FakeKubelet(images={IMAGE: [sys.executable, "-m", "inferoxy.runtime"]},
+                          image_env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONUNBUFFERED": "1"})
+    double = KubeApiDouble(kubelet).start()
+    yield double
+    double.stop()
+    assert not [pid for pid in kubelet.pids() if alive(pid)], "every replica process ended"
+
+
+def echo_spec(name: str = "echo", **fields: Any) -> ModelSpec:
+    return ModelSpec(**{"name": name, "image": IMAGE, "model_class": ECHO, "env": {"PYTHONPATH": str(REPO)},
+                        **fields})
+
+
+def run(api: KubeApiDouble, tmp_path: Path, redis_url: str, scenario: Any, **settings: Any) -> None:
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+
+    async def main() -> None:
+        async with KeyedHarness(redis_url, runtime="kubernetes", kube_kubeconfig=str(kubeconfig),
+                                kube_namespace=NAMESPACE, bus_secret=SECRET, **settings) as harness:
+            await scenario(harness)
+
+    asyncio.run(main())
+
+
+def runtime_of(h: KeyedHarness) -> KubernetesRuntime:
+    runtime = h.tm.runtime
+    assert isinstance(runtime, KubernetesRuntime)
+    return runtime
+
+
+# --- what a replica's pod and Secret look like (pure) -------------------------------------------------------
+
+
+PLAN_ENV = {"INFEROXY_REPLICA_ID": "test-m-1-0-0123456789ab", "INFEROXY_BUS_SECRET_KEY": "k" * 40,
+            "INFEROXY_BUS_PUBLIC_KEY": "p" * 40}
+
+
+def plan(**spec_fields: Any) -> ReplicaPlan:
+    spec = ModelSpec(**{"name": "m", "image": IMAGE, **spec_fields})
+    return ReplicaPlan(replica_id="test-m-1-0-0123456789ab", spec=spec, env=PLAN_ENV)
+
+
+def test_a_gpu_pod_asks_for_one_gpu_and_its_resources_with_the_settings_pulls_and_owner() -> None:
+    options = pod_options(Settings(runtime="kubernetes", instance="Test", kube_namespace=NAMESPACE,
+                                   kube_image_pull_secrets="regcred, other", kube_pull_policy="always",
+                                   kube_pod_name="proxy-7d9f", kube_pod_uid="0000-1111"))
+    pod = pod_manifest(plan(run_on_gpu=True, resources={"cpus": 1.5, "memory": "2g"}), options, PLAN_ENV)
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": "1500m", "memory": str(2 * 2**30)},
+        "limits": {"cpu": "1500m", "memory": str(2 * 2**30), "nvidia.com/gpu": "1"}}
+    assert container["imagePullPolicy"] == "Always" and container["image"] == IMAGE
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "other"}]
+    assert pod["spec"]["restartPolicy"] == "Never", "the task manager owns restarts"
+    assert pod["spec"]["automountServiceAccountToken"] is False, "a model gets no API credentials"
+    assert pod["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "proxy-7d9f",
+                                                   "uid": "0000-1111"}]
+    assert pod["metadata"]["namespace"] == NAMESPACE and pod["metadata"]["name"] == "test-m-1-0-0123456789ab"
+    assert pod["metadata"]["labels"] == {"inferoxy.instance": "Test", "inferoxy.model": "m", "inferoxy.version": "1",
+                                         "inferoxy.replica": "test-m-1-0-0123456789ab"}
+    # The spec's pull policy wins over the setting's; a CPU model asks for no GPU.
+    pod = pod_manifest(plan(pull_policy="never"), options, PLAN_ENV)
+    assert pod["spec"]["containers"][0]["imagePullPolicy"] == "Never"
+    assert "resources" not in pod["spec"]["containers"][0]
+
+
+def test_the_replicas_bus_secret_key_is_in_its_own_secret_never_in_the_pod_spec() -> None:
+    options = PodOptions(namespace=NAMESPACE, instance="Test")
+    pod = pod_manifest(plan(), options, PLAN_ENV)
+    assert "k" * 40 not in str(pod)
+    env = {variable["name"]: variable for variable in pod["spec"]["containers"][0]["env"]}
+    assert env["INFEROXY_BUS_SECRET_KEY"] == {"name": "INFEROXY_BUS_SECRET_KEY", "valueFrom": {
+        "secretKeyRef": {"name": "test-m-1-0-0123456789ab-bus", "key": "INFEROXY_BUS_SECRET_KEY"}}}
+    assert env["INFEROXY_BUS_PUBLIC_KEY"]["value"] == "p" * 40  # public: no secret
+    secret = secret_manifest(plan(), options, PLAN_ENV, pod_uid="pod-uid-1")
+    assert secret["stringData"] == {"INFEROXY_BUS_SECRET_KEY": "k" * 40}
+    assert secret["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod",
+                                                      "name": "test-m-1-0-0123456789ab", "uid": "pod-uid-1"}]
+
+
+def test_label_values_are_valid_and_names_that_clean_up_alike_stay_apart() -> None:
+    assert label_value("resnet50") == "resnet50"
+    long, odd = label_value("m" * 80), label_value("My Model/v2")
+    assert len(long) <= 63 and long != label_value("m" * 81)
+    assert odd.startswith("My-Model-v2-") and odd != label_value("My Model v2")
+    assert label_value("_x_") != "_x_" and label_value("_x_")[0].isalnum()
+
+
+def container(**state: Any) -> dict[str, Any]:
+    return {"containerStatuses": [{"name": "replica", "state": state}]}
+
+
+def test_reading_a_pod() -> None:
+    pending = read_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}})
+    assert pending.unschedulable == "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pull = read_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", **container(
+        waiting={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'})}})
+    assert pull.never_started == 'ImagePullBackOff: Back-off pulling image "x"'
+    # Its own Secret not there yet: the runtime creates it just after the pod, and the kubelet retries.
+    own = read_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", **container(
+        waiting={"reason": "CreateContainerConfigError", "message": 'secret "p-bus" not found'})}})
+    assert own.never_started is None
+    other = read_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", **container(
+        waiting={"reason": "CreateContainerConfigError", "message": 'configmap "cfg" not found'})}})
+    assert other.never_started == 'CreateContainerConfigError: configmap "cfg" not found'
+    ended = read_pod({"metadata": {"name": "p"}, "status": {"phase": "Failed", **container(
+        terminated={"exitCode": 137, "reason": "OOMKilled"})}})
+    assert (ended.ended, ended.exit_code, ended.reason) == (True, 137, "OOMKilled")
+    evicted = read_pod({"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted",
+                                                              "message": "The node was low on resource: memory."}})
+    assert evicted.ended and evicted.reason == "Evicted: The node was low on resource: memory."
+
+
+# --- through the task manager, against the API server double -----------------------------------------------
+
+
+def test_start_running_ready_then_batches_and_shutdown_deletes_every_pod_and_secret(
+        api: KubeApiDouble, tmp_path: Path, redis_url: str) -> None:
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec())
+        up, _ = await h.expect("replica_up")
+        name = up["replica"]
+        pod = api.pods(NAMESPACE)[name]
+        assert pod["status"]["phase"] == "Running"
+        assert pod["metadata"]["labels"]["inferoxy.replica"] == name
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == "proxy-uid"
+        # The replica dialled with the key from its Secret, which is nowhere in the pod.
+        secret = api.secrets(NAMESPACE)[f"{name}-bus"]
+        assert secret["stringData"]["INFEROXY_BUS_SECRET_KEY"] not in str(pod)
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        await h.send_batch(name, 1, [("x", x)])
+        _, tensors = await h.expect("result", batch=1)
+        np.testing.assert_array_equal(dict(tensors)["x"], x)
+        await h.status_eventually("echo", "ready")
+
+    run(api, tmp_path, redis_url, scenario, kube_pod_name="proxy", kube_pod_uid="proxy-uid")
+    assert api.pods(NAMESPACE) == {} and api.secrets(NAMESPACE) == {}
+    deletes = [query for method, path, query in api.requests if method == "DELETE" and "/pods/" in path]
+    assert deletes and all("gracePeriodSeconds" in query for query in deletes)
+
+
+def test_an_image_that_cannot_be_pulled_fails_the_model_with_the_clusters_reason(
+        api: KubeApiDouble, tmp_path: Path, redis_url: str) -> None:
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec(image="registry.example/missing:1"))
+        status = await h.status_eventually("echo", "failed")
+        assert status.reason.startswith('could not start: ErrImagePull: failed to pull and unpack image '
+                                        '"registry.example/missing:1"'), status.reason
+        assert h.tm.status()["echo/1"]["restarts"] == 1, "failed at its first pod, not after a crash loop of them"
+
+    run(api, tmp_path, redis_url, scenario)
+
+
+def test_an_unschedulable_pod_shows_the_clusters_message_until_it_is_placed(
+        api: KubeApiDouble, tmp_path: Path, redis_url: str) -> None:
+    api.kubelet.unschedulable = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec(run_on_gpu=True))
+        status = await h.status_eventually("echo", "unschedulable")
+        assert status.reason == "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+        (name,) = api.pods(NAMESPACE)
+        limits = api.pods(NAMESPACE)[name]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits == {"nvidia.com/gpu": "1"}
+        api.kubelet.unschedulable = None
+        api.kubelet.schedule(name, NAMESPACE)  # a GPU node joined
+        up, _ = await h.expect("replica_up")
+        assert up["replica"] == name, "the same replica, not ended for waiting"
+        await h.status_eventually("echo", "ready")
+
+    run(api, tmp_path, redis_url, scenario)
+
+
+def test_a_pod_deleted_behind_the_proxys_back_is_replaced(api: KubeApiDouble, tmp_path: Path,
+                                                          redis_url: str) -> None:
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec())
+        up, _ = await h.expect("replica_up")
+        api.delete_behind_the_back(up["replica"], NAMESPACE)
+        down, _ = await h.expect("replica_down", replica=up["replica"])
+        assert "deleted" in down["reason"], down["reason"]
+        again, _ = await h.expect("replica_up")
+        assert again["replica"] != up["replica"]
+        assert set(api.pods(NAMESPACE)) == {again["replica"]}
+
+    run(api, tmp_path, redis_url, scenario)
+
+
+def test_a_dropped_watch_resumes_from_its_resource_version(api: KubeApiDouble, tmp_path: Path,
+                                                           redis_url: str) -> None:
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec())
+        up, _ = await h.expect("replica_up")
+        assert runtime_of(h).watcher_lists() == 1
+        api.drop_watches()
+        api.delete_behind_the_back(up["replica"], NAMESPACE)  # while no stream is open, most likely
+        await h.expect("replica_down", replica=up["replica"])
+        await h.expect("replica_up")
+        assert runtime_of(h).watcher_lists() == 1, "resumed from where it was, without listing again"
+
+    run(api, tmp_path, redis_url, scenario)
+
+
+def test_an_expired_resource_version_410_lists_again_and_finds_what_went(api: KubeApiDouble, tmp_path: Path,
+                                                                         redis_url: str) -> None:
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec())
+        up, _ = await h.expect("replica_up")
+        api.expire()
+        api.drop_watches()
+        api.delete_behind_the_back(up["replica"], NAMESPACE)
+        await h.expect("replica_down", replica=up["replica"])
+        await h.expect("replica_up")
+        assert runtime_of(h).watcher_lists() >= 2, "a 410 Gone makes it list again"
+
+    run(api, tmp_path, redis_url, scenario)
+
+
+def test_leftovers_of_this_instance_are_removed_at_start_and_others_kept(api: KubeApiDouble, tmp_path: Path,
+                                                                         redis_url: str) -> None:
+    def leftover(name: str, instance: str) -> None:
+        labels = {"inferoxy.instance": instance, "inferoxy.replica": name}
+        api.put_object("pods", NAMESPACE, {"metadata": {"name": name, "labels": labels}, "spec": {
+            "containers": [{"name": "replica", "image": "registry.example/gone:1"}]}})
+        api.put_object("secrets", NAMESPACE, {"metadata": {"name": f"{name}-bus", "labels": labels},
+                                              "stringData": {"INFEROXY_BUS_SECRET_KEY": "old"}})
+
+    leftover("test-old-1-0-aaaaaaaaaaaa", "Test")
+    leftover("other-old-1-0-bbbbbbbbbbbb", "Other")
+
+    async def scenario(h: KeyedHarness) -> None:
+        assert set(api.pods(NAMESPACE)) == {"other-old-1-0-bbbbbbbbbbbb"}
+        assert set(api.secrets(NAMESPACE)) == {"other-old-1-0-bbbbbbbbbbbb-bus"}
+
+    run(api, tmp_path, redis_url, scenario)
