@@ -283,3 +283,55 @@ def test_leftovers_of_this_instance_are_removed_at_start_and_others_kept(api: Ku
         assert set(api.secrets(NAMESPACE)) == {"other-old-1-0-bbbbbbbbbbbb-bus"}
 
     run(api, tmp_path, redis_url, scenario)
+
+
+def test_a_replica_that_exits_ends_with_its_exit_code_and_last_log_lines(api: KubeApiDouble, tmp_path: Path,
+                                                                          redis_url: str) -> None:
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec(model_class="tests.models_for_tests:FailingLoadModel"))
+        status = await h.status_eventually("echo", "failed")
+        assert "exited with status 2" in (status.reason or "") and "weights missing" in (status.reason or ""), \
+            status.reason
+        # An exit is not a pod that could not start: the model fails only after a crash loop.
+        assert h.tm.status()["echo/1"]["restarts"] >= h.settings.crash_loop_failures
+
+    run(api, tmp_path, redis_url, scenario)
+
+
+def test_the_runtime_is_chosen_by_setting_and_an_unreachable_cluster_is_a_start_error(tmp_path: Path) -> None:
+    from task_manager.runtimes.base import RuntimeStartError
+    from task_manager.runtimes.factory import make_runtime
+
+    missing = tmp_path / "no-kubeconfig"
+    runtime = make_runtime(Settings(runtime="kubernetes", kube_kubeconfig=str(missing), instance="Test"))
+    assert isinstance(runtime, KubernetesRuntime) and runtime.places_replicas
+
+    async def start() -> None:
+        await runtime.start(plan())
+
+    with pytest.raises(RuntimeStartError, match="cannot reach the Kubernetes API"):
+        asyncio.run(start())
+    with pytest.raises(RuntimeStartError, match="KUBE_POD_UID"):
+        make_runtime(Settings(runtime="kubernetes", kube_pod_name="proxy", instance="Test"))
+
+
+def test_a_refusal_by_the_api_server_is_a_start_error_with_its_message(api: KubeApiDouble, tmp_path: Path) -> None:
+    from task_manager.runtimes.base import RuntimeStartError
+    from task_manager.runtimes.factory import make_runtime
+
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    runtime = make_runtime(Settings(runtime="kubernetes", kube_kubeconfig=str(kubeconfig), instance="Test",
+                                    kube_namespace=NAMESPACE))
+    api.put_object("pods", NAMESPACE, {"metadata": {"name": plan().replica_id}, "spec": {
+        "containers": [{"name": "replica", "image": "registry.example/someone-elses:1"}]}})
+
+    async def start() -> None:
+        try:
+            await runtime.start(plan())
+        finally:
+            await runtime.close()
+
+    with pytest.raises(RuntimeStartError, match=r"409 .*already exists"):
+        asyncio.run(start())
+    # What it started before the refusal is gone again; the pod it did not create is left alone.
+    assert set(api.pods(NAMESPACE)) == {plan().replica_id} and api.secrets(NAMESPACE) == {}

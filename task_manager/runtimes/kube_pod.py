@@ -197,8 +197,9 @@ def read_pod(pod: dict[str, Any]) -> PodState:
     if phase in ("Failed", "Succeeded"):
         terminated = state.get("terminated") or {}
         code = terminated.get("exitCode")
-        reason = _words(terminated.get("reason"), terminated.get("message")) or _words(
-            status.get("reason"), status.get("message"))
+        # "Error" and "Completed" say no more than the exit code; OOMKilled, Evicted and the like do.
+        said = terminated.get("reason") if terminated.get("reason") not in ("Error", "Completed") else None
+        reason = _words(said, terminated.get("message")) or _words(status.get("reason"), status.get("message"))
         return PodState(scheduled=scheduled, ended=True, exit_code=code if isinstance(code, int) else None,
                         reason=reason, terminating=terminating)
     waiting = state.get("waiting") or {}

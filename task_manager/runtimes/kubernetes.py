@@ -98,8 +98,10 @@ class KubernetesRuntime(Runtime):
         # Known before it exists, so the watch cannot report it before anyone listens.
         with self._lock:
             self._replicas[plan.replica_id] = replica
+        made_pod = False
         try:
             created = await asyncio.to_thread(self._create, core, "pod", pod)
+            made_pod = True
             with self._lock:
                 self._created.add(plan.replica_id)
             if needs_secret(env):
@@ -107,7 +109,8 @@ class KubernetesRuntime(Runtime):
                 await asyncio.to_thread(self._create, core, "secret",
                                         secret_manifest(plan, self.options, env, uid))
         except BaseException as exc:
-            await asyncio.shield(asyncio.to_thread(self._delete_replica_objects, core, plan.replica_id, 0))
+            if made_pod:  # only what this call made: a name taken already is someone else's (its Secret goes too)
+                await asyncio.shield(asyncio.to_thread(self._delete_replica_objects, core, plan.replica_id, 0))
             self.forget(plan.replica_id)
             if isinstance(exc, ApiException):
                 raise RuntimeStartError(f"the Kubernetes API refused the replica of {spec.key}: "
