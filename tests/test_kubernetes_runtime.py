@@ -335,3 +335,9 @@ def test_a_refusal_by_the_api_server_is_a_start_error_with_its_message(api: Kube
         asyncio.run(start())
     # What it started before the refusal is gone again; the pod it did not create is left alone.
     assert set(api.pods(NAMESPACE)) == {plan().replica_id} and api.secrets(NAMESPACE) == {}
+
+
+def test_a_specs_command_is_the_containers_args_as_dockers_cmd() -> None:
+    pod = pod_manifest(plan(command=["--threads", "2"]), PodOptions(namespace=NAMESPACE, instance="Test"), {})
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["--threads", "2"] and "command" not in container, "the image's ENTRYPOINT stays"

@@ -92,7 +92,8 @@ def pod_manifest(plan: ReplicaPlan, options: PodOptions, env: dict[str, str]) ->
         "env": [_env_var(key, value, name) for key, value in sorted(env.items())],
     }
     if spec.command:
-        container["command"] = list(spec.command)
+        # args, not command: as with Docker (where it replaces CMD), the image's ENTRYPOINT stays.
+        container["args"] = list(spec.command)
     resources = _resources(plan)
     if resources:
         container["resources"] = resources
