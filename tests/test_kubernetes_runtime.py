@@ -23,7 +23,7 @@ from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
 from task_manager.runtimes.base import ReplicaPlan
 from task_manager.runtimes.kube_pod import PodOptions, label_value, pod_manifest, read_pod, secret_manifest
-from task_manager.runtimes.kubernetes import KubernetesRuntime, pod_options
+from task_manager.runtimes.kubernetes import KubernetesRuntime, create_runtime, pod_options
 from tests.kube_api_double import FakeKubelet, KubeApiDouble
 from tests.support import REPO, alive, free_port
 from tests.test_bus_curve import SECRET, KeyedHarness
@@ -341,3 +341,19 @@ def test_a_specs_command_is_the_containers_args_as_dockers_cmd() -> None:
     pod = pod_manifest(plan(command=["--threads", "2"]), PodOptions(namespace=NAMESPACE, instance="Test"), {})
     (container,) = pod["spec"]["containers"]
     assert container["args"] == ["--threads", "2"] and "command" not in container, "the image's ENTRYPOINT stays"
+
+
+def test_an_api_server_that_does_not_answer_is_a_start_error(tmp_path: Path) -> None:
+    from task_manager.runtimes.base import RuntimeStartError
+
+    double = KubeApiDouble()  # never started: its port refuses connections
+    kubeconfig = double.kubeconfig(tmp_path / "kubeconfig")
+    double.server.server_close()
+    runtime = create_runtime(Settings(runtime="kubernetes", kube_kubeconfig=str(kubeconfig), instance="Test",
+                                      kube_namespace=NAMESPACE))
+
+    async def start() -> None:
+        await runtime.start(plan())
+
+    with pytest.raises(RuntimeStartError, match="cannot reach the Kubernetes API to start a replica of m/1"):
+        asyncio.run(start())

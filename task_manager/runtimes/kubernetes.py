@@ -26,6 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient, Configuration, CoreV1Api
@@ -115,6 +116,9 @@ class KubernetesRuntime(Runtime):
             if isinstance(exc, ApiException):
                 raise RuntimeStartError(f"the Kubernetes API refused the replica of {spec.key}: "
                                         f"{_explain(exc)}") from None
+            if isinstance(exc, Exception):  # the API server did not answer (urllib3's errors, a timeout)
+                raise RuntimeStartError(f"cannot reach the Kubernetes API to start a replica of {spec.key}: "
+                                        f"{_explain(exc)}") from exc
             raise
         log.info("replica %s: pod %s created in %s from %s", plan.replica_id, plan.replica_id,
                  self.options.namespace, spec.image)
@@ -183,8 +187,8 @@ class KubernetesRuntime(Runtime):
         for what, delete in deletes:
             try:
                 call_quietly(delete, what, namespace)
-            except ApiException as exc:
-                if exc.status != 404:  # left for remove_orphans at the next start
+            except Exception as exc:  # the API's refusal, or no answer: left for the sweep at shutdown or start
+                if not (isinstance(exc, ApiException) and exc.status == 404):
                     log.warning("could not delete %s: %s", what, _explain(exc))
 
     def _remove_orphans(self, core: CoreV1Api) -> int:
@@ -323,7 +327,9 @@ def _set_result(future: asyncio.Future[ReplicaExit], value: ReplicaExit) -> None
         future.set_result(value)
 
 
-def _explain(exc: ApiException) -> str:
+def _explain(exc: Exception) -> str:
+    if not isinstance(exc, ApiException):
+        return str(exc) or type(exc).__name__
     try:
         message = json.loads(exc.body or "").get("message")
     except (TypeError, ValueError, AttributeError):
@@ -371,4 +377,9 @@ def pod_options(settings: Settings) -> PodOptions:
 
 def create_runtime(settings: Settings) -> KubernetesRuntime:
     """The runtime for ``INFEROXY_RUNTIME=kubernetes`` (see task_manager.runtimes.factory)."""
+    host = urlsplit(settings.replica_url).hostname or ""
+    if settings.replica_connect_url is None and (host in ("0.0.0.0", "localhost", "*", "::1")
+                                                 or host.startswith("127.")):
+        log.warning("replica pods dial %s, which is this pod's own address: set INFEROXY_REPLICA_CONNECT_URL to "
+                    "the task manager's replica Service (docs/KUBERNETES.md)", settings.replica_url)
     return KubernetesRuntime(pod_options(settings), connector(settings))
