@@ -7,7 +7,8 @@ http://127.0.0.1:PORT), so the runtime does not know it talks to a double.
 
 What it implements:
 - pods and secrets: create (201; 409 AlreadyExists; 422 for a bad name or label value), get, list, delete
-  (404 when missing), with label selectors (``k=v``, ``k!=v``, ``k``), uids and a resourceVersion per change;
+  (404 when missing; 409 when a ``preconditions.uid`` does not match), with label selectors (``k=v``,
+  ``k!=v``, ``k``), uids and a resourceVersion per change;
 - watches of pods and secrets: chunked JSON lines from a resourceVersion (or every object first, without one),
   until ``timeoutSeconds``; a version older than the last compaction gets an ``ERROR`` event with code 410;
 - garbage collection by owner reference (deleting a pod deletes what it owns, as the cluster's collector does);
@@ -364,6 +365,9 @@ def _handler(api: KubeApiDouble) -> type[BaseHTTPRequestHandler]:
                     body = json.loads(raw) if raw else {}
                     if grace is None and body.get("gracePeriodSeconds") is not None:
                         grace = str(body["gracePeriodSeconds"])
+                    precondition = (body.get("preconditions") or {}).get("uid")
+                    if precondition is not None and api.get(kind, namespace, name)["metadata"]["uid"] != precondition:
+                        raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: {precondition}")
                     answer, code = api.delete(kind, namespace, name, None if grace is None else int(grace)), 200
                 else:
                     raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")

@@ -357,3 +357,46 @@ def test_an_api_server_that_does_not_answer_is_a_start_error(tmp_path: Path) -> 
 
     with pytest.raises(RuntimeStartError, match="cannot reach the Kubernetes API to start a replica of m/1"):
         asyncio.run(start())
+
+
+def test_an_instance_is_claimed_by_one_live_proxy_pod_at_a_time(api: KubeApiDouble, tmp_path: Path) -> None:
+    from task_manager.runtimes.base import InstanceTaken
+    from task_manager.runtimes.kube_claim import claim_name
+
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+
+    def proxy(name: str) -> KubernetesRuntime:
+        pod = api.put_object("pods", NAMESPACE, {"metadata": {"name": name}, "spec": {
+            "containers": [{"name": "proxy", "image": "registry.example/inferoxy:1"}]}})
+        return create_runtime(Settings(runtime="kubernetes", kube_kubeconfig=str(kubeconfig), instance="Test",
+                                       kube_namespace=NAMESPACE, kube_pod_name=name,
+                                       kube_pod_uid=pod["metadata"]["uid"]))
+
+    first, second, third = proxy("proxy-a"), proxy("proxy-b"), proxy("proxy-c")
+    claim = claim_name("Test")
+
+    async def scenario() -> None:
+        await first.claim_instance()
+        with pytest.raises(InstanceTaken, match="proxy-a"):
+            await second.claim_instance()
+        # The same pod again (its task manager restarted) holds its own claim; sweeping leftovers keeps it.
+        again = create_runtime(Settings(runtime="kubernetes", kube_kubeconfig=str(kubeconfig), instance="Test",
+                                        kube_namespace=NAMESPACE, kube_pod_name="proxy-a",
+                                        kube_pod_uid=api.pods(NAMESPACE)["proxy-a"]["metadata"]["uid"]))
+        await again.claim_instance()
+        await again.remove_orphans()
+        assert claim in api.secrets(NAMESPACE)
+        await first.close()  # gives the name back
+        assert claim not in api.secrets(NAMESPACE)
+        await second.claim_instance()
+        # A holder whose pod has finished is no owner any more: its claim is taken over.
+        api.set_pod_status("proxy-b", NAMESPACE, phase="Failed")
+        await third.claim_instance()
+        assert api.secrets(NAMESPACE)[claim]["metadata"]["ownerReferences"][0]["name"] == "proxy-c"
+        for runtime in (second, again):
+            await runtime.close()
+        assert claim in api.secrets(NAMESPACE), "an earlier holder's close leaves the new holder's claim"
+        await third.close()
+        assert claim not in api.secrets(NAMESPACE)
+
+    asyncio.run(scenario())

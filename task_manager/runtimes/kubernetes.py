@@ -34,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from inferoxy.settings import Settings
+from task_manager.runtimes import kube_claim
 from task_manager.runtimes.base import (
     ReplicaExit,
     ReplicaHandle,
@@ -81,6 +82,7 @@ class KubernetesRuntime(Runtime):
         self._replicas: dict[str, KubeReplica] = {}  # by pod name (= replica id)
         self._created: set[str] = set()  # pods whose create call has returned
         self._watcher: PodWatcher | None = None
+        self._claim: str | None = None  # the uid of this proxy's claim on the instance name, once claimed
 
     # --- the Runtime interface -------------------------------------------------------------------------
 
@@ -125,6 +127,20 @@ class KubernetesRuntime(Runtime):
         self._watch(core)
         return replica
 
+    async def claim_instance(self) -> None:
+        if self.options.owner is None:
+            log.info("the proxy does not know its own pod (INFEROXY_KUBE_POD_NAME, _UID): instance %r is not "
+                     "claimed; run one proxy per instance name in namespace %s", self.options.instance,
+                     self.options.namespace)
+            return
+        core = await self._client()
+        try:
+            self._claim = await asyncio.to_thread(kube_claim.claim, core, self.options.namespace,
+                                                  self.options.instance, self.options.owner)
+        except ApiException as exc:
+            raise RuntimeStartError(f"cannot claim instance {self.options.instance!r} in namespace "
+                                    f"{self.options.namespace!r}: {_explain(exc)}") from exc
+
     async def remove_orphans(self) -> int:
         """Delete every pod and Secret labelled with this instance (leftovers of an earlier run, or of a stop
         that did not finish). Removed, not adopted: a leftover replica holds a bus key this run never issued."""
@@ -134,6 +150,10 @@ class KubernetesRuntime(Runtime):
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
+        if self._claim is not None and self._core is not None:
+            claim, self._claim = self._claim, None
+            await asyncio.to_thread(kube_claim.release, self._core, self.options.namespace, self.options.instance,
+                                    claim)
         if self._api is not None:
             api, self._api = self._api, None
             await asyncio.to_thread(api.close)
@@ -361,15 +381,20 @@ def pod_options(settings: Settings) -> PodOptions:
     if bool(settings.kube_pod_name) != bool(settings.kube_pod_uid):
         raise RuntimeStartError("set both INFEROXY_KUBE_POD_NAME and INFEROXY_KUBE_POD_UID (the downward API's "
                                 "metadata.name and metadata.uid), or neither")
-    namespace = settings.kube_namespace
-    if not namespace:
-        try:
-            namespace = IN_CLUSTER_NAMESPACE.read_text().strip() or "default"
-        except OSError:
-            namespace = "default"
+    try:
+        own_namespace: str | None = IN_CLUSTER_NAMESPACE.read_text().strip() or None
+    except OSError:
+        own_namespace = None
+    namespace = settings.kube_namespace or own_namespace or "default"
     owner = None
     if settings.kube_pod_name and settings.kube_pod_uid:
-        owner = owner_reference("Pod", settings.kube_pod_name, settings.kube_pod_uid)
+        if own_namespace is not None and namespace != own_namespace:
+            # An owner in another namespace counts as absent: the garbage collector would delete every pod at once.
+            log.warning("replica pods go to namespace %s, the proxy runs in %s: owner references cannot cross "
+                        "namespaces, so the replicas are not owned by the proxy's pod and the instance is not "
+                        "claimed", namespace, own_namespace)
+        else:
+            owner = owner_reference("Pod", settings.kube_pod_name, settings.kube_pod_uid)
     secrets = tuple(name.strip() for name in settings.kube_image_pull_secrets.split(",") if name.strip())
     return PodOptions(namespace=namespace, instance=settings.instance, pull_policy=settings.kube_pull_policy,
                       image_pull_secrets=secrets, owner=owner)
