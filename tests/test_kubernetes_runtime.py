@@ -400,3 +400,16 @@ def test_an_instance_is_claimed_by_one_live_proxy_pod_at_a_time(api: KubeApiDoub
         assert claim not in api.secrets(NAMESPACE)
 
     asyncio.run(scenario())
+
+
+def test_no_owner_reference_across_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import task_manager.runtimes.kubernetes as kube
+
+    own = tmp_path / "namespace"
+    own.write_text("inferoxy\n")
+    monkeypatch.setattr(kube, "IN_CLUSTER_NAMESPACE", own)
+    identity = {"kube_pod_name": "proxy", "kube_pod_uid": "uid-1", "instance": "Test"}
+    same = pod_options(Settings(**identity))
+    assert same.namespace == "inferoxy" and same.owner is not None, "unset: the proxy's own namespace, owned"
+    other = pod_options(Settings(kube_namespace="models", **identity))
+    assert other.namespace == "models" and other.owner is None, "the collector would delete pods owned across"
