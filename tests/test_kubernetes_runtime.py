@@ -413,3 +413,12 @@ def test_no_owner_reference_across_namespaces(tmp_path: Path, monkeypatch: pytes
     assert same.namespace == "inferoxy" and same.owner is not None, "unset: the proxy's own namespace, owned"
     other = pod_options(Settings(kube_namespace="models", **identity))
     assert other.namespace == "models" and other.owner is None, "the collector would delete pods owned across"
+
+
+def test_a_spec_without_an_image_is_refused_on_a_kubernetes_proxy() -> None:
+    from model_manager.editing import SpecError, check_runnable
+
+    spec = ModelSpec(name="m", model_class=ECHO)
+    with pytest.raises(SpecError, match="INFEROXY_RUNTIME=kubernetes"):
+        check_runnable(spec, "kubernetes")
+    assert check_runnable(spec, "process") is spec
