@@ -36,6 +36,7 @@ from kubernetes.config.config_exception import ConfigException
 from inferoxy.settings import Settings
 from task_manager.runtimes import kube_claim
 from task_manager.runtimes.base import (
+    InstanceTaken,
     ReplicaPlan,
     Runtime,
     RuntimeStartError,
@@ -134,7 +135,9 @@ class KubernetesRuntime(Runtime):
         try:
             self._claim = await asyncio.to_thread(kube_claim.claim, core, self.options.namespace,
                                                   self.options.instance, self.options.owner)
-        except ApiException as exc:
+        except InstanceTaken:
+            raise
+        except Exception as exc:  # refused (RBAC: secrets create/get/delete, pods get) or no answer
             raise RuntimeStartError(f"cannot claim instance {self.options.instance!r} in namespace "
                                     f"{self.options.namespace!r}: {_explain(exc)}") from exc
 
