@@ -106,7 +106,7 @@ class KubeReplica(ReplicaHandle):
         await asyncio.to_thread(self.runtime.delete_blocking, self.replica_id, grace_s)
         try:
             await asyncio.wait_for(asyncio.shield(self._ended), timeout=grace_s + STOP_MARGIN_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             log.warning("replica %s: its pod was not seen to end within %.0fs of its deletion", self.replica_id,
                         grace_s + STOP_MARGIN_S)
             self._finish(ReplicaExit(None, ""))
