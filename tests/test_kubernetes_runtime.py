@@ -27,7 +27,7 @@ from task_manager.runtimes.kubernetes import KubernetesRuntime, create_runtime, 
 from tests.kube_api_double import FakeKubelet, KubeApiDouble
 from tests.support import REPO, alive, free_port
 from tests.test_bus_curve import SECRET, KeyedHarness
-from tests.test_task_manager import ECHO
+from tests.test_task_manager import ECHO, eventually
 
 NAMESPACE = "inferoxy-test"
 IMAGE = "registry.example/inferoxy-echo:1"  # the fake kubelet "has" this image: it runs the model runtime
@@ -422,3 +422,26 @@ def test_a_spec_without_an_image_is_refused_on_a_kubernetes_proxy() -> None:
     with pytest.raises(SpecError, match="INFEROXY_RUNTIME=kubernetes"):
         check_runnable(spec, "kubernetes")
     assert check_runnable(spec, "process") is spec
+
+
+def test_watches_the_server_ends_in_order_are_resumed_without_listing(api: KubeApiDouble, tmp_path: Path,
+                                                                     redis_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import task_manager.runtimes.kube_watch as kube_watch
+
+    monkeypatch.setattr(kube_watch, "WATCH_TIMEOUT_S", 1)  # the server ends each watch after a second
+
+    def watches() -> int:
+        return sum(1 for method, path, query in api.requests if method == "GET" and path.endswith("/pods")
+                   and query.get("watch") == ["true"])
+
+    async def scenario(h: KeyedHarness) -> None:
+        await h.store.put(echo_spec())
+        up, _ = await h.expect("replica_up")
+        await eventually(lambda: watches() >= 3, what="the watch resumed after the server ended it")
+        api.delete_behind_the_back(up["replica"], NAMESPACE)
+        await h.expect("replica_down", replica=up["replica"])
+        await h.expect("replica_up")
+        assert runtime_of(h).watcher_lists() == 1
+
+    run(api, tmp_path, redis_url, scenario)

@@ -25,7 +25,8 @@ from kubernetes.client.exceptions import ApiException
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT_S = 240  # the server ends each watch after this (randomised by real servers); we resume
-RETRY_S = 1.0  # pause before reconnecting after an error, so a down API server is not hammered
+RETRY_S = 1.0  # pause before reconnecting after an error, doubling while errors go on
+MAX_RETRY_S = 30.0
 MAX_LINE_BYTES = 8 * 1024 * 1024  # one pod as JSON is far below this (etcd stores at most 1.5 MB per object)
 
 OnEvent = Callable[[str, dict[str, Any]], None]  # (ADDED | MODIFIED | DELETED, pod)
@@ -71,19 +72,23 @@ class PodWatcher:
 
     def _run(self) -> None:
         version: str | None = None
+        pause = RETRY_S
         while not self._closed.is_set():
             try:
                 if version is None:
                     version = self._list()
                 version = self._watch(version)
+                pause = RETRY_S  # a stream that ended in order: the server is fine
             except Expired:
                 log.info("pod watch: resourceVersion %s expired (410 Gone); listing again", version)
                 version = None
             except Exception as exc:  # a broken stream or an API server away: resume from where we were
                 if self._closed.is_set():
                     return
-                log.warning("pod watch broke (%s); resuming from resourceVersion %s", _explain(exc), version)
-                self._closed.wait(RETRY_S)
+                log.warning("pod watch broke (%s); resuming from resourceVersion %s in %.0fs", _explain(exc),
+                            version, pause)
+                self._closed.wait(pause)
+                pause = min(pause * 2, MAX_RETRY_S)  # an API server that keeps refusing is not hammered
 
     def _list(self) -> str:
         known = self.known()  # before the request: only these can be missing from its answer
