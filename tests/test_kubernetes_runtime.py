@@ -198,7 +198,8 @@ def test_an_image_that_cannot_be_pulled_fails_the_model_with_the_clusters_reason
                                         '"registry.example/missing:1"'), status.reason
         assert h.tm.status()["echo/1"]["restarts"] == 1, "failed at its first pod, not after a crash loop of them"
 
-    run(api, tmp_path, redis_url, scenario)
+    # A long backoff: no second pod starts while the test looks.
+    run(api, tmp_path, redis_url, scenario, restart_backoff_s=30.0, restart_backoff_max_s=60.0)
 
 
 def test_an_unschedulable_pod_shows_the_clusters_message_until_it_is_placed(
