@@ -22,6 +22,9 @@ What it implements:
   mid-way, as a dropped connection does), ``expire`` (compaction: older resourceVersions get 410 Gone), and the
   request log (``requests``).
 
+It is one file of about 560 lines: the store, the HTTP routes, the watches and the fake kubelet share one
+lock and one store, and a test imports one thing.
+
 What it does not: any other resource or verb (patch, update, deletecollection, exec), field selectors,
 admission or RBAC (it checks the bearer token only), quota, real scheduling or nodes, TLS, protobuf, HTTP/2.
 """
