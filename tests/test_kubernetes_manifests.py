@@ -266,7 +266,13 @@ def test_every_service_selects_pods_that_serve_its_ports(docs: list[dict[str, An
     for kind in ("NetworkPolicy", "PodDisruptionBudget"):
         for doc in find(docs, kind):
             selector = doc["spec"]["podSelector" if kind == "NetworkPolicy" else "selector"]
-            assert any(matches(selector, p["metadata"]["labels"]) for p in templates.values()), doc["metadata"]
+            pods = [p for p in templates.values() if matches(selector, p["metadata"]["labels"])]
+            assert pods, f"{kind} {doc['metadata']['name']} selects no pod of the manifests"
+            # A policy's ports are ports its pods serve (a typo there would silently shut one).
+            served = {port["containerPort"] for pod in pods for c in containers(pod, init=False)
+                      for port in c.get("ports", [])}
+            for rule in doc["spec"].get("ingress", []):
+                assert {port["port"] for port in rule["ports"]} <= served, doc["metadata"]["name"]
     for deployment in find(docs, "Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selects(deployment["spec"]["selector"]["matchLabels"], labels), deployment["metadata"]["name"]
