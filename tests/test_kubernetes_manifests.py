@@ -348,6 +348,9 @@ def test_http_probes_ask_routes_the_rest_bridge_serves(docs: list[dict[str, Any]
 def test_every_variable_the_manifests_set_is_a_real_setting(docs: list[dict[str, Any]],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     fields = set(Settings.model_fields)
+    for deployment, pod in pod_templates(docs):
+        # Nor any the cluster would add: a Service named inferoxy gives its namespace's pods INFEROXY_PORT etc.
+        assert pod["spec"]["enableServiceLinks"] is False, deployment
     for name in [n for n in os.environ if n.startswith("INFEROXY_")]:  # this run's own settings stay out
         monkeypatch.delenv(name)
     for deployment, pod in pod_templates(docs):
