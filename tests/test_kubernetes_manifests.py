@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from inferoxy.settings import Settings
 from model_manager.models_file import parse_models
+from model_manager.spec import ModelSpec
 from tests.support import REPO, require_service
 
 BASE = REPO / "deploy" / "kubernetes"
@@ -404,6 +405,9 @@ def test_models_yaml_is_mounted_where_the_model_manager_reads_it(docs: list[dict
     [volume] = [v for v in pod["spec"]["volumes"] if v.get("configMap", {}).get("name") == "inferoxy-models"]
     [mount] = [m for m in model_manager["volumeMounts"] if m["name"] == volume["name"]]
     assert Path(mount["mountPath"]) / "models.yaml" == path
+    # The README's example of registering a model is a valid spec too.
+    [example] = re.findall(r"cat > \S+\.yaml <<'EOF'\n(.*?)\nEOF\n", README.read_text(), re.S)
+    assert ModelSpec(**yaml.safe_load(example)).run_on_gpu
 
 
 # --- e) hardening -------------------------------------------------------------------------------------------
