@@ -343,6 +343,25 @@ def test_http_probes_ask_routes_the_rest_bridge_serves(docs: list[dict[str, Any]
         assert rest[probe]["httpGet"]["path"] in routes
 
 
+def pre_stop_sleep(c: dict[str, Any]) -> int:
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep", command
+    return int(command[1])
+
+
+def test_a_stopping_frontend_pod_stops_its_bridges_before_its_batch_manager(docs: list[dict[str, Any]]) -> None:
+    # The kubelet sends SIGTERM to every container of a pod at once; the bridges' answers in flight come from
+    # the batch manager, which must still run while they wait for them (GRACEFUL_SHUTDOWN_S, +1 for REST's).
+    from bridges.gateway import GRACEFUL_SHUTDOWN_S
+
+    pod = one(docs, "Deployment", "inferoxy-frontend")["spec"]["template"]
+    bridges = [c for c in containers(pod, init=False) if c["name"].endswith("-bridge")]
+    [batch_manager] = [c for c in containers(pod, init=False) if c["name"] == "batch-manager"]
+    bridges_done = max(pre_stop_sleep(c) for c in bridges) + GRACEFUL_SHUTDOWN_S + 1
+    assert pre_stop_sleep(batch_manager) >= bridges_done
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= pre_stop_sleep(batch_manager) + 10
+
+
 # --- d) settings, secrets, models.yaml ------------------------------------------------------------------
 
 
