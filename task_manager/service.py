@@ -44,13 +44,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from inferoxy import curve
+from inferoxy import curve, metrics
 from inferoxy import messages as m
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from model_manager.store import Registry, SpecStore, open_store
 from task_manager import replica_metrics
 from task_manager.announce import Announcer
+from task_manager.autoscaler import Decision, Observation
 from task_manager.gpus import GpuAllocator, gpu_inventory
 from task_manager.load import LoadBook
 from task_manager.placement import Placement, replica_plan
@@ -215,6 +216,29 @@ class TaskManager:
 
     def _load_changed(self, key: str) -> None:
         """A model version's load moved (a report, or a batch manager that went away)."""
+        group = self._groups.get(key)
+        if group is not None:
+            self._autoscale(group, time.monotonic())
+
+    def _autoscale(self, group: ModelGroup, now: float) -> None:
+        """Let the autoscaler see the group's load and ready replicas, and carry out a move it decides."""
+        load = self.loads.total(group.spec.key)
+        ready = [r for r in group.replicas.values() if r.state is ReplicaState.READY]
+        seen = Observation(load.queued, load.in_flight, len(ready), sum(r.capacity for r in ready))
+        if self._scaled(group, group.autoscaler.observe(group.spec, seen, now)):
+            self._reconcile(group)
+
+    def _scaled(self, group: ModelGroup, decision: Decision | None) -> bool:
+        """Log and count a move of the group's target (the caller reconciles). False: there was none."""
+        spec = group.spec
+        metrics.AUTOSCALER_TARGET.labels(spec.name, spec.version).set(group.desired)
+        if decision is None:
+            return False
+        log.info("model %s: scaling %s to %d replicas: %s", spec.key, decision.direction, decision.target,
+                 decision.reason)
+        metrics.AUTOSCALER_DECISIONS.labels(spec.name, spec.version, decision.direction, decision.cause).inc()
+        self._status_changed(group)
+        return True
 
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
@@ -279,10 +303,11 @@ class TaskManager:
                 reason = lost_because(replica, now, self._liveness)
                 if reason is not None:
                     self._end(replica, reason, wanted=False)
-            for group in self._groups.values():
+            for group in list(self._groups.values()):
                 if recovered(group, now, self.settings.restart_backoff_max_s):
                     group.failures, group.failed_reason = 0, None  # it served long enough: healthy again
                     self._status_changed(group)
+                self._autoscale(group, now)  # its delays run out without new load reports too
             self.relay.to_batch_managers(self.announce.heartbeat())
             forgot = False
             for identity, seen in list(self.relay.batch_managers.items()):
@@ -327,11 +352,13 @@ class TaskManager:
                     group.retry.cancel()
                     group.retry = None
             group.spec = spec
+            self._scaled(group, group.autoscaler.bound(spec))
             self._status_changed(group)
             self._reconcile(group)
         for key in set(self._groups) - set(registry.specs):
             group = self._groups.pop(key)
             group.removed = True
+            metrics.AUTOSCALER_TARGET.labels(group.spec.name, group.spec.version).set(0)
             if group.retry is not None:
                 group.retry.cancel()
                 group.retry = None
