@@ -26,7 +26,7 @@ from model_manager.spec import ServingState
 from model_manager.store import Registry
 
 # Serving states in which no replica is on its way, so a request with no replica to go to is refused.
-# ``stopped``: min_replicas is 0 (unloaded, or scaled to zero) and no replica is starting.
+# ``stopped``: max_replicas is 0 (unloaded) and no replica is running. (``idle``, scaled to zero, queues instead.)
 REFUSING_STATES: frozenset[str] = frozenset({"failed", "unschedulable", "stopped"})
 
 
