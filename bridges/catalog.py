@@ -16,8 +16,9 @@ from inferoxy.protocol import ErrorCode
 from model_manager.spec import ModelSpec, ModelStatus, version_order
 from model_manager.store import Registry, SpecStore
 
-# Serving states in which a model takes requests (model_manager.spec.ModelStatus).
-_SERVING_STATES = ("ready", "degraded")
+# Serving states in which a model takes requests (model_manager.spec.ModelStatus). ``idle`` (scaled to zero) does:
+# its next request starts a replica and is answered, and a load balancer that skipped it would never send that one.
+_SERVING_STATES = ("ready", "degraded", "idle")
 
 
 class ResolvedModel(NamedTuple):

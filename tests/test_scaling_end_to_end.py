@@ -122,6 +122,10 @@ def test_a_min_zero_model_goes_idle_and_answers_its_next_request(proxy: ProxyPro
     idle = wait_for(lambda: (s := serving(proxy, "lazy"))["state"] == "idle" and s, timeout=30, what="lazy idle")
     assert (idle["replicas"], idle["target"], idle["min"]) == (0, 0, 0), idle
     assert not proxy.replica_pids("lazy")
+    # Ready: it takes requests (the first waits for a start). A load balancer that skipped it would never send
+    # the request that brings its replica back.
+    assert idle["ready"] is True
+    assert httpx.get(f"{proxy.rest_url}/v2/models/lazy/ready", timeout=10).status_code == 200
     x = {"x": np.ones((1, 3), np.float32)}
 
     async def infer() -> tuple[dict[str, np.ndarray], float]:
