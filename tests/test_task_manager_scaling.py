@@ -90,3 +90,19 @@ def test_an_unloaded_model_never_starts_a_replica_for_a_request(redis_url: str) 
         assert h.tm.status()["off/1"]["desired"] == 0
 
     run(redis_url, scenario)
+
+
+def test_a_spec_change_clamps_the_target_and_drains_the_surplus(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("wide", ECHO, min_replicas=2, max_replicas=3))
+        await h.expect("replica_up", model="wide")
+        await h.expect("replica_up", model="wide")
+        before = decisions("wide", "down", "bounds")
+        await h.store.put(spec("wide", ECHO, min_replicas=1, max_replicas=1))
+        draining, _ = await h.expect("replica_draining", timeout=10)
+        assert draining["reason"] == "scaled down"
+        assert decisions("wide", "down", "bounds") == before + 1 and target("wide") == 1
+        status = await h.status_eventually("wide", "ready", ready_replicas=1)
+        assert status.desired_replicas == 1
+
+    run(redis_url, scenario)
