@@ -176,7 +176,8 @@ class Lifecycle:
                          retry: bool) -> None:
         """The replica died holding ``batch``: stateless requests go round once more if another replica can
         take them (and the queue has room), everything else fails."""
-        can_retry = retry and any(r is not batch.replica and not r.draining for r in model.replicas.values())
+        can_retry = retry and any(r is not batch.replica and not r.draining and not r.retiring
+                                  for r in model.replicas.values())
         for pending in batch.requests:
             if pending.session is not None:
                 # Answered or not (its deadline may have passed), the session's state went with the replica.

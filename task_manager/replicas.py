@@ -59,6 +59,8 @@ class Replica:
     """The GPU it was placed on; None: it holds one of the CPU slots."""
     counted_as: str | None = None
     """The state the ``inferoxy_replicas`` gauge counts it under (``replica_metrics``); None: not counted."""
+    sessions_timer: asyncio.TimerHandle | None = None
+    """While a stateful replica scaled down keeps its sessions: stops it when their grace is over."""
 
     @property
     def identity(self) -> bytes:

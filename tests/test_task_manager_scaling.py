@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from inferoxy import metrics, wire
+from tests.support import alive
 from tests.test_task_manager import ECHO, Harness, eventually, redis_url, run, spec
 
 __all__ = ["redis_url"]  # the fixture, shared with tests/test_task_manager.py
@@ -104,5 +105,27 @@ def test_a_spec_change_clamps_the_target_and_drains_the_surplus(redis_url: str) 
         assert decisions("wide", "down", "bounds") == before + 1 and target("wide") == 1
         status = await h.status_eventually("wide", "ready", ready_replicas=1)
         assert status.desired_replicas == 1
+
+    run(redis_url, scenario)
+
+
+def test_scaling_a_stateful_model_down_lets_the_replicas_sessions_go_on_for_their_grace(redis_url: str) -> None:
+    # The failure: `replica_draining` ended the drained replica's sessions at once (session_lost), although
+    # sessions should move only when their replica drains, and be lost only if the drain times out.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("chat", ECHO, stateful=True, min_replicas=1, max_replicas=2, max_batch_size=1,
+                                scale_up_delay_s=0.1, scale_down_delay_s=0.3, session_idle_timeout_s=1.5))
+        await h.expect("replica_up", model="chat")
+        await report(h, "chat", queued=3, in_flight=2)
+        await h.expect("replica_up", model="chat")
+        await report(h, "chat", queued=0, in_flight=0)
+        retiring, _ = await h.expect("replica_draining", timeout=10)
+        assert (retiring["reason"], retiring["sessions_grace_s"]) == ("scaled down", 1.5)
+        (pid,) = [r["pid"] for r in h.replicas("chat/1") if r["id"] == retiring["replica"]]
+        assert alive(pid), "not stopped yet: its sessions go on until the grace is over"
+        final, _ = await h.expect("replica_draining", replica=retiring["replica"], timeout=10)
+        assert "sessions_grace_s" not in final and "grace" in final["reason"]
+        await h.expect("replica_down", replica=retiring["replica"])
+        await eventually(lambda: not alive(pid), what="the retired replica to exit")
 
     run(redis_url, scenario)
