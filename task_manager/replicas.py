@@ -70,6 +70,11 @@ class Replica:
     def live(self) -> bool:
         return self.state is not ReplicaState.STOPPING
 
+    @property
+    def retiring(self) -> bool:
+        """Scaled down but still serving its sessions' batches until their grace is over (``sessions_timer``)."""
+        return self.sessions_timer is not None
+
 
 @dataclass(eq=False)
 class ModelGroup:

@@ -36,7 +36,22 @@ models:
     min_replicas: 0
     max_replicas: 1
     scale_down_delay_s: 1
+  counter:
+    model_class: examples.models.counter.model:CounterModel
+    stateful: true
+    max_sessions_per_replica: 2
+    session_idle_timeout_s: 20
+    max_batch_size: 1
+    max_batch_delay_ms: 1
+    min_replicas: 1
+    max_replicas: 2
+    target_in_flight_per_replica: 1
+    scale_up_delay_s: 0.3
+    scale_down_delay_s: 1
 """
+# 2 session slots per replica: with one replica, 2 sessions wait for a slot (requests waiting), and a counter
+# is fast, so the target of 1 batch in flight per replica (not its capacity, 2) is what it saturates.
+SESSIONS = 4
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +156,51 @@ def test_a_min_zero_model_goes_idle_and_answers_its_next_request(proxy: ProxyPro
         assert serving(proxy, "lazy")["replicas"] == 1
         wait_for(lambda: (s := serving(proxy, "lazy"))["state"] == "idle" and s["replicas"] == 0, timeout=30,
                  what="lazy idle again")
+
+
+def test_sessions_on_a_replica_scaled_down_go_on_and_end_without_being_lost(proxy: ProxyProcess) -> None:
+    # The failure: a scale-down drain ended the drained replica's sessions at once (session_lost); they go on
+    # there until they end (or the grace, session_idle_timeout_s, is over).
+    assert wait_for(lambda: serving(proxy, "counter")["replicas"] == 1, timeout=30, what="counter's replica")
+    counts: dict[int, list[int]] = {sid: [] for sid in range(SESSIONS)}
+    errors: list[str] = []
+    phase = {"busy": True, "ending": False}
+
+    async def session(client: AsyncClient, sid: int) -> None:
+        params: dict[str, Any] = {"sequence_id": 1000 + sid, "sequence_start": True}
+        slow_left = 3  # requests after the scale-down began, then the end
+        while True:
+            if phase["ending"]:
+                slow_left -= 1
+                params["sequence_end"] = slow_left == 0
+            try:
+                out = await client.infer("counter", {"x": np.ones((1, 1), np.float32)}, parameters=params)
+            except InferenceError as exc:
+                errors.append(f"session {sid}: {exc.code}: {exc}"[:300])
+                return
+            counts[sid].append(int(out["count"][0]))
+            params = {"sequence_id": 1000 + sid}
+            if slow_left == 0:  # that was its sequence_end
+                return
+            if not phase["busy"]:
+                await asyncio.sleep(0.2)  # a trickle: the load fits in one replica, so it scales down
+
+    async def scenario() -> None:
+        async with AsyncClient(proxy.zmq_url, timeout=REQUEST_TIMEOUT_S) as client:
+            streams = [asyncio.create_task(session(client, sid)) for sid in range(SESSIONS)]
+            try:
+                await poll(lambda: serving(proxy, "counter")["replicas"] >= 2, 60, "a second counter replica")
+                phase["busy"] = False
+                await poll(lambda: serving(proxy, "counter")["target"] == 1, 60, "the scale-down to begin")
+                phase["ending"] = True
+                await asyncio.wait_for(asyncio.gather(*streams), REQUEST_TIMEOUT_S)
+            finally:
+                for stream in streams:
+                    stream.cancel()
+                await asyncio.gather(*streams, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert not errors, errors
+    for sid, seen in counts.items():
+        assert seen == list(range(1, len(seen) + 1)), f"session {sid} lost its state: {seen}"
+    assert "its sessions go on" in "".join(proxy.output), "the drained replica retired with its sessions"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from inferoxy import metrics, wire
 from tests.support import alive
 from tests.test_task_manager import ECHO, Harness, eventually, redis_url, run, spec
@@ -123,6 +125,10 @@ def test_scaling_a_stateful_model_down_lets_the_replicas_sessions_go_on_for_thei
         assert (retiring["reason"], retiring["sessions_grace_s"]) == ("scaled down", 1.5)
         (pid,) = [r["pid"] for r in h.replicas("chat/1") if r["id"] == retiring["replica"]]
         assert alive(pid), "not stopped yet: its sessions go on until the grace is over"
+        x = np.arange(3, dtype=np.float32).reshape(1, 3)
+        await h.send_batch(retiring["replica"], 41, [("x", x)])  # a session's request, as the batch manager sends
+        result, tensors = await h.expect("result", batch=41)
+        np.testing.assert_array_equal(dict(tensors)["x"], x)
         final, _ = await h.expect("replica_draining", replica=retiring["replica"], timeout=10)
         assert "sessions_grace_s" not in final and "grace" in final["reason"]
         await h.expect("replica_down", replica=retiring["replica"])
