@@ -135,3 +135,22 @@ def test_scaling_a_stateful_model_down_lets_the_replicas_sessions_go_on_for_thei
         await eventually(lambda: not alive(pid), what="the retired replica to exit")
 
     run(redis_url, scenario)
+
+
+def test_a_retiring_replica_is_stopped_at_shutdown_without_waiting_for_its_sessions(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("chat", ECHO, stateful=True, min_replicas=1, max_replicas=2, max_batch_size=1,
+                                scale_up_delay_s=0.1, scale_down_delay_s=0.3, session_idle_timeout_s=3600))
+        await h.expect("replica_up", model="chat")
+        await report(h, "chat", queued=3, in_flight=2)
+        await h.expect("replica_up", model="chat")
+        await report(h, "chat", queued=0, in_flight=0)
+        retiring, _ = await h.expect("replica_draining", timeout=10)
+        assert retiring["sessions_grace_s"] == 3600
+        await h.stop()
+        # Told to drain for good (its sessions end) as the task manager stops, not an hour later.
+        final, _ = await h.expect("replica_draining", replica=retiring["replica"], timeout=5)
+        assert "sessions_grace_s" not in final
+        assert not h.tm._replicas, "every replica ended with the task manager"
+
+    run(redis_url, scenario)
