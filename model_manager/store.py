@@ -1,6 +1,6 @@
 """Model specs in Redis.
 
-(About 450 lines: the registry's one reader and writer in Redis: specs, revisions, status records and
+(About 480 lines: the registry's one reader and writer in Redis: specs, revisions, status records and
 the watch that follows them, which share one key layout.)
 
 Key schema (``P`` is ``INFEROXY_REDIS_PREFIX``, ``inferoxy`` by default):
@@ -165,6 +165,35 @@ class SpecStore:
         revision = int(results[-1])
         await self._publish(revision, "load", spec.name, spec.version)
         return revision
+
+    async def upgrade_unloaded(self) -> list[str]:
+        """Make versions unloaded before scale to zero existed unloaded still; returns their keys.
+
+        Their record is a bare ``min_replicas`` and their spec kept ``max_replicas``: with ``min_replicas`` 0 now
+        meaning "start a replica on demand", they would serve again. Their ``max_replicas`` becomes 0 and the
+        record keeps both bounds, so ``load`` restores them as before."""
+        upgraded = []
+        for key, saved in (await self.client.hgetall(self.unloaded_key)).items():
+            raw = await self.client.hget(self.models_key, key)
+            if raw is None or not str(saved).strip().isdigit():
+                continue
+            try:
+                spec = ModelSpec.model_validate_json(raw)
+            except ValidationError:
+                continue  # the watchers skip it too, with a warning
+            if spec.max_replicas == 0:
+                continue
+            wanted = max(1, int(saved))
+            bounds = json.dumps({"min_replicas": wanted, "max_replicas": max(wanted, spec.max_replicas)})
+            unloaded = spec.model_copy(update={"min_replicas": 0, "max_replicas": 0})
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(self.models_key, key, unloaded.model_dump_json())
+                pipe.hset(self.unloaded_key, key, bounds)
+                pipe.incr(self.revision_key)
+                results = await pipe.execute()
+            await self._publish(int(results[-1]), "unload", spec.name, spec.version)
+            upgraded.append(str(key))
+        return upgraded
 
     async def unloaded(self) -> set[str]:
         """The ``name/version`` keys that were unloaded and not loaded since."""

@@ -122,6 +122,18 @@ def test_unload_lets_no_replica_run_and_load_restores_both_bounds(real_redis_url
             await store.load((await store.snapshot()).specs["m/2"])
             old = (await store.snapshot()).specs["m/2"]
             assert (old.min_replicas, old.max_replicas) == (1, 2), "loaded as before: at least one replica"
+
+            # The model manager upgrades such records at its start: unloaded they stay (max_replicas 0), where
+            # min_replicas 0 alone would now start a replica for the next request.
+            await store.put(spec(version="3", min_replicas=0, max_replicas=2))
+            await store.client.hset(store.unloaded_key, "m/3", "1")
+            assert await store.upgrade_unloaded() == ["m/3"]
+            assert await store.upgrade_unloaded() == [], "once"
+            kept = (await store.snapshot()).specs["m/3"]
+            assert (kept.min_replicas, kept.max_replicas) == (0, 0)
+            await store.load(kept)
+            back = (await store.snapshot()).specs["m/3"]
+            assert (back.min_replicas, back.max_replicas) == (1, 2)
         finally:
             await store.close()
 
