@@ -353,7 +353,7 @@ class TaskManager:
                 group.awaiting = set()
                 group.removed = False
             if group is None:
-                log.info("model %s: keeping %d replicas", spec.key, spec.min_replicas)
+                log.info("model %s: keeping %d..%d replicas", spec.key, spec.min_replicas, spec.max_replicas)
                 group = self._groups[spec.key] = ModelGroup(spec)
             elif replica_fields_differ(group.spec, spec):
                 log.info("model %s changed; replacing its replicas one by one", spec.key)
