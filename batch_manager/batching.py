@@ -214,7 +214,7 @@ def _most_free(model: Model) -> Replica | None:
     best_free = 0
     for replica in model.replicas.values():
         free = replica.capacity - len(replica.batches)
-        if free > 0 and not replica.draining and (
+        if free > 0 and not replica.draining and not replica.retiring and (
             best is None or free > best_free or (free == best_free and replica.last_used < best.last_used)
         ):
             best, best_free = replica, free

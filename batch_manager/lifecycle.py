@@ -26,7 +26,7 @@ from model_manager.spec import ServingState
 from model_manager.store import Registry
 
 # Serving states in which no replica is on its way, so a request with no replica to go to is refused.
-# ``stopped``: min_replicas is 0 (unloaded, or scaled to zero) and no replica is starting.
+# ``stopped``: max_replicas is 0 (unloaded) and no replica is running. (``idle``, scaled to zero, queues instead.)
 REFUSING_STATES: frozenset[str] = frozenset({"failed", "unschedulable", "stopped"})
 
 
@@ -176,7 +176,8 @@ class Lifecycle:
                          retry: bool) -> None:
         """The replica died holding ``batch``: stateless requests go round once more if another replica can
         take them (and the queue has room), everything else fails."""
-        can_retry = retry and any(r is not batch.replica and not r.draining for r in model.replicas.values())
+        can_retry = retry and any(r is not batch.replica and not r.draining and not r.retiring
+                                  for r in model.replicas.values())
         for pending in batch.requests:
             if pending.session is not None:
                 # Answered or not (its deadline may have passed), the session's state went with the replica.

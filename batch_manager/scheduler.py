@@ -196,17 +196,23 @@ class Scheduler:
         self._lifecycle.check_drained(out)
         return out
 
-    def replica_draining(self, replica_id: ReplicaId, reason: str, now: float) -> list[Action]:
+    def replica_draining(self, replica_id: ReplicaId, reason: str, now: float,
+                         sessions_grace_s: float | None = None) -> list[Action]:
         """A planned stop: no new batch goes to the replica, results of those it holds are still taken.
 
         Its sessions cannot go on anywhere else, so they end now: queued requests of theirs get
-        ``session_lost``; a request of theirs the replica already holds is still answered by it.
+        ``session_lost``; a request of theirs the replica already holds is still answered by it. With
+        ``sessions_grace_s`` (a scale-down) it only retires: its sessions go on there, nothing else goes to it,
+        until the task manager drains it for good.
         """
         out: list[Action] = []
         replica = self._book.replicas.get(replica_id)
         if replica is None or replica.draining:
             return out
-        self._lifecycle.stop_dispatching(replica, reason, out)
+        if sessions_grace_s:
+            replica.retiring = True
+        else:
+            self._lifecycle.stop_dispatching(replica, reason, out)
         self._lifecycle.refuse_if_bare(replica.model_key, out)
         self._batching.pump(self._book.model(replica.model_key), now, out)
         self._lifecycle.check_drained(out)

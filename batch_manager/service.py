@@ -321,8 +321,9 @@ class BatchManager:
                 return self.scheduler.replica_down(replica, reason, now)
             case m.ReplicaDraining(replica=replica):
                 reason = msg.reason or "replica went down"
-                log.info("replica %r is draining: %s", replica, reason)
-                return self.scheduler.replica_draining(replica, reason, now)
+                log.info("replica %r is draining: %s%s", replica, reason, "" if not msg.sessions_grace_s else
+                         f" (its sessions go on for at most {msg.sessions_grace_s:g}s)")
+                return self.scheduler.replica_draining(replica, reason, now, msg.sessions_grace_s)
             case m.ModelStatus():
                 shown = f": {msg.reason.splitlines()[0]}" if msg.reason else ""
                 log.info("model %s/%s is %s%s", msg.model, msg.version, msg.state, shown)

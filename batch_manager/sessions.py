@@ -101,7 +101,7 @@ class Sessions:
         slots = spec.max_sessions_per_replica if spec else 1
         best = None
         for replica in model.replicas.values():
-            if not replica.draining and len(replica.sessions) < slots and (
+            if not replica.draining and not replica.retiring and len(replica.sessions) < slots and (
                     best is None or len(replica.sessions) < len(best.sessions)):
                 best = replica
         if best is None:

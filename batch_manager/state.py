@@ -138,7 +138,7 @@ class Session:
 
 class Replica:
     __slots__ = ("id", "model_key", "capacity", "batches", "last_used", "draining", "sessions", "groups",
-                 "pending_ends", "parked")
+                 "pending_ends", "parked", "retiring")
 
     def __init__(self, replica_id: ReplicaId, model_key: str, capacity: int) -> None:
         self.id = replica_id
@@ -151,6 +151,8 @@ class Replica:
         self.groups: dict[Signature, Group] = {}  # groups of its sessions' requests
         self.pending_ends: list[SessionId] = []  # sessions whose end hook it has yet to run
         self.parked: list[Group] = []  # its groups off the wake-up heap until it has credit
+        # Draining with its sessions kept (a scale-down): their batches still go to it, nothing else does.
+        self.retiring = False
 
     @property
     def free(self) -> int:
@@ -189,7 +191,7 @@ class Model:
     def has_usable_replica(self) -> bool:
         # ``Replica.usable``, inlined: the wake-up heap asks this of the group it is about to return.
         for replica in self.replicas.values():
-            if not replica.draining and replica.capacity > len(replica.batches):
+            if not replica.draining and not replica.retiring and replica.capacity > len(replica.batches):
                 return True
         return False
 

@@ -230,12 +230,13 @@ class AdminApi:
         return _json(await self.index(only_ready=isinstance(body, dict) and body.get("ready") is True))
 
     async def load(self, request: Request) -> Response:
-        """Serve the model again: its replicas come back (as many as before ``unload``, at least one)."""
+        """Serve the model again: its min_replicas and max_replicas come back as they were before ``unload``."""
         parameters = _parameters(await _body(request, optional=True))
         return _json(await self.load_model(request.path_params["name"], parameters))
 
     async def unload(self, request: Request) -> Response:
-        """Stop serving the model: min_replicas becomes 0 so its replicas stop; the spec stays registered."""
+        """Stop serving the model: min and max_replicas become 0 so its replicas stop and requests for it are refused
+        (not scale to zero, where a request starts one); the spec stays registered."""
         parameters = _parameters(await _body(request, optional=True))
         return _json(await self.unload_model(request.path_params["name"], parameters))
 
@@ -423,7 +424,7 @@ def _triton_state(unloaded: bool, status: ModelStatus | None) -> tuple[str, str]
         return "UNAVAILABLE", "unloaded"
     if status is None:
         return "UNKNOWN", "no status reported yet"
-    if status.state in ("ready", "degraded"):
+    if status.state in ("ready", "degraded", "idle"):  # idle: scaled to zero, its next request starts a replica
         return "READY", status.reason or ""
     if status.state == "starting":
         return "LOADING", status.reason or ""

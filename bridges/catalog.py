@@ -13,11 +13,12 @@ from typing import NamedTuple
 from bridges.errors import RequestError
 from bridges.validation import InputRules, check_name
 from inferoxy.protocol import ErrorCode
-from model_manager.spec import ModelSpec, version_order
+from model_manager.spec import ModelSpec, ModelStatus, version_order
 from model_manager.store import Registry, SpecStore
 
-# Serving states in which a model takes requests (model_manager.spec.ModelStatus).
-_SERVING_STATES = ("ready", "degraded")
+# Serving states in which a model takes requests (model_manager.spec.ModelStatus). ``idle`` (scaled to zero) does:
+# its next request starts a replica and is answered, and a load balancer that skipped it would never send that one.
+_SERVING_STATES = ("ready", "degraded", "idle")
 
 
 class ResolvedModel(NamedTuple):
@@ -32,6 +33,8 @@ class Readiness(NamedTuple):
     reason: str
     state: str = "unknown"
     """The task manager's serving state (``ModelStatus.state``), or ``unknown`` when none is recorded."""
+    status: ModelStatus | None = None
+    """The status record it was read from (replicas ready, the autoscaler's target), if there is one."""
 
 
 class Catalog:
@@ -80,9 +83,9 @@ class Catalog:
             return Readiness(False, f"model {spec.key} has no serving status (no task manager has reported it "
                                     "recently)")
         if status.state in _SERVING_STATES:
-            return Readiness(True, f"model {spec.key} is {status.state}", status.state)
+            return Readiness(True, f"model {spec.key} is {status.state}", status.state, status)
         detail = f": {status.reason}" if status.reason else ""
-        return Readiness(False, f"model {spec.key} is {status.state}{detail}", status.state)
+        return Readiness(False, f"model {spec.key} is {status.state}{detail}", status.state, status)
 
     def versions(self, name: str) -> list[str]:
         """Every registered version of ``name``, in version order."""

@@ -91,6 +91,11 @@ class Serving(BaseModel):
     state: str
     ready: bool
     reason: str
+    replicas: int = Field(description="Replicas ready now.")
+    target: int | None = Field(description="The replicas the autoscaler keeps (min..max); null while no task "
+                               "manager reports the model.")
+    min: int = Field(description="The spec's min_replicas.")
+    max: int = Field(description="The spec's max_replicas (0: unloaded).")
 
 
 class ModelMetadata(BaseModel):

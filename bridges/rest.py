@@ -31,6 +31,7 @@ from starlette.responses import Response
 from bridges import metering, request_ids, rest_reply, tensors
 from bridges.admin import admin_router
 from bridges.auth import credential_of_header, retry_after_header
+from bridges.catalog import Readiness
 from bridges.dashboard import dashboard_routes
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
@@ -215,8 +216,8 @@ def build_app(gateway: Gateway) -> FastAPI:
         except RequestError as exc:
             return error_response(exc)
         # Beyond the protocol's fields (clients ignore extra ones): how the version is being served, and why not.
-        serving = {"state": readiness.state, "ready": readiness.ready, "reason": readiness.reason}
-        return json_response({**metadata(resolved.spec, gateway.versions(resolved.spec.name)), "serving": serving})
+        spec = resolved.spec
+        return json_response({**metadata(spec, gateway.versions(spec.name)), "serving": serving(spec, readiness)})
 
     async def live(request: Request) -> Response:
         return json_response({"live": True})
@@ -407,6 +408,15 @@ def _header_length(request: Request) -> int | None:
         shown = raw if len(raw) <= 24 else raw[:24] + "..."
         raise RequestError(ErrorCode.BAD_INPUT, f"Inference-Header-Content-Length {shown!r} is not a byte count")
     return int(raw)
+
+
+def serving(spec: ModelSpec, readiness: Readiness) -> dict[str, Any]:
+    """How a model version is served (docs/MODELS.md, "Scaling"): its state, ready replicas and the autoscaler's
+    target from the task manager's status record (``target`` None while no task manager reports it)."""
+    status = readiness.status
+    return {"state": readiness.state, "ready": readiness.ready, "reason": readiness.reason,
+            "replicas": status.ready_replicas if status else 0, "target": status.desired_replicas if status else None,
+            "min": spec.min_replicas, "max": spec.max_replicas}
 
 
 def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:

@@ -128,9 +128,12 @@ class ReplicaDown(Message, tag="replica_down"):
     reason: str | None = None
 
 
-class ReplicaDraining(Message, tag="replica_draining"):
+class ReplicaDraining(Message, tag="replica_draining", omit_defaults=True):
     replica: ReplicaId
     reason: str | None = None
+    sessions_grace_s: float | None = None
+    """A scale-down of a stateful model: the replica's sessions go on for at most this long (nothing else goes to
+    it), until a ``replica_draining`` without it ends them. Unset: it takes no batch from now on."""
 
 
 class ModelStatus(Message, tag="model_status"):

@@ -71,6 +71,12 @@ REPLICA_RESTARTS = Counter("inferoxy_replica_restarts", "Replicas started to rep
 REPLICA_READY_SECONDS = Histogram("inferoxy_replica_ready_seconds",
                                   "Time from a replica's start to its first ready message.", MODEL,
                                   buckets=STARTUP_BUCKETS_S)
+AUTOSCALER_DECISIONS = Counter("inferoxy_autoscaler_decisions",
+                               "Moves of a model version's target replica count, by direction (up, down) and reason "
+                               "(saturated, cold_start, underused, idle, bounds).", [*MODEL, "direction", "reason"])
+AUTOSCALER_TARGET = Gauge("inferoxy_autoscaler_target_replicas",
+                          "The replicas the autoscaler keeps for the model version (min_replicas..max_replicas).",
+                          MODEL, multiprocess_mode="livesum")
 REDIS_UP = Gauge("inferoxy_redis_up", "1 while the registry's Redis answers, 0 while it does not.",
                  multiprocess_mode="livemax")
 REGISTRY_REVISION = Gauge("inferoxy_registry_revision", "The model registry's revision, as last read.",
@@ -86,7 +92,8 @@ COMPONENT_RESTARTS = Counter("inferoxy_component_restarts", "Times serve restart
 
 ALL = (REQUESTS, REQUEST_SECONDS, QUEUE_DEPTH, QUEUE_SECONDS, BATCH_SIZE, BATCH_COMPUTE_SECONDS,
        BATCHES_IN_FLIGHT, SESSIONS_OPEN, REPLICAS, REPLICA_STARTS, REPLICA_DEATHS, REPLICA_RESTARTS,
-       REPLICA_READY_SECONDS, REDIS_UP, REGISTRY_REVISION, LAST_INFERENCE, COMPONENT_UP, COMPONENT_RESTARTS)
+       REPLICA_READY_SECONDS, AUTOSCALER_DECISIONS, AUTOSCALER_TARGET, REDIS_UP, REGISTRY_REVISION, LAST_INFERENCE,
+       COMPONENT_UP, COMPONENT_RESTARTS)
 
 
 def exported_names() -> list[str]:

@@ -103,7 +103,7 @@ def render(state: dict[str, Any], url: str = "") -> str:
     lines.append(_table(("REPLICA", "MODEL", "STATE", "GPU", "PID", "UPTIME", "RESTARTS"), replicas)
                  if replicas else "no replica is running")
     why = [f"  {m['name']}/{m['version']} {m['state']}: {_first_line(m['reason'])}"
-           for m in models if m["state"] not in ("ready", "stopped") and m.get("reason")]
+           for m in models if m["state"] not in ("ready", "stopped", "idle") and m.get("reason")]
     if why:
         lines += ["", "not ready:", *why]
     problems = state.get("problems", [])

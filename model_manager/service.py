@@ -188,5 +188,8 @@ class ModelManager:
         if path is None:
             return
         specs = await asyncio.to_thread(load_models_file, path)
+        upgraded = await store.upgrade_unloaded()
+        if upgraded:
+            log.info("kept unloaded now that min_replicas 0 scales to zero (max_replicas 0): %s", ", ".join(upgraded))
         written = await store.seed(specs, overwrite=self.settings.models_overwrite)
         log.info("seeded %d model(s) from %s: %s", len(written), path, ", ".join(written) or "none new")

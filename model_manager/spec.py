@@ -82,7 +82,8 @@ class ModelStatus(BaseModel):
     ``ready``: at least one replica takes batches. ``starting``: none yet, replicas on their
     way. ``degraded``: some replicas ready, some failing. ``failed``: replicas crash-loop or
     cannot start (``reason`` says why: missing image, load error with its last log lines).
-    ``unschedulable``: no GPU or CPU slot is free for a replica. ``stopped``: no replica may run (unloaded).
+    ``unschedulable``: no GPU or CPU slot is free for a replica. ``stopped``: no replica may run
+    (``max_replicas`` 0: unloaded).
     ``idle``: scaled to zero (``min_replicas`` 0); the next request starts a replica and waits for it.
     """
 
@@ -136,7 +137,8 @@ class ModelSpec(BaseModel):
     # Placement and scaling.
     run_on_gpu: bool = False
     min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=0, description="The most replicas that may run; 0: none may (the model is "
+                              "unloaded: it refuses requests instead of starting a replica for them).")
     resources: Resources = Field(default_factory=Resources)
 
     # Autoscaling between min_replicas and max_replicas (docs/MODELS.md, "Scaling").

@@ -1,6 +1,6 @@
 """Model specs in Redis.
 
-(About 425 lines: the registry's one reader and writer in Redis: specs, revisions, status records and
+(About 480 lines: the registry's one reader and writer in Redis: specs, revisions, status records and
 the watch that follows them, which share one key layout.)
 
 Key schema (``P`` is ``INFEROXY_REDIS_PREFIX``, ``inferoxy`` by default):
@@ -13,7 +13,8 @@ key                    type    holds
 ``P:revision``         string  an integer bumped by every write, so readers can tell they are stale
 ``P:events``           pubsub  a JSON message ``{"revision", "action", "name", "version"}`` per write
 ``P:status:NAME/VER``  string  ``ModelStatus`` JSON, written by the task manager with a TTL it refreshes
-``P:unloaded``         hash    field ``name/version`` -> the ``min_replicas`` an unloaded version had
+``P:unloaded``         hash    field ``name/version`` -> JSON ``{"min_replicas", "max_replicas"}`` it had before
+                              ``unload`` (a bare integer, its ``min_replicas``, from before scale to zero)
 =====================  ======  ==========================================================
 
 A status key expires unless its task manager rewrites it (every heartbeat interval, TTL
@@ -34,6 +35,7 @@ instead of dropping every model; the model manager writes its last snapshot back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -131,13 +133,17 @@ class SpecStore:
         return revision
 
     async def unload(self, spec: ModelSpec) -> int:
-        """Stop serving ``spec``'s version: no replicas (min_replicas 0), remembering how many it had."""
-        if spec.min_replicas == 0 and await self.client.hexists(self.unloaded_key, spec.key):
+        """Stop serving ``spec``'s version: no replica may run (min and max_replicas 0), remembering its bounds.
+
+        Not the same as scale to zero (``min_replicas`` 0 alone): a request for an unloaded model is refused at
+        once, where one for a model scaled to zero starts a replica and waits for it."""
+        if spec.max_replicas == 0 and await self.client.hexists(self.unloaded_key, spec.key):
             return await self.revision()
-        unloaded = spec.model_copy(update={"min_replicas": 0})
+        unloaded = spec.model_copy(update={"min_replicas": 0, "max_replicas": 0})
+        bounds = json.dumps({"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas})
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.models_key, spec.key, unloaded.model_dump_json())
-            pipe.hset(self.unloaded_key, spec.key, str(spec.min_replicas))
+            pipe.hset(self.unloaded_key, spec.key, bounds)
             pipe.incr(self.revision_key)
             results = await pipe.execute()
         revision = int(results[-1])
@@ -145,10 +151,12 @@ class SpecStore:
         return revision
 
     async def load(self, spec: ModelSpec) -> int:
-        """Serve ``spec``'s version again with the replicas it had before ``unload`` (at least one)."""
-        saved = await self.client.hget(self.unloaded_key, spec.key)
-        wanted = max(1, int(saved) if saved is not None else spec.min_replicas)
-        loaded = spec.model_copy(update={"min_replicas": min(wanted, spec.max_replicas)})
+        """Serve ``spec``'s version again with the bounds it had before ``unload``.
+
+        With nothing saved, a version no replica may run gets one (``max_replicas`` 1); a record from before scale
+        to zero (its ``min_replicas`` alone, when 0 meant unloaded) comes back with at least one replica."""
+        min_replicas, max_replicas = _loaded_bounds(await self.client.hget(self.unloaded_key, spec.key), spec)
+        loaded = spec.model_copy(update={"min_replicas": min_replicas, "max_replicas": max_replicas})
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.models_key, spec.key, loaded.model_dump_json())
             pipe.hdel(self.unloaded_key, spec.key)
@@ -157,6 +165,35 @@ class SpecStore:
         revision = int(results[-1])
         await self._publish(revision, "load", spec.name, spec.version)
         return revision
+
+    async def upgrade_unloaded(self) -> list[str]:
+        """Make versions unloaded before scale to zero existed unloaded still; returns their keys.
+
+        Their record is a bare ``min_replicas`` and their spec kept ``max_replicas``: with ``min_replicas`` 0 now
+        meaning "start a replica on demand", they would serve again. Their ``max_replicas`` becomes 0 and the
+        record keeps both bounds, so ``load`` restores them as before."""
+        upgraded = []
+        for key, saved in (await self.client.hgetall(self.unloaded_key)).items():
+            raw = await self.client.hget(self.models_key, key)
+            if raw is None or not str(saved).strip().isdigit():
+                continue
+            try:
+                spec = ModelSpec.model_validate_json(raw)
+            except ValidationError:
+                continue  # the watchers skip it too, with a warning
+            if spec.max_replicas == 0:
+                continue
+            wanted = max(1, int(saved))
+            bounds = json.dumps({"min_replicas": wanted, "max_replicas": max(wanted, spec.max_replicas)})
+            unloaded = spec.model_copy(update={"min_replicas": 0, "max_replicas": 0})
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(self.models_key, key, unloaded.model_dump_json())
+                pipe.hset(self.unloaded_key, key, bounds)
+                pipe.incr(self.revision_key)
+                results = await pipe.execute()
+            await self._publish(int(results[-1]), "unload", spec.name, spec.version)
+            upgraded.append(str(key))
+        return upgraded
 
     async def unloaded(self) -> set[str]:
         """The ``name/version`` keys that were unloaded and not loaded since."""
@@ -424,3 +461,19 @@ def _resync_interval_from_settings() -> float:
         return float(load_settings().registry_resync_s)
     except Exception:  # unreadable settings are reported by the component that loads them
         return DEFAULT_RESYNC_INTERVAL_S
+
+
+def _loaded_bounds(saved: str | bytes | None, spec: ModelSpec) -> tuple[int, int]:
+    """``min_replicas`` and ``max_replicas`` for ``load``, from what ``unload`` saved (``P:unloaded``)."""
+    if saved is None:
+        return spec.min_replicas, max(spec.max_replicas, spec.min_replicas, 1)
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        bounds = json.loads(saved)
+        if isinstance(bounds, int):  # from before scale to zero: min_replicas alone, 0 meant unloaded
+            wanted = max(1, bounds)
+            return wanted, max(wanted, spec.max_replicas)
+        low, high = int(bounds["min_replicas"]), int(bounds["max_replicas"])
+        if 0 <= low <= high:
+            return low, max(high, 1)  # loaded: a replica may run (min_replicas 0 then scales from zero)
+    log.warning("P:unloaded holds %r for %s, not what unload writes; loading it with one replica", saved, spec.key)
+    return max(1, spec.min_replicas), max(1, spec.max_replicas, spec.min_replicas)

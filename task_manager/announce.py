@@ -46,9 +46,9 @@ class Announcer:
         replica.announced = True
         self.relay.to_batch_managers(_replica_up(replica))
 
-    def replica_draining(self, replica: Replica, reason: str) -> None:
+    def replica_draining(self, replica: Replica, reason: str, sessions_grace_s: float | None = None) -> None:
         if replica.announced:
-            self.relay.to_batch_managers(m.ReplicaDraining(replica.id, reason))
+            self.relay.to_batch_managers(m.ReplicaDraining(replica.id, reason, sessions_grace_s))
 
     def replica_down(self, replica: Replica, reason: str) -> None:
         if replica.announced:

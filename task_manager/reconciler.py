@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from task_manager.replicas import ModelGroup, Replica, ReplicaState, backoff_delay
 
+SCALED_DOWN = "scaled down"  # why a surplus replica is drained (a stateful one's sessions get a grace: service)
+
 
 @dataclass
 class Plan:
@@ -53,7 +55,7 @@ def plan(group: ModelGroup, now: float) -> Plan:
         # Fewest losses first: replicas still starting, then the newest.
         doomed = sorted(current, key=lambda r: (r.state is ReplicaState.READY, -r.started_at))[:surplus]
         for replica in doomed:
-            out.drain.append((replica, "scaled down"))
+            out.drain.append((replica, SCALED_DOWN))
             current.remove(replica)
     for replica in [r for r in outdated if r.state is not ReplicaState.READY]:
         out.drain.append((replica, "the model's spec changed"))  # serves nothing yet: no wait

@@ -155,10 +155,11 @@ class Relay:
             log.error("batch %r for replica %r from batch manager %s is unreadable; answered failed: %s",
                       batch_id, target, sender.hex(), unreadable)
             problem = (ErrorCode.INTERNAL, f"the task manager could not read the batch: {unreadable}")
-        elif replica is not None and replica.state is ReplicaState.STOPPING and replica.wanted_gone:
+        elif replica is not None and replica.state is ReplicaState.STOPPING and replica.wanted_gone \
+                and not replica.retiring:  # a retiring one still takes its sessions' batches
             # Sent before the batch manager heard `replica_draining`.
             problem = (ErrorCode.REPLICA_LOST, f"replica {target} is draining: {replica.end_reason}")
-        elif replica is None or replica.state is not ReplicaState.READY:
+        elif replica is None or (replica.state is not ReplicaState.READY and not replica.retiring):
             problem = (ErrorCode.REPLICA_LOST, f"replica {target!r} is not serving")
         elif batch_id in replica.in_flight:
             problem = (ErrorCode.INTERNAL, f"batch {batch_id} is already at replica {target}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_manager.spec import ModelSpec, ServingState
+from task_manager.autoscaler import Autoscaler
 from task_manager.runtimes.base import ReplicaHandle
 
 # Docker container names and Kubernetes labels both allow 63 characters.
@@ -58,6 +59,8 @@ class Replica:
     """The GPU it was placed on; None: it holds one of the CPU slots."""
     counted_as: str | None = None
     """The state the ``inferoxy_replicas`` gauge counts it under (``replica_metrics``); None: not counted."""
+    sessions_timer: asyncio.TimerHandle | None = None
+    """While a stateful replica scaled down keeps its sessions: stops it when their grace is over."""
 
     @property
     def identity(self) -> bytes:
@@ -66,6 +69,11 @@ class Replica:
     @property
     def live(self) -> bool:
         return self.state is not ReplicaState.STOPPING
+
+    @property
+    def retiring(self) -> bool:
+        """Scaled down but still serving its sessions' batches until their grace is over (``sessions_timer``)."""
+        return self.sessions_timer is not None
 
 
 @dataclass(eq=False)
@@ -97,10 +105,22 @@ class ModelGroup:
     """Replicas lost (dead, silent, stuck) and not yet gone, by id: why. Readiness names them meanwhile."""
     dead_unreplaced: int = 0
     """Replicas that died and were not started again yet: the next starts count as restarts (metrics)."""
+    scaler: Autoscaler | None = None
+    """Keeps the target replica count between the spec's min and max (``task_manager.autoscaler``)."""
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = Autoscaler(target=self.spec.min_replicas)
+
+    @property
+    def autoscaler(self) -> Autoscaler:
+        assert self.scaler is not None  # set in __post_init__
+        return self.scaler
 
     @property
     def desired(self) -> int:
-        return self.spec.min_replicas
+        """The replicas the group runs: the autoscaler's target."""
+        return self.autoscaler.target
 
     def live(self) -> list[Replica]:
         return [replica for replica in self.replicas.values() if replica.live]
@@ -113,8 +133,12 @@ class ModelGroup:
         ready = self.ready_count()
         starting = any(replica.state is ReplicaState.STARTING for replica in self.replicas.values())
         if self.desired == 0 and ready == 0 and not starting:
-            # A replica starting although none is wanted (an autoscaler's) makes it `starting`: requests wait.
-            return "stopped", "min_replicas is 0 (the model is unloaded or scaled to zero) and no replica is running"
+            # Batch managers refuse a `stopped` model's requests at once, and keep an `idle` one's: its first
+            # request makes the autoscaler start a replica. (A replica starting makes either `starting`.)
+            if self.spec.max_replicas == 0:
+                return "stopped", "max_replicas is 0 (the model is unloaded): no replica may run"
+            return "idle", ("scaled to zero (min_replicas is 0 and no request came for scale_down_delay_s): the "
+                            "next request starts a replica")
         if self.failed_reason is not None:
             return ("degraded" if ready else "failed"), self.failed_reason
         if self.unschedulable is not None:

@@ -1,12 +1,14 @@
 """The task manager: keeps each model's replicas running and carries batches to them.
 
-This module is the composition, and the replica lifecycle that ties the parts together (about 480
-lines: starting, ending and replacing a replica, registry changes and retirement all act on the same
-replica table and must run in order inside one handler, so they stay in one place). The parts:
+This module is the composition, and the replica lifecycle that ties the parts together (about 575
+lines: starting, ending and replacing a replica, registry changes, retirement, the autoscaler's moves and
+a stateful scale-down's grace all act on the same replica table and must run in order inside one
+handler, so they stay in one place). The parts:
 
 - ``relay``: the two ROUTER sockets (batch managers dial ``task_manager_url``, replicas dial
   ``replica_bind_url``); batches and answers move by their routing envelope, headers unread.
 - ``reconciler``: what to start and drain, backoff, crash loops, lost replicas. Pure.
+- ``autoscaler``: each model's target replica count from the load batch managers report (``load``). Pure.
 - ``placement``: GPU or CPU slot, and what a replica is started with.
 - ``status`` (Redis records with a TTL) and ``announce`` (what batch managers are told).
 - ``replica_task``: one replica's start-to-end as an asyncio task.
@@ -22,7 +24,9 @@ is the supervision tick, which sends heartbeats and ends replicas that fell sile
 became ready.
 
 Planned stops drain: batch managers get ``replica_draining`` (no new batches), the replica gets
-``stop`` and answers what it holds, and ``replica_down`` follows its exit. A model removed from the
+``stop`` and answers what it holds, and ``replica_down`` follows its exit. A stateful replica scaled
+down first retires: its sessions go on there (nothing else does) for the model's
+``session_idle_timeout_s``, then the drain proper ends what is left of them. A model removed from the
 registry first serves what batch managers still queue for it: its replicas are drained once every
 batch manager it knows sent ``model_drained`` for it, or after ``request_timeout_s``. A spec change that
 alters what replicas run is a rolling update: one replica of the new spec starts, and only once
@@ -44,17 +48,26 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from inferoxy import curve
+from inferoxy import curve, metrics
 from inferoxy import messages as m
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from model_manager.store import Registry, SpecStore, open_store
 from task_manager import replica_metrics
 from task_manager.announce import Announcer
+from task_manager.autoscaler import Decision, Observation
 from task_manager.gpus import GpuAllocator, gpu_inventory
 from task_manager.load import LoadBook
 from task_manager.placement import Placement, replica_plan
-from task_manager.reconciler import Liveness, RestartPolicy, lost_because, plan, record_unexpected_end, recovered
+from task_manager.reconciler import (
+    SCALED_DOWN,
+    Liveness,
+    RestartPolicy,
+    lost_because,
+    plan,
+    record_unexpected_end,
+    recovered,
+)
 from task_manager.relay import Relay
 from task_manager.replica_task import KILL_GRACE_S, run_replica
 from task_manager.replicas import (
@@ -215,6 +228,29 @@ class TaskManager:
 
     def _load_changed(self, key: str) -> None:
         """A model version's load moved (a report, or a batch manager that went away)."""
+        group = self._groups.get(key)
+        if group is not None:
+            self._autoscale(group, time.monotonic())
+
+    def _autoscale(self, group: ModelGroup, now: float) -> None:
+        """Let the autoscaler see the group's load and ready replicas, and carry out a move it decides."""
+        load = self.loads.total(group.spec.key)
+        ready = [r for r in group.replicas.values() if r.state is ReplicaState.READY]
+        seen = Observation(load.queued, load.in_flight, len(ready), sum(r.capacity for r in ready))
+        if self._scaled(group, group.autoscaler.observe(group.spec, seen, now)):
+            self._reconcile(group)
+
+    def _scaled(self, group: ModelGroup, decision: Decision | None) -> bool:
+        """Log and count a move of the group's target (the caller reconciles). False: there was none."""
+        spec = group.spec
+        metrics.AUTOSCALER_TARGET.labels(spec.name, spec.version).set(group.desired)
+        if decision is None:
+            return False
+        log.info("model %s: scaling %s to %d replicas: %s", spec.key, decision.direction, decision.target,
+                 decision.reason)
+        metrics.AUTOSCALER_DECISIONS.labels(spec.name, spec.version, decision.direction, decision.cause).inc()
+        self._status_changed(group)
+        return True
 
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
@@ -279,10 +315,11 @@ class TaskManager:
                 reason = lost_because(replica, now, self._liveness)
                 if reason is not None:
                     self._end(replica, reason, wanted=False)
-            for group in self._groups.values():
+            for group in list(self._groups.values()):
                 if recovered(group, now, self.settings.restart_backoff_max_s):
                     group.failures, group.failed_reason = 0, None  # it served long enough: healthy again
                     self._status_changed(group)
+                self._autoscale(group, now)  # its delays run out without new load reports too
             self.relay.to_batch_managers(self.announce.heartbeat())
             forgot = False
             for identity, seen in list(self.relay.batch_managers.items()):
@@ -316,7 +353,7 @@ class TaskManager:
                 group.awaiting = set()
                 group.removed = False
             if group is None:
-                log.info("model %s: keeping %d replicas", spec.key, spec.min_replicas)
+                log.info("model %s: keeping %d..%d replicas", spec.key, spec.min_replicas, spec.max_replicas)
                 group = self._groups[spec.key] = ModelGroup(spec)
             elif replica_fields_differ(group.spec, spec):
                 log.info("model %s changed; replacing its replicas one by one", spec.key)
@@ -327,11 +364,13 @@ class TaskManager:
                     group.retry.cancel()
                     group.retry = None
             group.spec = spec
+            self._scaled(group, group.autoscaler.bound(spec))
             self._status_changed(group)
             self._reconcile(group)
         for key in set(self._groups) - set(registry.specs):
             group = self._groups.pop(key)
             group.removed = True
+            metrics.AUTOSCALER_TARGET.labels(group.spec.name, group.spec.version).set(0)
             if group.retry is not None:
                 group.retry.cancel()
                 group.retry = None
@@ -414,15 +453,20 @@ class TaskManager:
         if not replica.live:
             return
         (log.info if wanted else log.warning)("ending replica %s: %s", replica.id, reason)
+        # A stateful replica scaled down keeps serving its sessions (nothing else) until they end or this passes.
+        grace_s = (replica.spec.session_idle_timeout_s if wanted and reason == SCALED_DOWN and replica.spec.stateful
+                   and replica.state is ReplicaState.READY and not self._closing else None)
         replica.state = ReplicaState.STOPPING
         replica.end_reason = reason
         replica.wanted_gone = wanted
         replica_metrics.moved(replica)
         if wanted:
-            self.announce.replica_draining(replica, reason)
-            self.relay.send_replica(replica, [m.encode(m.Stop())])
-            replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
-                                    else max(STOP_GRACE_S, self.settings.request_timeout_s))
+            self.announce.replica_draining(replica, reason, grace_s)
+            if grace_s is not None:
+                replica.sessions_timer = asyncio.get_running_loop().call_later(grace_s, self._stop_retired, replica)
+                self._status_changed(replica.group)
+                return
+            self._send_stop(replica)
         else:
             replica.group.replacing[replica.id] = reason  # readiness says which replica is replaced, and why
             self.announce.replica_down(replica, reason)  # before the `failed`s: see `_ended`
@@ -431,8 +475,29 @@ class TaskManager:
         replica.stop_requested.set()
         self._status_changed(replica.group)
 
+    def _stop_retired(self, replica: Replica) -> None:
+        """The sessions' grace of a stateful replica scaled down is over (or the task manager stops): the drain
+        proper, which ends what sessions are left there (``session_lost``) and stops it."""
+        if replica.sessions_timer is not None:
+            replica.sessions_timer.cancel()
+            replica.sessions_timer = None
+        if replica.stop_requested.is_set() or self._replicas.get(replica.identity) is not replica:
+            return
+        self.announce.replica_draining(replica, f"{replica.end_reason}; the grace for its sessions is over")
+        self._send_stop(replica)
+        replica.stop_requested.set()
+
+    def _send_stop(self, replica: Replica) -> None:
+        """Tell a draining replica to stop: it answers what it holds, within its grace."""
+        self.relay.send_replica(replica, [m.encode(m.Stop())])
+        replica.stop_grace_s = (self.settings.shutdown_drain_s if self._closing
+                                else max(STOP_GRACE_S, self.settings.request_timeout_s))
+
     def _ended(self, replica: Replica, how: str, start_failed: bool) -> None:
         """Forget a replica that is gone, tell the batch managers, and replace it if it should be."""
+        if replica.sessions_timer is not None:
+            replica.sessions_timer.cancel()
+            replica.sessions_timer = None
         self._replicas.pop(replica.identity, None)
         if self._replica_keys is not None:
             self._replica_keys.revoke(replica.id)
@@ -481,6 +546,8 @@ class TaskManager:
         replicas = list(self._replicas.values())
         for replica in replicas:
             self._end(replica, "the task manager is stopping", wanted=True)
+            if replica.sessions_timer is not None:
+                self._stop_retired(replica)  # scaled down and keeping its sessions: no grace at shutdown
         tasks = [replica.task for replica in replicas if replica.task is not None]
         if tasks:
             budget_s = self.settings.shutdown_drain_s + SHUTDOWN_KILL_MARGIN_S

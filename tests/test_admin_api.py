@@ -128,13 +128,16 @@ def test_repository_load_unload(client: TestClient) -> None:
     assert index == [{"name": "echo", "version": "1", "state": "UNKNOWN", "reason": "no status reported yet"}]
 
     assert client.post("/v2/repository/models/echo/unload", headers=AUTH).json()["unloaded"] == ["echo/1"]
-    assert client.get("/v2/admin/models/echo/versions/1", headers=AUTH).json()["min_replicas"] == 0
+    unloaded = client.get("/v2/admin/models/echo/versions/1", headers=AUTH).json()
+    assert (unloaded["min_replicas"], unloaded["max_replicas"]) == (0, 0), \
+        "no replica may run: not scale to zero, where a request would start one"
     (entry,) = client.post("/v2/repository/index", headers=AUTH).json()
     assert (entry["state"], entry["reason"]) == ("UNAVAILABLE", "unloaded")
     assert client.post("/v2/repository/index", json={"ready": True}, headers=AUTH).json() == []
 
     assert client.post("/v2/repository/models/echo/load", headers=AUTH).json()["loaded"] == ["echo/1"]
-    assert client.get("/v2/admin/models/echo/versions/1", headers=AUTH).json()["min_replicas"] == 2, \
+    loaded = client.get("/v2/admin/models/echo/versions/1", headers=AUTH).json()
+    assert (loaded["min_replicas"], loaded["max_replicas"]) == (2, 3), \
         "load restores the replicas the model had before unload"
     assert client.post("/v2/repository/models/nope/load", headers=AUTH).status_code == 404
 

@@ -415,7 +415,8 @@ def test_rest_health_and_metadata(stack):
                 {"name": "x", "datatype": "FP32", "shape": [-1, 3]},
                 {"name": "mask", "datatype": "BOOL", "shape": [-1, -1]},
             ],
-            "serving": {"state": "ready", "ready": True, "reason": "model echo/1 is ready"},
+            "serving": {"state": "ready", "ready": True, "reason": "model echo/1 is ready", "replicas": 1, "target": 1,
+                        "min": 1, "max": 1},
         }
         # A model the task manager reported failed says so, with the reason, in its metadata too.
         failed = http.get("/v2/models/fail").json()["serving"]
@@ -423,6 +424,12 @@ def test_rest_health_and_metadata(stack):
         assert "image inferoxy/fail not found" in failed["reason"]
         v2 = http.get("/v2/models/echo/versions/2").json()
         assert v2["inputs"] == [{"name": "x", "datatype": "INT64", "shape": [-1, -1, 2]}]
+        # The scale as the task manager reported it: 1 replica ready of the 2 the autoscaler keeps.
+        assert {k: v2["serving"][k] for k in ("state", "replicas", "target")} == {"state": "degraded", "replicas": 1,
+                                                                                  "target": 2}
+        unreported = http.get("/v2/models/bytes").json()["serving"]
+        assert (unreported["state"], unreported["replicas"], unreported["target"]) == ("unknown", 0, None), \
+            "no task manager reports it: no target to show"
 
         missing = http.get("/v2/models/nope")
         assert missing.status_code == 404 and missing.json() == {"error": "unknown model 'nope'"}

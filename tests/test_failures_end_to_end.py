@@ -24,6 +24,7 @@ models:
   idle:
     model_class: examples.models.echo.model:EchoModel
     min_replicas: 0
+    max_replicas: 0
 """
 
 CAPACITY, MAX_BATCH_SIZE = 2, 4  # Model.capacity's default; the spec below
@@ -119,8 +120,8 @@ def test_killing_the_only_replica_fails_only_the_requests_it_held(tmp_path: Path
 
 
 def test_a_model_without_replicas_answers_not_ready_at_once(tmp_path: Path) -> None:
-    # The failure: with min_replicas 0, or after `inferoxy models unload`, requests waited their whole timeout
-    # and got `deadline` (504 over REST).
+    # The failure: with no replica allowed (max_replicas 0, what `inferoxy models unload` sets), requests waited
+    # their whole timeout and got `deadline` (504 over REST). (min_replicas 0 alone scales to zero: it waits.)
     models = tmp_path / "models.yaml"
     models.write_text(NO_REPLICAS)
     with ProxyProcess(env={"INFEROXY_MODELS_FILE": str(models), "INFEROXY_REQUEST_TIMEOUT_S": "30"}) as proxy:
@@ -130,7 +131,7 @@ def test_a_model_without_replicas_answers_not_ready_at_once(tmp_path: Path) -> N
             with pytest.raises(InferenceError) as idle:
                 client.infer("idle", x)
             assert idle.value.code == "not_ready", idle.value
-            assert "min_replicas is 0" in str(idle.value)
+            assert "max_replicas is 0" in str(idle.value)
 
             np.testing.assert_array_equal(client.infer("echo", x)["x"], x["x"])
             response = httpx.post(f"{proxy.rest_url}/v2/repository/models/echo/unload", timeout=10)

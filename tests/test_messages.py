@@ -35,6 +35,8 @@ SAME: list[tuple[m.Message, dict[str, Any]]] = [
     (m.ReplicaDown(replica="r1", reason="exit 1"), {"t": "replica_down", "replica": "r1", "reason": "exit 1"}),
     (m.ReplicaDraining(replica="r1", reason="update"),
      {"t": "replica_draining", "replica": "r1", "reason": "update"}),
+    (m.ReplicaDraining(replica="r1", reason="scaled down", sessions_grace_s=60.0),
+     {"t": "replica_draining", "replica": "r1", "reason": "scaled down", "sessions_grace_s": 60.0}),
     (m.ModelStatus(model="m", version="1", state="failed", reason="boom"),
      {"t": "model_status", "model": "m", "version": "1", "state": "failed", "reason": "boom"}),
     (m.ModelDrained(model="m", version="1"), {"t": "model_drained", "model": "m", "version": "1"}),

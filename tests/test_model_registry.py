@@ -100,6 +100,46 @@ def test_store_against_real_redis(real_redis_url: str, redis_prefix: str) -> Non
     asyncio.run(_exercise_store(SpecStore.from_url(real_redis_url, redis_prefix)))
 
 
+def test_unload_lets_no_replica_run_and_load_restores_both_bounds(real_redis_url: str, redis_prefix: str) -> None:
+    # Unload is not scale to zero: min_replicas 0 alone now means "start a replica on demand", so an unloaded
+    # version's max_replicas must be 0 too, or its next request would start it again.
+    async def main() -> None:
+        store = SpecStore.from_url(real_redis_url, redis_prefix)
+        try:
+            await store.put(spec(min_replicas=0, max_replicas=3))
+            await store.unload((await store.snapshot()).specs["m/1"])
+            unloaded = (await store.snapshot()).specs["m/1"]
+            assert (unloaded.min_replicas, unloaded.max_replicas) == (0, 0)
+            assert await store.unloaded() == {"m/1"}
+            await store.load(unloaded)
+            loaded = (await store.snapshot()).specs["m/1"]
+            assert (loaded.min_replicas, loaded.max_replicas) == (0, 3), "it scales from zero again, up to 3"
+            assert await store.unloaded() == set()
+
+            # A record from before scale to zero: the min_replicas alone (0 then meant unloaded).
+            await store.put(spec(version="2", min_replicas=0, max_replicas=2))
+            await store.client.hset(store.unloaded_key, "m/2", "0")
+            await store.load((await store.snapshot()).specs["m/2"])
+            old = (await store.snapshot()).specs["m/2"]
+            assert (old.min_replicas, old.max_replicas) == (1, 2), "loaded as before: at least one replica"
+
+            # The model manager upgrades such records at its start: unloaded they stay (max_replicas 0), where
+            # min_replicas 0 alone would now start a replica for the next request.
+            await store.put(spec(version="3", min_replicas=0, max_replicas=2))
+            await store.client.hset(store.unloaded_key, "m/3", "1")
+            assert await store.upgrade_unloaded() == ["m/3"]
+            assert await store.upgrade_unloaded() == [], "once"
+            kept = (await store.snapshot()).specs["m/3"]
+            assert (kept.min_replicas, kept.max_replicas) == (0, 0)
+            await store.load(kept)
+            back = (await store.snapshot()).specs["m/3"]
+            assert (back.min_replicas, back.max_replicas) == (1, 2)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
 def test_store_against_embedded_redis() -> None:
     server = EmbeddedRedis(free_port(), "a password")  # the store authenticates with the URL it is given
     server.start()

@@ -115,7 +115,7 @@ def make_overview(r: Recorder, statuses: dict[str, ModelStatus] | None = None, *
         Overview, Clock]:
     clock = Clock()
     specs = registry_of(ModelSpec(name="m", model_class="x:Y"), ModelSpec(name="m", version="2", model_class="x:Y"),
-                        ModelSpec(name="idle", model_class="x:Y", min_replicas=0))
+                        ModelSpec(name="idle", model_class="x:Y", min_replicas=0, max_replicas=0))
 
     async def read_statuses() -> dict[str, ModelStatus]:
         if fail:

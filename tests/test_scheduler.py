@@ -742,6 +742,40 @@ def test_draining_ends_sessions_but_takes_the_results_held() -> None:
     assert scheduler.replica_down("r1", "stopped", now=0.3) == []
 
 
+def test_a_replica_retiring_keeps_its_sessions_going_and_takes_no_new_work() -> None:
+    # A scale-down drain of a stateful model: the replica's sessions go on where their state is (issue 12), for
+    # the grace the task manager gives; new sessions and stateless batches go elsewhere.
+    scheduler = stateful()
+    scheduler.replica_up("r1", "s", "1", 2, now=0.0)
+    [first] = dispatches(scheduler.submit(session_request(1, 7, start=True), now=0.0))
+    scheduler.replica_up("r2", "s", "1", 2, now=0.0)
+    assert scheduler.replica_draining("r1", "scaled down", now=0.1, sessions_grace_s=30.0) == [], "no session lost"
+    [answer] = replies(echo_result(scheduler, first, now=0.2))
+    assert answer.ok
+    [again] = dispatches(scheduler.submit(session_request(2, 7), now=0.3))
+    assert again.replica == "r1", "the session goes on at its replica"
+    [fresh] = dispatches(scheduler.submit(session_request(3, 8, start=True), now=0.3))
+    assert fresh.replica == "r2", "a new session never starts on a retiring replica"
+    assert scheduler.sessions_on("r1") == 1
+    # The grace is over: the drain proper ends what is left there, as any drain does.
+    echo_result(scheduler, again, now=0.4)
+    [held] = dispatches(scheduler.submit(session_request(4, 7), now=0.5))
+    scheduler.submit(session_request(5, 7), now=0.5)  # behind 4: one request of a session at a replica at a time
+    [queued] = replies(scheduler.replica_draining("r1", "scaled down", now=0.6))
+    assert queued.origin == (BRIDGE, 5) and queued.code == "session_lost"
+    [last] = replies(echo_result(scheduler, held, now=0.7))
+    assert last.ok and last.origin == (BRIDGE, 4), "what it held is still answered"
+
+
+def test_a_retiring_replica_takes_no_stateless_batch() -> None:
+    scheduler = Scheduler(make_registry(make_spec(max_batch_size=1, delay_ms=0)))
+    scheduler.replica_up("r1", "m", "1", 2, now=0.0)
+    scheduler.replica_up("r2", "m", "1", 2, now=0.0)
+    scheduler.replica_draining("r1", "scaled down", now=0.0, sessions_grace_s=30.0)
+    sent = [d.replica for i in range(3) for d in dispatches(scheduler.submit(make_request(i), now=0.1))]
+    assert sent == ["r2", "r2"], "r1 retires: the third waits for r2's credit"
+
+
 def test_the_idle_watch_list_stays_bounded_for_a_busy_session() -> None:
     scheduler = stateful()
     scheduler.replica_up("r1", "s", "1", 2, now=0.0)

@@ -75,6 +75,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         replica = self.replicas.get(batch.replica)
         assert replica is not None, "a batch for a replica that is not up"
         assert not replica["draining"], "a batch for a draining replica"
+        # Retiring (a stateful scale-down): its sessions go on there, nothing else does.
+        assert not (replica.get("retiring") and batch.model != "s"), "a stateless batch for a retiring replica"
         assert batch.model == replica["model"]
         assert sum(1 for d in self.outstanding if d.replica == batch.replica) < replica["capacity"], "credit"
         self.outstanding.append(batch)
@@ -169,6 +171,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         if replica in self.replicas:
             self.replicas[replica]["draining"] = True
         self.check(self.scheduler.replica_draining(replica, "scale down", self.now))
+
+    @rule(replica=st.sampled_from(REPLICAS))
+    def replica_retiring(self, replica: str) -> None:
+        if replica in self.replicas:
+            self.replicas[replica]["retiring"] = True
+        self.check(self.scheduler.replica_draining(replica, "scaled down", self.now, sessions_grace_s=30.0))
 
     @precondition(lambda self: self.outstanding)
     @rule(pick=st.integers(0, 50), how=st.sampled_from(["result", "result", "model_error", "replica_lost",

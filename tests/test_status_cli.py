@@ -67,6 +67,14 @@ def test_render_shows_models_replicas_rates_latency_and_why_not_ready() -> None:
     assert lines[-1] == "problem: the serving statuses cannot be read from Redis: ConnectionError"
 
 
+def test_an_idle_model_is_not_listed_as_not_ready() -> None:
+    # Scaled to zero is a normal state (its next request starts a replica): its reason is no problem to show.
+    idle = {**STATE["models"][1], "name": "lazy", "state": "idle", "desired_replicas": 0,
+            "reason": "scaled to zero (min_replicas is 0 and no request came for scale_down_delay_s)"}
+    text = render({**STATE, "models": [STATE["models"][0], idle]}, "http://127.0.0.1:8698")
+    assert "lazy " in text and "scaled to zero" not in text and "not ready:" not in text
+
+
 def test_render_with_nothing_yet() -> None:
     text = render({"window_s": None, "totals": {"requests": 0, "errors": 0, "request_rate": None},
                    "components": {}, "models": [], "problems": []})

@@ -106,9 +106,10 @@ def test_a_replica_that_holds_a_batch_past_the_request_timeout_is_replaced_and_r
 def test_a_model_with_no_replica_wanted_is_stopped_with_a_reason(redis_url: str) -> None:
     # The failure: `stopped` came with no reason, so batch managers could not say why they refuse.
     async def scenario(h: Harness) -> None:
-        await h.store.put(spec("idle", ECHO, min_replicas=0))
+        # max_replicas 0 is what no replica may run means (unload); min_replicas 0 alone scales to zero (`idle`).
+        await h.store.put(spec("idle", ECHO, min_replicas=0, max_replicas=0))
         status, _ = await h.expect("model_status", model="idle", state="stopped")
-        assert "min_replicas is 0" in status["reason"], status
+        assert "max_replicas is 0" in status["reason"], status
 
     run(redis_url, scenario)
 
@@ -145,9 +146,12 @@ def test_a_stopped_model_with_a_replica_starting_is_starting_so_requests_wait() 
     model = spec("idle", ECHO, min_replicas=0)
     group = ModelGroup(model)
     state, reason = group.serving_state()
-    assert state == "stopped" and "min_replicas is 0" in (reason or "")
+    assert state == "idle" and "scaled to zero" in (reason or "")
     group.replicas["r-0"] = Replica("r-0", model, group, started_at=0.0)  # starting
     assert group.serving_state()[0] == "starting"
+    unloaded = ModelGroup(spec("off", ECHO, min_replicas=0, max_replicas=0))
+    state, reason = unloaded.serving_state()
+    assert state == "stopped" and "max_replicas is 0" in (reason or "")
 
 
 def test_an_answer_the_task_manager_cannot_read_fails_its_batch() -> None:
