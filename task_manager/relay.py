@@ -45,6 +45,12 @@ class Lifecycle(Protocol):
 
     def load_reported(self, sender: bytes, msg: m.Load) -> None: ...
 
+    def credit_acked(self, sender: bytes, msg: m.Credit) -> None:
+        """A batch manager echoed a ``credit``: it applied it (``task_manager.credit``)."""
+
+    def credit_freed(self, replica: Replica) -> None:
+        """A batch left a replica where a batch manager's share waits for room."""
+
     def replica_ready(self, replica: Replica, msg: m.Ready) -> None: ...
 
     def replica_unreachable(self, replica: Replica) -> None:
@@ -126,6 +132,8 @@ class Relay:
             self.lifecycle.model_drained(sender, msg)
         elif isinstance(msg, m.Load):
             self.lifecycle.load_reported(sender, msg)
+        elif isinstance(msg, m.Credit):
+            self.lifecycle.credit_acked(sender, msg)
         else:
             log.error("batch %r from batch manager %s has no routing envelope; answered failed", msg.batch,
                       sender.hex())
@@ -135,10 +143,10 @@ class Relay:
     def _heard_batch_manager(self, sender: bytes) -> bool:
         """Record a sign of life; True (after announcing everything to it) when the batch manager is new."""
         new = sender not in self.batch_managers
+        self.batch_managers[sender] = time.monotonic()  # first: its share of each replica is counted in
         if new:
             log.info("batch manager %s connected", sender.hex())
             self.lifecycle.announce_to(sender)
-        self.batch_managers[sender] = time.monotonic()
         return new
 
     def forward_batch(self, sender: bytes, frames: list[Any]) -> None:
@@ -220,6 +228,8 @@ class Relay:
             log.warning("replica %s answered batch %r, which it does not hold; dropped", replica.id, batch_id)
             return
         replica.progress_at = time.monotonic()
+        if replica.credit_waiting:
+            self.lifecycle.credit_freed(replica)
         unreadable = _unreadable_header(frames)
         if unreadable is not None:
             # The batch fails now, so its requests hear and the batch manager gets the replica's credit back.

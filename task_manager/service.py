@@ -103,8 +103,8 @@ class TaskManager:
         self._restart_policy = RestartPolicy(settings.restart_backoff_s, settings.restart_backoff_max_s,
                                              settings.crash_loop_failures)
         self._liveness = Liveness(settings.replica_start_timeout_s, self._silence_limit_s, settings.request_timeout_s)
-        self.announce = Announcer(self.relay, self._groups, self._replicas)
         self.loads = LoadBook()  # what each batch manager last reported (``load``)
+        self.announce = Announcer(self.relay, self._groups, self._replicas, self.loads)  # and each one's credit
         # Removed models whose replicas still serve what batch managers queued for them, by spec key.
         self._retiring: dict[str, ModelGroup] = {}
         # ``model_drained`` notices that came before the task manager saw the removal: key -> sender -> when.
@@ -215,6 +215,13 @@ class TaskManager:
 
     def _load_changed(self, key: str) -> None:
         """A model version's load moved (a report, or a batch manager that went away)."""
+        self.announce.rebalance(key)
+
+    def credit_acked(self, sender: bytes, msg: m.Credit) -> None:
+        self.announce.credit_acked(sender, msg)
+
+    def credit_freed(self, replica: Replica) -> None:
+        self.announce.settle(replica)
 
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
@@ -290,6 +297,7 @@ class TaskManager:
                     log.info("batch manager %s went silent; forgetting it", identity.hex())
                     del self.relay.batch_managers[identity]
                     forgot = True
+                    self.announce.batch_manager_gone(identity)
                     for key in self.loads.forget(identity):
                         self._load_changed(key)
             if forgot:
