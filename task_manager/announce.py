@@ -57,7 +57,7 @@ class Announcer:
     def replica_up(self, replica: Replica) -> None:
         replica.announced = True
         self.rebalance(replica.spec.key)
-        for sender in self.relay.batch_managers:
+        for sender in list(self.relay.batch_managers):
             self.relay.send_batch_manager(sender, _replica_up(replica, self.credit.announce(replica.id, sender)))
 
     def replica_draining(self, replica: Replica, reason: str) -> None:

@@ -51,6 +51,9 @@ class Lifecycle(Protocol):
     def credit_freed(self, replica: Replica) -> None:
         """A batch left a replica where a batch manager's share waits for room."""
 
+    def batch_manager_gone(self, sender: bytes, why: str) -> None:
+        """Forget a batch manager (silent, or disconnected): its load, its credit, its part in a retirement."""
+
     def replica_ready(self, replica: Replica, msg: m.Ready) -> None: ...
 
     def replica_unreachable(self, replica: Replica) -> None:
@@ -65,6 +68,7 @@ class Relay:
         self.lifecycle = lifecycle
         self.replica_keys = replica_keys
         self.batch_managers: dict[bytes, float] = {}  # identity -> when last heard
+        self._disconnected: set[bytes] = set()  # batch managers a send found gone, forgotten soon after
         self.bm_sock: zmq.Socket[Any] | None = None
         self.replica_sock: zmq.Socket[Any] | None = None
         self._reactor: Reactor | None = None
@@ -239,6 +243,7 @@ class Relay:
             self.send_batch_manager(sender, failed(replica.id, batch_id, ErrorCode.INTERNAL, message))
         elif not self._send(self.bm_sock, [sender, *frames[1:]]):
             log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
+            self._unreachable(sender)
 
     def _dialled_with_its_key(self, replica: Replica, frame: Any) -> bool:
         """A replica's id is accepted only from the connection that holds the key issued for it: another
@@ -271,7 +276,27 @@ class Relay:
 
     def send_batch_manager(self, identity: bytes, message: m.Message | Sequence[Any]) -> None:
         frames = [m.encode(message)] if isinstance(message, m.Message) else list(message)
-        self._send(self.bm_sock, [identity, *frames])
+        if not self._send(self.bm_sock, [identity, *frames]):
+            self._unreachable(identity)
+
+    def _unreachable(self, identity: bytes) -> None:
+        """A send to a batch manager failed: its connection is gone (ROUTER_MANDATORY says so at once; a full
+        queue, 100,000 messages unread, is as good as gone). Forgotten now rather than after the silence limit,
+        so its credit goes to the others (a batch manager restarted under ``serve`` is a new identity, and
+        would wait for the old one's share). After the caller's handler: it may be looping over them."""
+        if identity not in self.batch_managers or identity in self._disconnected:
+            return
+        self._disconnected.add(identity)
+        try:
+            asyncio.get_running_loop().call_soon(self._forget_disconnected)
+        except RuntimeError:  # no loop (a test driving the relay by hand): the silence limit still applies
+            self._disconnected.discard(identity)
+
+    def _forget_disconnected(self) -> None:
+        gone, self._disconnected = self._disconnected, set()
+        for identity in gone:
+            if self.is_open and identity in self.batch_managers:
+                self.lifecycle.batch_manager_gone(identity, "is no longer connected")
 
     def send_replica(self, replica: Replica, frames: Sequence[Any]) -> bool:
         return self._send(self.replica_sock, [replica.identity, *frames])

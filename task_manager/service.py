@@ -223,6 +223,16 @@ class TaskManager:
     def credit_freed(self, replica: Replica) -> None:
         self.announce.settle(replica)
 
+    def batch_manager_gone(self, sender: bytes, why: str) -> None:
+        if self.relay.batch_managers.pop(sender, None) is None:
+            return
+        log.info("batch manager %s %s; forgetting it", sender.hex(), why)
+        self.announce.batch_manager_gone(sender)
+        for key in self.loads.forget(sender):
+            self._load_changed(key)
+        for key in list(self._retiring):
+            self._retire_if_drained(key)
+
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
         if group is not None and not (group.awaiting & self.relay.batch_managers.keys()):
@@ -291,18 +301,9 @@ class TaskManager:
                     group.failures, group.failed_reason = 0, None  # it served long enough: healthy again
                     self._status_changed(group)
             self.relay.to_batch_managers(self.announce.heartbeat())
-            forgot = False
             for identity, seen in list(self.relay.batch_managers.items()):
                 if now - seen > self._silence_limit_s:
-                    log.info("batch manager %s went silent; forgetting it", identity.hex())
-                    del self.relay.batch_managers[identity]
-                    forgot = True
-                    self.announce.batch_manager_gone(identity)
-                    for key in self.loads.forget(identity):
-                        self._load_changed(key)
-            if forgot:
-                for key in list(self._retiring):
-                    self._retire_if_drained(key)
+                    self.batch_manager_gone(identity, "went silent")
             stale = now - self.settings.request_timeout_s
             for key, senders in list(self._early_drained.items()):
                 for identity, when in list(senders.items()):

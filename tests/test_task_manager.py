@@ -569,6 +569,24 @@ def test_credit_is_split_between_batch_managers_and_reclaimed(redis_url: str) ->
     run(redis_url, scenario)
 
 
+def test_a_batch_manager_that_disconnects_is_forgotten_before_the_silence_limit(redis_url: str) -> None:
+    # A killed batch manager's connection closes at once; waiting out the silence limit would keep its share of
+    # every replica from the one `serve` restarts in its place (a new identity) for that long.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        await h.expect("replica_up")
+        late = h.batch_manager()
+        await late.send_multipart(wire.encode({"t": "hb"}))
+        await eventually(lambda: len(h.tm.relay.batch_managers) == 2, timeout=10, what="the second batch manager")
+        late.close()
+        # The next heartbeat to it finds no connection (well before the 30 s silence limit).
+        await eventually(lambda: len(h.tm.relay.batch_managers) == 1, timeout=10, what="the closed one forgotten")
+        back, _ = await h.expect("credit", capacity=2, timeout=10)
+        assert back["t"] == "credit", "its share came back to the one left"
+
+    run(redis_url, scenario, heartbeat_liveness=300)
+
+
 async def next_not_heartbeat(sock: zmq.asyncio.Socket) -> dict[str, Any]:
     while True:
         header, _ = wire.decode(await sock.recv_multipart())
