@@ -447,6 +447,11 @@ class Scheduler:
         replica = self._book.replicas.get(replica_id)
         return replica is not None and replica.draining
 
+    def credit(self, replica_id: ReplicaId) -> int:
+        """The batches this batch manager may have at a replica at once (its share: ``replica_up``, ``credit``)."""
+        replica = self._book.replicas.get(replica_id)
+        return replica.capacity if replica else 0
+
     def sessions_on(self, replica_id: ReplicaId) -> int:
         """Session slots taken on a replica."""
         replica = self._book.replicas.get(replica_id)

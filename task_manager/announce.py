@@ -75,8 +75,10 @@ class Announcer:
 
     def rebalance(self, key: str) -> None:
         """Split the credit of a model version's ready replicas again, from each batch manager's load."""
-        ready = [r for r in self.replicas.values()
-                 if r.announced and r.state is ReplicaState.READY and r.spec.key == key]
+        group = self.groups.get(key)
+        # A removed model's replicas (retiring, no longer in ``groups``) still serve what batch managers queued.
+        candidates = group.replicas.values() if group is not None else self.replicas.values()
+        ready = [r for r in candidates if r.announced and r.state is ReplicaState.READY and r.spec.key == key]
         if not ready:
             return
         demand = {bm: load.queued + load.in_flight for bm, load in self.loads.by_batch_manager(key).items()}

@@ -232,8 +232,6 @@ class Relay:
             log.warning("replica %s answered batch %r, which it does not hold; dropped", replica.id, batch_id)
             return
         replica.progress_at = time.monotonic()
-        if replica.credit_waiting:
-            self.lifecycle.credit_freed(replica)
         unreadable = _unreadable_header(frames)
         if unreadable is not None:
             # The batch fails now, so its requests hear and the batch manager gets the replica's credit back.
@@ -244,6 +242,8 @@ class Relay:
         elif not self._send(self.bm_sock, [sender, *frames[1:]]):
             log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
             self._unreachable(sender)
+        if replica.credit_waiting:  # after the answer: the room it left may be another batch manager's share
+            self.lifecycle.credit_freed(replica)
 
     def _dialled_with_its_key(self, replica: Replica, frame: Any) -> bool:
         """A replica's id is accepted only from the connection that holds the key issued for it: another

@@ -487,6 +487,26 @@ def test_credit_moves_its_share_and_is_echoed_once_applied(redis_url: str) -> No
     run(body())
 
 
+def test_a_repeated_replica_up_still_sets_our_share(redis_url: str) -> None:
+    # A task manager that forgot this batch manager (silent for a while, yet it kept the replicas) splits the
+    # replicas afresh and says so in the replica_ups it repeats: the repeat must not keep the old share.
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=2)
+            await poll(lambda: "r1" in running.service._tm_replicas, "r1 up")
+            await task_manager.replica_up("r1", capacity=1)
+            await poll(lambda: running.service.scheduler.credit("r1") == 1, "the repeat's share applied")
+            for i in range(2):
+                await bridge.infer(i, np.zeros((4, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1 and running.service.scheduler.queued("m/1") == 1,
+                       "one batch out, one request waiting for room")
+            bridge.sock.close()
+
+    run(body())
+
+
 def test_request_parameters_are_read_and_bad_ones_refused(redis_url: str) -> None:
     async def body() -> None:
         async with running_batch_manager(redis_url) as running:
