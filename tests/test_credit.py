@@ -113,6 +113,27 @@ def test_acknowledgements_are_counted_in_order() -> None:
     assert not ledger.acked("r0", A), "an echo nothing asked for changes nothing"
 
 
+@settings(max_examples=300, deadline=None)
+@given(capacities=st.dictionaries(st.sampled_from(["r0", "r1", "r2"]), st.integers(1, 4), min_size=1),
+       weights=st.dictionaries(st.sampled_from([A, B, C]), st.integers(1, 100), min_size=1),
+       before=st.dictionaries(st.sampled_from(["r0", "r1", "r2"]),
+                              st.dictionaries(st.sampled_from([A, B, C]), st.integers(0, 4))))
+def test_shares_add_up_to_the_capacity_and_fit_every_replica(capacities: dict[str, int], weights: dict[bytes, int],
+                                                            before: dict[str, dict[bytes, int]]) -> None:
+    total = sum(capacities.values())
+    previous = {bm: sum(shares.get(bm, 0) for shares in before.values()) for bm in weights}
+    totals = split(total, weights, previous)
+    assert sum(totals.values()) == total, "every slot given out"
+    if total >= len(weights):
+        assert set(totals) == set(weights) and min(totals.values()) >= 1, "at least one each while slots last"
+    laid = distribute(capacities, totals, before)
+    assert set(laid) == set(capacities)
+    for rid, shares in laid.items():
+        assert sum(shares.values()) <= capacities[rid]
+    for bm, share in totals.items():
+        assert sum(shares.get(bm, 0) for shares in laid.values()) == share
+
+
 # --- every interleaving: nothing beyond a replica's capacity ever reaches it -----------------------------------------
 
 
