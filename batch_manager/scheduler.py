@@ -111,8 +111,8 @@ class Scheduler:
                 return [error_reply(request.origin, ErrorCode.SESSION_LOST, opened)]
             session = opened
         pending = self._admission.admit(request, spec, model, signature, rows, header_bytes, now)
-        if model.queued == 1 and not model.replicas:
-            self._cold = True  # the first to wait for a model with no replica at all (``take_cold_demand``)
+        if model.queued == 1 and not model.has_credit():
+            self._cold = True  # the first to wait with no replica (or no share of one) at all: ``take_cold_demand``
         if session is None:
             group = self._batching.enqueue(model, pending, timer=False)
             self._batching.pump(model, now, out)
@@ -194,6 +194,17 @@ class Scheduler:
         model_entry = self._lifecycle.replica_up(replica_id, f"{model}/{version}", capacity, now, out)
         self._batching.pump(model_entry, now, out)
         self._lifecycle.check_drained(out)
+        return out
+
+    def replica_credit(self, replica_id: ReplicaId, capacity: int, now: float) -> list[Action]:
+        """This batch manager's share of a replica moved (``credit``, when several share the task manager): at
+        most ``capacity`` batches there from now on. 0 parks it; batches it holds beyond are still answered."""
+        out: list[Action] = []
+        replica = self._book.replicas.get(replica_id)
+        if replica is None:
+            return out
+        replica.capacity = max(capacity, 0)
+        self._batching.pump(self._book.model(replica.model_key), now, out)
         return out
 
     def replica_draining(self, replica_id: ReplicaId, reason: str, now: float,
@@ -386,8 +397,9 @@ class Scheduler:
         return changed
 
     def take_cold_demand(self) -> bool:
-        """Whether requests started waiting for a model version with no replica at all (scaled to zero) since the
-        last call: the service then reports its load at once, so the task manager starts one without delay."""
+        """Whether requests started waiting for a model version with no replica at all (scaled to zero), or none
+        this batch manager has a share of (credit 0 everywhere), since the last call: the service then reports
+        its load at once, so the task manager starts a replica, or gives it a share, without delay."""
         cold, self._cold = self._cold, False
         return cold
 
@@ -440,6 +452,11 @@ class Scheduler:
     def is_draining(self, replica_id: ReplicaId) -> bool:
         replica = self._book.replicas.get(replica_id)
         return replica is not None and replica.draining
+
+    def credit(self, replica_id: ReplicaId) -> int:
+        """The batches this batch manager may have at a replica at once (its share: ``replica_up``, ``credit``)."""
+        replica = self._book.replicas.get(replica_id)
+        return replica.capacity if replica else 0
 
     def sessions_on(self, replica_id: ReplicaId) -> int:
         """Session slots taken on a replica."""

@@ -308,8 +308,9 @@ class BatchManager:
             case m.ReplicaUp(replica=replica):
                 if replica in self._tm_replicas:
                     # Within one task manager run an id is announced once until its replica_down: this is the
-                    # answer to a resync, and taking it as a new replica would fail what the replica holds.
-                    return []
+                    # answer to a resync, and taking it as a new replica would fail what the replica holds. Its
+                    # capacity is our share now, though (a task manager that forgot us split it afresh).
+                    return self.scheduler.replica_credit(replica, msg.capacity, now)
                 log.info("replica %r of %s/%s is up with capacity %d", replica, msg.model, msg.version, msg.capacity)
                 actions = self.scheduler.replica_up(replica, msg.model, msg.version, msg.capacity, now)
                 self._tm_replicas.add(replica)
@@ -324,6 +325,12 @@ class BatchManager:
                 log.info("replica %r is draining: %s%s", replica, reason, "" if not msg.sessions_grace_s else
                          f" (its sessions go on for at most {msg.sessions_grace_s:g}s)")
                 return self.scheduler.replica_draining(replica, reason, now, msg.sessions_grace_s)
+            case m.Credit(replica=replica):
+                log.debug("our share of replica %r is now %d", replica, msg.capacity)
+                actions = self.scheduler.replica_credit(replica, msg.capacity, now)
+                # Echoed once applied: every batch sent under the old share is ahead of it (task_manager/credit.py).
+                self._send(self._task_manager, [m.encode(msg)])
+                return actions
             case m.ModelStatus():
                 shown = f": {msg.reason.splitlines()[0]}" if msg.reason else ""
                 log.info("model %s/%s is %s%s", msg.model, msg.version, msg.state, shown)

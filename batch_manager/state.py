@@ -195,6 +195,11 @@ class Model:
                 return True
         return False
 
+    def has_credit(self) -> bool:
+        """Whether any replica that takes batches gives this batch manager a share (busy or not)."""
+        return any(replica.capacity and not replica.draining and not replica.retiring
+                   for replica in self.replicas.values())
+
     def all_groups(self) -> list[Group]:
         return list(self.groups.values()) + [g for r in self.replicas.values() for g in r.groups.values()]
 

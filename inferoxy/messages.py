@@ -168,7 +168,8 @@ class Load(Message, tag="load"):
 
 class Credit(Message, tag="credit"):
     """From now on this batch manager may have at most ``capacity`` batches at ``replica`` at once (its share of
-    the replica's credit; ``replica_up`` gave its first one)."""
+    the replica's credit; ``replica_up`` gave its first one). The batch manager echoes it back once applied: the
+    task manager then knows every batch sent under the old credit has arrived (``task_manager.credit``)."""
 
     replica: ReplicaId
     capacity: Count
@@ -285,8 +286,8 @@ BATCH_MANAGER_TO_BRIDGE: Codec[Reply | Error | Heartbeat] = Codec(Reply, Error, 
 TASK_MANAGER_TO_BATCH_MANAGER: Codec[
     Heartbeat | ReplicaUp | ReplicaDown | ReplicaDraining | ModelStatus | Credit | Result | Failed
 ] = Codec(Heartbeat, ReplicaUp, ReplicaDown, ReplicaDraining, ModelStatus, Credit, Result, Failed)
-BATCH_MANAGER_TO_TASK_MANAGER: Codec[Heartbeat | ModelDrained | Load | Batch] = Codec(Heartbeat, ModelDrained, Load,
-                                                                                      Batch)
+BATCH_MANAGER_TO_TASK_MANAGER: Codec[Heartbeat | ModelDrained | Load | Credit | Batch] = Codec(
+    Heartbeat, ModelDrained, Load, Credit, Batch)
 REPLICA_TO_TASK_MANAGER: Codec[Ready | Heartbeat | Result | Failed] = Codec(Ready, Heartbeat, Result, Failed)
 TASK_MANAGER_TO_REPLICA: Codec[Heartbeat | Batch | Stop] = Codec(Heartbeat, Batch, Stop)
 # Any header of any link: for tools and tests; a component decodes with its link's codec, which refuses the rest.

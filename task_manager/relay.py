@@ -45,6 +45,15 @@ class Lifecycle(Protocol):
 
     def load_reported(self, sender: bytes, msg: m.Load) -> None: ...
 
+    def credit_acked(self, sender: bytes, msg: m.Credit) -> None:
+        """A batch manager echoed a ``credit``: it applied it (``task_manager.credit``)."""
+
+    def credit_freed(self, replica: Replica) -> None:
+        """A batch left a replica where a batch manager's share waits for room."""
+
+    def batch_manager_gone(self, sender: bytes, why: str) -> None:
+        """Forget a batch manager (silent, or disconnected): its load, its credit, its part in a retirement."""
+
     def replica_ready(self, replica: Replica, msg: m.Ready) -> None: ...
 
     def replica_unreachable(self, replica: Replica) -> None:
@@ -59,6 +68,7 @@ class Relay:
         self.lifecycle = lifecycle
         self.replica_keys = replica_keys
         self.batch_managers: dict[bytes, float] = {}  # identity -> when last heard
+        self._disconnected: set[bytes] = set()  # batch managers a send found gone, forgotten soon after
         self.bm_sock: zmq.Socket[Any] | None = None
         self.replica_sock: zmq.Socket[Any] | None = None
         self._reactor: Reactor | None = None
@@ -126,6 +136,8 @@ class Relay:
             self.lifecycle.model_drained(sender, msg)
         elif isinstance(msg, m.Load):
             self.lifecycle.load_reported(sender, msg)
+        elif isinstance(msg, m.Credit):
+            self.lifecycle.credit_acked(sender, msg)
         else:
             log.error("batch %r from batch manager %s has no routing envelope; answered failed", msg.batch,
                       sender.hex())
@@ -135,10 +147,10 @@ class Relay:
     def _heard_batch_manager(self, sender: bytes) -> bool:
         """Record a sign of life; True (after announcing everything to it) when the batch manager is new."""
         new = sender not in self.batch_managers
+        self.batch_managers[sender] = time.monotonic()  # first: its share of each replica is counted in
         if new:
             log.info("batch manager %s connected", sender.hex())
             self.lifecycle.announce_to(sender)
-        self.batch_managers[sender] = time.monotonic()
         return new
 
     def forward_batch(self, sender: bytes, frames: list[Any]) -> None:
@@ -230,6 +242,9 @@ class Relay:
             self.send_batch_manager(sender, failed(replica.id, batch_id, ErrorCode.INTERNAL, message))
         elif not self._send(self.bm_sock, [sender, *frames[1:]]):
             log.warning("the batch manager that sent batch %r is gone; its answer is dropped", batch_id)
+            self._unreachable(sender)
+        if replica.credit_waiting:  # after the answer: the room it left may be another batch manager's share
+            self.lifecycle.credit_freed(replica)
 
     def _dialled_with_its_key(self, replica: Replica, frame: Any) -> bool:
         """A replica's id is accepted only from the connection that holds the key issued for it: another
@@ -262,7 +277,27 @@ class Relay:
 
     def send_batch_manager(self, identity: bytes, message: m.Message | Sequence[Any]) -> None:
         frames = [m.encode(message)] if isinstance(message, m.Message) else list(message)
-        self._send(self.bm_sock, [identity, *frames])
+        if not self._send(self.bm_sock, [identity, *frames]):
+            self._unreachable(identity)
+
+    def _unreachable(self, identity: bytes) -> None:
+        """A send to a batch manager failed: its connection is gone (ROUTER_MANDATORY says so at once; a full
+        queue, 100,000 messages unread, is as good as gone). Forgotten now rather than after the silence limit,
+        so its credit goes to the others (a batch manager restarted under ``serve`` is a new identity, and
+        would wait for the old one's share). After the caller's handler: it may be looping over them."""
+        if identity not in self.batch_managers or identity in self._disconnected:
+            return
+        self._disconnected.add(identity)
+        try:
+            asyncio.get_running_loop().call_soon(self._forget_disconnected)
+        except RuntimeError:  # no loop (a test driving the relay by hand): the silence limit still applies
+            self._disconnected.discard(identity)
+
+    def _forget_disconnected(self) -> None:
+        gone, self._disconnected = self._disconnected, set()
+        for identity in gone:
+            if self.is_open and identity in self.batch_managers:
+                self.lifecycle.batch_manager_gone(identity, "is no longer connected")
 
     def send_replica(self, replica: Replica, frames: Sequence[Any]) -> bool:
         return self._send(self.replica_sock, [replica.identity, *frames])

@@ -47,6 +47,8 @@ class Replica:
     """A `replica_up` went out, so a `replica_down` is owed."""
     in_flight: dict[Any, bytes] = field(default_factory=dict)
     """Batches forwarded and not answered: batch id -> identity of the batch manager that sent it."""
+    credit_waiting: bool = False
+    """A batch manager's share here waits for room (``task_manager.credit``): each answer may free it."""
     end_reason: str | None = None
     """Why the task manager is ending it, once it is."""
     wanted_gone: bool = False

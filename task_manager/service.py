@@ -116,8 +116,8 @@ class TaskManager:
         self._restart_policy = RestartPolicy(settings.restart_backoff_s, settings.restart_backoff_max_s,
                                              settings.crash_loop_failures)
         self._liveness = Liveness(settings.replica_start_timeout_s, self._silence_limit_s, settings.request_timeout_s)
-        self.announce = Announcer(self.relay, self._groups, self._replicas)
         self.loads = LoadBook()  # what each batch manager last reported (``load``)
+        self.announce = Announcer(self.relay, self._groups, self._replicas, self.loads)  # and each one's credit
         # Removed models whose replicas still serve what batch managers queued for them, by spec key.
         self._retiring: dict[str, ModelGroup] = {}
         # ``model_drained`` notices that came before the task manager saw the removal: key -> sender -> when.
@@ -231,6 +231,7 @@ class TaskManager:
         group = self._groups.get(key)
         if group is not None:
             self._autoscale(group, time.monotonic())
+        self.announce.rebalance(key)
 
     def _autoscale(self, group: ModelGroup, now: float) -> None:
         """Let the autoscaler see the group's load and ready replicas, and carry out a move it decides."""
@@ -251,6 +252,22 @@ class TaskManager:
         metrics.AUTOSCALER_DECISIONS.labels(spec.name, spec.version, decision.direction, decision.cause).inc()
         self._status_changed(group)
         return True
+
+    def credit_acked(self, sender: bytes, msg: m.Credit) -> None:
+        self.announce.credit_acked(sender, msg)
+
+    def credit_freed(self, replica: Replica) -> None:
+        self.announce.settle(replica)
+
+    def batch_manager_gone(self, sender: bytes, why: str) -> None:
+        if self.relay.batch_managers.pop(sender, None) is None:
+            return
+        log.info("batch manager %s %s; forgetting it", sender.hex(), why)
+        self.announce.batch_manager_gone(sender)
+        for key in self.loads.forget(sender):
+            self._load_changed(key)
+        for key in list(self._retiring):
+            self._retire_if_drained(key)
 
     def _retire_if_drained(self, key: str) -> None:
         group = self._retiring.get(key)
@@ -321,17 +338,9 @@ class TaskManager:
                     self._status_changed(group)
                 self._autoscale(group, now)  # its delays run out without new load reports too
             self.relay.to_batch_managers(self.announce.heartbeat())
-            forgot = False
             for identity, seen in list(self.relay.batch_managers.items()):
                 if now - seen > self._silence_limit_s:
-                    log.info("batch manager %s went silent; forgetting it", identity.hex())
-                    del self.relay.batch_managers[identity]
-                    forgot = True
-                    for key in self.loads.forget(identity):
-                        self._load_changed(key)
-            if forgot:
-                for key in list(self._retiring):
-                    self._retire_if_drained(key)
+                    self.batch_manager_gone(identity, "went silent")
             stale = now - self.settings.request_timeout_s
             for key, senders in list(self._early_drained.items()):
                 for identity, when in list(senders.items()):

@@ -457,6 +457,56 @@ def test_draining_replica_gets_no_new_batch_but_its_results_still_count(redis_ur
     run(body())
 
 
+def test_credit_moves_its_share_and_is_echoed_once_applied(redis_url: str) -> None:
+    # Several batch managers share a replica: the task manager grows one's share only once the other's echo says
+    # every batch it sent under its old share has arrived.
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=0)
+            await bridge.infer(1, np.zeros((4, 3), dtype=np.float32))
+            # With no share anywhere it reports its load at once: that is what gets it one.
+            report = await poll(lambda: [h for h in task_manager.others if h["t"] == "load"], "a load report")
+            assert report[0]["models"] == [{"model": "m", "version": "1", "queued": 1, "in_flight": 0}]
+            assert task_manager.batches == []
+            await task_manager.send({"t": "credit", "replica": "r1", "capacity": 1})
+            await poll(lambda: len(task_manager.held) == 1, "the batch its share lets go")
+            assert {"t": "credit", "replica": "r1", "capacity": 1} in task_manager.others, "echoed"
+            await bridge.infer(2, np.zeros((4, 3), dtype=np.float32))
+            await task_manager.send({"t": "credit", "replica": "r1", "capacity": 0})
+            await poll(lambda: task_manager.others.count({"t": "credit", "replica": "r1", "capacity": 0}), "echo")
+            for header, *frames in list(task_manager.held):
+                await task_manager.answer(header, frames)
+            assert (await bridge.receive())[0]["id"] == 1
+            assert len(task_manager.batches) == 1, "no share: request 2 waits"
+            await task_manager.send({"t": "credit", "replica": "r1", "capacity": 2})
+            await poll(lambda: len(task_manager.batches) == 2, "request 2's batch once it has a share again")
+            bridge.sock.close()
+
+    run(body())
+
+
+def test_a_repeated_replica_up_still_sets_our_share(redis_url: str) -> None:
+    # A task manager that forgot this batch manager (silent for a while, yet it kept the replicas) splits the
+    # replicas afresh and says so in the replica_ups it repeats: the repeat must not keep the old share.
+    async def body() -> None:
+        async with running_batch_manager(redis_url) as running:
+            task_manager, bridge = running.task_manager, running.bridge()
+            task_manager.hold = True
+            await task_manager.replica_up("r1", capacity=2)
+            await poll(lambda: "r1" in running.service._tm_replicas, "r1 up")
+            await task_manager.replica_up("r1", capacity=1)
+            await poll(lambda: running.service.scheduler.credit("r1") == 1, "the repeat's share applied")
+            for i in range(2):
+                await bridge.infer(i, np.zeros((4, 3), dtype=np.float32))
+            await poll(lambda: len(task_manager.held) == 1 and running.service.scheduler.queued("m/1") == 1,
+                       "one batch out, one request waiting for room")
+            bridge.sock.close()
+
+    run(body())
+
+
 def test_request_parameters_are_read_and_bad_ones_refused(redis_url: str) -> None:
     async def body() -> None:
         async with running_batch_manager(redis_url) as running:

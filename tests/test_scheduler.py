@@ -124,6 +124,29 @@ def test_credit_is_never_exceeded(scheduler: Scheduler) -> None:
     assert sent[2].frames == ["x2", "x3"]
 
 
+def test_a_share_moved_by_credit_parks_and_then_dispatches(scheduler: Scheduler) -> None:
+    # Several batch managers share a replica: the task manager moves each one's share with `credit`.
+    scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
+    [first] = dispatches(scheduler.submit(make_request(0, model="wide"), now=0.0))
+    assert scheduler.replica_credit("r1", 0, now=0.0) == []
+    assert scheduler.submit(make_request(1, model="wide"), now=0.0) == [], "no share: it waits, parked"
+    assert replies(actions := echo_result(scheduler, first, now=0.01)) and not dispatches(actions)
+    [second] = dispatches(scheduler.replica_credit("r1", 1, now=0.02))
+    assert second.frames == ["x1"]
+    assert scheduler.replica_credit("unknown", 3, now=0.02) == [], "a replica it does not know: nothing to do"
+
+
+def test_requests_with_no_share_anywhere_ask_for_one_at_once(scheduler: Scheduler) -> None:
+    # Its load report is what makes the task manager give it a share: it must not wait for the periodic one.
+    scheduler.replica_up("r1", "wide", "1", 0, now=0.0)
+    assert scheduler.submit(make_request(0, model="wide"), now=0.0) == []
+    assert scheduler.take_cold_demand() and not scheduler.take_cold_demand()
+    scheduler.replica_credit("r1", 1, now=0.0)
+    scheduler.submit(make_request(1, model="wide"), now=0.0)
+    scheduler.submit(make_request(2, model="wide"), now=0.0)
+    assert not scheduler.take_cold_demand(), "a replica busy with its share is not cold"
+
+
 def test_load_spreads_over_replicas(scheduler: Scheduler) -> None:
     scheduler.replica_up("r1", "wide", "1", 2, now=0.0)
     scheduler.replica_up("r2", "wide", "1", 2, now=0.0)

@@ -152,7 +152,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         registry = Registry({SPECS[m].key: SPECS[m] for m in present}, {m: "1" for m in present}, 1)
         self.check(self.scheduler.set_registry(registry, self.now))
 
-    @rule(replica=st.sampled_from(REPLICAS), model=st.sampled_from(["m", "s"]), capacity=st.integers(1, 3))
+    # 0: another batch manager holds the whole replica for now (a share moved by ``credit``).
+    @rule(replica=st.sampled_from(REPLICAS), model=st.sampled_from(["m", "s"]), capacity=st.integers(0, 3))
     def replica_up(self, replica: str, model: str, capacity: int) -> None:
         self.outstanding = [d for d in self.outstanding if d.replica != replica]  # a new incarnation
         self.replicas[replica] = {"model": model, "capacity": capacity, "draining": False}
@@ -165,6 +166,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.replicas.pop(replica, None)
         self.held.pop(replica, None)
         self.check(self.scheduler.replica_down(replica, "killed", self.now))
+
+    @rule(replica=st.sampled_from(REPLICAS), capacity=st.integers(0, 3))
+    def credit(self, replica: str, capacity: int) -> None:
+        """The task manager moved this batch manager's share: batches beyond it stay, none is added past it."""
+        if replica in self.replicas:
+            self.replicas[replica]["capacity"] = capacity
+        self.check(self.scheduler.replica_credit(replica, capacity, self.now))
 
     @rule(replica=st.sampled_from(REPLICAS))
     def replica_draining(self, replica: str) -> None:

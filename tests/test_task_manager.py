@@ -512,8 +512,10 @@ def test_a_new_batch_manager_hears_of_every_ready_replica(redis_url: str) -> Non
         assert header == {"t": "hb", "epoch": h.tm.epoch}, "first the run it talks to, so it can tell a restart"
         async with asyncio.timeout(10):
             header = await next_not_heartbeat(late)
+        # Its share is 0 for now: the first batch manager holds both slots until it echoes the `credit` that
+        # halves its share (this fake one never does; test_credit_is_split_between_batch_managers_and_reclaimed).
         assert header == {"t": "replica_up", "replica": up["replica"], "model": "echo", "version": "1",
-                          "capacity": 2}
+                          "capacity": 0}
         async with asyncio.timeout(10):
             status = await next_not_heartbeat(late)
         assert status == {"t": "model_status", "model": "echo", "version": "1", "state": "ready", "reason": None}
@@ -525,6 +527,65 @@ def test_a_new_batch_manager_hears_of_every_ready_replica(redis_url: str) -> Non
         intruder.close()
 
     run(redis_url, scenario)
+
+
+def test_credit_is_split_between_batch_managers_and_reclaimed(redis_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        up, _ = await h.expect("replica_up")
+        replica = up["replica"]
+        assert up["capacity"] == 2, "alone, a batch manager has the whole replica"
+
+        late = h.batch_manager()
+        await late.send_multipart(wire.encode({"t": "hb"}))
+        async with asyncio.timeout(10):
+            assert (await next_not_heartbeat(late))["capacity"] == 0, "nothing is free for it yet"
+            assert (await next_not_heartbeat(late))["t"] == "model_status"
+        shrink, _ = await h.expect("credit", timeout=5)
+        assert shrink == {"t": "credit", "replica": replica, "capacity": 1}, "two idle ones: half each"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                early = await next_not_heartbeat(late)
+                raise AssertionError(f"granted before the first one applied its shrink: {early}")
+        await h.bm.send_multipart(wire.encode(shrink))  # applied: everything it sent before is here
+        async with asyncio.timeout(5):
+            assert await next_not_heartbeat(late) == {"t": "credit", "replica": replica, "capacity": 1}
+
+        # Demand at the late one only: it gets the whole replica, once the first one gave its half back.
+        load = {"t": "load", "models": [{"model": "echo", "version": "1", "queued": 5, "in_flight": 1}]}
+        await late.send_multipart(wire.encode({"t": "hb"}))  # alive until it stops beating, below
+        await late.send_multipart(wire.encode(load))
+        to_zero, _ = await h.expect("credit", timeout=5)
+        assert to_zero["capacity"] == 0
+        await h.bm.send_multipart(wire.encode(to_zero))
+        async with asyncio.timeout(5):
+            assert await next_not_heartbeat(late) == {"t": "credit", "replica": replica, "capacity": 2}
+
+        # The late one falls silent (it never beats): forgotten, its share comes back to the first one.
+        back, _ = await h.expect("credit", timeout=10)
+        assert back == {"t": "credit", "replica": replica, "capacity": 2}
+        assert len(h.tm.relay.batch_managers) == 1
+        late.close()
+
+    run(redis_url, scenario, heartbeat_liveness=20)
+
+
+def test_a_batch_manager_that_disconnects_is_forgotten_before_the_silence_limit(redis_url: str) -> None:
+    # A killed batch manager's connection closes at once; waiting out the silence limit would keep its share of
+    # every replica from the one `serve` restarts in its place (a new identity) for that long.
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("echo", ECHO))
+        await h.expect("replica_up")
+        late = h.batch_manager()
+        await late.send_multipart(wire.encode({"t": "hb"}))
+        await eventually(lambda: len(h.tm.relay.batch_managers) == 2, timeout=10, what="the second batch manager")
+        late.close()
+        # The next heartbeat to it finds no connection (well before the 30 s silence limit).
+        await eventually(lambda: len(h.tm.relay.batch_managers) == 1, timeout=10, what="the closed one forgotten")
+        back, _ = await h.expect("credit", capacity=2, timeout=10)
+        assert back["t"] == "credit", "its share came back to the one left"
+
+    run(redis_url, scenario, heartbeat_liveness=300)
 
 
 async def next_not_heartbeat(sock: zmq.asyncio.Socket) -> dict[str, Any]:
