@@ -16,7 +16,8 @@ The rules:
 - Unexpected ends back off exponentially (reset once a replica served ``backoff_max_s``), and
   ``crash_loop_failures`` of them in a row, or a start the runtime refuses, mark the model failed.
 - A ready replica silent past the liveness limit, one holding batches without answering any for
-  longer than any request may wait, or one that never became ready, is lost.
+  longer than any request may wait, or one that never became ready (its start timeout
+  waits while a cluster cannot place it), is lost.
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ class Liveness:
 def lost_because(replica: Replica, now: float, limits: Liveness) -> str | None:
     """Why a replica must be ended as lost (it never became ready, fell silent, or is stuck), or None."""
     if replica.state is ReplicaState.STARTING:
-        if now - replica.started_at > limits.start_timeout_s:
+        # Waiting for a node is not failing to start: the model's status says why meanwhile.
+        if replica.unplaced:
+            return None
+        since = replica.placed_at if replica.placed_at is not None else replica.started_at
+        if now - since > limits.start_timeout_s:
             return f"not ready within {limits.start_timeout_s:g}s"
         return None
     if replica.state is not ReplicaState.READY:

@@ -59,6 +59,10 @@ class Replica:
     """The group's generation (spec revision that changes replicas) it was started for."""
     gpu: str | None = None
     """The GPU it was placed on; None: it holds one of the CPU slots."""
+    unplaced: bool = False
+    """A cluster runtime's scheduler cannot place it yet (``RuntimeEvents``): its start timeout waits."""
+    placed_at: float | None = None
+    """When a replica that waited for placement was placed: its start timeout runs from then."""
     counted_as: str | None = None
     """The state the ``inferoxy_replicas`` gauge counts it under (``replica_metrics``); None: not counted."""
     sessions_timer: asyncio.TimerHandle | None = None

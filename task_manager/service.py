@@ -292,7 +292,12 @@ class TaskManager:
     def replica_unschedulable(self, replica_id: str, reason: str | None) -> None:
         """The runtime's scheduler cannot place a replica yet (``RuntimeEvents``): its model says why meanwhile."""
         replica = self._replicas.get(replica_id.encode())
-        if replica is None or replica.group.unschedulable == reason:
+        if replica is None:
+            return
+        if replica.unplaced and reason is None:
+            replica.placed_at = time.monotonic()  # its start timeout runs from now (reconciler.lost_because)
+        replica.unplaced = reason is not None
+        if replica.group.unschedulable == reason:
             return
         if reason is not None:
             log.warning("model %s: replica %s cannot be placed yet: %s", replica.group.spec.key, replica_id, reason)

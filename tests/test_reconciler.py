@@ -160,3 +160,16 @@ def test_lost_replicas_never_ready_silent_or_stuck() -> None:
 
     stopping = add(group, "d", ReplicaState.STOPPING)
     assert lost_because(stopping, 1e9, LIMITS) is None, "already ending"
+
+
+def test_a_replica_the_cluster_cannot_place_yet_is_not_lost_for_its_wait() -> None:
+    # A cluster runtime says the pod is unschedulable (RuntimeEvents): the model's status shows why, and the start
+    # timeout runs only once the replica is placed, or every wait for a node (a cluster autoscaler adding one)
+    # would end the replica after replica_start_timeout_s, and three such ends would mark the model failed.
+    group = group_of()
+    waiting = add(group, "w", ReplicaState.STARTING, started_at=0.0)
+    waiting.unplaced = True
+    assert lost_because(waiting, 600.0, LIMITS) is None
+    waiting.unplaced, waiting.placed_at = False, 600.0
+    assert lost_because(waiting, 660.0, LIMITS) is None
+    assert "not ready within 60s" in (lost_because(waiting, 660.5, LIMITS) or "")
