@@ -1,6 +1,6 @@
 """The batch manager component: bridges' requests in, batches out to the task manager, replies back.
 
-(About 425 lines: every socket event, timer and metrics flush of the batch manager lands here, each
+(About 455 lines: every socket event, timer and metrics flush of the batch manager lands here, each
 handler a few lines turning one message into one scheduler call; the decisions live in the scheduler.)
 
 It binds a ROUTER for bridges (``batch_manager_url``) and dials the task manager with a

@@ -1,6 +1,6 @@
 """The task manager: keeps each model's replicas running and carries batches to them.
 
-This module is the composition, and the replica lifecycle that ties the parts together (about 575
+This module is the composition, and the replica lifecycle that ties the parts together (about 595
 lines: starting, ending and replacing a replica, registry changes, retirement, the autoscaler's moves and
 a stateful scale-down's grace all act on the same replica table and must run in order inside one
 handler, so they stay in one place). The parts:
@@ -10,7 +10,8 @@ handler, so they stay in one place). The parts:
 - ``reconciler``: what to start and drain, backoff, crash loops, lost replicas. Pure.
 - ``autoscaler``: each model's target replica count from the load batch managers report (``load``). Pure.
 - ``placement``: GPU or CPU slot, and what a replica is started with.
-- ``status`` (Redis records with a TTL) and ``announce`` (what batch managers are told).
+- ``status`` (Redis records with a TTL) and ``announce`` (what batch managers are told, and each one's share
+  of every replica's credit, from ``credit``, pure).
 - ``replica_task``: one replica's start-to-end as an asyncio task.
 
 A replica's life: ``starting`` (its runtime started it; only the identity we gave it is

@@ -13,10 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import fakeredis
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,6 +28,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def tcp_fakeredis() -> Iterator[str]:
+    """An embedded Redis-protocol server (fakeredis) on a free loopback port, for harnesses that start components
+    in-process and need a registry of their own, not a shared server's state; its redis:// URL."""
+    server = fakeredis.TcpFakeServer(("127.0.0.1", free_port()), server_type="redis")
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="test-fakeredis", daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{server.server_address[1]}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,14 +18,13 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from fakeredis import TcpFakeServer
 
 from batch_manager.service import BatchManager
 from inferoxy import envelope, wire
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
-from tests.support import free_port
+from tests.support import tcp_fakeredis
 
 TIMEOUT = 10.0
 _names = itertools.count()
@@ -34,16 +32,9 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    server = TcpFakeServer(("127.0.0.1", free_port()), server_type="redis")
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="test-fakeredis", daemon=True)
-    thread.start()
-    try:
-        yield f"redis://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    """A fakeredis over TCP of this module's own (tests.support.tcp_fakeredis)."""
+    with tcp_fakeredis() as url:
+        yield url
 
 
 def run(coro: Awaitable[None]) -> None:

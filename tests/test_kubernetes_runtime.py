@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import numpy as np
 import pytest
 
@@ -25,7 +23,7 @@ from task_manager.runtimes.base import ReplicaPlan
 from task_manager.runtimes.kube_pod import PodOptions, label_value, pod_manifest, read_pod, secret_manifest
 from task_manager.runtimes.kubernetes import KubernetesRuntime, create_runtime, pod_options
 from tests.kube_api_double import FakeKubelet, KubeApiDouble
-from tests.support import REPO, alive, free_port
+from tests.support import REPO, alive, tcp_fakeredis
 from tests.test_bus_curve import SECRET, KeyedHarness
 from tests.test_task_manager import ECHO, eventually
 
@@ -36,12 +34,9 @@ SELECTOR = "inferoxy.instance=Test"
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    port = free_port()
-    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"redis://127.0.0.1:{port}/0"
-    server.shutdown()
-    server.server_close()
+    """A fakeredis over TCP of this module's own (tests.support.tcp_fakeredis)."""
+    with tcp_fakeredis() as url:
+        yield url
 
 
 @pytest.fixture

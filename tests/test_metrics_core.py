@@ -12,11 +12,9 @@ import asyncio
 import itertools
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import fakeredis
 import numpy as np
 import pytest
 import zmq
@@ -29,7 +27,7 @@ from model_manager.spec import ModelSpec
 from model_manager.store import Registry, SpecStore
 from tests import test_batch_manager_service as bm
 from tests import test_task_manager as tm
-from tests.support import ProxyProcess, free_port, wait_for
+from tests.support import ProxyProcess, free_port, tcp_fakeredis, wait_for
 from tests.test_registry_live import redis_server
 
 _names = itertools.count()
@@ -47,18 +45,9 @@ def value(name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    """A fakeredis over TCP, as the batch manager's and task manager's own tests use."""
-    port = free_port()
-    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="test-fakeredis", daemon=True)
-    thread.start()
-    try:
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    """A fakeredis over TCP of this module's own (tests.support.tcp_fakeredis)."""
+    with tcp_fakeredis() as url:
+        yield url
 
 
 # --- batch manager ---------------------------------------------------------------------------------------------

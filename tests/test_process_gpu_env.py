@@ -6,14 +6,12 @@ saw every GPU. With a fake inventory (INFEROXY_GPUS), each replica process must 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
-import fakeredis
 import numpy as np
 import pytest
 
-from tests.support import free_port
+from tests.support import tcp_fakeredis
 from tests.test_task_manager import Harness, run, spec
 
 PROBE = "tests.models_for_tests:EnvProbeModel"
@@ -21,12 +19,9 @@ PROBE = "tests.models_for_tests:EnvProbeModel"
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    port = free_port()
-    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"redis://127.0.0.1:{port}/0"
-    server.shutdown()
-    server.server_close()
+    """A fakeredis over TCP of this module's own (tests.support.tcp_fakeredis)."""
+    with tcp_fakeredis() as url:
+        yield url
 
 
 def test_each_gpu_replica_process_sees_only_its_own_gpu(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,12 +7,10 @@ import contextlib
 import itertools
 import os
 import signal
-import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import numpy as np
 import pytest
 import zmq
@@ -24,7 +22,7 @@ from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
 from task_manager.replicas import backoff_delay, new_nonce, replica_id, sanitize
 from task_manager.service import TaskManager, clip_reason
-from tests.support import REPO, alive, descendants, free_port
+from tests.support import REPO, alive, descendants, free_port, tcp_fakeredis
 
 Tensors = Sequence[tuple[str, np.ndarray]]
 _prefixes = itertools.count()
@@ -32,13 +30,9 @@ _prefixes = itertools.count()
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    port = free_port()
-    server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"redis://127.0.0.1:{port}/0"
-    server.shutdown()
-    server.server_close()
+    """A fakeredis over TCP of this module's own (tests.support.tcp_fakeredis)."""
+    with tcp_fakeredis() as url:
+        yield url
 
 
 def spec(name: str, model_class: str, **fields: Any) -> ModelSpec:
