@@ -15,7 +15,8 @@ replica (``idle``), then times:
   ``ready`` over the bus: runtime start, interpreter and imports, ``load()``, the bus handshake);
 - **warm**: the next request, answered by the now running replica.
 
-On a proxy with no autoscaler (no ``serving.target``), nothing starts a replica for a request,
+On a proxy with no autoscaler (no ``serving.target``, and a model with no replica is not ``idle``),
+nothing starts a replica for a request,
 so the benchmark starts one itself (admin API: ``min_replicas`` 1, then 0 again) and the cold
 start is from that call until the first answer; the JSON says which (``trigger``).
 Docker: the images come from docker/build-images.sh (run with ``--build``, or when ``inferoxy/echo``
@@ -94,11 +95,17 @@ async def measure(proxy: ProxyProcess, runs: int, timeout_s: float) -> dict[str,
     warm: list[float] = []
     async with httpx.AsyncClient(base_url=proxy.rest_url, timeout=10.0) as http, \
             AsyncClient(proxy.zmq_url, timeout=timeout_s) as client:
-        autoscaler = (await read_scale(http, MODEL)).source == "serving"
-
-        async def no_replica() -> bool:
+        async def no_replica() -> Any:
             scale = await read_scale(http, MODEL, with_replicas=True)
-            return scale.replicas == 0 and not scale.replica_times and (not autoscaler or scale.state == "idle")
+            return scale if scale.replicas == 0 and not scale.replica_times else None
+
+        # A proxy with an autoscaler says how it scales (serving's target), or shows a model with no replica as idle.
+        first = await poll(no_replica, timeout_s, f"no replica of {MODEL}", 0.1)
+        autoscaler = first.source == "serving" or first.state == "idle"
+
+        async def scaled_to_zero() -> bool:
+            scale = await no_replica()
+            return scale is not None and (not autoscaler or scale.state == "idle")
 
         async def one_ready() -> Any:
             scale = await read_scale(http, MODEL, with_replicas=True)
@@ -108,7 +115,7 @@ async def measure(proxy: ProxyProcess, runs: int, timeout_s: float) -> dict[str,
             (await http.patch(f"/v2/admin/models/{MODEL}", json={"min_replicas": count})).raise_for_status()
 
         for run in range(runs):
-            await poll(no_replica, timeout_s, f"scale to zero of {MODEL}", 0.1)
+            await poll(scaled_to_zero, timeout_s, f"scale to zero of {MODEL}", 0.1)
             began = time.perf_counter()
             if not autoscaler:
                 await min_replicas(1)
