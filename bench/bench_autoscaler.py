@@ -66,6 +66,7 @@ class Outcomes:
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     total_answered: int = 0
+    answers: list[tuple[float, float]] = field(default_factory=list)  # (answered at, latency), perf_counter s
     total_errors: Counter[str] = field(default_factory=Counter)
     outstanding: int = 0
 
@@ -113,7 +114,9 @@ async def one_request(client: AsyncClient, outcomes: Outcomes, timeout_s: float)
         outcomes.errors[exc.code] += 1
         outcomes.total_errors[exc.code] += 1
     else:
-        outcomes.latencies_s.append(time.perf_counter() - start)
+        now = time.perf_counter()
+        outcomes.latencies_s.append(now - start)
+        outcomes.answers.append((now, now - start))
         outcomes.total_answered += 1
     finally:
         outcomes.outstanding -= 1
@@ -180,32 +183,52 @@ async def drive(proxy: ProxyProcess, steps: list[Step], sample_s: float, timeout
             await asyncio.wait(set(tasks))  # each ends by its answer or the client's timeout
         stop.set()
         await sampler
-    return {"steps": spans, "series": series,
-            "totals": {"sent": sum(s["sent"] for s in series), "answered": outcomes.total_answered,
-                       "errors": dict(outcomes.total_errors)}}
+    result = {"steps": spans, "series": series,
+              "totals": {"sent": sum(s["sent"] for s in series), "answered": outcomes.total_answered,
+                         "errors": dict(outcomes.total_errors)}}
+    result["summary"] = summarize(result, [(at - began, latency) for at, latency in outcomes.answers])
+    return result
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Per step: requests answered, p99 over the step's samples' worst, and the replica counts seen."""
-    summary = []
+def summarize(result: dict[str, Any], answers: list[tuple[float, float]]) -> dict[str, Any]:
+    """Per step, and the scale's moves around the high step.
+
+    ``answers``: (seconds since the start, latency) of every answered request. A step's settled latency is
+    that of the requests answered in its second half, once the scale has had time to follow."""
+    by_step = []
     for span in result["steps"]:
         inside = [s for s in result["series"] if span["start_s"] < s["t_s"] <= span["end_s"] + 0.01]
         counts = [s["replicas"] for s in inside if s["replicas"] is not None]
-        p99s = [s["p99_ms"] for s in inside if s["p99_ms"] is not None]
-        summary.append({"name": span["name"], "rps": span["rps"], "answered": sum(s["answered"] for s in inside),
+        middle = (span["start_s"] + span["end_s"]) / 2
+        settled = [latency for at, latency in answers if middle <= at < span["end_s"]]
+        by_step.append({"name": span["name"], "rps": span["rps"],
+                        "answered": sum(1 for at, _ in answers if span["start_s"] <= at < span["end_s"]),
                         "replicas_max": max(counts, default=None), "replicas_at_end": counts[-1] if counts else None,
-                        "worst_interval_p99_ms": max(p99s, default=None),
-                        "last_interval_p99_ms": p99s[-1] if p99s else None})
+                        "worst_interval_p99_ms": max((s["p99_ms"] for s in inside if s["p99_ms"] is not None),
+                                                     default=None),
+                        "settled_p50_ms": percentile_ms(settled, 50), "settled_p99_ms": percentile_ms(settled, 99)})
+    return {"by_step": by_step, "moves": moves(result)}
+
+
+def moves(result: dict[str, Any]) -> dict[str, float | None]:
+    """When the target and the ready count moved: seconds from the high step's start (up) or end (down)."""
     high = next((span for span in result["steps"] if span["name"] == "high"), None)
-    if high is not None:
-        up = next((s["t_s"] for s in result["series"] if s["t_s"] > high["start_s"] and (s["replicas"] or 0) >= 2),
-                  None)
-        # Only a scale down that followed a scale up counts.
-        down = None if up is None else next(
-            (s["t_s"] for s in result["series"] if s["t_s"] > max(up, high["end_s"]) and s["replicas"] == 1), None)
-        summary.append({"first_at_2_replicas_after_high_s": None if up is None else round(up - high["start_s"], 2),
-                        "back_to_1_replica_after_high_s": None if down is None else round(down - high["end_s"], 2)})
-    return {"by_step": summary}
+    if high is None:
+        return {}
+    series = result["series"]
+
+    def first(after: float, test: Any) -> float | None:
+        return next((round(s["t_s"] - after, 2) for s in series if s["t_s"] > after and test(s)), None)
+
+    peak = max((s["target"] or 0 for s in series if high["start_s"] < s["t_s"] <= high["end_s"]), default=0)
+    found: dict[str, float | None] = {
+        "target_peak": peak, "target_up_s": first(high["start_s"], lambda s: (s["target"] or 0) >= 2),
+        "ready_2_s": first(high["start_s"], lambda s: (s["replicas"] or 0) >= 2),
+        "ready_peak_s": first(high["start_s"], lambda s: (s["replicas"] or 0) >= peak) if peak >= 2 else None}
+    if found["ready_2_s"] is not None:  # only a scale down that followed a scale up counts
+        for count in range(peak - 1, 0, -1):
+            found[f"down_to_{count}_s"] = first(high["end_s"], lambda s, c=count: s["replicas"] == c)
+    return found
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -297,7 +320,6 @@ def main() -> None:
                      "steps": [vars(step) for step in steps]},
         **result,
     }
-    result["summary"] = summarize(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     plot(result, Path(args.png))
