@@ -65,7 +65,6 @@ models:
     max_batch_delay_ms: 0
     min_replicas: 0
     max_replicas: 1
-    scale_up_delay_s: 0
     scale_down_delay_s: {scale_down_delay_s}
 """
 
