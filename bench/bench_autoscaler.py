@@ -110,9 +110,10 @@ async def one_request(client: AsyncClient, outcomes: Outcomes, timeout_s: float)
     outcomes.outstanding += 1
     try:
         await client.infer(MODEL, payload, timeout=timeout_s)
-    except InferenceError as exc:
-        outcomes.errors[exc.code] += 1
-        outcomes.total_errors[exc.code] += 1
+    except Exception as exc:  # counted, whatever it is: every request sent has one outcome in the JSON
+        code = exc.code if isinstance(exc, InferenceError) else f"client: {type(exc).__name__}"
+        outcomes.errors[code] += 1
+        outcomes.total_errors[code] += 1
     else:
         now = time.perf_counter()
         outcomes.latencies_s.append(now - start)
