@@ -12,9 +12,8 @@ The load is open-loop: each step sends at a constant rate, whatever the answers 
 saturated replica set shows as queueing (latency) rather than as a slower client. Steps: low
 (a third of one replica), high (2.5 replicas' worth), low again, long enough for the scale
 down. Every ``--sample-s`` (0.5) the benchmark reads the model's ready replica count and
-target (``serving`` of GET /v2/models/scaled, or the status record on a proxy without an
-autoscaler: see bench/model_scale.py), and the p50/p99 latency of the requests answered in that
-interval. Every request's outcome is counted (answered, or its error code).
+target (``serving`` of GET /v2/models/scaled: bench/model_scale.py), and the p50/p99 latency of
+the requests answered in that interval. Every request's outcome is counted (answered, or its error code).
 
 Writes JSON (machine, settings, the series, totals) and a PNG: offered and answered req/s over
 time above, replicas and target with p99/p50 latency below, the high step shaded.
@@ -147,14 +146,14 @@ async def sample(http: httpx.AsyncClient, outcomes: Outcomes, began: float, samp
             await asyncio.wait_for(stop.wait(), max(0.0, began + tick * sample_s - time.perf_counter()))
         try:
             scale = await read_scale(http, MODEL)
-            replicas, target, state, source = scale.replicas, scale.target, scale.state, scale.source
+            replicas, target, state = scale.replicas, scale.target, scale.state
         except (httpx.HTTPError, KeyError, ValueError) as exc:
-            replicas, target, state, source = None, None, f"unreadable: {type(exc).__name__}", None
+            replicas, target, state = None, None, f"unreadable: {type(exc).__name__}"
         sent, latencies, errors = outcomes.take()
         series.append({
             "t_s": round(time.perf_counter() - began, 2), "offered_rps": offered[0], "sent": sent,
             "answered": len(latencies), "errors": dict(errors), "outstanding": outcomes.outstanding,
-            "replicas": replicas, "target": target, "state": state, "source": source,
+            "replicas": replicas, "target": target, "state": state,
             "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
         })
         if stop.is_set():
@@ -317,7 +316,6 @@ def main() -> None:
                      "one_replica_rps": args.max_batch_size / (args.batch_ms / 1000.0),
                      "load": "open loop, constant rate per step", "sample_s": args.sample_s,
                      "timeout_s": args.timeout_s, "quick": args.quick,
-                     "scale_source": next((s["source"] for s in result["series"] if s["source"]), None),
                      "steps": [vars(step) for step in steps]},
         **result,
     }

@@ -15,10 +15,6 @@ replica (``idle``), then times:
   ``ready`` over the bus: runtime start, interpreter and imports, ``load()``, the bus handshake);
 - **warm**: the next request, answered by the now running replica.
 
-On a proxy with no autoscaler (no ``serving.target``, and a model with no replica is not ``idle``),
-nothing starts a replica for a request,
-so the benchmark starts one itself (admin API: ``min_replicas`` 1, then 0 again) and the cold
-start is from that call until the first answer; the JSON says which (``trigger``).
 Docker: the images come from docker/build-images.sh (run with ``--build``, or when ``inferoxy/echo``
 is missing), and every container of the benchmark's instance is removed afterwards.
 """
@@ -94,31 +90,17 @@ async def measure(proxy: ProxyProcess, runs: int, timeout_s: float) -> dict[str,
     warm: list[float] = []
     async with httpx.AsyncClient(base_url=proxy.rest_url, timeout=10.0) as http, \
             AsyncClient(proxy.zmq_url, timeout=timeout_s) as client:
-        async def no_replica() -> Any:
+        async def idle() -> bool:
             scale = await read_scale(http, MODEL, with_replicas=True)
-            return scale if scale.replicas == 0 and not scale.replica_times else None
-
-        # A proxy with an autoscaler says how it scales (serving's target), or shows a model with no replica as idle.
-        first = await poll(no_replica, timeout_s, f"no replica of {MODEL}", 0.1)
-        autoscaler = first.source == "serving" or first.state == "idle"
-
-        async def scaled_to_zero() -> bool:
-            scale = await no_replica()
-            return scale is not None and (not autoscaler or scale.state == "idle")
+            return scale.state == "idle" and scale.replicas == 0 and not scale.replica_times
 
         async def one_ready() -> Any:
             scale = await read_scale(http, MODEL, with_replicas=True)
             return scale if scale.replicas and scale.replica_times and scale.replica_times[0][1] else None
 
-        async def min_replicas(count: int) -> None:
-            (await http.patch(f"/v2/admin/models/{MODEL}", json={"min_replicas": count})).raise_for_status()
-
         for run in range(runs):
-            await poll(scaled_to_zero, timeout_s, f"scale to zero of {MODEL}", 0.1)
+            await poll(idle, timeout_s, f"scale to zero of {MODEL}", 0.1)
             began = time.perf_counter()
-            if not autoscaler:
-                await min_replicas(1)
-                await poll(one_ready, timeout_s, f"a ready replica of {MODEL}")
             await client.infer(MODEL, PAYLOAD)
             cold.append(time.perf_counter() - began)
             began = time.perf_counter()
@@ -129,10 +111,7 @@ async def measure(proxy: ProxyProcess, runs: int, timeout_s: float) -> dict[str,
             starts.append(ready_at - started_at)
             print(f"  run {run + 1}: cold start {cold[-1] * 1000:.0f} ms, replica start {starts[-1] * 1000:.0f} ms, "
                   f"warm {warm[-1] * 1000:.1f} ms", flush=True)
-            if not autoscaler:
-                await min_replicas(0)
-    return {"trigger": "request (autoscaler)" if autoscaler else "admin API: min_replicas 0 -> 1",
-            "cold_start_ms": summary(cold), "replica_start_ms": summary(starts), "warm_request_ms": summary(warm)}
+    return {"cold_start_ms": summary(cold), "replica_start_ms": summary(starts), "warm_request_ms": summary(warm)}
 
 
 def summary(seconds: list[float]) -> dict[str, Any]:
@@ -190,8 +169,7 @@ def main() -> None:
     for runtime in runtimes:
         results[runtime] = run(runtime, args.runs, args.scale_down_delay_s, args.timeout_s)
         print(f"{runtime}: cold start median {results[runtime]['cold_start_ms']['median']} ms, replica start "
-              f"median {results[runtime]['replica_start_ms']['median']} ms ({results[runtime]['trigger']})",
-              flush=True)
+              f"median {results[runtime]['replica_start_ms']['median']} ms", flush=True)
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -1,9 +1,9 @@
 """A model's scale as the scaling benchmarks read it while they run, over the proxy's REST port.
 
-``GET /v2/models/{name}`` answers ``serving`` with ``replicas`` (ready) and ``target`` once the
-autoscaler is there; a proxy without them (fixed replicas) still has its status record, which the
-admin API shows (``ready_replicas``, ``desired_replicas``, and each replica's start and ready time).
-The benchmarks call the admin API over loopback with no key, which a proxy with no admin key allows.
+``serving`` of ``GET /v2/models/{name}`` (docs/MODELS.md, "Scaling") gives the state, the ready
+replicas and the autoscaler's target: the view a client has. Each replica's start and ready time
+come from the status record, which the admin API shows; the benchmarks call it over loopback with
+no key, which a proxy with no admin key allows.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ class Scale:
     """One reading of a model version's scale."""
 
     state: str | None
-    replicas: int | None  # ready
-    target: int | None
-    source: str  # "serving" (GET /v2/models/{name}) or "status" (the status record, via the admin API)
+    replicas: int  # ready
+    target: int | None  # None while no task manager reports the model
     # Each replica in the status record: (started_at, ready_at), Unix times; ready_at None while starting.
     replica_times: list[tuple[float, float | None]] = field(default_factory=list)
 
@@ -40,16 +39,10 @@ async def status_record(http: httpx.AsyncClient, name: str) -> dict[str, Any] | 
 
 
 async def read_scale(http: httpx.AsyncClient, name: str, *, with_replicas: bool = False) -> Scale:
-    """``name``'s scale: from ``serving`` when it carries the counts, else from the status record.
-
-    ``with_replicas``: read the status record as well, for each replica's start and ready time."""
+    """``name``'s scale; ``with_replicas``: each replica's start and ready time as well (one more call)."""
     answer = await http.get(f"/v2/models/{name}")
     answer.raise_for_status()
-    serving = answer.json().get("serving") or {}
-    record = await status_record(http, name) if with_replicas or "target" not in serving else None
+    serving = answer.json()["serving"]
+    record = await status_record(http, name) if with_replicas else None
     times = [(r["started_at"], r["ready_at"]) for r in (record or {}).get("replicas", [])]
-    if "replicas" in serving and "target" in serving:
-        return Scale(serving.get("state"), serving["replicas"], serving["target"], "serving", times)
-    if record is None:
-        return Scale(serving.get("state"), None, None, "status", times)
-    return Scale(record["state"], record["ready_replicas"], record["desired_replicas"], "status", times)
+    return Scale(serving["state"], serving["replicas"], serving["target"], times)
