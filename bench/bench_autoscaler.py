@@ -233,6 +233,7 @@ def moves(result: dict[str, Any]) -> dict[str, float | None]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib  # the `dev` extra (pyproject.toml); only this benchmark and its smoke test need it
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,6 +264,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     latency.plot(t, [s["p50_ms"] for s in series], color="tab:red", lw=0.8, ls=":", label="p50 latency")
     latency.set_ylabel("ms (requests answered in each interval)")
     latency.set_yscale("log")
+    latency.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    latency.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    latency.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     handles = scale.get_legend_handles_labels()[0] + latency.get_legend_handles_labels()[0]
     scale.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
     settings = result["settings"]
@@ -289,7 +293,11 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=30.0, help="each request's deadline")
     parser.add_argument("--json", default="bench/results/autoscaler.json")
     parser.add_argument("--png", default="docs/autoscaler.png")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --png from an existing --json, run nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.json).read_text()), Path(args.png))
+        return
     steps = steps_for(args)
     folder = Path(tempfile.mkdtemp(prefix="bench-autoscaler-"))
     (folder / "models.yaml").write_text(models_yaml(args))
