@@ -12,20 +12,27 @@ The rules (docs/MODELS.md, "Scaling"):
   what the load needs (batches in flight plus the batches the waiting requests make, over the per-replica
   target), at least one, at most ``max_replicas``. A replica still starting is capacity on its way: no further
   step up until every replica of the target is ready, and the clock starts again then.
-- **Down** one replica at a time, when the load fitted in one replica fewer *at half the up threshold*
-  (``DOWN_FRACTION``: the hysteresis) with nothing waiting, continuously for ``scale_down_delay_s``.
-  The reconciler drains the replica it picks ("scaled down"): its batches are answered, none is lost.
+- **Down** one replica at a time, when the load *averaged over the last* ``scale_down_delay_s`` fits in one
+  replica fewer at half the up threshold (``DOWN_FRACTION``: the hysteresis). The load is the batches at
+  replicas plus the batches the waiting requests make, weighted by how long each report held: reports are
+  instants, and a request caught in its batching window, or one late burst, must not restart a wait of
+  minutes (it did, when every report had to fit: in one bench run of three the last replica never went).
+  The load reported last must also fit in the replicas left without saturating them.
+  To zero stays strict: not one request for the whole delay. The reconciler drains the replica it picks
+  ("scaled down"): its batches are answered, none is lost.
 - **From zero** at once: a model scaled to zero (target 0, ``max_replicas`` >= 1) with any request waiting
   gets one replica without waiting for ``scale_up_delay_s`` (the request is already waiting for its start).
-- Both clocks start again after every move (the cooldown), and a single report off the condition restarts
-  them, so a load that hovers at a threshold moves the target at most once per delay, never back and forth.
+- Both clocks start again after every move (the cooldown: the down window then needs a whole delay of
+  reports again), and a single report off the up condition restarts that clock, so a load that hovers at a
+  threshold moves the target at most once per delay, never back and forth.
 - A spec change clamps the target into the new ``min_replicas..max_replicas`` at once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Literal
 
 from model_manager.spec import ModelSpec
@@ -70,7 +77,9 @@ class Autoscaler:
     busy_since: float | None = None
     """Since when the replicas have been saturated with requests waiting (None: they are not)."""
     quiet_since: float | None = None
-    """Since when the load has fitted in one replica fewer (None: it has not)."""
+    """Since when no request has been queued or at a replica (None: one is): the clock of the move to zero."""
+    loads: deque[tuple[float, float]] = field(default_factory=deque)
+    """(time, batches of load) reported since the last move, back to the last one before the down window."""
     per_replica_seen: float = 1.0
     """The last per-replica capacity seen while replicas were ready: the unit when none is (scaled to zero)."""
 
@@ -92,6 +101,7 @@ class Autoscaler:
         if seen.ready:
             self.per_replica_seen = seen.capacity / seen.ready
         per_replica = spec.target_in_flight_per_replica or self.per_replica_seen
+        self._record(seen.in_flight + seen.queued / spec.max_batch_size, now, spec.scale_down_delay_s)
         if self.target == 0:
             if (seen.queued or seen.in_flight) and spec.max_replicas > 0:
                 return self._move(1, "up", "cold_start",
@@ -121,22 +131,47 @@ class Autoscaler:
 
     def _down(self, spec: ModelSpec, seen: Observation, per_replica: float, now: float) -> Decision | None:
         fewer = self.target - 1
-        fits = seen.queued == 0 and seen.in_flight <= DOWN_FRACTION * per_replica * fewer
-        if not fits or self.target <= spec.min_replicas:
+        if self.target <= spec.min_replicas:
             self.quiet_since = None
             return None
-        if self.quiet_since is None:
-            self.quiet_since = now
-        quiet_s = now - self.quiet_since
-        if quiet_s < spec.scale_down_delay_s:
-            return None
         if fewer == 0:
+            if seen.queued or seen.in_flight:
+                self.quiet_since = None
+                return None
+            if self.quiet_since is None:
+                self.quiet_since = now
+            quiet_s = now - self.quiet_since
+            if quiet_s < spec.scale_down_delay_s:
+                return None
             return self._move(0, "down", "idle", f"no request for {quiet_s:.1f}s")
-        reason = (f"{seen.in_flight} batches at {seen.ready} ready replicas fitted in {fewer} "
-                  f"(at most {DOWN_FRACTION * per_replica * fewer:g}) for {quiet_s:.1f}s")
+        limit = DOWN_FRACTION * per_replica * fewer
+        mean = self._mean_load(now, spec.scale_down_delay_s)
+        if mean is None or mean > limit or self.loads[-1][1] > per_replica * fewer:
+            return None  # (the last: a load that rose at the window's end would saturate the replicas left)
+        reason = (f"{mean:.2f} batches on average over {spec.scale_down_delay_s:g}s at {seen.ready} ready "
+                  f"replicas fit in {fewer} (at most {limit:g})")
         return self._move(fewer, "down", "underused", reason)
+
+    def _record(self, load: float, now: float, window_s: float) -> None:
+        self.loads.append((now, load))
+        start = now - window_s
+        while len(self.loads) >= 2 and self.loads[1][0] <= start:
+            self.loads.popleft()  # the one after it already covers the window's start
+
+    def _mean_load(self, now: float, window_s: float) -> float | None:
+        """The load over ``[now - window_s, now]``, each report holding until the next; None while the reports
+        since the last move do not reach back that far (the cooldown)."""
+        start = now - window_s
+        if not self.loads or self.loads[0][0] > start:
+            return None
+        if window_s <= 0:
+            return self.loads[-1][1]
+        times = [t for t, _ in self.loads][1:] + [now]
+        held = sum(load * (until - max(t, start)) for (t, load), until in zip(self.loads, times, strict=True))
+        return held / window_s
 
     def _move(self, target: int, direction: Direction, cause: Cause, reason: str) -> Decision:
         self.target = target
         self.busy_since = self.quiet_since = None  # the cooldown: each clock starts again from this move
+        self.loads.clear()
         return Decision(target, direction, cause, reason)

@@ -112,12 +112,25 @@ def test_the_down_threshold_is_well_under_the_up_one_so_a_steady_load_never_flap
     assert not drive(scaler, spec, seen(queued=0, in_flight=1, ready=1), 1100.5, 1300.0)
 
 
-def test_a_burst_restarts_the_scale_down_clock() -> None:
+def test_a_short_burst_does_not_hold_a_scale_down_back_but_a_sustained_load_does() -> None:
+    # Reports are instants: one catching a burst (or a request in its batching window) restarted a wait of
+    # scale_down_delay_s, and in a bench run the last replica never went. The down rule averages the window.
     spec = spec_of(scale_down_delay_s=10.0)
     scaler = Autoscaler(target=2)
     assert not drive(scaler, spec, seen(queued=0, in_flight=0, ready=2), 0.0, 9.5)
     assert scaler.observe(spec, seen(queued=3, in_flight=4, ready=2), 9.6) is None
-    assert [t for t, _ in drive(scaler, spec, seen(queued=0, in_flight=0, ready=2), 10.0, 30.0)] == [20.0]
+    moves = drive(scaler, spec, seen(queued=0, in_flight=0, ready=2), 10.0, 30.0)
+    assert [t for t, _ in moves] == [10.0], "7 batches for 0.4 s average 0.28 over 10 s: under 1, it goes down"
+    assert "0.28 batches on average over 10s" in moves[0][1].reason
+
+    scaler = Autoscaler(target=2)
+    assert not drive(scaler, spec, seen(queued=0, in_flight=0, ready=2), 0.0, 9.5)
+    # 4 batches now: more than one replica holds, whatever the window's average says.
+    assert not drive(scaler, spec, seen(queued=0, in_flight=4, ready=2), 9.5, 12.0)
+    # Three seconds of them weigh 1.2 batches over the window: more than one replica at half its capacity, until
+    # the window holds only 2.5 of those seconds.
+    moves = drive(scaler, spec, seen(queued=0, in_flight=0, ready=2), 12.5, 40.0)
+    assert [t for t, _ in moves] == [20.0], "down once the busy seconds weigh 1 batch or less over the window"
 
 
 def test_min_zero_scales_to_zero_when_idle_and_back_at_once_on_a_request() -> None:
