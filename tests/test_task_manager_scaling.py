@@ -111,17 +111,25 @@ def test_a_spec_change_clamps_the_target_and_drains_the_surplus(redis_url: str) 
     run(redis_url, scenario)
 
 
+async def scale_a_stateful_model_up_then_down(h: Harness, *, session_idle_timeout_s: float) -> dict[str, Any]:
+    """A stateful model scaled 1 -> 2 by a reported load, then down again once it ends: the retiring replica's
+    `replica_draining`."""
+    await h.store.put(spec("chat", ECHO, stateful=True, min_replicas=1, max_replicas=2, max_batch_size=1,
+                            scale_up_delay_s=0.1, scale_down_delay_s=0.3,
+                            session_idle_timeout_s=session_idle_timeout_s))
+    await h.expect("replica_up", model="chat")
+    await report(h, "chat", queued=3, in_flight=2)
+    await h.expect("replica_up", model="chat")
+    await report(h, "chat", queued=0, in_flight=0)
+    retiring, _ = await h.expect("replica_draining", timeout=10)
+    return retiring
+
+
 def test_scaling_a_stateful_model_down_lets_the_replicas_sessions_go_on_for_their_grace(redis_url: str) -> None:
     # The failure: `replica_draining` ended the drained replica's sessions at once (session_lost), although
     # sessions should move only when their replica drains, and be lost only if the drain times out.
     async def scenario(h: Harness) -> None:
-        await h.store.put(spec("chat", ECHO, stateful=True, min_replicas=1, max_replicas=2, max_batch_size=1,
-                                scale_up_delay_s=0.1, scale_down_delay_s=0.3, session_idle_timeout_s=1.5))
-        await h.expect("replica_up", model="chat")
-        await report(h, "chat", queued=3, in_flight=2)
-        await h.expect("replica_up", model="chat")
-        await report(h, "chat", queued=0, in_flight=0)
-        retiring, _ = await h.expect("replica_draining", timeout=10)
+        retiring = await scale_a_stateful_model_up_then_down(h, session_idle_timeout_s=1.5)
         assert (retiring["reason"], retiring["sessions_grace_s"]) == ("scaled down", 1.5)
         (pid,) = [r["pid"] for r in h.replicas("chat/1") if r["id"] == retiring["replica"]]
         assert alive(pid), "not stopped yet: its sessions go on until the grace is over"
@@ -139,13 +147,7 @@ def test_scaling_a_stateful_model_down_lets_the_replicas_sessions_go_on_for_thei
 
 def test_a_retiring_replica_is_stopped_at_shutdown_without_waiting_for_its_sessions(redis_url: str) -> None:
     async def scenario(h: Harness) -> None:
-        await h.store.put(spec("chat", ECHO, stateful=True, min_replicas=1, max_replicas=2, max_batch_size=1,
-                                scale_up_delay_s=0.1, scale_down_delay_s=0.3, session_idle_timeout_s=3600))
-        await h.expect("replica_up", model="chat")
-        await report(h, "chat", queued=3, in_flight=2)
-        await h.expect("replica_up", model="chat")
-        await report(h, "chat", queued=0, in_flight=0)
-        retiring, _ = await h.expect("replica_draining", timeout=10)
+        retiring = await scale_a_stateful_model_up_then_down(h, session_idle_timeout_s=3600)
         assert retiring["sessions_grace_s"] == 3600
         await h.stop()
         # Told to drain for good (its sessions end) as the task manager stops, not an hour later.
