@@ -4,8 +4,7 @@ The task manager's autoscaler scales on it, and it splits each replica's credit 
 A report goes out every ``LOAD_REPORT_S`` while any model version has requests queued or batches at replicas,
 once more with zeros for each version whose load just ended, and at once when requests start waiting for a
 model version with no replica (``Scheduler.take_cold_demand``: scale from zero should not wait for the next
-tick). An idle batch
-manager sends nothing.
+tick). An idle batch manager sends nothing.
 """
 
 from __future__ import annotations

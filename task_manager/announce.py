@@ -28,11 +28,11 @@ from task_manager.status import clip_reason
 
 class Announcer:
     def __init__(self, relay: Relay, groups: Mapping[str, ModelGroup], replicas: Mapping[bytes, Replica],
-                 loads: LoadBook | None = None) -> None:
+                 loads: LoadBook) -> None:
         self.relay = relay
         self.groups = groups
         self.replicas = replicas
-        self.loads = loads if loads is not None else LoadBook()
+        self.loads = loads
         self.credit = CreditLedger()
         # Fresh each run and sent in every ``hb`` to batch managers: a new one tells them this task manager
         # restarted, so the replicas the old one announced (and the batches they held) are gone.

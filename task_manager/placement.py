@@ -11,7 +11,7 @@ from inferoxy import curve
 from inferoxy.settings import Settings
 from task_manager.gpus import GpuAllocator
 from task_manager.replicas import Replica
-from task_manager.runtimes.base import ReplicaPlan
+from task_manager.runtimes.base import ReplicaPlan, replica_labels
 
 
 class Placement:
@@ -59,6 +59,5 @@ def replica_plan(settings: Settings, replica: Replica, keys: curve.ReplicaKeys |
         env["INFEROXY_MODEL_CLASS"] = spec.model_class
     if keys is not None:
         env.update(keys.issue(replica.id))
-    labels = {"inferoxy.instance": settings.instance, "inferoxy.model": spec.name,
-              "inferoxy.version": spec.version, "inferoxy.replica": replica.id}
+    labels = replica_labels(settings.instance, spec, replica.id)
     return ReplicaPlan(replica_id=replica.id, spec=spec, env=env, gpu=replica.gpu, labels=labels)

@@ -111,17 +111,11 @@ class ModelGroup:
     """Replicas lost (dead, silent, stuck) and not yet gone, by id: why. Readiness names them meanwhile."""
     dead_unreplaced: int = 0
     """Replicas that died and were not started again yet: the next starts count as restarts (metrics)."""
-    scaler: Autoscaler | None = None
+    autoscaler: Autoscaler = field(init=False)
     """Keeps the target replica count between the spec's min and max (``task_manager.autoscaler``)."""
 
     def __post_init__(self) -> None:
-        if self.scaler is None:
-            self.scaler = Autoscaler(target=self.spec.min_replicas)
-
-    @property
-    def autoscaler(self) -> Autoscaler:
-        assert self.scaler is not None  # set in __post_init__
-        return self.scaler
+        self.autoscaler = Autoscaler(target=self.spec.min_replicas)
 
     @property
     def desired(self) -> int:

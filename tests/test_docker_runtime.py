@@ -25,16 +25,16 @@ from docker.client import DockerClient
 from docker.errors import ImageNotFound, NotFound
 
 from model_manager.spec import ModelSpec, Resources
-from task_manager.runtimes.base import ReplicaPlan, RuntimeStartError
-from task_manager.runtimes.docker import (
+from task_manager.runtimes.base import (
     LABEL_INSTANCE,
     LABEL_MODEL,
     LABEL_REPLICA,
     LABEL_VERSION,
-    DockerRuntime,
-    container_name,
-    memory_bytes,
+    ReplicaPlan,
+    RuntimeStartError,
 )
+from task_manager.runtimes.docker import DockerRuntime, container_name
+from task_manager.runtimes.quantity import memory_bytes
 from tests.support import require_service
 
 BASE_IMAGE = os.environ.get("INFEROXY_BASE_IMAGE", "inferoxy/base:bookworm")

@@ -14,6 +14,17 @@ from typing import Protocol
 
 from model_manager.spec import ModelSpec
 
+# The labels on everything a runtime starts for a replica (container, pod), so that a later run of this instance
+# finds, and sweeps, what an earlier one left.
+LABEL_INSTANCE = "inferoxy.instance"
+LABEL_MODEL = "inferoxy.model"
+LABEL_VERSION = "inferoxy.version"
+LABEL_REPLICA = "inferoxy.replica"
+
+
+def replica_labels(instance: str, spec: ModelSpec, replica_id: str) -> dict[str, str]:
+    return {LABEL_INSTANCE: instance, LABEL_MODEL: spec.name, LABEL_VERSION: spec.version, LABEL_REPLICA: replica_id}
+
 
 @dataclass(frozen=True)
 class ReplicaPlan:

@@ -33,14 +33,15 @@ from docker.utils import parse_repository_tag
 
 from inferoxy.settings import Settings
 from task_manager.runtimes.base import (
+    LABEL_INSTANCE,
     InstanceTaken,
     ReplicaPlan,
     Runtime,
     RuntimeStartError,
+    replica_labels,
 )
 from task_manager.runtimes.docker_replica import (
     _ENGINE_ERRORS,
-    LABEL_INSTANCE,
     DockerReplica,
     _EventFollower,
     _explain,
@@ -51,9 +52,6 @@ from task_manager.runtimes.quantity import memory_bytes
 
 log = logging.getLogger(__name__)
 
-LABEL_MODEL = "inferoxy.model"
-LABEL_VERSION = "inferoxy.version"
-LABEL_REPLICA = "inferoxy.replica"
 LABEL_CLAIM = "inferoxy.claim"  # on the volume that marks who owns an instance name (see claim_instance)
 CLAIM_ATTEMPTS = 3
 
@@ -161,13 +159,7 @@ class DockerRuntime(Runtime):
         spec = plan.spec
         environment = {**spec.env, **plan.env}
         # Ours last: a plan cannot relabel a container out of this instance's reach.
-        labels = {
-            **plan.labels,
-            LABEL_INSTANCE: self.instance,
-            LABEL_MODEL: spec.name,
-            LABEL_VERSION: spec.version,
-            LABEL_REPLICA: plan.replica_id,
-        }
+        labels = {**plan.labels, **replica_labels(self.instance, spec, plan.replica_id)}
         options: dict[str, Any] = {
             "image": spec.image,
             "name": container_name(plan.replica_id),

@@ -22,11 +22,10 @@ from docker.client import DockerClient
 from docker.errors import APIError, DockerException, NotFound
 from urllib3.exceptions import ReadTimeoutError
 
-from task_manager.runtimes.base import ReplicaExit, ReplicaHandle
+from task_manager.runtimes.base import LABEL_INSTANCE, ReplicaExit, ReplicaHandle
 
 log = logging.getLogger(__name__)
 
-LABEL_INSTANCE = "inferoxy.instance"
 LOG_TAIL_LINES = 50
 LOG_TAIL_MAX_CHARS = 8000  # 50 lines can still be megabytes; error replies and logs want a screenful
 WAIT_SLICE_S = 5  # how long one engine wait call blocks before the watcher looks around again

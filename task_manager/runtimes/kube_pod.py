@@ -12,13 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from task_manager.runtimes.base import ReplicaPlan
+from task_manager.runtimes.base import LABEL_INSTANCE, ReplicaPlan, replica_labels
 from task_manager.runtimes.quantity import memory_bytes
 
-LABEL_INSTANCE = "inferoxy.instance"  # the same label keys as the Docker containers (docker.py)
-LABEL_MODEL = "inferoxy.model"
-LABEL_VERSION = "inferoxy.version"
-LABEL_REPLICA = "inferoxy.replica"
 CONTAINER = "replica"
 GPU_RESOURCE = "nvidia.com/gpu"
 # The plan's variables that are secrets: the replica's own CURVE secret key. They go into a Secret of the
@@ -74,9 +70,7 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
 
 def labels(plan: ReplicaPlan, instance: str) -> dict[str, str]:
     """The plan's labels, then ours (last: a plan cannot relabel a pod out of this instance's reach)."""
-    spec = plan.spec
-    raw = {**plan.labels, LABEL_INSTANCE: instance, LABEL_MODEL: spec.name, LABEL_VERSION: spec.version,
-           LABEL_REPLICA: plan.replica_id}
+    raw = {**plan.labels, **replica_labels(instance, plan.spec, plan.replica_id)}
     return {key: label_value(value) for key, value in raw.items()}
 
 
