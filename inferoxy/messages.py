@@ -184,6 +184,8 @@ class BatchItem(msgspec.Struct, omit_defaults=True, gc=False):
     start: bool = False
     end: bool = False
     rid: RequestId | None = None  # the request's id (the bridge's), for the replica's log lines
+    # The request's parameters less the ones the proxy reads (batch_manager/params.py): Model.predict's ``params``.
+    params: dict[str, Any] | None = None
 
 
 class Batch(Message, tag="batch", omit_defaults=True):

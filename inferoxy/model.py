@@ -20,8 +20,9 @@ Example::
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,6 +40,11 @@ class Model(abc.ABC):
     capacity: ClassVar[int] = 2
     """Batches a replica may hold at once: one running plus the rest queued, so the next batch
     is already waiting when ``predict`` returns. The batch manager never sends more."""
+
+    spec: Mapping[str, Any] = MappingProxyType({})
+    """The model's spec as the registry holds it (the JSON of model_manager/spec.py's ModelSpec, less ``env``
+    and ``command``), set by the runtime before ``load()``: declared inputs and outputs, ``model_uri``,
+    ``warmup``. Empty when the replica was started by a proxy that does not send it."""
 
     def load(self) -> None:  # noqa: B027 (optional hook: a model with nothing to load skips it)
         """Read weights and warm up. Called once before the replica reports itself ready;

@@ -24,6 +24,7 @@ numpy, msgpack and ``inferoxy.{wire,protocol,model,envelope,batches,logs}`` only
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import queue
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import numpy as np
@@ -62,6 +63,10 @@ FINAL_LINGER_MS = 2000
 REPLICA_HWM = 1000
 
 
+# The replica's spec, as JSON (task_manager/placement.py writes it; Model.spec is its parsed value).
+MODEL_SPEC_VARIABLE = "INFEROXY_MODEL_SPEC"
+
+
 class ConfigError(Exception):
     """The replica was started with settings it cannot run with."""
 
@@ -79,6 +84,8 @@ class ReplicaConfig:
     heartbeat_liveness: int = 3
     curve_keys: tuple[str, str, str] | None = None
     """(task manager's public key, ours, our secret), when the bus is authenticated with CURVE."""
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    """``INFEROXY_MODEL_SPEC`` parsed (empty when it is not set)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ReplicaConfig:
@@ -104,10 +111,24 @@ class ReplicaConfig:
             heartbeat_interval_s=interval,
             heartbeat_liveness=liveness,
             curve_keys=_curve_keys(environ),
+            spec=_spec(environ),
         )
 
 
 CURVE_VARIABLES = ("INFEROXY_BUS_SERVER_KEY", "INFEROXY_BUS_PUBLIC_KEY", "INFEROXY_BUS_SECRET_KEY")
+
+
+def _spec(environ: Mapping[str, str]) -> dict[str, Any]:
+    text = environ.get(MODEL_SPEC_VARIABLE)
+    if not text:
+        return {}
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{MODEL_SPEC_VARIABLE} is not JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{MODEL_SPEC_VARIABLE} must be a JSON object")
+    return spec
 
 
 def _curve_keys(environ: Mapping[str, str]) -> tuple[str, str, str] | None:
@@ -363,6 +384,7 @@ def main() -> int:
     try:
         config = ReplicaConfig.from_env(os.environ)
         model = import_model_class(config.model_class)()
+        model.spec = config.spec
         model.load()
     except Exception:
         log.exception("the model could not be loaded; exiting")  # with its traceback, a JSON line's too

@@ -28,6 +28,12 @@ Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16
 
 PullPolicy = Literal["if-not-present", "always", "never"]
 
+# How a replica runs the model: "python", a Model subclass (``model_class``, in ``image``); "onnx", an ONNX
+# graph (``model_uri``) under ONNX Runtime with no user code (docs/MODELS.md, "ONNX models").
+ModelFormat = Literal["python", "onnx"]
+# The Model subclass a replica of an ONNX model runs (the replica's INFEROXY_MODEL_CLASS).
+ONNX_MODEL_CLASS = "inferoxy.onnx_model:OnnxModel"
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
@@ -57,6 +63,27 @@ class Resources(BaseModel):
 
     cpus: float | None = Field(None, gt=0, description="CPU cores a replica may use.")
     memory: str | None = Field(None, description="Memory limit, as Docker or Kubernetes spell it (e.g. 2g).")
+
+
+class WarmupInput(BaseModel):
+    """One input of a warmup request: a tensor made in the replica, never sent over the network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    datatype: Datatype
+    shape: list[int] = Field(min_length=1, max_length=32, description="The whole shape, batch rows first.")
+    fill: Literal["zeros", "random", "file"] = "zeros"
+    file: str | None = Field(None, description="fill: file: a .npy file as the replica sees it (a path in its image).")
+
+
+class WarmupRequest(BaseModel):
+    """A sample request each replica runs after ``load()`` and before it says ready (docs/MODELS.md, "Warmup")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[WarmupInput] = Field(min_length=1, max_length=64)
+    count: int = Field(1, ge=1, le=1000, description="Times it is run.")
 
 
 ServingState = Literal["starting", "ready", "degraded", "failed", "unschedulable", "stopped", "idle"]
@@ -106,11 +133,25 @@ class ModelSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field("1", pattern=NAME_PATTERN)
 
+    # Metadata: shown by GET /v2/models/{name}, `inferoxy models` and the dashboard; nothing reads it to serve.
+    description: str | None = Field(None, max_length=4096)
+    framework: str | None = Field(None, max_length=64, description="What the model was made with (onnx, pytorch, "
+                                  "sklearn, ...); free text.")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Free key/value metadata.")
+
     # How a replica starts. The process runtime runs ``command`` if set, else the model
     # runtime with ``model_class``; container runtimes run ``image`` (with ``command`` if set).
     image: str | None = None
     model_class: str | None = Field(None, description="'package.module:ClassName' of the Model subclass.")
     command: list[str] | None = None
+    format: ModelFormat = "python"
+    model_uri: str | None = Field(None, max_length=2048, description="format: onnx: the .onnx file: a path in the "
+                                  "image (a local path for the process runtime), or an s3:// or https:// URI "
+                                  "fetched once into a cache when a replica starts.")
+    execution_providers: list[str] | None = Field(None, max_length=8, description="format: onnx: ONNX Runtime's "
+                                                  "providers in order; unset: CUDA on a GPU replica, else CPU.")
+    warmup: list[WarmupRequest] = Field(default_factory=list, max_length=64, description="Sample requests run on "
+                                        "every replica after load() and before it is ready.")
     env: dict[str, str] = Field(default_factory=dict)
     pull_policy: PullPolicy | None = Field(
         None, description="When a container runtime pulls the image; unset: INFEROXY_DOCKER_PULL_POLICY (docker) or "
@@ -157,8 +198,18 @@ class ModelSpec(BaseModel):
     def _consistent(self) -> ModelSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
-        if not (self.image or self.model_class or self.command):
+        if self.format == "onnx":
+            if not self.model_uri:
+                raise ValueError("format: onnx needs model_uri, the ONNX file to serve")
+            if self.model_class or self.command:
+                raise ValueError("format: onnx runs Inferoxy's ONNX Runtime model: leave model_class and command unset")
+        elif self.model_uri or self.execution_providers:
+            raise ValueError("model_uri and execution_providers are for format: onnx")
+        if not (self.image or self.model_class or self.command or self.format == "onnx"):
             raise ValueError("a model needs an image, a model_class or a command to start its replicas")
+        for key, value in self.labels.items():
+            if not 1 <= len(key) <= 63 or len(value) > 256:
+                raise ValueError(f"label {key[:63]!r}: keys are 1 to 63 characters, values at most 256")
         for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
             names = [t.name for t in tensors]
             if len(names) != len(set(names)):

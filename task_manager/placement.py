@@ -8,7 +8,9 @@ Local runtimes (process, docker) place here: a ``run_on_gpu`` replica gets a GPU
 from __future__ import annotations
 
 from inferoxy import curve
+from inferoxy.runtime import MODEL_SPEC_VARIABLE
 from inferoxy.settings import Settings
+from model_manager.spec import ONNX_MODEL_CLASS
 from task_manager.gpus import GpuAllocator
 from task_manager.replicas import Replica
 from task_manager.runtimes.base import ReplicaPlan, replica_labels
@@ -57,6 +59,11 @@ def replica_plan(settings: Settings, replica: Replica, keys: curve.ReplicaKeys |
     }
     if spec.model_class:
         env["INFEROXY_MODEL_CLASS"] = spec.model_class
+    elif spec.format == "onnx":
+        env["INFEROXY_MODEL_CLASS"] = ONNX_MODEL_CLASS
+    # The spec as the replica sees it (Model.spec): ONNX models, warmup and declared tensors are read from it.
+    # Not env (already the replica's environment) nor command (already how it was started).
+    env[MODEL_SPEC_VARIABLE] = spec.model_dump_json(exclude={"env", "command"})
     if keys is not None:
         env.update(keys.issue(replica.id))
     labels = replica_labels(settings.instance, spec, replica.id)

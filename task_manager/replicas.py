@@ -18,7 +18,8 @@ from task_manager.runtimes.base import ReplicaHandle
 MAX_REPLICA_ID = 63
 
 # Spec fields that change what a replica runs; other fields (batching, sessions) are the batch manager's.
-REPLICA_FIELDS = {"image", "model_class", "command", "env", "run_on_gpu", "resources"}
+REPLICA_FIELDS = {"image", "model_class", "command", "env", "run_on_gpu", "resources", "format", "model_uri",
+                  "execution_providers", "warmup", "inputs", "outputs"}
 
 
 class ReplicaState(str, enum.Enum):
