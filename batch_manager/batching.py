@@ -127,11 +127,13 @@ class Batching:
                 session = pending.session
                 assert session is not None
                 items.append(m.BatchItem(pending.seq, len(pending.metas), session.id,
-                                         pending.start or not session.started, pending.end, pending.rid))
+                                         pending.start or not session.started, pending.end, pending.rid,
+                                         pending.params))
                 # After an end the replica holds no state: whatever of the session comes next starts afresh.
                 session.started = not pending.end
         else:
-            items = [m.BatchItem(pending.seq, len(pending.metas), rid=pending.rid) for pending in taken]
+            items = [m.BatchItem(pending.seq, len(pending.metas), rid=pending.rid, params=pending.params)
+                     for pending in taken]
         metas, frames = batch_tensors(taken)
         out.append(Dispatch(replica.id, batch.id, spec.name, spec.version, items, metas, frames,
                             ragged=spec.ragged_batches, waits=waits))

@@ -31,8 +31,10 @@ def header_room(max_header_bytes: int, model: str, version: str, replica_id_byte
 
 def item_header_bytes(request: Request) -> int:
     """At most how many bytes ``request`` adds to a batch header: its entry in ``items`` and its tensor
-    descriptions, bounded by the size of the ``infer`` header they came in (measured once otherwise)."""
-    described = request.header_bytes or len(pack_header({"tensors": request.metas}))
+    descriptions and parameters, bounded by the size of the ``infer`` header they came in (measured once
+    otherwise). The batch closes before a request whose share no longer fits, so many requests with large
+    parameters make smaller batches, never a header over the bus's limit."""
+    described = request.header_bytes or len(pack_header({"tensors": request.metas, "params": request.params.passed}))
     session = request.params.session
     if session is None:
         return described + ITEM_HEADER_BYTES

@@ -14,7 +14,8 @@ names mean something (docs/BATCHING.md, docs/PROTOCOL.md):
 * ``timeout`` (microseconds, an int in [1, 2**63)): the bridges read the deadline from it; the batch
   manager only needs to know whether it was given.
 
-Any other parameter travels untouched, but the map is bounded: keys of at most
+Any other parameter travels untouched to the replica (``RequestParams.passed``, the batch item's ``params``:
+``Model.predict``'s ``params``), but the map is bounded: keys of at most
 ``MAX_PARAMETER_KEY_BYTES`` and at most ``MAX_PARAMETERS_BYTES`` packed, because every request's
 parameters ride in the header of the batch it joins, and a header has a hard size limit.
 
@@ -67,9 +68,14 @@ class RequestParams:
     session: SessionParams | None = None
     timeout_given: bool = False
     timeout_us: int | None = None
+    passed: dict[str, Any] | None = None
+    """The parameters the proxy does not read (``RESERVED`` left out): they reach the model; None when none."""
 
 
 DEFAULT_PARAMS = RequestParams()
+# The parameters the proxy itself reads; they never reach the model (request ids and API keys are not parameters:
+# the bridges read them from the request's own fields and headers).
+RESERVED = frozenset({"priority", "sequence_id", "sequence_start", "sequence_end", "timeout"})
 
 
 def parse_params(params: Any) -> RequestParams:
@@ -82,9 +88,10 @@ def parse_params(params: Any) -> RequestParams:
     priority = parse_priority(params.get("priority"))
     session = _session(params)
     timeout_us = parse_timeout_us(params.get("timeout"))
-    if priority is Priority.NORMAL and session is None and timeout_us is None:
+    passed = {key: value for key, value in params.items() if key not in RESERVED} or None
+    if priority is Priority.NORMAL and session is None and timeout_us is None and passed is None:
         return DEFAULT_PARAMS
-    return RequestParams(priority, session, timeout_us is not None, timeout_us)
+    return RequestParams(priority, session, timeout_us is not None, timeout_us, passed)
 
 
 def parse_priority(value: Any) -> Priority:

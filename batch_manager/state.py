@@ -30,7 +30,8 @@ class Pending:
     """A request the scheduler holds until it is answered."""
 
     __slots__ = ("seq", "origin", "spec", "signature", "group", "metas", "frames", "rows", "arrival", "rank",
-                 "deadline", "state", "priority", "session", "start", "end", "retried", "header_bytes", "nbytes", "rid")
+                 "deadline", "state", "priority", "session", "start", "end", "retried", "header_bytes", "nbytes", "rid",
+                 "params")
 
     def __init__(self, seq: int, request: Request, spec: ModelSpec, signature: Signature, rows: int, now: float,
                  aging_s: float, header_bytes: int) -> None:
@@ -55,6 +56,7 @@ class Pending:
         self.header_bytes = header_bytes  # its share of a batch header, at most
         self.nbytes = sum(map(len, request.frames))  # frames are 1-D byte buffers (zmq.Frame, bytes)
         self.rid = request.rid
+        self.params = request.params.passed  # what reaches the model (the batch item's ``params``)
 
 
 class Group:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -138,32 +139,53 @@ def split_outputs(outputs: object, rows: Sequence[int]) -> list[tuple[str, np.nd
     return tensors
 
 
+def row_params(items: Sequence[Mapping[str, Any]], rows: Sequence[int], ragged: bool) -> list[Mapping[str, Any]]:
+    """``predict``'s ``params``: one read-only map per row of the batch (ragged: per item), each row the
+    parameters of the request it came from (``{}`` when it sent none); a request's rows share one map."""
+    result: list[Mapping[str, Any]] = []
+    for item, count in zip(items, rows, strict=True):
+        given = item.get("params")
+        shared = MappingProxyType(given) if isinstance(given, dict) else EMPTY_PARAMS
+        result.extend([shared] * (1 if ragged else count))
+    return result
+
+
+EMPTY_PARAMS: Mapping[str, Any] = MappingProxyType({})
+
+
 def answer_batch(model: Model, replica_id: str, header: Mapping[str, Any],
-                 tensors: Sequence[tuple[str, np.ndarray]], sessions: SessionStore | None = None) -> list[wire.Frame]:
+                 tensors: Sequence[tuple[str, np.ndarray]], sessions: SessionStore | None = None,
+                 with_params: bool = False) -> list[wire.Frame]:
     """The `result` or `failed` message for one batch. Never raises: the replica must outlive any batch.
 
+    ``with_params``: ``predict`` takes a ``params`` argument (``inferoxy.model.accepts_params``), given per row.
     While it runs, every log line (the model's own too) carries the batch's request ids (``logs.REQUEST_IDS``)."""
     # One id per item that has one (``rid``: a proxy older than request ids sends none), read if a line is logged.
     token = REQUEST_IDS.set(BatchIds(header.get("items")))
     try:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch %s: %d item(s)", header.get("batch"), len(header.get("items") or ()))
-        return _answer_batch(model, replica_id, header, tensors, sessions)
+        return _answer_batch(model, replica_id, header, tensors, sessions, with_params)
     finally:
         REQUEST_IDS.reset(token)
 
 
 def _answer_batch(model: Model, replica_id: str, header: Mapping[str, Any],
-                  tensors: Sequence[tuple[str, np.ndarray]], sessions: SessionStore | None) -> list[wire.Frame]:
+                  tensors: Sequence[tuple[str, np.ndarray]], sessions: SessionStore | None,
+                  with_params: bool) -> list[wire.Frame]:
     batch_id = header.get("batch")
     try:
         if isinstance(model, StatefulModel):
             return answer_session_batch(model, sessions if sessions is not None else SessionStore(model), replica_id,
-                                        header, tensors)
+                                        header, tensors, with_params)
         inputs, rows = gather_inputs(header, tensors)
         started = time.perf_counter_ns()
         try:
-            outputs = model.predict(inputs)
+            if with_params:
+                outputs = model.predict(inputs, params=row_params(header["items"], rows,  # type: ignore[call-arg]
+                                                                  header.get("ragged") is True))
+            else:
+                outputs = model.predict(inputs)
         except Exception as exc:
             log.exception("predict raised on batch %s", batch_id)
             raise BatchError(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}") from None
@@ -205,7 +227,7 @@ class SessionStore:
 
 
 def answer_session_batch(model: StatefulModel, store: SessionStore, replica_id: str, header: Mapping[str, Any],
-                         tensors: Sequence[tuple[str, np.ndarray]]) -> list[wire.Frame]:
+                         tensors: Sequence[tuple[str, np.ndarray]], with_params: bool = False) -> list[wire.Frame]:
     """A stateful model's batch: start sessions, predict with their states, keep the new states, end sessions.
 
     Items are ``{"id", "n", "session", "start", "end"}``. An item of a session this replica does not
@@ -262,7 +284,11 @@ def answer_session_batch(model: StatefulModel, store: SessionStore, replica_id: 
                 offset += count
             started = time.perf_counter_ns()
             try:
-                outputs = model.predict(inputs, sessions)
+                if with_params:
+                    outputs = model.predict(inputs, sessions, params=row_params(  # type: ignore[call-arg]
+                        [items[i] for i in kept], rows, header.get("ragged") is True))
+                else:
+                    outputs = model.predict(inputs, sessions)
             except Exception as exc:
                 log.exception("predict raised on batch %s", batch_id)
                 raise BatchError(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}") from None

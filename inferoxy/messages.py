@@ -229,6 +229,8 @@ class Ready(Message, tag="ready"):
     version: str
     capacity: Count
     pid: int
+    # Seconds the spec's warmup took before this ready (inferoxy.warmup); None: no warmup, or an older replica.
+    warmup_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class Stop(Message, tag="stop"):

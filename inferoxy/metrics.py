@@ -71,6 +71,9 @@ REPLICA_RESTARTS = Counter("inferoxy_replica_restarts", "Replicas started to rep
 REPLICA_READY_SECONDS = Histogram("inferoxy_replica_ready_seconds",
                                   "Time from a replica's start to its first ready message.", MODEL,
                                   buckets=STARTUP_BUCKETS_S)
+REPLICA_WARMUP_SECONDS = Histogram("inferoxy_replica_warmup_seconds",
+                                   "Time a replica spent on its spec's warmup requests before it said ready.", MODEL,
+                                   buckets=STARTUP_BUCKETS_S)
 AUTOSCALER_DECISIONS = Counter("inferoxy_autoscaler_decisions",
                                "Moves of a model version's target replica count, by direction (up, down) and reason "
                                "(saturated, cold_start, underused, idle, bounds).", [*MODEL, "direction", "reason"])
@@ -92,7 +95,8 @@ COMPONENT_RESTARTS = Counter("inferoxy_component_restarts", "Times serve restart
 
 ALL = (REQUESTS, REQUEST_SECONDS, QUEUE_DEPTH, QUEUE_SECONDS, BATCH_SIZE, BATCH_COMPUTE_SECONDS,
        BATCHES_IN_FLIGHT, SESSIONS_OPEN, REPLICAS, REPLICA_STARTS, REPLICA_DEATHS, REPLICA_RESTARTS,
-       REPLICA_READY_SECONDS, AUTOSCALER_DECISIONS, AUTOSCALER_TARGET, REDIS_UP, REGISTRY_REVISION, LAST_INFERENCE,
+       REPLICA_READY_SECONDS, REPLICA_WARMUP_SECONDS, AUTOSCALER_DECISIONS, AUTOSCALER_TARGET, REDIS_UP,
+       REGISTRY_REVISION, LAST_INFERENCE,
        COMPONENT_UP, COMPONENT_RESTARTS)
 
 

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -57,7 +58,20 @@ class Model(abc.ABC):
         ``batch`` maps each input name to an array of shape ``[rows, ...]`` (read-only: copy
         before changing it in place). The result maps each output name to an array of shape
         ``[rows, ...]`` whose dtype is one of the wire dtypes (bool, (u)int8..64, float16..64).
+
+        A model that declares a ``params`` argument (``def predict(self, batch, params)``) is also given the
+        requests' parameters: a sequence of read-only maps, one per row, each the parameters of the request
+        the row came from, less the ones the proxy reads (priority, sequence_*, timeout); ``{}`` when a
+        request sent none. A ragged batch has one map per item. Models without it are called as before.
         """
+
+
+def accepts_params(model: Model) -> bool:
+    """Whether ``model.predict`` names a ``params`` argument (then the runtime passes each row's parameters)."""
+    try:
+        return "params" in inspect.signature(model.predict).parameters
+    except (TypeError, ValueError):  # a predict without a signature (a C callable) takes what it always took
+        return False
 
 
 SessionId = int | str
@@ -96,4 +110,5 @@ class StatefulModel(Model):
 
     @abc.abstractmethod
     def predict(self, batch: dict[str, np.ndarray], sessions: Sequence[Session] = ()) -> dict[str, np.ndarray]:
-        """Outputs for one batch, as ``Model.predict``; ``sessions[i]`` describes item ``i``."""
+        """Outputs for one batch, as ``Model.predict``; ``sessions[i]`` describes item ``i``. A ``params``
+        argument, if declared, is given by keyword as for ``Model.predict``."""

@@ -10,15 +10,17 @@ Threads follow the ZeroMQ Guide's Paranoid Pirate worker: the main thread owns t
 inproc PAIR socket. A long ``predict`` therefore never looks like a dead replica, and a
 dead task manager is noticed even while the model is busy.
 
+Between ``load()`` and ``ready`` it runs the spec's warmup requests (``inferoxy.warmup``).
+
 Exit status: 0 after ``stop`` or SIGTERM (held batches are answered first), 2 when the
-configuration or ``load()`` fails (traceback on stderr), 3 when the task manager falls
+configuration, ``load()`` or the warmup fails (traceback on stderr), 3 when the task manager falls
 silent, 4 when the worker thread dies.
 
 Each batch arrives behind its routing envelope (``inferoxy.envelope``), and its answer goes back
 behind the same envelope frame: the task manager routes by it without reading either header.
 
 This module runs inside model images, so it depends on the standard library, pyzmq,
-numpy, msgpack and ``inferoxy.{wire,protocol,model,envelope,batches,logs}`` only.
+numpy, msgpack and ``inferoxy.{wire,protocol,model,envelope,batches,logs,warmup}`` only.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import zmq
 from inferoxy import envelope, protocol, wire
 from inferoxy.batches import SessionStore, answer_batch, failed_message
 from inferoxy.logs import setup_logging
-from inferoxy.model import Model, StatefulModel
+from inferoxy.model import Model, StatefulModel, accepts_params
 from inferoxy.protocol import ErrorCode
+from inferoxy.warmup import WarmupError, run_warmup
 
 # Re-exported: what a replica answers lives in inferoxy.batches, and tests and images import it from here.
 __all__ = ["SessionStore", "answer_batch", "failed_message"]
@@ -181,6 +184,7 @@ class PredictWorker(threading.Thread):
         self.jobs: queue.Queue[tuple[Any, dict[str, Any], list[tuple[str, np.ndarray]]] | None] = queue.Queue()
         # Session states live in this thread only: predict and the hooks run here, one batch at a time.
         self.sessions = SessionStore(model) if isinstance(model, StatefulModel) else None
+        self.with_params = accepts_params(model)  # decided once: predict's signature does not change
 
     def run(self) -> None:
         results = self.ctx.socket(zmq.PAIR)
@@ -189,7 +193,8 @@ class PredictWorker(threading.Thread):
         try:
             while (job := self.jobs.get()) is not None:
                 route, header, tensors = job
-                answer = answer_batch(self.model, self.replica_id, header, tensors, self.sessions)
+                answer = answer_batch(self.model, self.replica_id, header, tensors, self.sessions,
+                                      self.with_params)
                 results.send_multipart([route, *answer], copy=False)
         finally:
             results.close()
@@ -198,8 +203,10 @@ class PredictWorker(threading.Thread):
 class ReplicaServer:
     """The main thread: the DEALER to the task manager, heartbeats, and the credit the model allows."""
 
-    def __init__(self, config: ReplicaConfig, model: Model, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, config: ReplicaConfig, model: Model, ctx: zmq.Context[Any],
+                 warmup_s: float | None = None) -> None:
         self.config = config
+        self.warmup_s = warmup_s  # how long the spec's warmup took; None: it had none
         self.capacity = type(model).capacity
         self.ctx = ctx
         self.identity = config.replica_id
@@ -238,8 +245,11 @@ class ReplicaServer:
 
         interval = self.config.heartbeat_interval_s
         silence_limit = interval * self.config.heartbeat_liveness
-        self._send({"t": protocol.READY, "replica": self.identity, "model": self.config.model_name,
-                    "version": self.config.model_version, "capacity": self.capacity, "pid": os.getpid()})
+        ready: dict[str, Any] = {"t": protocol.READY, "replica": self.identity, "model": self.config.model_name,
+                                 "version": self.config.model_version, "capacity": self.capacity, "pid": os.getpid()}
+        if self.warmup_s is not None:
+            ready["warmup_s"] = self.warmup_s
+        self._send(ready)
         log.info("ready: serving %s/%s with capacity %d", self.config.model_name, self.config.model_version,
                  self.capacity)
         next_heartbeat = time.monotonic() + interval
@@ -389,9 +399,22 @@ def main() -> int:
     except Exception:
         log.exception("the model could not be loaded; exiting")  # with its traceback, a JSON line's too
         return EXIT_CONFIG
+    warmup_s = None
+    requests = config.spec.get("warmup")
+    if requests:
+        try:
+            warmup_s = run_warmup(model, config.replica_id, requests, accepts_params(model))
+        except WarmupError as exc:
+            # The model's status quotes the replica's last lines: this one says what failed.
+            log.error("warmup failed; exiting: %s", exc)
+            return EXIT_CONFIG
+        except Exception:  # an unreadable file numpy reports oddly: still the replica's reason, with its traceback
+            log.exception("warmup failed; exiting")
+            return EXIT_CONFIG
+        log.info("warmup: %d request(s) answered in %.3fs", len(requests), warmup_s)
 
     ctx: zmq.Context[Any] = zmq.Context()
-    code = ReplicaServer(config, model, ctx).run()
+    code = ReplicaServer(config, model, ctx, warmup_s).run()
     ctx.term()
     return code
 

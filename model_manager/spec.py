@@ -76,6 +76,16 @@ class WarmupInput(BaseModel):
     fill: Literal["zeros", "random", "file"] = "zeros"
     file: str | None = Field(None, description="fill: file: a .npy file as the replica sees it (a path in its image).")
 
+    @model_validator(mode="after")
+    def _fill(self) -> WarmupInput:
+        if self.datatype == "BYTES":
+            raise ValueError(f"warmup input {self.name!r}: BYTES tensors cannot be made; use a numeric datatype")
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"warmup input {self.name!r}: shape {self.shape} must be sizes >= 1 (rows first)")
+        if (self.fill == "file") != bool(self.file):
+            raise ValueError(f"warmup input {self.name!r}: fill: file needs a file, and only it takes one")
+        return self
+
 
 class WarmupRequest(BaseModel):
     """A sample request each replica runs after ``load()`` and before it says ready (docs/MODELS.md, "Warmup")."""
@@ -84,6 +94,15 @@ class WarmupRequest(BaseModel):
 
     inputs: list[WarmupInput] = Field(min_length=1, max_length=64)
     count: int = Field(1, ge=1, le=1000, description="Times it is run.")
+
+    @model_validator(mode="after")
+    def _rows(self) -> WarmupRequest:
+        names = [i.name for i in self.inputs]
+        if len(names) != len(set(names)):
+            raise ValueError(f"warmup input names must be unique, got {names}")
+        if len({i.shape[0] for i in self.inputs}) != 1:
+            raise ValueError("every input of a warmup request needs the same number of rows (its first dimension)")
+        return self
 
 
 ServingState = Literal["starting", "ready", "degraded", "failed", "unschedulable", "stopped", "idle"]
@@ -210,6 +229,11 @@ class ModelSpec(BaseModel):
         for key, value in self.labels.items():
             if not 1 <= len(key) <= 63 or len(value) > 256:
                 raise ValueError(f"label {key[:63]!r}: keys are 1 to 63 characters, values at most 256")
+        declared = {t.name for t in self.inputs}
+        for request in self.warmup:
+            unknown = sorted({i.name for i in request.inputs} - declared) if declared else []
+            if unknown:
+                raise ValueError(f"warmup inputs {unknown} are not among the declared inputs {sorted(declared)}")
         for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
             names = [t.name for t in tensors]
             if len(names) != len(set(names)):

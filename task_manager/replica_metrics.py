@@ -51,11 +51,13 @@ def started(replica: Replica, group: ModelGroup) -> None:
     moved(replica)
 
 
-def ready(replica: Replica) -> None:
-    """The replica said ``ready``: how long it took from its start."""
+def ready(replica: Replica, warmup_s: float | None = None) -> None:
+    """The replica said ``ready``: how long it took from its start, and its warmup's share of that if it had one."""
     if replica.ready_at is not None:
         metrics.REPLICA_READY_SECONDS.labels(replica.spec.name, replica.spec.version).observe(
             max(0.0, replica.ready_at - replica.started_at))
+    if warmup_s is not None:
+        metrics.REPLICA_WARMUP_SECONDS.labels(replica.spec.name, replica.spec.version).observe(warmup_s)
     moved(replica)
 
 

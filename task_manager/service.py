@@ -315,11 +315,12 @@ class TaskManager:
         replica.pid = msg.pid
         replica.state = ReplicaState.READY
         replica.ready_at = time.monotonic()
-        replica_metrics.ready(replica)
+        replica_metrics.ready(replica, msg.warmup_s)
         if self.runtime is not None and self.runtime.places_replicas:
             replica.group.unschedulable = None  # it was placed after all
-        log.info("replica %s ready after %.1fs (pid %s, capacity %d)", replica.id,
-                 replica.ready_at - replica.started_at, replica.pid, replica.capacity)
+        log.info("replica %s ready after %.1fs (pid %s, capacity %d%s)", replica.id,
+                 replica.ready_at - replica.started_at, replica.pid, replica.capacity,
+                 "" if msg.warmup_s is None else f", warmup {msg.warmup_s:.2f}s")
         self.announce.replica_up(replica)
         self._status_changed(replica.group)
         self._reconcile(replica.group)  # a rolling update waits for this

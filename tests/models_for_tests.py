@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -126,3 +128,25 @@ class EnvProbeModel(Model):
         name = bytes(batch["name"][0]).decode()
         value = os.environ.get(name, "<unset>").encode()
         return {"value": np.frombuffer(value, dtype=np.uint8).reshape(1, -1).repeat(len(batch["name"]), axis=0)}
+
+
+class WarmupRecorderModel(Model):
+    """Appends one line per ``predict`` (its input names, shapes and dtypes) to the file ``WARMUP_RECORD`` names,
+    so a test sees what the warmup gave the model, and when (a replica that gets no request after ready makes
+    no more lines). Echoes its inputs."""
+
+    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        line = " ".join(f"{name}:{array.dtype}{list(array.shape)}" for name, array in sorted(batch.items()))
+        with open(os.environ["WARMUP_RECORD"], "a") as record:
+            record.write(line + "\n")
+        return dict(batch)
+
+
+class ParamsProbeModel(Model):
+    """Answers, per row, the request parameter ``scale`` (default 1) times ``x``, and whether the row's
+    parameters held any reserved name (they must not): ``predict`` declares ``params``."""
+
+    def predict(self, batch: dict[str, np.ndarray], params: Sequence[Mapping[str, Any]] = ()) -> dict[str, np.ndarray]:
+        scale = np.array([float(p.get("scale", 1)) for p in params], dtype=np.float32)
+        leaked = np.array([bool({"priority", "timeout", "sequence_id"} & set(p)) for p in params])
+        return {"y": batch["x"] * scale.reshape(-1, *([1] * (batch["x"].ndim - 1))), "leaked": leaked}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,10 @@ import zmq
 
 from examples.models.counter.model import CounterModel
 from inferoxy import envelope, wire
+from inferoxy.model import accepts_params
 from inferoxy.runtime import EXIT_CONFIG, EXIT_LOST_TASK_MANAGER, EXIT_STOPPED, SessionStore, answer_batch
-from tests.models_for_tests import BatchProbeModel
+from inferoxy.warmup import run_warmup
+from tests.models_for_tests import BatchProbeModel, ParamsProbeModel
 from tests.support import REPO
 
 Tensors = Sequence[tuple[str, np.ndarray]]
@@ -389,3 +392,90 @@ def test_ragged_batches_pass_lists_and_split_lists() -> None:
     header, out = run_batch(Ragged(), {"items": items, "ragged": True}, tensors)
     assert header["t"] == "result", header
     assert [a.tolist() for _, a in out] == [[3, 3], [5]]
+
+
+# --- warmup (the spec's sample requests, before ready) and request parameters ---------------------------
+
+
+def warmup_env(*requests: dict[str, Any], **spec: Any) -> dict[str, str]:
+    return {"INFEROXY_MODEL_SPEC": json.dumps({"name": "m", "warmup": list(requests), **spec})}
+
+
+def test_warmup_runs_every_request_count_times_before_ready(tm: FakeTaskManager, tmp_path: Path) -> None:
+    record = tmp_path / "record.txt"
+    sample = tmp_path / "sample.npy"
+    np.save(sample, np.arange(6, dtype=np.int64).reshape(3, 2))
+    env = warmup_env({"inputs": [{"name": "x", "datatype": "FP32", "shape": [4, 3], "fill": "random"}], "count": 2},
+                     {"inputs": [{"name": "a", "datatype": "INT64", "shape": [3, 2], "fill": "file",
+                                  "file": str(sample)},
+                                 {"name": "b", "datatype": "BOOL", "shape": [3]}]})
+    tm.start("tests.models_for_tests:WarmupRecorderModel", env={**env, "WARMUP_RECORD": str(record)})
+    ready = tm.ready()
+    # Every warmup batch had been answered when ready was sent: nothing reaches the model afterwards.
+    assert record.read_text().splitlines() == ["x:float32[4, 3]", "x:float32[4, 3]", "a:int64[3, 2] b:bool[3]"]
+    assert isinstance(ready["warmup_s"], float) and ready["warmup_s"] >= 0
+    assert "warmup: 2 request(s) answered" in tm.log()
+
+
+def test_a_replica_without_warmup_says_ready_without_warmup_s(tm: FakeTaskManager) -> None:
+    tm.start("tests.models_for_tests:BatchProbeModel", env=warmup_env())
+    assert "warmup_s" not in tm.ready()
+
+
+@pytest.mark.parametrize(
+    ("model_class", "inputs", "words"),
+    [
+        ("tests.models_for_tests:RaisingModel", [{"name": "fail", "datatype": "INT32", "shape": [4],
+                                                  "fill": "random"}], "ValueError: asked to fail"),
+        ("tests.models_for_tests:BadOutputModel", [{"name": "shape", "datatype": "FP32", "shape": [2, 1]}],
+         "its leading dimension must be the batch's 2 rows"),
+        ("tests.models_for_tests:BatchProbeModel", [{"name": "x", "datatype": "FP32", "shape": [2], "fill": "file",
+                                                     "file": "/no/such/sample.npy"}], "cannot read '/no/such"),
+    ],
+)
+def test_a_failed_warmup_ends_the_replica_with_the_reason(
+    tm: FakeTaskManager, model_class: str, inputs: list[dict[str, Any]], words: str
+) -> None:
+    process = tm.start(model_class, env=warmup_env({"inputs": inputs}))
+    assert process.wait(timeout=15) == EXIT_CONFIG
+    output = tm.log()
+    assert "warmup failed; exiting: warmup request 0" in output and words in output, output
+    assert tm.sock.poll(100) == 0, "a replica whose warmup failed must not say ready"
+
+
+def test_a_stateful_model_warms_up_in_a_session_of_its_own() -> None:
+    model = EndRecorder()
+    requests = [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2]}], "count": 3}]
+    assert run_warmup(model, "r1", requests) >= 0
+    # Each run is a session started and ended at once: no state outlives the warmup.
+    assert model.ended == [("warmup-0-0", 1), ("warmup-0-1", 1), ("warmup-0-2", 1)]
+
+
+def test_params_reach_a_model_that_asks_for_them_per_row() -> None:
+    model = ParamsProbeModel()
+    assert accepts_params(model) and not accepts_params(BatchProbeModel())
+    items = [{"id": 1, "n": 1, "params": {"scale": 10}}, {"id": 2, "n": 1}, {"id": 3, "n": 1, "params": {"scale": -1}}]
+    tensors = [("x", np.ones((2, 2), np.float32)), ("x", np.ones((1, 2), np.float32)),
+               ("x", np.ones((1, 2), np.float32))]
+    frames = answer_batch(model, "r1", {"t": "batch", "batch": 1, "items": items}, tensors, None, with_params=True)
+    header, out = wire.decode([zmq.Frame(bytes(f)) if not isinstance(f, zmq.Frame) else f for f in frames])
+    assert header["t"] == "result", header
+    assert [a[:, 0].tolist() for name, a in out if name == "y"] == [[10.0, 10.0], [1.0], [-1.0]]
+
+
+def test_params_reach_a_stateful_model_by_keyword() -> None:
+    seen: list[Any] = []
+
+    class WithParams(CounterModel):
+        def predict(self, batch: dict[str, Any], sessions: Any = (), params: Any = ()) -> dict[str, Any]:
+            seen.extend(dict(p) for p in params)
+            return super().predict(batch, sessions)
+
+    model = WithParams()
+    items = [{"id": 1, "n": 1, "session": "a", "start": True, "params": {"k": "v"}},
+             {"id": 2, "n": 1, "session": "b", "start": True}]
+    x = np.ones((1, 2), np.float32)
+    frames = answer_batch(model, "r1", {"t": "batch", "batch": 1, "items": items}, [("x", x), ("x", x)],
+                          SessionStore(model), with_params=accepts_params(model))
+    assert wire.decode([zmq.Frame(bytes(f)) for f in frames])[0]["t"] == "result"
+    assert seen == [{"k": "v"}, {}]
