@@ -16,7 +16,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from inferoxy import envelope, wire
+from inferoxy import envelope, metrics, wire
 from inferoxy.settings import Settings
 from model_manager.spec import ModelSpec
 from model_manager.store import SpecStore
@@ -686,3 +686,34 @@ def test_long_reasons_keep_how_it_ended_and_the_last_lines() -> None:
     assert len(clipped) <= 4000
     assert clipped.startswith("exited with status 1") and clipped.endswith("line 99" * 50)
     assert clip_reason("short") == "short"
+
+
+def test_warmup_runs_before_the_replica_is_up_and_its_time_is_a_metric(redis_url: str, tmp_path: Path) -> None:
+    record = tmp_path / "warmup.txt"
+    warmup = [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "fill": "random"}], "count": 3}]
+
+    async def scenario(h: Harness) -> None:
+        before = metrics.registry().get_sample_value("inferoxy_replica_warmup_seconds_count",
+                                                     {"model": "warm", "version": "1"}) or 0
+        model = spec("warm", "tests.models_for_tests:WarmupRecorderModel", warmup=warmup)
+        await h.store.put(model.model_copy(update={"env": {**model.env, "WARMUP_RECORD": str(record)}}))
+        await h.expect("replica_up")
+        # The replica answers nothing after ready here: every line was written before it was announced.
+        assert record.read_text().splitlines() == ["x:float32[2, 3]"] * 3
+        await eventually(lambda: metrics.registry().get_sample_value(
+            "inferoxy_replica_warmup_seconds_count", {"model": "warm", "version": "1"}) == before + 1,
+            what="the warmup time to be observed")
+
+    run(redis_url, scenario)
+
+
+def test_a_failing_warmup_marks_the_model_failed_with_the_reason(redis_url: str) -> None:
+    warmup = [{"inputs": [{"name": "fail", "datatype": "INT32", "shape": [4], "fill": "random"}]}]
+
+    async def scenario(h: Harness) -> None:
+        await h.store.put(spec("coldfail", "tests.models_for_tests:RaisingModel", warmup=warmup))
+        failed = await h.status_eventually("coldfail", "failed", timeout=30)
+        assert "warmup failed" in (failed.reason or "") and "asked to fail" in (failed.reason or ""), failed.reason
+        assert not [m for m in h.inbox if m[0]["t"] == "replica_up"]
+
+    run(redis_url, scenario, crash_loop_failures=2)
