@@ -73,9 +73,9 @@ class RequestParams:
 
 
 DEFAULT_PARAMS = RequestParams()
-# The parameters the proxy itself reads; they never reach the model (request ids and API keys are not parameters:
-# the bridges read them from the request's own fields and headers).
-RESERVED = frozenset({"priority", "sequence_id", "sequence_start", "sequence_end", "timeout"})
+# The parameters the proxy itself reads (binary_data_output: the REST bridge); they never reach the model.
+# Request ids and API keys are not parameters: the bridges read them from the request's own fields and headers.
+RESERVED = frozenset({"priority", "sequence_id", "sequence_start", "sequence_end", "timeout", "binary_data_output"})
 
 
 def parse_params(params: Any) -> RequestParams:

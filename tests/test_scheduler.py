@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batch_manager.messages import ReplicaId
-from batch_manager.params import Priority, RequestParams, SessionParams, parse_params
+from batch_manager.params import MAX_PARAMETERS_BYTES, Priority, RequestParams, SessionParams, parse_params
 from batch_manager.scheduler import Action, Dispatch, ModelDrained, Reply, Request, Scheduler
 from inferoxy import messages as m
 from inferoxy.protocol import ErrorCode
-from inferoxy.wire import WireError
+from inferoxy.wire import MAX_HEADER_BYTES, WireError
 from model_manager.spec import ModelSpec, TensorSpec
 from model_manager.store import Registry
 
@@ -893,3 +893,39 @@ def test_sessions_of_a_failed_model_are_refused_and_their_queued_requests_fail()
     assert dispatches(scheduler.submit(session_request(4, 8, start=True), now=0.3))
     lost = only_reply(scheduler.submit(session_request(5, 7), now=0.3))
     assert lost.code == "session_lost" and MISSING in lost.header.message
+
+
+def test_the_parameters_the_proxy_does_not_read_travel_with_their_item() -> None:
+    assert parse_params({"priority": "high", "timeout": 5, "sequence_id": 0, "binary_data_output": True}).passed is None
+    scheduler = Scheduler(make_registry(make_spec(max_batch_size=3, delay_ms=0)))
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    [busy] = dispatches(scheduler.submit(make_request(0), now=0.0))  # takes the only credit: the next two wait
+    first = make_request(1)
+    first.params = parse_params({"threshold": 0.5, "priority": "low", "timeout": 10, "note": {"a": [1]}})
+    second = make_request(2)
+    second.params = parse_params({"threshold": 0.9})
+    scheduler.submit(first, now=0.0)
+    scheduler.submit(second, now=0.0)
+    [batch] = dispatches(echo_result(scheduler, busy, now=0.001))
+    assert busy.items[0].params is None
+    assert sorted((item.params or {}).get("threshold", 0) for item in batch.items) == [0.5, 0.9]
+    assert {"threshold": 0.5, "note": {"a": [1]}} in [item.params for item in batch.items]
+    # They reach the replica in the batch header, as msgpack.
+    header = m.TASK_MANAGER_TO_REPLICA.decode(m.encode(m.Batch("r1", batch.batch_id, "m", "1", batch.items)))
+    assert isinstance(header, m.Batch) and [item.params for item in header.items] == [i.params for i in batch.items]
+
+
+def test_a_batch_of_requests_with_large_parameters_closes_before_its_header_is_too_big() -> None:
+    # 16 KiB of parameters each (the most a request may send): 100 of them would make a 1.6 MB header.
+    big = {"blob": "p" * (MAX_PARAMETERS_BYTES - 64)}
+    scheduler = Scheduler(make_registry(make_spec(max_batch_size=1000, delay_ms=0)))
+    scheduler.replica_up("r1", "m", "1", 1, now=0.0)
+    [busy] = dispatches(scheduler.submit(make_request(0), now=0.0))
+    for request_id in range(1, 101):
+        request = make_request(request_id)  # header_bytes 0: the scheduler measures its share itself
+        request.params = parse_params(big)
+        assert not scheduler.submit(request, now=0.0)
+    [batch] = dispatches(echo_result(scheduler, busy, now=0.001))
+    assert 1 < len(batch.items) < 100
+    header = m.encode(m.Batch("r1", batch.batch_id, "m", "1", batch.items, batch.metas))
+    assert len(header) <= MAX_HEADER_BYTES
