@@ -143,10 +143,13 @@ class WarmupRecorderModel(Model):
 
 
 class ParamsProbeModel(Model):
-    """Answers, per row, the request parameter ``scale`` (default 1) times ``x``, and whether the row's
-    parameters held any reserved name (they must not): ``predict`` declares ``params``."""
+    """Answers, per row, the request parameter ``scale`` (default 1) times ``x``, whether the row's parameters
+    held any name the proxy reads (they must not), and the rows of the batch it ran in: ``predict`` declares
+    ``params``."""
 
     def predict(self, batch: dict[str, np.ndarray], params: Sequence[Mapping[str, Any]] = ()) -> dict[str, np.ndarray]:
         scale = np.array([float(p.get("scale", 1)) for p in params], dtype=np.float32)
         leaked = np.array([bool({"priority", "timeout", "sequence_id"} & set(p)) for p in params])
-        return {"y": batch["x"] * scale.reshape(-1, *([1] * (batch["x"].ndim - 1))), "leaked": leaked}
+        rows = len(batch["x"])
+        return {"y": batch["x"] * scale.reshape(-1, *([1] * (batch["x"].ndim - 1))), "leaked": leaked,
+                "batch_rows": np.full(rows, rows, dtype=np.int64)}
