@@ -104,6 +104,10 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    description: str | None = Field(None, description="Inferoxy's own, from the spec; absent when unset.")
+    framework: str | None = Field(None, description="Inferoxy's own, from the spec; absent when unset.")
+    labels: dict[str, str] | None = Field(None, description="Inferoxy's own: the spec's free key/value metadata; "
+                                          "absent when it has none.")
     serving: Serving = Field(description="Inferoxy's own: how this version is being served, and why not.")
 
 

@@ -420,14 +420,20 @@ def serving(spec: ModelSpec, readiness: Readiness) -> dict[str, Any]:
 
 
 def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:
-    """Model metadata as the Open Inference Protocol and Triton give it: -1 leads for the batch dimension."""
-    return {
+    """Model metadata as the Open Inference Protocol and Triton give it: -1 leads for the batch dimension.
+
+    The spec's ``description``, ``framework`` and ``labels`` follow when set (the protocol allows extra fields)."""
+    document: dict[str, Any] = {
         "name": spec.name,
         "versions": versions,
         "platform": "inferoxy",
         "inputs": [_tensor_metadata(t) for t in spec.inputs],
         "outputs": [_tensor_metadata(t) for t in spec.outputs],
     }
+    for field, value in (("description", spec.description), ("framework", spec.framework), ("labels", spec.labels)):
+        if value:
+            document[field] = value
+    return document
 
 
 def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:

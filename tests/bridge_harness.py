@@ -45,7 +45,8 @@ def test_specs() -> list[ModelSpec]:
     ]
     return [
         spec("echo", inputs=echo_inputs, outputs=echo_inputs),
-        spec("echo", version="2", inputs=[TensorSpec(name="x", datatype="INT64", shape=[-1, 2])]),
+        spec("echo", version="2", inputs=[TensorSpec(name="x", datatype="INT64", shape=[-1, 2])],
+             description="Echo, taking pairs.", framework="numpy", labels={"team": "vision", "stage": "beta"}),
         spec("any"),  # declares no inputs: anything goes
         spec("slow"),
         spec("fail"),

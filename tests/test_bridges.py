@@ -424,6 +424,9 @@ def test_rest_health_and_metadata(stack):
         assert "image inferoxy/fail not found" in failed["reason"]
         v2 = http.get("/v2/models/echo/versions/2").json()
         assert v2["inputs"] == [{"name": "x", "datatype": "INT64", "shape": [-1, -1, 2]}]
+        # The spec's metadata, beyond the protocol's fields (version 1 has none, and shows none above).
+        assert (v2["description"], v2["framework"], v2["labels"]) == ("Echo, taking pairs.", "numpy",
+                                                                      {"team": "vision", "stage": "beta"})
         # The scale as the task manager reported it: 1 replica ready of the 2 the autoscaler keeps.
         assert {k: v2["serving"][k] for k in ("state", "replicas", "target")} == {"state": "degraded", "replicas": 1,
                                                                                   "target": 2}
