@@ -415,6 +415,9 @@ def _summary(spec: ModelSpec, is_default: bool, loaded: bool, status: ModelStatu
         "max_replicas": spec.max_replicas,
         "state": None if status is None else status.state,
         "ready_replicas": None if status is None else status.ready_replicas,
+        "description": spec.description,
+        "framework": spec.framework,
+        "labels": spec.labels,
     }
 
 

@@ -164,6 +164,9 @@ def tls_context(cafile: str | None, certfile: str | None, keyfile: str | None) -
     return context
 
 
+# Characters of a model's description the list shows.
+DESCRIPTION_WIDTH = 48
+
 # -- commands -------------------------------------------------------------------------------------
 
 
@@ -172,18 +175,26 @@ def cmd_list(client: AdminClient, args: argparse.Namespace) -> int:
     if args.json:
         print(_dump_json(listing))
         return OK
-    header = ("NAME", "VERSION", "DEFAULT", "LOADED", "STATE", "REPLICAS", "BATCH", "RUNS")
+    header = ("NAME", "VERSION", "DEFAULT", "LOADED", "STATE", "REPLICAS", "BATCH", "RUNS", "FRAMEWORK", "DESCRIPTION")
     rows = [
         (
             m["name"], m["version"], "*" if m["default"] else "", "yes" if m["loaded"] else "no",
             m["state"] or "-",
             f"{'-' if m['ready_replicas'] is None else m['ready_replicas']}/{m['min_replicas']}..{m['max_replicas']}",
             str(m["max_batch_size"]), m["image"] or m["model_class"] or "(command)",
+            # .get: a proxy older than the metadata fields lists none.
+            m.get("framework") or "-", _first_line(m.get("description")),
         )
         for m in listing["models"]
     ]
     print(_table(header, rows))
     return OK
+
+
+def _first_line(text: str | None, width: int = DESCRIPTION_WIDTH) -> str:
+    """A description in a table cell: its first line, cut to ``width`` (``show`` prints it whole)."""
+    line = (text or "-").splitlines()[0] if (text or "").strip() else "-"
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def cmd_show(client: AdminClient, args: argparse.Namespace) -> int:

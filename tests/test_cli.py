@@ -72,9 +72,14 @@ def test_register_change_and_remove_through_the_cli(proxy: ProxyProcess, tmp_pat
     header, row = listed.stdout.splitlines()[:2]
     assert header.split()[:4] == ["NAME", "VERSION", "DEFAULT", "LOADED"]
     assert row.split()[:4] == ["echo", "1", "*", "yes"]
+    assert row.split()[-2:] == ["-", "-"], "no framework, no description"
 
-    edited = cli(proxy, "edit", "echo", "--set", "max_batch_size=4", "--set", "env.MODE=fast")
+    edited = cli(proxy, "edit", "echo", "--set", "max_batch_size=4", "--set", "env.MODE=fast",
+                 "--set", "framework=numpy", "--set", "description=Returns its inputs unchanged.")
     assert edited.returncode == 0, edited.stderr
+    # The spec's metadata in the list: the framework, and the description at the end of the row.
+    row = cli(proxy, "list").stdout.splitlines()[1]
+    assert row.split()[-5:] == ["numpy", "Returns", "its", "inputs", "unchanged."], row
     shown = cli(proxy, "show", "echo", "--version", "1")
     assert "max_batch_size: 4" in shown.stdout and "MODE: fast" in shown.stdout
 
