@@ -82,6 +82,8 @@ def build(registry: Registry | None, statuses: Mapping[str, ModelStatus], now: S
             "version": version,
             "default": registry is not None and registry.defaults.get(name) == version,
             "loaded": spec is not None and spec.max_replicas > 0,  # min_replicas 0 alone: it scales to zero
+            "description": spec.description if spec is not None else None,
+            "framework": spec.framework if spec is not None else None,
             **_serving(status, wall_time),
             "queue_depth": int(samples.queue_depth),
             "batches_in_flight": int(samples.batches_in_flight),

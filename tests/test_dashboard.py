@@ -64,6 +64,9 @@ def test_the_state_shows_every_model_version_with_its_serving_state(stack: Bridg
     assert rows["echo/2"]["state"] == "degraded" and rows["echo/2"]["desired_replicas"] == 2
     assert rows["fail/1"]["state"] == "failed" and "not found" in rows["fail/1"]["reason"]
     assert rows["slow/1"]["state"] == "unknown"
+    # The spec's metadata (tests/bridge_harness.py gives echo/2 some, echo/1 none).
+    assert (rows["echo/2"]["description"], rows["echo/2"]["framework"]) == ("Echo, taking pairs.", "numpy")
+    assert (rows["echo/1"]["description"], rows["echo/1"]["framework"]) == (None, None)
     for field in ("queue_depth", "requests", "errors", "request_rate", "latency_p50_s", "latency_p99_s",
                   "batch_size_mean", "replicas", "restarts"):
         assert field in rows["echo/1"], field

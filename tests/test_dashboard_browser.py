@@ -99,6 +99,8 @@ def test_the_models_appear_and_the_request_counter_rises(webdriver: Any, proxy: 
     for model in ("echo/1", "digits/1", "counter/1"):
         wait_until(chrome, lambda d, m=model: cell(d, m, "replicas").startswith("1 /"), f"{model} with its replica")
     assert "ready" in chrome.find_element("css selector", 'tr[data-model="echo/1"]').text
+    # models.yaml's description of digits, behind its framework, in the "about" column.
+    assert cell(chrome, "digits/1", "description").startswith("numpy: A classifier of 8x8 handwritten digits")
     replicas = chrome.find_elements("css selector", "#replicas tbody tr[data-replica]")
     assert len(replicas) == 3, [r.text for r in replicas]
     before = int(cell(chrome, "echo/1", "requests"))

@@ -72,6 +72,9 @@ function drawModels(models) {
     cell(tr, seconds(m.latency_p50_s), "num");
     cell(tr, seconds(m.latency_p99_s), "num");
     cell(tr, number(m.batch_size_mean, 1), "num");
+    // The spec's description (whole in the tooltip) and framework; textContent, so a spec cannot inject markup.
+    const about = [m.framework, m.description].filter(Boolean).join(": ");
+    cell(tr, about || "–", about ? "description" : "description muted").title = about;
     return tr;
   });
   replaceRows($("models"), rows);
