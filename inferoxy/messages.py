@@ -223,7 +223,7 @@ class Failed(Message, tag="failed"):
     message: str
 
 
-class Ready(Message, tag="ready"):
+class Ready(Message, tag="ready", omit_defaults=True):
     replica: ReplicaId
     model: str
     version: str

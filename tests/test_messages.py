@@ -59,6 +59,8 @@ SAME: list[tuple[m.Message, dict[str, Any]]] = [
      {"t": "failed", "replica": "r1", "batch": 3, "code": "model_error", "message": "ZeroDivisionError"}),
     (m.Ready(replica="r1", model="m", version="1", capacity=2, pid=99),
      {"t": "ready", "replica": "r1", "model": "m", "version": "1", "capacity": 2, "pid": 99}),
+    (m.Ready(replica="r1", model="m", version="1", capacity=2, pid=99, warmup_s=0.25),
+     {"t": "ready", "replica": "r1", "model": "m", "version": "1", "capacity": 2, "pid": 99, "warmup_s": 0.25}),
     (m.Stop(), {"t": "stop"}),
 ]
 ANY = m.Codec(*{type(struct) for struct, _ in SAME})
