@@ -33,11 +33,29 @@ def spec(**fields) -> ModelSpec:
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [-2]}]}, "-1"),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}] * 2}, "unique"),
         ({"surprise": 1}, "surprise"),
+        ({"warmup": [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "fill": "file"}]}]}, "needs a file"),
+        ({"warmup": [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "file": "/x.npy"}]}]}, "needs a file"),
+        ({"warmup": [{"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2]}]}]}, "BYTES"),
+        ({"warmup": [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 0]}]}]}, "sizes >= 1"),
+        ({"warmup": [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2]},
+                                 {"name": "y", "datatype": "FP32", "shape": [3]}]}]}, "same number of rows"),
+        ({"warmup": [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2]}] * 2}]}, "unique"),
+        ({"warmup": [{"inputs": [{"name": "y", "datatype": "FP32", "shape": [2, 3]}]}],
+          "inputs": [{"name": "x", "datatype": "FP32", "shape": [3]}]}, "not among the declared inputs"),
+        ({"warmup": [{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2]}], "count": 0}]}, "count"),
     ],
 )
 def test_bad_specs_are_refused_with_the_reason(fields: dict, complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
         spec(**fields)
+
+
+def test_a_warmup_with_random_and_file_inputs_is_accepted() -> None:
+    warmup = [{"inputs": [{"name": "x", "datatype": "INT64", "shape": [4, 3], "fill": "random"},
+                          {"name": "m", "datatype": "BOOL", "shape": [4], "fill": "file", "file": "/m.npy"}],
+               "count": 5}]
+    parsed = spec(warmup=warmup).warmup[0]
+    assert (parsed.count, [i.fill for i in parsed.inputs]) == (5, ["random", "file"])
 
 
 def test_repository_models_file_parses() -> None:

@@ -21,7 +21,8 @@ from examples.models.counter.model import CounterModel
 from inferoxy import envelope, wire
 from inferoxy.model import accepts_params
 from inferoxy.runtime import EXIT_CONFIG, EXIT_LOST_TASK_MANAGER, EXIT_STOPPED, SessionStore, answer_batch
-from inferoxy.warmup import run_warmup
+from inferoxy.warmup import DATATYPES, run_warmup
+from model_manager.spec import DATATYPE_TO_DTYPE
 from tests.models_for_tests import BatchProbeModel, ParamsProbeModel
 from tests.support import REPO
 
@@ -479,3 +480,8 @@ def test_params_reach_a_stateful_model_by_keyword() -> None:
                           SessionStore(model), with_params=accepts_params(model))
     assert wire.decode([zmq.Frame(bytes(f)) for f in frames])[0]["t"] == "result"
     assert seen == [{"k": "v"}, {}]
+
+
+def test_the_warmup_knows_every_datatype_the_spec_does() -> None:
+    # The replica cannot import the spec (pydantic); its copy of the datatypes must not drift.
+    assert DATATYPES == DATATYPE_TO_DTYPE
