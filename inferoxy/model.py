@@ -48,8 +48,9 @@ class Model(abc.ABC):
     ``warmup``. Empty when the replica was started by a proxy that does not send it."""
 
     def load(self) -> None:  # noqa: B027 (optional hook: a model with nothing to load skips it)
-        """Read weights and warm up. Called once before the replica reports itself ready;
-        an exception here ends the replica (its traceback goes to the replica's log)."""
+        """Read weights and warm up. Called once before the replica reports itself ready (the spec's
+        ``warmup`` requests, if any, run after it); an exception here ends the replica (its traceback goes to
+        the replica's log)."""
 
     @abc.abstractmethod
     def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

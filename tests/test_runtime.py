@@ -485,3 +485,17 @@ def test_params_reach_a_stateful_model_by_keyword() -> None:
 def test_the_warmup_knows_every_datatype_the_spec_does() -> None:
     # The replica cannot import the spec (pydantic); its copy of the datatypes must not drift.
     assert DATATYPES == DATATYPE_TO_DTYPE
+
+
+def test_a_ragged_model_warms_up_with_lists_as_its_batches_come() -> None:
+    seen: list[Any] = []
+
+    class Ragged(BatchProbeModel):
+        def predict(self, batch: dict[str, Any]) -> dict[str, Any]:
+            seen.append([a.shape for a in batch["x"]])
+            return {"y": list(batch["x"])}
+
+    model = Ragged()
+    model.spec = {"ragged_batches": True}
+    run_warmup(model, "r1", [{"inputs": [{"name": "x", "datatype": "FP16", "shape": [2, 5]}]}])
+    assert seen == [[(2, 5)]]
