@@ -1,4 +1,4 @@
-"""Request parameters reach the model: the whole proxy (`inferoxy serve`), over REST and ZeroMQ."""
+"""Request parameters reach the model: the whole proxy (`inferoxy serve`), over REST, ZeroMQ and gRPC."""
 
 from __future__ import annotations
 
@@ -93,3 +93,21 @@ def test_the_threshold_example_over_rest_and_zmq(proxy: ProxyProcess) -> None:
     response = httpx.post(f"{proxy.rest_url}/v2/models/threshold/infer", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert outputs_of(response.json())["label"] == expected.tolist()
+
+
+def test_a_grpc_request_s_parameters_reach_the_model_too(proxy: ProxyProcess) -> None:
+    import grpc
+
+    from bridges.proto import grpc_predict_v2_pb2 as pb
+    from bridges.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name="probe")
+    request.parameters["scale"].double_param = 4.0
+    request.parameters["priority"].string_param = "low"
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    request.raw_input_contents.append(np.array([[1.0, 2.0]], np.float32).tobytes())
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    outputs = {o.name: raw for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)}
+    assert np.frombuffer(outputs["y"], np.float32).tolist() == [4.0, 8.0]
+    assert np.frombuffer(outputs["leaked"], np.bool_).tolist() == [False]
