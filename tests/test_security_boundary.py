@@ -6,6 +6,7 @@ can guess replica ids, but holds none of the secrets `serve` made at start.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -204,6 +205,8 @@ def test_a_replica_sees_none_of_the_proxys_secrets(proxy: ProxyProcess) -> None:
     # What it needs: where to dial, who it is, its own keys, and what runs Python here.
     assert replica["INFEROXY_REPLICA_URL"] == proxy.env["INFEROXY_REPLICA_BIND_URL"]
     assert replica["INFEROXY_REPLICA_ID"] and replica["INFEROXY_MODEL_CLASS"]
+    spec = json.loads(replica["INFEROXY_MODEL_SPEC"])
+    assert "env" not in spec and "command" not in spec, spec
     assert all(len(replica[name]) == 40 for name in ("INFEROXY_BUS_SERVER_KEY", "INFEROXY_BUS_PUBLIC_KEY",
                                                      "INFEROXY_BUS_SECRET_KEY"))
     assert replica["PATH"] == proxy.env["PATH"] and replica["LC_ALL"] == "C.UTF-8"
@@ -215,4 +218,6 @@ ALLOWED_INFEROXY = {
     "INFEROXY_REPLICA_URL", "INFEROXY_REPLICA_ID", "INFEROXY_MODEL_NAME", "INFEROXY_MODEL_VERSION",
     "INFEROXY_MODEL_CLASS", "INFEROXY_HEARTBEAT_INTERVAL_S", "INFEROXY_HEARTBEAT_LIVENESS", "INFEROXY_LOG_LEVEL",
     "INFEROXY_LOG_FORMAT", "INFEROXY_BUS_SERVER_KEY", "INFEROXY_BUS_PUBLIC_KEY", "INFEROXY_BUS_SECRET_KEY",
+    # The spec less env and command (Model.spec): checked above to carry neither.
+    "INFEROXY_MODEL_SPEC",
 }
