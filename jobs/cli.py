@@ -159,7 +159,15 @@ async def _embedded(options: BatchOptions, args: argparse.Namespace) -> JobSumma
             import zmq
 
             server_key = zmq.curve_public(shared[0].zmq_curve_secret_key.get_secret_value().encode()).decode()
-        return await _run(options, f"tcp://{host}:{shared[0].zmq_port}", args.api_key, server_key, args.progress)
+        job = asyncio.create_task(_run(options, f"tcp://{host}:{shared[0].zmq_port}", args.api_key, server_key,
+                                       args.progress))
+        await asyncio.wait({job, proxy}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done():  # the proxy stopped under the job (a signal while it started, a failed component)
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError, JobError):
+                await job
+            raise JobError("the embedded proxy stopped during the job; --resume continues it")
+        return job.result()
     finally:
         waiter.cancel()
         proxy.cancel()

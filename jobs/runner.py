@@ -43,6 +43,10 @@ TRANSIENT = frozenset({ErrorCode.OVERLOADED.value, ErrorCode.RATE_LIMITED.value,
 # Errors no retry mends: the job stops at once.
 FATAL = frozenset({ErrorCode.UNKNOWN_MODEL.value, ErrorCode.UNAUTHENTICATED.value, ErrorCode.FORBIDDEN.value})
 MAX_ATTEMPTS = 8
+# A request not answered within the predictor's timeout (minutes for the CLI) is tried once more, then the job
+# stops: rows that fail this way say nothing about themselves, and a proxy that went away would otherwise turn
+# every remaining row into a failed one, slowly.
+DEADLINE_ATTEMPTS = 2
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 # A part is committed once it has part_rows rows or has waited this long, so a slow job still checkpoints.
@@ -136,6 +140,11 @@ class _Job:
             except InferenceError as exc:
                 if exc.code in FATAL:
                     raise JobError(f"model {options.model!r}: {exc.code}: {exc.message}") from None
+                if exc.code == ErrorCode.DEADLINE.value and attempt + 1 < DEADLINE_ATTEMPTS:
+                    continue  # once more at once: the proxy may have been busy; twice is a proxy gone or wedged
+                if exc.code == ErrorCode.DEADLINE.value:
+                    raise JobError(f"model {options.model!r}: no answer in time, {DEADLINE_ATTEMPTS} times: "
+                                   f"{exc.message} (is the proxy up?)") from None
                 if exc.code not in TRANSIENT:
                     raise
                 if attempt == MAX_ATTEMPTS - 1:

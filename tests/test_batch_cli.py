@@ -168,3 +168,34 @@ def test_resume_after_sigkill_has_no_duplicate_and_no_missing_row(proxy: ProxyPr
     assert float(np.mean(np.array(result.column("label").to_pylist()) == labels)) >= 0.95
     meta = json.loads((tmp_path / "out.metadata.json").read_text())
     assert meta["resumed"] is True and meta["rows_ok"] == len(labels)
+
+
+def test_embedded_starts_a_proxy_for_the_job_and_stops_it(tmp_path: Path) -> None:
+    table, labels = digits_table()
+    pq.write_table(table, tmp_path / "data.parquet")
+    env = {**ProxyProcess().env, "PYTHONPATH": str(REPO)}  # free loopback ports and an instance name of its own
+    env["INFEROXY_INSTANCE"] = f"batch-embedded-{os.getpid()}"
+    done = subprocess.run([sys.executable, "-m", "inferoxy", "batch", "--embedded", "digits",
+                           str(tmp_path / "data.parquet"), str(tmp_path / "out"), "--input", "image=pixels"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = pq.read_table(tmp_path / "out")
+    assert result.column("row").to_pylist() == list(range(len(labels)))
+    assert float(np.mean(np.array(result.column("label").to_pylist()) == labels)) >= 0.95
+    assert not processes_of(env), "the embedded proxy left processes behind"
+
+
+def processes_of(env: dict[str, str]) -> list[int]:
+    """Processes of the proxy started with ``env``: its own (the instance name) and its replicas (the bus address
+    they dial, a port of its own)."""
+    wanted = {f"INFEROXY_INSTANCE={env['INFEROXY_INSTANCE']}".encode(),
+              f"INFEROXY_REPLICA_URL={env['INFEROXY_REPLICA_BIND_URL']}".encode()}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if wanted & set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found

@@ -97,6 +97,13 @@ def test_transient_refusals_are_retried_and_a_fatal_one_stops_the_job(tmp_path: 
     summary = run(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "a")), model)
     assert (summary.rows_ok, summary.rows_failed) == (20, 0)
 
+    model.refuse = ["deadline"]  # once: sent again
+    summary = run(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "d")), model)
+    assert (summary.rows_ok, summary.rows_failed) == (20, 0)
+    model.refuse = ["deadline", "deadline"]  # twice: the proxy is gone or wedged, not these rows
+    with pytest.raises(JobError, match="is the proxy up"):
+        run(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "e")), model)
+
     model.refuse = ["forbidden"]
     with pytest.raises(JobError, match="forbidden"):
         run(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "b")), model)
