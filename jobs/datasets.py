@@ -107,6 +107,7 @@ class Dataset:
         self.url = options.input
         self.batch_size = options.batch_size
         self.fs, self.path = filesystem(options.input, options.storage_options)
+        self._schema: pa.Schema | None = None
         try:
             self.format, self.files = self._discover(options.input_format)
         except DatasetError:
@@ -131,6 +132,12 @@ class Dataset:
                                    f"{sorted(self.columns)} (map one with --input {tensor.name}=COLUMN)")
             self.mapping[tensor.name] = column
         self.tensors = list(info.inputs)
+        # Encoded images are decoded a block at a time: 4096 decoded photos would be gigabytes, so a request's worth.
+        self.block_rows = max(self.batch_size, BLOCK_ROWS)
+        if self.format == "images" or self._schema is not None and any(
+                pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                for t in (self._schema.field(c).type for c in self.mapping.values())):
+            self.block_rows = self.batch_size
 
     # -- discovery --------------------------------------------------------------------------------------------------
 
@@ -171,7 +178,8 @@ class Dataset:
         try:
             if self.format == "parquet":
                 with self.fs.open(first, "rb") as handle:
-                    return set(pq.ParquetFile(handle).schema_arrow.names)
+                    self._schema = pq.ParquetFile(handle).schema_arrow
+                return set(self._schema.names)
             with self.fs.open(first, "rb") as handle:
                 return set(next(iter(_csv_batches(handle, 2))).schema.names)
         except (pa.ArrowInvalid, StopIteration) as exc:
@@ -243,9 +251,9 @@ class Dataset:
                             position += rows
                             continue
                         batches: Iterator[pa.RecordBatch] = file.iter_batches(
-                            batch_size=max(self.batch_size, BLOCK_ROWS), columns=self._wanted_columns())
+                            batch_size=self.block_rows, columns=self._wanted_columns())
                     else:
-                        batches = _csv_batches(handle, max(self.batch_size, BLOCK_ROWS))
+                        batches = _csv_batches(handle, self.block_rows)
                     for batch in batches:
                         end = position + batch.num_rows
                         if end > skip:

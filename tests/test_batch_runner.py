@@ -209,3 +209,29 @@ def test_a_corrupt_parquet_file_is_a_job_error_naming_it(tmp_path: Path) -> None
     (tmp_path / "in.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(JobError, match="in.parquet"):
         run(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out")), SumModel())
+
+
+def test_encoded_images_are_decoded_a_request_at_a_time(tmp_path: Path) -> None:
+    from jobs.datasets import BLOCK_ROWS, Dataset
+
+    blobs = [png(np.full((5, 5), i, np.uint8)) for i in range(3)]
+    pq.write_table(pa.table({"jpg": blobs, "x": [[1.0] * 4] * 3}), tmp_path / "in.parquet")
+    images = Dataset(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output="o", batch_size=16,
+                                  inputs={"x": "jpg"}), SumModel(shape=[5, 5], datatype="UINT8").info)
+    lists = Dataset(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output="o", batch_size=16),
+                    SumModel().info)
+    assert (images.block_rows, lists.block_rows) == (16, BLOCK_ROWS)
+
+
+def test_without_a_terminal_progress_is_a_log_line_per_10000_rows(caplog: pytest.LogCaptureFixture) -> None:
+    from jobs import cli
+
+    report, close = cli._progress("log")
+    assert report is not None
+    with caplog.at_level("INFO", logger="inferoxy.batch"):
+        for done in range(0, 25_001, 500):
+            report(Progress(done, 3, 25_000))
+    close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" rows done")[0] for line in lines] == ["10000/25000", "20000/25000", "25000/25000"]
+    assert all("3 failed" in line and "rows/s" in line for line in lines)
