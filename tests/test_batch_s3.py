@@ -9,6 +9,7 @@ for the same object; the other tests run with moto's default (any key accepted).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,14 +19,18 @@ from dataclasses import dataclass
 
 import boto3
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 from moto.core import authorization
 from moto.server import ThreadedMotoServer
 
+from jobs.options import BatchOptions
+from jobs.runner import Progress, run_batch
 from tests.support import REPO, ProxyProcess, free_port
 from tests.test_batch_cli import digits_table
+from tests.test_batch_runner import SumModel
 
 BUCKET = "inferoxy-batch-test"
 ALLOW_S3 = json.dumps({"Version": "2012-10-17",
@@ -119,3 +124,35 @@ def test_a_missing_bucket_is_one_clear_line(s3: S3, proxy: ProxyProcess) -> None
         line = done.stderr.strip()
         assert len(line.splitlines()) == 1 and "Traceback" not in line, line
         assert words in line, line
+
+
+def test_a_job_on_s3_stops_and_resumes_without_duplicates(s3: S3) -> None:
+    fs = s3.fs()
+    with fs.open(f"{BUCKET}/in/rows.parquet", "wb") as handle:
+        pq.write_table(pa.table({"x": [[float(i)] * 4 for i in range(300)]}), handle)
+    storage = {"endpoint_url": s3.endpoint, "key": s3.key, "secret": s3.secret}
+    options = BatchOptions(model="sum", input=f"s3://{BUCKET}/in/rows.parquet", output=f"s3://{BUCKET}/out/rows",
+                           batch_size=10, concurrency=2, part_rows=50, storage_options=storage)
+    model = SumModel()
+
+    async def stopped_half_way() -> int:
+        cancel = asyncio.Event()
+
+        def report(progress: Progress) -> None:
+            if progress.rows_done >= 120:
+                cancel.set()
+
+        return (await run_batch(options, model, on_progress=report, cancel=cancel)).rows
+
+    first = asyncio.run(stopped_half_way())
+    assert 120 <= first < 300
+    # What a killed run leaves after its last checkpoint: a part the checkpoint does not name.
+    parts = json.loads(fs.cat_file(f"{BUCKET}/out/rows/_checkpoint.json"))["parts"]
+    with fs.open(f"{BUCKET}/out/rows/part-{parts:05d}.parquet", "wb") as handle:
+        pq.write_table(pa.table({"row": [7]}), handle)
+
+    summary = asyncio.run(run_batch(options.model_copy(update={"resume": True}), model))
+    assert (summary.resumed, summary.rows_ok) == (True, 300)
+    table = pq.read_table(f"{BUCKET}/out/rows", filesystem=s3.fs())
+    assert table.column("row").to_pylist() == list(range(300))
+    assert table.column("total").to_pylist()[299] == 4 * 299.0
