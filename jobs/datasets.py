@@ -72,9 +72,7 @@ def filesystem(url: str, storage_options: dict[str, str]) -> tuple[fsspec.Abstra
 
 def _storage_options(url: str, options: dict[str, str]) -> dict[str, Any]:
     if not url.startswith("s3://"):
-        if options:
-            raise DatasetError(f"{url}: storage options apply to s3:// URLs only")
-        return {}
+        return {}  # they are for the s3:// side of the job (its input or its output); a local path takes none
     # s3fs wants the endpoint and region under client_kwargs; accept the flat spelling users type.
     out: dict[str, Any] = {}
     client: dict[str, Any] = {}

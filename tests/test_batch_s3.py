@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -156,3 +157,11 @@ def test_a_job_on_s3_stops_and_resumes_without_duplicates(s3: S3) -> None:
     table = pq.read_table(f"{BUCKET}/out/rows", filesystem=s3.fs())
     assert table.column("row").to_pylist() == list(range(300))
     assert table.column("total").to_pylist()[299] == 4 * 299.0
+
+
+def test_from_s3_to_a_local_folder(s3: S3, proxy: ProxyProcess, tmp_path: Path) -> None:
+    # The storage options are for the s3:// side; the local side takes none and must not refuse them.
+    done = batch(proxy, "digits", f"s3://{BUCKET}/in/digits.parquet", str(tmp_path / "out"),
+                 "--input", "image=pixels", *s3.options())
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(tmp_path / "out").num_rows == len(digits_table()[1])
