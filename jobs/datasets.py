@@ -192,6 +192,14 @@ class Dataset:
             return self.key_column
         return IMAGE_KEY_COLUMN if self.format == "images" else ROW_COLUMN
 
+    def key_type(self) -> pa.DataType:
+        """The key column's type before any row is read (for an output with no rows)."""
+        if self.key_column is not None and self._schema is not None:
+            return self._schema.field(self.key_column).type
+        if self.key_column is not None or self.format == "images":
+            return pa.string()
+        return pa.int64()
+
     def _url_of(self, path: str) -> str:
         return f"s3://{path}" if self.url.startswith("s3://") else path
 

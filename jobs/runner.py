@@ -220,6 +220,7 @@ class _Job:
         order: asyncio.Queue[asyncio.Task[_Done] | None] = asyncio.Queue(maxsize=4 * self.concurrency)
         producer = asyncio.create_task(self._produce(blocks, window, order), name="batch-read")
         pending: list[_Done] = []
+        pending_rows = 0
         answered = checkpoint.ok + checkpoint.failed
         failed = checkpoint.failed
         last_commit = time.perf_counter()
@@ -238,15 +239,19 @@ class _Job:
                     self.on_progress(Progress(answered, failed, total))
                 if schema is None:
                     schema = output_schema(self.info, done.chunk.keys.type, dataset.key_name)
-                if (sum(d.chunk.rows for d in pending) >= options.part_rows
-                        or time.perf_counter() - last_commit >= PART_SECONDS):
+                pending_rows += done.chunk.rows
+                if pending_rows >= options.part_rows or time.perf_counter() - last_commit >= PART_SECONDS:
                     await self._commit(output, checkpoint, pending, schema, base_stages)
-                    pending = []
+                    pending, pending_rows = [], 0
                     last_commit = time.perf_counter()
             await producer  # its error (an unreadable shard) is the job's
+            cancelled = self.cancel is not None and self.cancel.is_set()
             if pending and schema is not None:
                 await self._commit(output, checkpoint, pending, schema, base_stages)
-            cancelled = self.cancel is not None and self.cancel.is_set()
+            elif checkpoint.parts == 0 and not cancelled:
+                # No row at all: one empty part, so the output still reads as a table with the job's columns.
+                schema = output_schema(self.info, dataset.key_type(), dataset.key_name)
+                await self._commit(output, checkpoint, [], schema, base_stages)
         finally:
             producer.cancel()
             while not order.empty():
@@ -309,6 +314,8 @@ class _Job:
 def _table(info: ModelInfo, done: list[_Done], schema: pa.Schema) -> pa.Table:
     """One part's rows as one record batch: built per chunk, thousands of 32-row batches cost more to make and
     to write than the rows themselves."""
+    if not done:
+        return schema.empty_table()
     good = np.concatenate([item.good for item in done])
     try:
         outputs = {t.name: np.concatenate([item.outputs[t.name] for item in done if item.outputs])

@@ -235,3 +235,12 @@ def test_without_a_terminal_progress_is_a_log_line_per_10000_rows(caplog: pytest
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(" rows done")[0] for line in lines] == ["10000/25000", "20000/25000", "25000/25000"]
     assert all("3 failed" in line and "rows/s" in line for line in lines)
+
+
+def test_an_input_with_no_rows_still_gives_a_table_with_the_columns(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": pa.array([], pa.list_(pa.float32()))}), tmp_path / "in.parquet")
+    summary = run(BatchOptions(model="sum", input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out")),
+                  SumModel())
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 0 and table.column_names == ["row", "total", "twice", "error"]
+    assert (summary.rows, summary.parts) == (0, 1)
