@@ -31,6 +31,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # The columns a folder of images reads as: the file's name (relative to the folder) and its bytes.
 IMAGE_KEY_COLUMN = "key"
 IMAGE_COLUMN = "image"
+ROW_COLUMN = "row"
 # Pillow refuses larger images (decompression bombs) with an error: that row fails.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
@@ -174,6 +175,13 @@ class Dataset:
             raise DatasetError(f"{self._url_of(first)}: not a readable {self.format} file: {exc}") from None
         except OSError as exc:
             raise DatasetError(describe_error(self._url_of(first), exc)) from None
+
+    @property
+    def key_name(self) -> str:
+        """The output's key column: the one the user named, an image's file name, else the row's index."""
+        if self.key_column is not None:
+            return self.key_column
+        return IMAGE_KEY_COLUMN if self.format == "images" else ROW_COLUMN
 
     def _url_of(self, path: str) -> str:
         return f"s3://{path}" if self.url.startswith("s3://") else path

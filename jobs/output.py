@@ -31,7 +31,6 @@ from model_manager.spec import TensorSpec
 CHECKPOINT = "_checkpoint.json"
 METADATA_SUFFIX = ".metadata.json"
 ERROR_COLUMN = "error"
-ROW_COLUMN = "row"
 _PART = re.compile(r"part-(\d{5,})\.parquet$")
 
 _ARROW_TYPES: dict[str, pa.DataType] = {

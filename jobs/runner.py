@@ -31,7 +31,7 @@ from inferoxy.client import InferenceError
 from inferoxy.protocol import ErrorCode
 from jobs.datasets import Chunk, Dataset, DatasetError
 from jobs.options import BatchOptions
-from jobs.output import ERROR_COLUMN, ROW_COLUMN, Checkpoint, Output, output_columns, output_schema
+from jobs.output import ERROR_COLUMN, Checkpoint, Output, output_columns, output_schema
 from jobs.predictor import ModelInfo, Predictor
 
 # Requests in flight when the options leave it unset: with 32-row requests, 256 rows, enough to fill a few
@@ -227,8 +227,7 @@ class _Job:
                 if self.on_progress is not None:
                     self.on_progress(Progress(answered, failed, total))
                 if schema is None:
-                    key_name = options.key_column or ROW_COLUMN
-                    schema = output_schema(self.info, done.chunk.keys.type, key_name)
+                    schema = output_schema(self.info, done.chunk.keys.type, dataset.key_name)
                 if (sum(d.chunk.rows for d in pending) >= options.part_rows
                         or time.perf_counter() - last_commit >= PART_SECONDS):
                     await self._commit(output, checkpoint, pending, schema, base_stages)
