@@ -34,6 +34,9 @@ IMAGE_COLUMN = "image"
 ROW_COLUMN = "row"
 # Pillow refuses larger images (decompression bombs) with an error: that row fails.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Rows read and converted at once (parquet, CSV), then cut into requests: large enough that arrow's and numpy's
+# per-call costs vanish, small enough to stay a few MB in memory.
+BLOCK_ROWS = 4096
 
 
 class DatasetError(Exception):
@@ -203,21 +206,24 @@ class Dataset:
 
     # -- reading ----------------------------------------------------------------------------------------------------
 
-    def chunks(self, skip: int = 0, limit: int | None = None) -> Iterator[Chunk]:
-        """Chunks of ``batch_size`` rows from row ``skip`` on, at most ``limit`` rows in all (blocking I/O: run it in
-        a thread)."""
+    def blocks(self, skip: int = 0, limit: int | None = None) -> Iterator[list[Chunk]]:
+        """Chunks of ``batch_size`` rows from row ``skip`` on, at most ``limit`` rows in all, a record batch's worth
+        at a time (blocking I/O: run it in a thread). Whole record batches are converted at once and then cut:
+        per 32-row chunk, arrow's and numpy's fixed costs would exceed the work."""
         emitted = 0
         for path, (batch, index) in self._record_batches(skip):
-            for offset in range(0, batch.num_rows, self.batch_size):
-                part = batch.slice(offset, self.batch_size)
-                if limit is not None:
-                    if emitted >= limit:
-                        return
-                    part = part.slice(0, limit - emitted)
-                emitted += part.num_rows
-                yield self._chunk(index + offset, part, path)
-            if limit is not None and emitted >= limit:
-                return
+            if limit is not None:
+                if emitted >= limit:
+                    return
+                batch = batch.slice(0, limit - emitted)
+            emitted += batch.num_rows
+            if batch.num_rows:
+                yield _cut(self._chunk(index, batch, path), self.batch_size)
+
+    def chunks(self, skip: int = 0, limit: int | None = None) -> Iterator[Chunk]:
+        """``blocks``, one chunk at a time."""
+        for block in self.blocks(skip, limit):
+            yield from block
 
     def _record_batches(self, skip: int) -> Iterator[tuple[str, tuple[pa.RecordBatch, int]]]:
         """(path, (record batch, index of its first row)) from row ``skip`` on."""
@@ -237,9 +243,9 @@ class Dataset:
                             position += rows
                             continue
                         batches: Iterator[pa.RecordBatch] = file.iter_batches(
-                            batch_size=max(self.batch_size, 1024), columns=self._wanted_columns())
+                            batch_size=max(self.batch_size, BLOCK_ROWS), columns=self._wanted_columns())
                     else:
-                        batches = _csv_batches(handle, max(self.batch_size, 1024))
+                        batches = _csv_batches(handle, max(self.batch_size, BLOCK_ROWS))
                     for batch in batches:
                         end = position + batch.num_rows
                         if end > skip:
@@ -293,6 +299,22 @@ class Dataset:
         else:
             keys = pa.array(np.arange(first, first + n, dtype=np.int64))
         return Chunk(first, keys, inputs, good, errors)
+
+
+def _cut(whole: Chunk, size: int) -> list[Chunk]:
+    """``whole`` as chunks of ``size`` rows: views of its arrays, no copy."""
+    if whole.rows <= size:
+        return [whole]
+    # Where each chunk's good rows start among ``whole.inputs`` (which hold the good rows only).
+    good_before = np.concatenate([[0], np.cumsum(whole.good)])
+    out = []
+    for start in range(0, whole.rows, size):
+        end = min(start + size, whole.rows)
+        first, last = int(good_before[start]), int(good_before[end])
+        out.append(Chunk(whole.first + start, whole.keys.slice(start, end - start),
+                         {name: value[first:last] for name, value in whole.inputs.items()},
+                         whole.good[start:end], whole.errors[start:end]))
+    return out
 
 
 def _hidden(relative: str) -> bool:

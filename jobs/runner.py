@@ -205,10 +205,10 @@ class _Job:
         base_stages = dict(checkpoint.stages)
         rows_before = checkpoint.rows
         limit = None if options.max_samples is None else max(0, options.max_samples - checkpoint.rows)
-        chunks = dataset.chunks(skip=checkpoint.rows, limit=limit)
+        blocks = dataset.blocks(skip=checkpoint.rows, limit=limit)
         window = asyncio.Semaphore(self.concurrency)
         order: asyncio.Queue[asyncio.Task[_Done] | None] = asyncio.Queue(maxsize=2 * self.concurrency)
-        producer = asyncio.create_task(self._produce(chunks, window, order), name="batch-read")
+        producer = asyncio.create_task(self._produce(blocks, window, order), name="batch-read")
         pending: list[_Done] = []
         answered = checkpoint.ok + checkpoint.failed
         failed = checkpoint.failed
@@ -256,20 +256,23 @@ class _Job:
             await asyncio.to_thread(output.write_metadata, summary.to_json())
         return summary
 
-    async def _produce(self, chunks: Iterator[Chunk], window: asyncio.Semaphore,
+    async def _produce(self, blocks: Iterator[list[Chunk]], window: asyncio.Semaphore,
                        order: asyncio.Queue[asyncio.Task[_Done] | None]) -> None:
         try:
             while self.cancel is None or not self.cancel.is_set():
-                await window.acquire()
                 began = time.perf_counter()
-                chunk = await asyncio.to_thread(next, chunks, None)
+                block = await asyncio.to_thread(next, blocks, None)
                 self.stages["read"] += time.perf_counter() - began
-                if chunk is None:
-                    window.release()
+                if block is None:
                     break
-                task = asyncio.create_task(self._infer(chunk))
-                task.add_done_callback(lambda _: window.release())
-                await order.put(task)
+                for chunk in block:
+                    await window.acquire()
+                    if self.cancel is not None and self.cancel.is_set():
+                        window.release()
+                        break
+                    task = asyncio.create_task(self._infer(chunk))
+                    task.add_done_callback(lambda _: window.release())
+                    await order.put(task)
         except asyncio.CancelledError:
             raise  # the consumer stopped us: nobody reads the queue any more
         except BaseException:
