@@ -322,7 +322,7 @@ def _hidden(relative: str) -> bool:
 
 
 def _csv_batches(handle: Any, rows: int) -> Iterator[pa.RecordBatch]:
-    # Every column read as text: a column of numbers and a column of JSON lists are told apart per tensor.
+    # arrow infers each column's type (numbers, or text such as a JSON list, parsed per row); the first block fixes it.
     reader = pacsv.open_csv(handle, read_options=pacsv.ReadOptions(block_size=1 << 20),
                             convert_options=pacsv.ConvertOptions(auto_dict_encode=False))
     for batch in reader:

@@ -207,7 +207,8 @@ class _Job:
         limit = None if options.max_samples is None else max(0, options.max_samples - checkpoint.rows)
         blocks = dataset.blocks(skip=checkpoint.rows, limit=limit)
         window = asyncio.Semaphore(self.concurrency)
-        order: asyncio.Queue[asyncio.Task[_Done] | None] = asyncio.Queue(maxsize=2 * self.concurrency)
+        # Answered requests wait here for those before them (and through a part's write): bounded, a few per lane.
+        order: asyncio.Queue[asyncio.Task[_Done] | None] = asyncio.Queue(maxsize=4 * self.concurrency)
         producer = asyncio.create_task(self._produce(blocks, window, order), name="batch-read")
         pending: list[_Done] = []
         answered = checkpoint.ok + checkpoint.failed
@@ -297,12 +298,25 @@ class _Job:
 
 
 def _table(info: ModelInfo, done: list[_Done], schema: pa.Schema) -> pa.Table:
-    batches = []
-    for item in done:
-        keys = item.chunk.keys.cast(schema.field(0).type)
-        columns = [keys, *output_columns(info, item.outputs, item.good), pa.array(item.errors, pa.string())]
-        batches.append(pa.RecordBatch.from_arrays(columns, schema=schema))
-    return pa.Table.from_batches(batches, schema=schema)
+    """One part's rows as one record batch: built per chunk, thousands of 32-row batches cost more to make and
+    to write than the rows themselves."""
+    good = np.concatenate([item.good for item in done])
+    try:
+        outputs = {t.name: np.concatenate([item.outputs[t.name] for item in done if item.outputs])
+                   for t in info.outputs if any(item.outputs for item in done)}
+    except ValueError:  # outputs of free dimensions that differ between requests: chunk by chunk
+        return pa.Table.from_batches([_record_batch(info, [item], schema) for item in done], schema=schema)
+    keys = pa.concat_arrays([item.chunk.keys.cast(schema.field(0).type) for item in done])
+    errors = pa.array([e for item in done for e in item.errors], pa.string())
+    columns = [keys, *output_columns(info, outputs, good), errors]
+    return pa.Table.from_batches([pa.RecordBatch.from_arrays(columns, schema=schema)], schema=schema)
+
+
+def _record_batch(info: ModelInfo, done: list[_Done], schema: pa.Schema) -> pa.RecordBatch:
+    item = done[0]
+    keys = item.chunk.keys.cast(schema.field(0).type)
+    columns = [keys, *output_columns(info, item.outputs, item.good), pa.array(item.errors, pa.string())]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def fingerprint(options: BatchOptions, info: ModelInfo) -> dict[str, Any]:

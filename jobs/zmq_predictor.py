@@ -13,15 +13,24 @@ from model_manager.spec import TensorSpec
 
 # A batch request may wait behind many others in the proxy's queues: longer than an interactive call.
 TIMEOUT_S = 120.0
+# The first exchange: no answer this soon means no proxy there, not a busy one.
+METADATA_TIMEOUT_S = 15.0
 
 
 class ZmqPredictor:
     def __init__(self, url: str = DEFAULT_URL, *, api_key: str | None = None, server_key: str | None = None,
                  timeout_s: float = TIMEOUT_S) -> None:
+        self.url = url
         self.client = AsyncClient(url, timeout_s, api_key=api_key, server_key=server_key)
 
     async def metadata(self, model: str, version: str | None) -> ModelInfo:
-        meta = await self.client.metadata(model, version=version)
+        try:
+            meta = await self.client.metadata(model, version=version, timeout=METADATA_TIMEOUT_S)
+        except InferenceError as exc:
+            if exc.code != ErrorCode.DEADLINE.value:
+                raise
+            raise InferenceError(exc.code, f"no answer from {self.url} within {METADATA_TIMEOUT_S:g}s: is a proxy's "
+                                 "ZeroMQ bridge there (--url)?") from None
         try:
             return ModelInfo(name=str(meta["name"]), version=str(meta["version"]),
                              inputs=[_tensor(t) for t in meta["inputs"]],
