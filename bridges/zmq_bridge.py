@@ -35,6 +35,7 @@ from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
 from bridges.metering import clock
 from bridges.pipeline import Answer, Pipeline
+from bridges.rest import metadata as model_metadata
 from inferoxy import curve, metrics
 from inferoxy.bus import plain_socket
 from inferoxy.curve import CurveServer
@@ -154,6 +155,9 @@ class ZmqBridge:
             header = unpack_header(body[0])
             request_id = request_ids.choose(header.get("request_id"))
             rid = _request_id(header)
+            if "op" in header:  # not an inference (docs/PROTOCOL.md, "Other operations"): never metered as one
+                self._operation(header, envelope, rid, request_id)
+                return
             self._submit(header, body, envelope, rid, request_id, started)
             return
         except InferoxyError as exc:
@@ -163,6 +167,30 @@ class ZmqBridge:
             error = RequestError(ErrorCode.INTERNAL, "the bridge failed to handle the request")
         self._send_error(envelope, rid, request_id, error.code, error.message, error.retry_after_s)
         self.pipeline.meter.record(header.get("model"), header.get("version"), error.code, started)
+
+    def _operation(self, header: dict[str, Any], envelope: list[Any], rid: int | str, request_id: str) -> None:
+        """``op: metadata``: the model version's metadata as ``GET /v2/models/{name}`` gives it (less ``serving``),
+        under the same rule (open unless ``INFEROXY_AUTH_METADATA`` closes it), so a ZeroMQ client such as
+        ``inferoxy batch`` learns a model's declared inputs without the REST port."""
+        try:
+            if header["op"] != "metadata":
+                raise RequestError(ErrorCode.BAD_INPUT, f"'op' must be 'metadata' (or absent, to infer), not "
+                                   f"{str(header['op'])[:64]!r}")
+            model = header.get("model")
+            version = header.get("version")
+            if not isinstance(model, str) or not model:
+                raise RequestError(ErrorCode.BAD_INPUT, "'model' is required and must be a non-empty string")
+            if version is not None and not isinstance(version, str):
+                raise RequestError(ErrorCode.BAD_INPUT, "'version' must be a string")
+            self.gateway.auth.check_metadata(header.get("api_key"), model)
+            spec = self.gateway.resolve(model, version).spec
+        except InferoxyError as exc:
+            error = RequestError.of(exc)
+            self._send_error(envelope, rid, request_id, error.code, error.message, error.retry_after_s)
+            return
+        reply = {"id": rid, "request_id": request_id, "ok": True, "model": spec.name, "version": spec.version,
+                 "metadata": model_metadata(spec, self.gateway.versions(spec.name))}
+        self._send([*envelope, pack_header(reply)])
 
     def _submit(self, header: dict[str, Any], body: list[Any], envelope: list[Any], rid: int | str,
                 request_id: str, started: float) -> None:

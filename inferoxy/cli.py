@@ -19,6 +19,7 @@ from inferoxy.runner import COMPONENTS, loop_factory, run_component, run_in_proc
 from inferoxy.settings import Settings, load_settings
 from inferoxy.status_cli import add_status_parser, run_status
 from inferoxy.supervisor import Supervisor, print_endpoints
+from jobs.cli import add_batch_parser, run_batch_command
 from model_manager.models_file import ModelsFileError, models_file_to_seed
 from task_manager.runtimes.base import RuntimeStartError
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(commands)
     add_keys_parser(commands)
     add_status_parser(commands)
+    add_batch_parser(commands)
     return parser
 
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["INFEROXY_CONFIG"] = os.path.abspath(args.config)
     if getattr(args, "models", None):
         os.environ["INFEROXY_MODELS_FILE"] = os.path.abspath(args.models)
+    if args.command == "batch":  # a client of the ZeroMQ bridge (or of a proxy it embeds): its own settings
+        return run_batch_command(args)
     try:
         settings = load_settings()
     except (ValidationError, FileNotFoundError) as exc:

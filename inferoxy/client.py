@@ -30,7 +30,7 @@ import zmq.asyncio
 
 from inferoxy.protocol import ErrorCode
 from inferoxy.reactor import recv_nowait
-from inferoxy.wire import Frame, WireError, as_array, check_tensors, encode, unpack_header
+from inferoxy.wire import Frame, WireError, as_array, check_tensors, encode, pack_header, unpack_header
 
 DEFAULT_URL = "tcp://127.0.0.1:7787"
 DEFAULT_TIMEOUT_S = 30.0
@@ -316,6 +316,45 @@ class AsyncClient:
             timer.cancel()
             self._waiting.pop(rid, None)
         return _outputs(header, reply)
+
+    async def metadata(self, model: str, *, version: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """The model version's metadata (name, versions, inputs, outputs, as ``GET /v2/models/{name}``) with the
+        resolved ``version``; raises InferenceError (``unknown_model``, ``unauthenticated``, ...)."""
+        header: dict[str, Any] = {"op": "metadata", "model": model}
+        if version is not None:
+            header["version"] = version
+        reply = await self._exchange(header, timeout)
+        meta = reply.get("metadata")
+        if reply.get("ok") is not True or not isinstance(meta, dict):
+            _outputs(reply, [])  # raises the error the reply carries
+            raise InferenceError(ErrorCode.INTERNAL.value, "the bridge sent a malformed metadata reply")
+        return {**meta, "version": reply.get("version")}
+
+    async def _exchange(self, header: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send a header-only message with a fresh id; its reply's header."""
+        if self._sock.closed:
+            raise RuntimeError("the client is closed")
+        loop = self._attach()
+        timeout_s = self.timeout if timeout is None else timeout
+        rid = next(self._ids)
+        header = {**header, "id": rid, "timeout_ms": max(1, math.ceil(timeout_s * 1000))}
+        if self._api_key is not None:
+            header["api_key"] = self._api_key
+        try:
+            _send_nowait(self._sock, [pack_header(header)])
+        except (zmq.Again, WireError) as exc:
+            raise InferenceError(ErrorCode.OVERLOADED.value, f"cannot send to {self.url}: {exc}") from None
+        if int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
+            self._drain_soon(loop)
+        future: asyncio.Future[tuple[dict[str, Any], list[Any]]] = loop.create_future()
+        self._waiting[rid] = future
+        timer = loop.call_later(timeout_s, _expire, future, timeout_s)
+        try:
+            reply, _ = await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(rid, None)
+        return reply
 
     def _attach(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()

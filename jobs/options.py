@@ -31,4 +31,6 @@ class BatchOptions(BaseModel):
                                     "the model's batches.")
     storage_options: dict[str, str] = Field(default_factory=dict, max_length=32, description="fsspec options for "
                                             "s3:// (key, secret, token, endpoint_url, region...).")
+    part_rows: int = Field(10_000, ge=1, le=10_000_000, description="Rows per output part: the most a resumed job "
+                           "does again.")
     resume: bool = Field(False, description="Continue a stopped job from its checkpoint in the output.")
