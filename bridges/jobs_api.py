@@ -146,6 +146,8 @@ class JobsApi:
         owner, _ = self._caller(request)
         self.gateway.resolve(options.model, options.version)  # an unknown model is refused now, not in the worker
         root = self.settings.jobs_local_root
+        if options.storage_options and not any(where.startswith("s3://") for where in (options.input, options.output)):
+            raise JobsRefused(400, "storage options apply to s3:// URLs only")
         options = options.model_copy(update={"input": checked_location(options.input, root, "input"),
                                              "output": checked_location(options.output, root, "output")})
         idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)

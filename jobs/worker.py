@@ -60,6 +60,8 @@ def as_dict(value: Any) -> dict[str, Any] | None:
     """A runner summary or progress (a pydantic model, a dataclass or a mapping) as plain JSON-able data."""
     if value is None:
         return None
+    if hasattr(value, "to_json"):  # jobs.runner.JobSummary: what metadata.json holds
+        return dict(value.to_json())
     if hasattr(value, "model_dump"):
         return dict(value.model_dump(mode="json"))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -218,6 +220,9 @@ class JobWorker:
         if latest:
             record.progress.done, record.progress.failed, record.progress.total = _progress_counts(latest[0])
         record.summary = as_dict(summary)
+        stages = (record.summary or {}).get("stages")
+        if isinstance(stages, dict):
+            record.timings.update({f"{stage}_s": float(seconds) for stage, seconds in stages.items()})
         await self._end(store, record, "cancelled" if cancel.is_set() else "succeeded", None)
 
     async def _end(self, store: JobStore, record: JobRecord, state: str, error: str | None) -> None:
