@@ -4,8 +4,11 @@ replica, jobs over local parquet under INFEROXY_JOBS_LOCAL_ROOT (docs/JOBS.md)."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,3 +234,24 @@ def test_a_job_survives_a_restart_of_the_proxy_with_no_duplicate_row(real_redis_
     assert len(rows) == len(set(rows)) == len(labels)  # every row once: none lost, none written twice
     predicted = np.array(table.column("label").to_pylist())[np.argsort(table.column("row").to_numpy())]
     assert (predicted == labels).mean() >= 0.95
+
+
+def test_the_jobs_cli_submits_waits_lists_gets_and_cancels(served: tuple[ProxyProcess, Path, dict[str, str]]) -> None:
+    proxy, root, keys = served
+    write_digits(root / "cli.parquet")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "inferoxy", "jobs", "--url", proxy.rest_url, "--key", keys["bob"],
+                               *args], capture_output=True, text=True, timeout=180, env=proxy.env)
+
+    submitted = cli("submit", "digits", "cli.parquet", "out-cli", "--batch-size", "32", "--wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert "succeeded (1797/1797 rows, 0 failed)" in submitted.stdout
+    listed = cli("list")
+    assert listed.returncode == 0 and job_id in listed.stdout and "alice" not in listed.stdout
+    shown = cli("get", job_id)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "succeeded"
+    assert cli("cancel", job_id).returncode == 0  # a finished job: nothing to stop, said so
+    missing = cli("get", "job_nope")
+    assert missing.returncode == 3 and "no job" in missing.stderr  # the models CLI's exit code for 404
