@@ -33,6 +33,7 @@ from typing import Any
 import zmq.asyncio
 
 from bridges.gateway import Gateway
+from inferoxy import metrics
 from inferoxy.settings import Settings
 from inferoxy.tasks import cancel_and_wait
 from jobs.bus_predictor import BusPredictor
@@ -158,11 +159,7 @@ class JobWorker:
             if not record.error:
                 record.error = "the worker running it stopped"
         if record.attempts >= settings.jobs_max_attempts:
-            record.state = "failed"
-            record.finished_at = now
-            record.error = f"gave up after {record.attempts} runs; last: {record.error}"
-            await store.finish(record, retention_s=settings.jobs_retention_s)
-            await store.release(record.id, self.worker_id)
+            await self._end(store, record, "failed", f"gave up after {record.attempts} runs; last: {record.error}")
             return
         if await store.cancel_wanted(record.id):
             await self._end(store, record, "cancelled", None)
@@ -185,6 +182,7 @@ class JobWorker:
 
         ticker = asyncio.create_task(self._tick(store, record, latest, cancel, lost), name=f"job-{record.id}-tick")
         started = time.monotonic()
+        metrics.JOBS_RUNNING.inc()
         try:
             summary = await run_batch(options, predictor, on_progress=on_progress, cancel=cancel)
         except asyncio.CancelledError:
@@ -208,11 +206,14 @@ class JobWorker:
                 log.warning("job %s: run %d failed (%s); retrying in %.1fs", record.id, record.attempts, error, wait_s)
                 record.error = error
                 record.not_before = time.time() + wait_s
+                metrics.JOB_RETRIES.inc()
                 await store.requeue(record, self.worker_id)
             else:
                 log.error("job %s: run %d failed (%s); no runs left", record.id, record.attempts, error)
                 await self._end(store, record, "failed", error)
             return
+        finally:
+            metrics.JOBS_RUNNING.dec()
         await cancel_and_wait([ticker])
         if lost.is_set():
             return
@@ -233,6 +234,7 @@ class JobWorker:
             record.error = error
         await store.finish(record, retention_s=self.settings.jobs_retention_s)
         await store.release(record.id, self.worker_id)
+        metrics.JOBS_FINISHED.labels(state).inc()
         log.info("job %s: %s", record.id, state)
 
     async def _tick(self, store: JobStore, record: JobRecord, latest: list[Any], cancel: asyncio.Event,

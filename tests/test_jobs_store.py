@@ -12,6 +12,7 @@ import fakeredis
 import pytest
 import zmq.asyncio
 
+from inferoxy import metrics
 from inferoxy.settings import Settings
 from jobs.options import BatchOptions
 from jobs.store import IdempotencyConflict, JobRecord, JobStore, QueueFull, backoff_s
@@ -174,6 +175,7 @@ async def state_of(store: JobStore, job_id: str, *states: str) -> JobRecord | No
 async def test_the_worker_runs_a_job_to_success_with_its_progress_and_summary(store: JobStore) -> None:
     record, _ = await store.create(OPTIONS, None)
     runner = FakeRunner(rows=5)
+    succeeded = metrics.JOBS_FINISHED.labels("succeeded")._value.get()
     _, task = await run_worker(store, runner)
     try:
         done = await until(lambda: state_of(store, record.id, "succeeded"))
@@ -183,6 +185,8 @@ async def test_the_worker_runs_a_job_to_success_with_its_progress_and_summary(st
     assert done.attempts == 1 and done.summary == {"rows_ok": 5, "rows_failed": 0}
     assert (done.progress.done, done.progress.total) == (5, 5)
     assert runner.runs[0].resume is False
+    assert metrics.JOBS_FINISHED.labels("succeeded")._value.get() == succeeded + 1
+    assert metrics.JOBS_RUNNING._value.get() == 0
 
 
 @with_store
@@ -196,6 +200,7 @@ async def test_a_failing_job_is_retried_with_resume_then_succeeds(store: JobStor
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert done.state == "succeeded" and done.attempts == 3
+    assert metrics.JOB_RETRIES._value.get() >= 2
     assert [options.resume for options in runner.runs] == [False, True, True]
 
 
