@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
 import zmq.asyncio
 
+from bridges.jobs_api import JobsRefused, checked_location
 from inferoxy import metrics
 from inferoxy.settings import Settings
 from jobs.options import BatchOptions
@@ -271,3 +273,23 @@ async def test_at_most_max_running_jobs_run_at_once(store: JobStore) -> None:
 async def _count(store: JobStore, ids: list[str], state: str, wanted: int) -> bool:
     records = [await store.get(job_id) for job_id in ids]
     return sum(record is not None and record.state == state for record in records) == wanted
+
+
+# -- where a job submitted over the API may read and write ---------------------------------------
+
+
+def test_local_paths_stay_under_the_root_even_through_a_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to(tmp_path)  # a link inside the root to the folder above it
+    assert checked_location("data.parquet", str(root), "input") == str(root / "data.parquet")
+    assert checked_location(str(root / "sub" / "out"), str(root), "output") == str(root / "sub" / "out")
+    for outside in ("../x.parquet", "/etc/passwd", "escape/x.parquet", "sub/../../x"):
+        with pytest.raises(JobsRefused) as refused:
+            checked_location(outside, str(root), "input")
+        assert refused.value.status == 400
+    with pytest.raises(JobsRefused):
+        checked_location("data.parquet", None, "input")  # no root: no local path at all
+    assert checked_location("s3://bucket/key", None, "input") == "s3://bucket/key"
+    with pytest.raises(JobsRefused):
+        checked_location("file:///etc/passwd", str(root), "input")
