@@ -23,6 +23,9 @@ from sklearn.datasets import load_digits
 
 from model_manager.keys import KeyStore
 from tests.support import ProxyProcess, wait_for
+from tests.test_batch_cli import digits_table
+from tests.test_batch_s3 import BUCKET, S3
+from tests.test_batch_s3 import s3 as moto_s3  # noqa: F401 (a fixture: moto's S3 server on 127.0.0.1)
 
 ADMIN_KEY = "jobs-test-admin-key"
 
@@ -255,3 +258,22 @@ def test_the_jobs_cli_submits_waits_lists_gets_and_cancels(served: tuple[ProxyPr
     assert cli("cancel", job_id).returncode == 0  # a finished job: nothing to stop, said so
     missing = cli("get", "job_nope")
     assert missing.returncode == 3 and "no job" in missing.stderr  # the models CLI's exit code for 404
+
+
+def test_a_job_from_and_to_s3(served: tuple[ProxyProcess, Path, dict[str, str]], moto_s3: S3) -> None:  # noqa: F811
+    """Through the API on moto's S3 server (tests/test_batch_s3.py starts it on 127.0.0.1); the credentials
+    travel to the worker and are never shown back."""
+    proxy, _, keys = served
+    s3 = moto_s3
+    table, labels = digits_table()
+    body = {"model": "digits", "input": f"s3://{BUCKET}/in/digits.parquet", "output": f"s3://{BUCKET}/out/api",
+            "inputs": {"image": "pixels"}, "key_column": "id",
+            "storage_options": {"endpoint_url": s3.endpoint, "key": s3.key, "secret": s3.secret}}
+    answer = httpx.post(f"{proxy.rest_url}/v2/jobs", json=body, headers=bearer(keys["alice"]), timeout=10)
+    assert answer.status_code == 202, answer.text
+    done = wait_state(proxy, answer.json()["id"], keys["alice"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+    assert s3.secret not in str(done) and s3.key not in str(done)
+    result = pq.read_table(f"{BUCKET}/out/api", filesystem=s3.fs())
+    assert result.column("id").to_pylist() == table.column("id").to_pylist()
+    assert float(np.mean(np.array(result.column("label").to_pylist()) == labels)) >= 0.95
