@@ -172,6 +172,13 @@ class Authorizer:
             raise RequestError(ErrorCode.FORBIDDEN, f"API key {key.name!r} may not read every model's metrics: "
                                "it needs the admin scope, or infer on every model")
 
+    def identify(self, credential: object) -> ApiKey | None:
+        """The key a caller presents (its name owns the jobs it submits), or None while no key is required:
+        then callers cannot be told apart. Raises as ``check`` does for a missing or unknown key."""
+        if not self.required:
+            return None
+        return self._authenticate(credential)
+
     def _authenticate(self, credential: object) -> ApiKey:
         if not self.loaded.is_set():
             raise RequestError(ErrorCode.NOT_READY, "the API keys have not been read yet; retry shortly")

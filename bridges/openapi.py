@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from bridges.gateway import server_version
+from jobs.options import BatchOptions
 from model_manager.spec import ModelSpec
 
 ASSETS = Path(fastapi_offline.__file__).parent / "static"
@@ -241,10 +242,17 @@ OPERATIONS: list[Operation] = [
     ("GET", "/v2/admin/keys", "admin", "Every API key (never a secret)", None, Document),
     ("POST", "/v2/admin/keys", "admin", "Create an API key (its secret is shown once)", NewKey, Document),
     ("DELETE", "/v2/admin/keys/{name}", "admin", "Revoke an API key", None, Document),
+    ("POST", "/v2/jobs", "jobs", "Submit a batch job (202; Idempotency-Key header; docs/JOBS.md)", BatchOptions,
+     Document),
+    ("GET", "/v2/jobs", "jobs", "The caller's jobs, newest first (every job for an admin key)", None, Document),
+    ("GET", "/v2/jobs/{id}", "jobs", "A job: state, progress, timings, errors (credentials never shown)", None,
+     Document),
+    ("DELETE", "/v2/jobs/{id}", "jobs", "Cancel a job", None, Document),
 ]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": Error, "description": text} for status, text in (
     (400, "Bad input"), (401, "No key, or an unknown one"), (403, "Refused"), (404, "No such model or version"),
+    (409, "Conflict (an Idempotency-Key reused with other options)"), (415, "A body that is not JSON"),
     (429, "Overloaded or over the key's rate"), (503, "Not ready"))}
 
 

@@ -4,7 +4,8 @@ Routes: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``
 ``GET /v2/models/{name}[/versions/{v}]`` (model metadata), ``.../ready`` (the model's serving
 status from Redis), ``POST .../infer`` (JSON or binary tensors), and Inferoxy's own
 ``POST .../infer/image`` (a PNG or JPEG upload sent as a uint8 ``[1, H, W, 3]`` tensor). Also ``GET /metrics``
-and ``GET /dashboard`` with the JSON it polls (bridges/dashboard.py).
+and ``GET /dashboard`` with the JSON it polls (bridges/dashboard.py), and the jobs API (``/v2/jobs``,
+bridges/jobs_api.py).
 
 Handlers take the raw ``Request`` and return ready-made ``Response`` bodies: tensors are
 parsed with orjson and numpy (``bridges.tensors``), never through pydantic models, which
@@ -37,6 +38,7 @@ from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
 from bridges.http_server import ComponentServer, head_deadline_protocol, listen
 from bridges.images import decode_image
+from bridges.jobs_api import add_job_routes
 from bridges.metering import clock
 from bridges.openapi import add_docs_routes
 from bridges.pipeline import Answer, Pipeline, Prepared
@@ -118,6 +120,7 @@ class RestBridge:
                 await asyncio.wait({serving}, timeout=GRACEFUL_SHUTDOWN_S + 1)
                 serving.cancel()
             listener.close()
+            await self.app.state.jobs_api.close()
             await self.gateway.close()
             metering.flush_all()  # the last counts, before the process ends
 
@@ -256,6 +259,8 @@ def build_app(gateway: Gateway) -> FastAPI:
     add("/v2/health/ready", ready, methods=["GET"])
     add("/v2", server_metadata, methods=["GET"])
     add("/metrics", prometheus_metrics, methods=["GET"])
+    # The jobs API (docs/JOBS.md); its Redis client is closed with the bridge.
+    app.state.jobs_api = add_job_routes(add, gateway, error_response)
     # GET /dashboard and the JSON it polls (docs/ADMIN.md, "The dashboard").
     app.router.routes.extend(dashboard_routes(gateway))
     add_docs_routes(app)  # /openapi.json and /docs (bridges/openapi.py)

@@ -134,9 +134,10 @@ class AdminClient:
     def __exit__(self, *exc: object) -> None:
         self.http.close()
 
-    def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None) -> Any:
         try:
-            response = self.http.request(method, path, json=body, params=params)
+            response = self.http.request(method, path, json=body, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise CliError(UNREACHABLE, f"cannot reach the proxy at {self.url}: {exc}") from None
         if response.is_success:

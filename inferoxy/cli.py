@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from inferoxy.admin_cli import add_models_parser, run_models
 from inferoxy.credentials import make_serve_secrets
+from inferoxy.jobs_cli import add_jobs_parser, run_jobs
 from inferoxy.keys_cli import add_keys_parser, run_keys
 from inferoxy.logs import setup_logging
 from inferoxy.runner import COMPONENTS, loop_factory, run_component, run_in_process
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_models_parser(commands)
     add_keys_parser(commands)
+    add_jobs_parser(commands)
     add_status_parser(commands)
     add_batch_parser(commands)
     return parser
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_models(args)
     if args.command == "keys":
         return run_keys(args)
+    if args.command == "jobs":
+        return run_jobs(args)
     if args.command == "status":
         return run_status(args)
     # Children of `serve` read the same environment, so options become variables here.

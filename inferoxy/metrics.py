@@ -92,12 +92,15 @@ COMPONENT_UP = Gauge("inferoxy_component_up", "1 while the component runs, 0 whi
                      ["component"], multiprocess_mode="livemax")
 COMPONENT_RESTARTS = Counter("inferoxy_component_restarts", "Times serve restarted a component that died.",
                              ["component"])
+# Jobs (docs/JOBS.md): recorded by the job_worker.
+JOBS_RUNNING = Gauge("inferoxy_jobs_running", "Jobs the job workers are running now.", multiprocess_mode="livesum")
+JOBS_FINISHED = Counter("inferoxy_jobs_finished", "Jobs ended, by state: succeeded, failed, cancelled.", ["state"])
+JOB_RETRIES = Counter("inferoxy_job_retries", "Job runs that failed and were queued again after a backoff.")
 
 ALL = (REQUESTS, REQUEST_SECONDS, QUEUE_DEPTH, QUEUE_SECONDS, BATCH_SIZE, BATCH_COMPUTE_SECONDS,
        BATCHES_IN_FLIGHT, SESSIONS_OPEN, REPLICAS, REPLICA_STARTS, REPLICA_DEATHS, REPLICA_RESTARTS,
        REPLICA_READY_SECONDS, REPLICA_WARMUP_SECONDS, AUTOSCALER_DECISIONS, AUTOSCALER_TARGET, REDIS_UP,
-       REGISTRY_REVISION, LAST_INFERENCE,
-       COMPONENT_UP, COMPONENT_RESTARTS)
+       REGISTRY_REVISION, LAST_INFERENCE, COMPONENT_UP, COMPONENT_RESTARTS, JOBS_RUNNING, JOBS_FINISHED, JOB_RETRIES)
 
 
 def exported_names() -> list[str]:

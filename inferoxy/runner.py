@@ -24,6 +24,7 @@ COMPONENTS: dict[str, str] = {
     "model_manager": "model_manager.service:ModelManager",
     "task_manager": "task_manager.service:TaskManager",
     "batch_manager": "batch_manager.service:BatchManager",
+    "job_worker": "jobs.worker:JobWorker",
     "zmq_bridge": "bridges.zmq_bridge:ZmqBridge",
     "rest_bridge": "bridges.rest:RestBridge",
     "grpc_bridge": "bridges.grpc_bridge:GrpcBridge",
@@ -37,7 +38,9 @@ def component_names(settings: Settings) -> list[str]:
     if unknown:
         raise ValueError(f"unknown bridge(s) {unknown}; choose from {sorted(BRIDGE_COMPONENTS)}")
     bridges = [BRIDGE_COMPONENTS[b] for b in settings.bridge_names]
-    return ["model_manager", "task_manager", "batch_manager", *bridges]
+    # The job worker sends over the bus as a bridge does, and stops before the batch manager so it can put its
+    # jobs back in the queue.
+    return ["model_manager", "task_manager", "batch_manager", "job_worker", *bridges]
 
 
 # Bridges that run on uvloop with INFEROXY_BRIDGE_EVENT_LOOP=auto: where it was measured to pay

@@ -157,6 +157,20 @@ class Settings(BaseSettings):
         "bridge; needs uvloop installed) or asyncio. Other components, and `serve --in-process`, use asyncio's."
     )
 
+    # Jobs (docs/JOBS.md): the job_worker component and POST /v2/jobs.
+    jobs_max_running: int = Field(2, ge=1, description="Jobs one job_worker runs at once; the rest wait queued.")
+    jobs_max_queued: int = Field(1000, ge=1, description="Jobs queued or running at most; POST /v2/jobs past it: 429.")
+    jobs_max_attempts: int = Field(3, ge=1, description="Runs a job gets (its own failures, a worker that died) "
+                                   "before it is failed.")
+    jobs_retry_backoff_s: float = Field(5.0, gt=0, description="Wait before a failed job's first retry; doubles.")
+    jobs_retry_backoff_max_s: float = Field(300.0, gt=0, description="The longest wait between a job's retries.")
+    jobs_lease_s: float = Field(30.0, gt=0, description="A worker's claim on a job, renewed while it runs; a job "
+                                "whose worker died is claimed again this long after its last renewal.")
+    jobs_local_root: str | None = Field(None, description="The folder under which POST /v2/jobs may read and write "
+                                        "local paths; unset: only s3:// URLs are accepted over the API.")
+    jobs_idempotency_ttl_s: float = Field(86400.0, gt=0, description="How long an Idempotency-Key returns its job.")
+    jobs_retention_s: float = Field(604800.0, gt=0, description="How long a finished job's record is kept.")
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field(
         "text", description="text, or json: one JSON object per line (time, level, component, model, request id, "

@@ -67,8 +67,8 @@ def test_every_component_killed_or_stopped_comes_back_and_serving_resumes(tmp_pa
     with ProxyProcess(env=env) as proxy:
         wait_for(lambda: serves_everywhere(proxy), timeout=30, interval=0.1, what="first answers")
         pids = proxy.component_pids()
-        assert set(pids) == {"model_manager", "task_manager", "batch_manager", "rest_bridge", "zmq_bridge",
-                             "grpc_bridge"}, pids
+        assert set(pids) == {"model_manager", "task_manager", "batch_manager", "job_worker", "rest_bridge",
+                             "zmq_bridge", "grpc_bridge"}, pids
 
         # A stopped task manager is noticed by its peers: its status expires, so /ready stops saying ready.
         task_manager = pids["task_manager"]
