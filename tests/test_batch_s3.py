@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ def s3() -> Iterator[S3]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     try:
+        # moto keeps its accounts in the process, not the server: another module's server (tests/test_jobs_api.py
+        # uses this fixture too) left its user and bucket behind.
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
         # The user and bucket are made before IAM checks start; every request after is signed and checked.
         plain = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": "setup",
                  "aws_secret_access_key": "setup"}
