@@ -179,7 +179,11 @@ def choose_providers(spec: Mapping[str, Any], environ: Mapping[str, str], availa
         wanted = [CUDA_PROVIDER, CPU_PROVIDER] if has_gpu(spec, environ) else [CPU_PROVIDER]
     missing = [p for p in wanted if p not in available]
     if missing:
-        raise OnnxModelError(f"execution providers {missing} are not in this onnxruntime (it has {list(available)})")
+        # A GPU replica on a CPU-only onnxruntime fails rather than hold a GPU it would leave idle.
+        hint = (" (install onnxruntime-gpu in the image, or set execution_providers: [CPUExecutionProvider])"
+                if CUDA_PROVIDER in missing else "")
+        raise OnnxModelError(f"execution providers {missing} are not in this onnxruntime (it has "
+                             f"{list(available)}){hint}")
     return wanted
 
 

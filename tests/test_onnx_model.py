@@ -160,3 +160,19 @@ def test_a_model_uri_on_s3_is_fetched_once_into_the_cache(s3_endpoint: Any, tmp_
     with pytest.raises(OnnxModelError, match="cannot fetch it"):
         onnx_model(model_uri="s3://models/elsewhere.onnx")
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+
+
+def test_every_onnx_model_of_models_yaml_declares_its_tensors_as_its_graph_has_them() -> None:
+    # The proxy never opens model files, so metadata is what the spec declares: served ONNX models declare it all.
+    from model_manager.models_file import load_models_file
+
+    onnx_specs = [s for s in load_models_file(REPO / "models.yaml") if s.format == "onnx"]
+    assert [s.name for s in onnx_specs] == ["digits-onnx"]
+    for spec in onnx_specs:
+        assert spec.inputs and spec.outputs, spec.name
+        model = OnnxModel()
+        model.spec = spec.model_dump(mode="json")
+        assert spec.model_uri is not None and not Path(spec.model_uri).is_absolute()
+        model.spec = {**model.spec, "model_uri": str(REPO / spec.model_uri)}
+        model.load()  # raises on any disagreement
+        assert [t.as_spec() for t in model.outputs] == [t.model_dump() for t in spec.outputs]
