@@ -224,6 +224,9 @@ class OnnxModel(Model):
         options.intra_op_num_threads = intra_op_threads(spec)
         # Batches reach predict one at a time; parallel branches would only contend with the intra-op pool.
         options.inter_op_num_threads = 1
+        # Idle pool threads would spin after every batch, taking the CPU the replica shares with the proxy
+        # (and other replicas) between batches; they sleep instead (docs/PERFORMANCE.md, "ONNX digits").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for a file it cannot read
