@@ -176,3 +176,18 @@ def test_every_onnx_model_of_models_yaml_declares_its_tensors_as_its_graph_has_t
         model.spec = {**model.spec, "model_uri": str(REPO / spec.model_uri)}
         model.load()  # raises on any disagreement
         assert [t.as_spec() for t in model.outputs] == [t.model_dump() for t in spec.outputs]
+
+
+def test_an_onnx_spec_without_an_image_gets_the_onnx_image_and_the_onnx_model_class() -> None:
+    from inferoxy.settings import Settings
+    from model_manager.spec import ONNX_MODEL_CLASS, ModelSpec
+    from task_manager.placement import replica_plan
+    from task_manager.replicas import ModelGroup, Replica
+    from task_manager.runtimes.process import ProcessRuntime
+
+    for image, expected in ((None, "registry.example/onnx:7"), ("inferoxy/digits-onnx", "inferoxy/digits-onnx")):
+        spec = ModelSpec(name="m", format="onnx", model_uri="m.onnx", image=image)
+        plan = replica_plan(Settings(onnx_image="registry.example/onnx:7"), Replica("m-1-a", spec, ModelGroup(spec),
+                                                                                    started_at=0.0), None)
+        assert plan.spec.image == expected and plan.env["INFEROXY_MODEL_CLASS"] == ONNX_MODEL_CLASS
+        assert ProcessRuntime().command(plan)[1:] == ["-m", "inferoxy.runtime"]
