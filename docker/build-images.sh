@@ -9,6 +9,8 @@
 #   inferoxy/echo:TAG           examples/models/echo
 #   inferoxy/digits:TAG         examples/models/digits
 #   inferoxy/counter:TAG        examples/models/counter
+#   inferoxy/onnx-base:TAG      model-base + ONNX Runtime (from the wheelhouse below), for format: onnx
+#   inferoxy/digits-onnx:TAG    examples/models/digits/digits.onnx in onnx-base
 #   inferoxy/proxy:TAG          the proxy, installed from a wheelhouse made here
 #
 # The proxy image is installed from build/docker-wheelhouse, so its build reaches no index: the
@@ -26,7 +28,7 @@ TAG=latest
 while (($#)); do
     case "$1" in
         --tag) TAG=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -96,9 +98,13 @@ fi
 say "  $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1)"
 took
 
+# onnxruntime is one of the project's dependencies, so the wheelhouse has it (for the image's Python).
+build "inferoxy/onnx-base:$TAG" docker/onnx-base/Dockerfile "$MODEL_BASE"
+build "inferoxy/digits-onnx:$TAG" examples/models/digits/Dockerfile.onnx "inferoxy/onnx-base:$TAG"
 build "inferoxy/proxy:$TAG" docker/Dockerfile "$BASE"
 
 say "all images built in $((SECONDS - total_start))s:"
-for image in "$BASE" "$MODEL_BASE" "inferoxy/echo:$TAG" "inferoxy/digits:$TAG" "inferoxy/counter:$TAG" "inferoxy/proxy:$TAG"; do
+for image in "$BASE" "$MODEL_BASE" "inferoxy/echo:$TAG" "inferoxy/digits:$TAG" "inferoxy/counter:$TAG" \
+        "inferoxy/onnx-base:$TAG" "inferoxy/digits-onnx:$TAG" "inferoxy/proxy:$TAG"; do
     echo "$image"
 done

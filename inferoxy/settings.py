@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     docker_url: str | None = Field(None, description="Docker engine; unset: DOCKER_HOST, else the local socket.")
     docker_network: str = Field("host", description="host, or the Docker network replicas join.")
     docker_pull_policy: Literal["if-not-present", "always", "never"] = "if-not-present"
+    onnx_image: str = Field("inferoxy/onnx-base", description="Image of format-onnx models that name none "
+                            "(docker and kubernetes runtimes; docker/onnx-base).")
     registry_server: str | None = Field(None, description="Registry the credentials below are for.")
     registry_username: str | None = None
     registry_password: str | None = None

@@ -47,6 +47,9 @@ def replica_plan(settings: Settings, replica: Replica, keys: curve.ReplicaKeys |
     """What the runtime starts for ``replica``: the variables docs/PROTOCOL.md lists, and the labels that
     let a later run find (and sweep) what this instance started."""
     spec = replica.spec
+    if spec.format == "onnx" and not spec.image:
+        # An ONNX model needs no code of its own: container runtimes run it from the ONNX image.
+        spec = spec.model_copy(update={"image": settings.onnx_image})
     env = {
         "INFEROXY_REPLICA_URL": settings.replica_url,
         "INFEROXY_REPLICA_ID": replica.id,

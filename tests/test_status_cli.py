@@ -150,7 +150,7 @@ def wait_ready(proxy: ProxyProcess) -> dict[str, Any]:
     def ready() -> dict[str, Any] | None:
         state = httpx.get(f"{proxy.rest_url}/dashboard/state", timeout=10).json()
         rows = {m["name"]: m for m in state["models"]}
-        if all(rows.get(n, {}).get("ready_replicas") == 1 for n in ("echo", "digits", "counter")):
+        if all(rows.get(n, {}).get("ready_replicas") == 1 for n in ("echo", "digits", "digits-onnx", "counter")):
             return dict(state)
         return None
 
@@ -166,7 +166,7 @@ def test_json_prints_the_state_with_rates(proxy: ProxyProcess) -> None:
     assert result.returncode == 0, result.stderr
     state = json.loads(result.stdout)
     rows = {f"{m['name']}/{m['version']}": m for m in state["models"]}
-    assert set(rows) == {"echo/1", "digits/1", "counter/1"}
+    assert set(rows) == {"echo/1", "digits/1", "digits-onnx/1", "counter/1"}
     echo = rows["echo/1"]
     assert echo["state"] == "ready" and len(echo["replicas"]) == 1 and echo["replicas"][0]["state"] == "ready"
     assert echo["replicas"][0]["uptime_s"] > 0
@@ -204,4 +204,4 @@ def test_a_key_is_needed_once_keys_are_on(proxy: ProxyProcess) -> None:
     # An infer key on every model may see every model's traffic.
     allowed = status(proxy, "--json", key=created.json()["key"])
     assert allowed.returncode == 0, allowed.stderr
-    assert {m["name"] for m in json.loads(allowed.stdout)["models"]} == {"echo", "digits", "counter"}
+    assert {m["name"] for m in json.loads(allowed.stdout)["models"]} == {"echo", "digits", "digits-onnx", "counter"}

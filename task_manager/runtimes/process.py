@@ -123,7 +123,7 @@ class ProcessRuntime(Runtime):
     def command(self, plan: ReplicaPlan) -> list[str]:
         if plan.spec.command:
             return list(plan.spec.command)
-        if plan.spec.model_class:
+        if plan.spec.model_class or plan.spec.format == "onnx":  # onnx: the plan names ONNX_MODEL_CLASS
             return [sys.executable, "-m", "inferoxy.runtime"]
         raise RuntimeStartError(
             f"model {plan.spec.key} names only an image; the process runtime needs a model_class or a command "
