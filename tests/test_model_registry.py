@@ -58,6 +58,13 @@ def test_a_warmup_with_random_and_file_inputs_is_accepted() -> None:
     assert (parsed.count, [i.fill for i in parsed.inputs]) == (5, ["random", "file"])
 
 
+def test_docs_describe_every_spec_field() -> None:
+    """docs/MODELS.md names each field a spec may hold (a field added to the code and not to the docs fails)."""
+    models_doc = (REPO / "docs" / "MODELS.md").read_text()
+    undocumented = [name for name in ModelSpec.model_fields if f"`{name}`" not in models_doc]
+    assert not undocumented, f"fields of ModelSpec missing from docs/MODELS.md: {undocumented}"
+
+
 def test_repository_models_file_parses() -> None:
     specs = {s.name: s for s in load_models_file(REPO / "models.yaml")}
     assert {"echo", "digits"} <= set(specs)
