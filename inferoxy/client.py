@@ -302,6 +302,13 @@ class AsyncClient:
             raise InferenceError(
                 ErrorCode.OVERLOADED.value, f"{MAX_QUEUED} requests are already queued for {self.url}; is it up?"
             ) from None
+        header, reply = await self._reply(loop, rid, timeout_s)
+        return _outputs(header, reply)
+
+    async def _reply(self, loop: asyncio.AbstractEventLoop, rid: int,
+                     timeout_s: float) -> tuple[dict[str, Any], list[Any]]:
+        """The reply to request ``rid``, just sent: its header and frames (InferenceError ``deadline`` after
+        ``timeout_s``)."""
         # The send may have consumed the socket's edge-triggered notification. Asking ZMQ_EVENTS re-arms
         # it, so a reply that is not queued yet will signal; one that is gets drained soon. Cheaper than
         # a drain after every send, which ends in a raised zmq.Again (about 2 vs 6 µs, and a callback).
@@ -311,11 +318,10 @@ class AsyncClient:
         self._waiting[rid] = future
         timer = loop.call_later(timeout_s, _expire, future, timeout_s)
         try:
-            header, reply = await future
+            return await future
         finally:
             timer.cancel()
             self._waiting.pop(rid, None)
-        return _outputs(header, reply)
 
     async def metadata(self, model: str, *, version: str | None = None, timeout: float | None = None) -> dict[str, Any]:
         """The model version's metadata (name, versions, inputs, outputs, as ``GET /v2/models/{name}``) with the
@@ -344,16 +350,7 @@ class AsyncClient:
             _send_nowait(self._sock, [pack_header(header)])
         except (zmq.Again, WireError) as exc:
             raise InferenceError(ErrorCode.OVERLOADED.value, f"cannot send to {self.url}: {exc}") from None
-        if int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
-            self._drain_soon(loop)
-        future: asyncio.Future[tuple[dict[str, Any], list[Any]]] = loop.create_future()
-        self._waiting[rid] = future
-        timer = loop.call_later(timeout_s, _expire, future, timeout_s)
-        try:
-            reply, _ = await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(rid, None)
+        reply, _ = await self._reply(loop, rid, timeout_s)
         return reply
 
     def _attach(self) -> asyncio.AbstractEventLoop:

@@ -9,7 +9,7 @@ from docker.client import DockerClient, from_env
 from docker.errors import DockerException
 
 from tests.bridge_harness import BridgeStack
-from tests.support import require_service
+from tests.support import delete_redis_prefix, require_service
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +28,7 @@ def redis_prefix(real_redis_url: str, request: pytest.FixtureRequest) -> Iterato
     """A key prefix of this test's own in the real Redis, deleted afterwards."""
     prefix = f"inferoxy-test-{os.getpid()}-{request.node.name}"[:120]
     yield prefix
-    client = redis.Redis.from_url(real_redis_url)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    delete_redis_prefix(real_redis_url, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+def delete_redis_prefix(url: str, prefix: str) -> None:
+    """Delete every key a test wrote under ``prefix:`` in the real Redis at ``url``."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

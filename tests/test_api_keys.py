@@ -33,7 +33,7 @@ from inferoxy.client import AsyncClient, Client, InferenceError
 from inferoxy.settings import Settings
 from model_manager.keys import ApiKey, KeyStore, digest
 from tests.bridge_harness import BridgeStack
-from tests.support import ProxyProcess, wait_for
+from tests.support import ProxyProcess, delete_redis_prefix, wait_for
 
 ROW = np.arange(3, dtype=np.float32)[None]
 ECHO = {"x": ROW, "mask": np.ones((1, 2), dtype=bool)}
@@ -120,10 +120,7 @@ def keyed(real_redis_url: str) -> Iterator[BridgeStack]:
         yield stack
     finally:
         stack.stop()
-        client = redis.Redis.from_url(real_redis_url)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
+        delete_redis_prefix(real_redis_url, prefix)
 
 
 # -- the token bucket and the authorizer, alone ----------------------------------------------------

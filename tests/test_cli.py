@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from inferoxy import admin_cli
-from tests.support import REPO, ProxyProcess, free_port, wait_for
+from tests.support import REPO, ProxyProcess, delete_redis_prefix, free_port, wait_for
 
 KEY = "cli-key"
 ECHO_YAML = """\
@@ -30,12 +30,7 @@ def proxy(real_redis_url: str) -> Iterator[ProxyProcess]:
            "INFEROXY_ADMIN_KEY": KEY, "INFEROXY_BRIDGES": "rest"}
     with ProxyProcess(env=env) as running:
         yield running
-    import redis
-
-    client = redis.Redis.from_url(real_redis_url)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    delete_redis_prefix(real_redis_url, prefix)
 
 
 def cli(proxy: ProxyProcess | None, *args: str, key: str | None = KEY, url: str | None = None,

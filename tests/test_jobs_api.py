@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from sklearn.datasets import load_digits
 
 from model_manager.keys import KeyStore
-from tests.support import ProxyProcess, wait_for
+from tests.support import ProxyProcess, delete_redis_prefix, wait_for
 from tests.test_batch_cli import digits_table
 from tests.test_batch_s3 import BUCKET, S3
 from tests.test_batch_s3 import s3 as moto_s3  # noqa: F401 (a fixture: moto's S3 server on 127.0.0.1)
@@ -91,12 +91,7 @@ def served(real_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield proxy, root, keys
     finally:
         proxy.stop()
-        import redis
-
-        client = redis.Redis.from_url(real_redis_url)
-        stale = list(client.scan_iter(f"{prefix}:*"))
-        if stale:
-            client.delete(*stale)
+        delete_redis_prefix(real_redis_url, prefix)
 
 
 def test_a_job_runs_to_success_with_one_correct_row_per_input(served: tuple[ProxyProcess, Path, dict[str, str]]) \

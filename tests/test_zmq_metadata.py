@@ -10,12 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import zmq
 
 from inferoxy.client import AsyncClient, InferenceError
 from inferoxy.wire import pack_header, unpack_header
 from tests.bridge_harness import BridgeStack
+from tests.support import delete_redis_prefix
 from tests.test_api_keys import create_key
 
 
@@ -68,10 +68,7 @@ def keyed(real_redis_url: str) -> Iterator[BridgeStack]:
         yield stack
     finally:
         stack.stop()
-        client = redis.Redis.from_url(real_redis_url)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
+        delete_redis_prefix(real_redis_url, prefix)
 
 
 def test_metadata_follows_the_model_metadata_rule(keyed: BridgeStack) -> None:
