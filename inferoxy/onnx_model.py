@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from inferoxy.model import Model
+from inferoxy.warmup import DATATYPES as WARMUP_DATATYPES
 
 # Where fetched model files are kept, in the replica's environment (spec ``env``); one file per URI.
 CACHE_DIR_VARIABLE = "INFEROXY_MODEL_CACHE_DIR"
@@ -38,11 +39,8 @@ DATATYPES = {
     "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
     "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
 }
-NUMPY_DTYPES = {
-    "BOOL": np.dtype("?"), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
-}
+# The wire dtype of each spec datatype (the one table a replica has: inferoxy/warmup.py), little-endian as on the bus.
+NUMPY_DTYPES = {datatype: np.dtype(name).newbyteorder("<") for datatype, name in WARMUP_DATATYPES.items()}
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
