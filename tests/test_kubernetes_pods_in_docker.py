@@ -36,7 +36,7 @@ docker = pytest.importorskip("docker")
 
 IMAGE = "inferoxy/proxy:latest"
 # The checkout's packages, mounted over the image's copies (pyproject.toml's packages).
-PACKAGES = ("inferoxy", "bridges", "model_manager", "batch_manager", "task_manager", "examples")
+PACKAGES = ("inferoxy", "bridges", "model_manager", "batch_manager", "task_manager", "jobs", "examples")
 SITE = "/opt/inferoxy"
 LABEL = "inferoxy.test"
 PROXY_DEPLOYMENTS = ("inferoxy-task-manager", "inferoxy-frontend")
