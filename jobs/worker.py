@@ -113,16 +113,17 @@ class JobWorker:
             await gateway.start()
             predictor = BusPredictor(gateway)
         run_batch = self._run_batch or _default_run_batch()
+        poller = asyncio.create_task(self._poll(store, predictor, run_batch), name="job-poll")
         try:
             ready.set()
             log.info("job worker %s: at most %d jobs at once", self.worker_id, settings.jobs_max_running)
-            while True:
-                await self._fill(store, predictor, run_batch)
-                if self._running:
-                    await asyncio.wait(set(self._running.values()), timeout=POLL_S)
-                else:
-                    await asyncio.sleep(POLL_S)
+            # The poller talks to Redis all the time, and a cancellation landing as a Redis command completes
+            # is lost on Python 3.11 (inferoxy/tasks.py): cancelled through asyncio.wait, this task never hands
+            # its own cancellation to it, and cancel_and_wait below repeats it until the poller has ended.
+            await asyncio.wait({poller})
+            poller.result()
         finally:
+            await cancel_and_wait([poller])
             # Each job's own handler puts it back in the queue (uncounted) before its task ends.
             await cancel_and_wait(list(self._running.values()))
             self._running.clear()
@@ -131,6 +132,15 @@ class JobWorker:
             if self._store is None:
                 with contextlib.suppress(Exception):
                     await store.close()
+
+    async def _poll(self, store: JobStore, predictor: Predictor, run_batch: RunBatch) -> None:
+        """Claim jobs while there is room, every POLL_S or as soon as a running one ends."""
+        while True:
+            await self._fill(store, predictor, run_batch)
+            if self._running:
+                await asyncio.wait(set(self._running.values()), timeout=POLL_S)
+            else:
+                await asyncio.sleep(POLL_S)
 
     async def _fill(self, store: JobStore, predictor: Predictor, run_batch: RunBatch) -> None:
         while len(self._running) < self.settings.jobs_max_running:

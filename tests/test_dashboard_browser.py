@@ -96,13 +96,13 @@ def test_the_models_appear_and_the_request_counter_rises(webdriver: Any, proxy: 
     chrome = webdriver
     chrome.get(f"{proxy.rest_url}/dashboard")
     wait_until(chrome, lambda d: d.find_elements("css selector", 'tr[data-model="echo/1"]'), "the echo model")
-    for model in ("echo/1", "digits/1", "counter/1"):
+    for model in ("echo/1", "digits/1", "digits-onnx/1", "counter/1"):
         wait_until(chrome, lambda d, m=model: cell(d, m, "replicas").startswith("1 /"), f"{model} with its replica")
     assert "ready" in chrome.find_element("css selector", 'tr[data-model="echo/1"]').text
     # models.yaml's description of digits, behind its framework, in the "about" column.
     assert cell(chrome, "digits/1", "description").startswith("numpy: A classifier of 8x8 handwritten digits")
     replicas = chrome.find_elements("css selector", "#replicas tbody tr[data-replica]")
-    assert len(replicas) == 3, [r.text for r in replicas]
+    assert len(replicas) == 4, [r.text for r in replicas]  # one per model of models.yaml
     before = int(cell(chrome, "echo/1", "requests"))
 
     n = 12
