@@ -8,12 +8,13 @@ writes to Redis, so any bridge on any machine reports the same.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from bridges.errors import RequestError
+from bridges.model_config import PLATFORM
 from bridges.validation import InputRules, check_name
 from inferoxy.protocol import ErrorCode
-from model_manager.spec import ModelSpec, ModelStatus, version_order
+from model_manager.spec import ModelSpec, ModelStatus, TensorSpec, version_order
 from model_manager.store import Registry, SpecStore
 
 # Serving states in which a model takes requests (model_manager.spec.ModelStatus). ``idle`` (scaled to zero) does:
@@ -93,3 +94,24 @@ class Catalog:
             return []
         found = [spec.version for spec in self.registry if spec.name == name]
         return sorted(found, key=version_order)
+
+
+def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:
+    """Model metadata as the Open Inference Protocol and Triton give it: -1 leads for the batch dimension.
+
+    The spec's ``description``, ``framework`` and ``labels`` follow when set (the protocol allows extra fields)."""
+    document: dict[str, Any] = {
+        "name": spec.name,
+        "versions": versions,
+        "platform": PLATFORM,
+        "inputs": [_tensor_metadata(t) for t in spec.inputs],
+        "outputs": [_tensor_metadata(t) for t in spec.outputs],
+    }
+    for field, value in (("description", spec.description), ("framework", spec.framework), ("labels", spec.labels)):
+        if value:
+            document[field] = value
+    return document
+
+
+def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": [-1, *tensor.shape]}

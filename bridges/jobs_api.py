@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -36,6 +35,7 @@ from bridges.admin_access import AdminError, refuse_cross_site, require_json
 from bridges.auth import credential_of_header
 from bridges.errors import RequestError
 from bridges.gateway import Gateway
+from bridges.rest_reply import json_response
 from inferoxy.protocol import ErrorCode
 from inferoxy.settings import Settings
 from jobs.options import BatchOptions
@@ -50,12 +50,8 @@ MAX_BODY_BYTES = 1 << 20
 MAX_LISTED = 500
 
 
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return _json({"error": message}, status, headers)
+    return json_response({"error": message}, status, headers)
 
 
 class JobsRefused(Exception):
@@ -166,7 +162,7 @@ class JobsApi:
         headers = {"Location": f"/v2/jobs/{record.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"
-        return _json(record.public(), 202, headers)
+        return json_response(record.public(), 202, headers)
 
     async def _visible(self, request: Request) -> JobRecord:
         owner, everyone = self._caller(request)
@@ -178,7 +174,7 @@ class JobsApi:
 
     async def get(self, request: Request) -> Response:
         async def handle(request: Request) -> Response:
-            return _json((await self._visible(request)).public())
+            return json_response((await self._visible(request)).public())
 
         return await self._answer(request, handle)
 
@@ -192,7 +188,7 @@ class JobsApi:
             records = await self.store.list(owner, everyone=everyone, limit=MAX_LISTED if state else int(raw))
             if state:
                 records = [record for record in records if record.state == state][: int(raw)]
-            return _json({"jobs": [record.public() for record in records]})
+            return json_response({"jobs": [record.public() for record in records]})
 
         return await self._answer(request, handle)
 
@@ -200,11 +196,11 @@ class JobsApi:
         async def handle(request: Request) -> Response:
             record = await self._visible(request)
             if record.final:
-                return _json(record.public())  # nothing left to stop
+                return json_response(record.public())  # nothing left to stop
             cancelled = await self.store.request_cancel(record.id, retention_s=self.settings.jobs_retention_s)
             assert cancelled is not None
             log.info("job %s: cancel requested", record.id)
-            return _json(cancelled.public(), 202)
+            return json_response(cancelled.public(), 202)
 
         return await self._answer(request, handle)
 

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from bridges import metering, request_ids, rest_reply, tensors
 from bridges.admin import admin_router
 from bridges.auth import credential_of_header, retry_after_header
-from bridges.catalog import Readiness
+from bridges.catalog import Readiness, metadata
 from bridges.dashboard import dashboard_routes
 from bridges.errors import RequestError
 from bridges.gateway import EXTENSIONS, GRACEFUL_SHUTDOWN_S, SERVER_NAME, Gateway, server_version
@@ -43,13 +43,14 @@ from bridges.metering import clock
 from bridges.openapi import add_docs_routes
 from bridges.pipeline import Answer, Pipeline, Prepared
 from bridges.rest_models import add_model_routes
+from bridges.rest_reply import json_response
 from bridges.tls import uvicorn_tls_options
 from bridges.validation import check_parameters
 from inferoxy import metrics
 from inferoxy.logs import REQUEST_IDS, current_request_id
 from inferoxy.protocol import ErrorCode, InferoxyError
 from inferoxy.settings import Settings
-from model_manager.spec import ModelSpec, TensorSpec
+from model_manager.spec import ModelSpec
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
@@ -126,10 +127,6 @@ class RestBridge:
 
 
 # -- the application --------------------------------------------------------------------------
-
-
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type=JSON, headers=headers)
 
 
 def error_response(error: RequestError) -> Response:
@@ -422,24 +419,3 @@ def serving(spec: ModelSpec, readiness: Readiness) -> dict[str, Any]:
     return {"state": readiness.state, "ready": readiness.ready, "reason": readiness.reason,
             "replicas": status.ready_replicas if status else 0, "target": status.desired_replicas if status else None,
             "min": spec.min_replicas, "max": spec.max_replicas}
-
-
-def metadata(spec: ModelSpec, versions: list[str]) -> dict[str, Any]:
-    """Model metadata as the Open Inference Protocol and Triton give it: -1 leads for the batch dimension.
-
-    The spec's ``description``, ``framework`` and ``labels`` follow when set (the protocol allows extra fields)."""
-    document: dict[str, Any] = {
-        "name": spec.name,
-        "versions": versions,
-        "platform": "inferoxy",
-        "inputs": [_tensor_metadata(t) for t in spec.inputs],
-        "outputs": [_tensor_metadata(t) for t in spec.outputs],
-    }
-    for field, value in (("description", spec.description), ("framework", spec.framework), ("labels", spec.labels)):
-        if value:
-            document[field] = value
-    return document
-
-
-def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
-    return {"name": tensor.name, "datatype": tensor.datatype, "shape": [-1, *tensor.shape]}

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from starlette.responses import Response
 
 from bridges.errors import RequestError
 from bridges.tensors import WIRE_TO_DATATYPE, InferRequest, to_wire
@@ -81,3 +82,8 @@ def _json_data(array: np.ndarray) -> Any:
     if flat.dtype == np.float16:  # orjson cannot write float16; float32 holds every value exactly
         return flat.astype(np.float32)
     return flat
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON body as every REST route but inference answers it (an error: ``{"error": message}``)."""
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)

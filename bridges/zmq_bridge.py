@@ -31,11 +31,11 @@ import zmq.asyncio
 
 from bridges import metering, request_ids
 from bridges.budget import ClientLimits, Usage
+from bridges.catalog import metadata as model_metadata
 from bridges.errors import RequestError
 from bridges.gateway import GRACEFUL_SHUTDOWN_S, Gateway
 from bridges.metering import clock
 from bridges.pipeline import Answer, Pipeline
-from bridges.rest import metadata as model_metadata
 from inferoxy import curve, metrics
 from inferoxy.bus import plain_socket
 from inferoxy.curve import CurveServer

@@ -16,14 +16,18 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from inferoxy.client import DEFAULT_URL
 from jobs.options import BatchOptions
-from jobs.runner import JobError, JobSummary, Progress, run_batch
-from jobs.zmq_predictor import ZmqPredictor
+
+if TYPE_CHECKING:
+    from jobs.runner import JobSummary, Progress
+
+# The runner (pyarrow, fsspec) is imported when a job runs: `inferoxy` builds this parser for every command,
+# and each component is started through it.
 
 log = logging.getLogger("inferoxy.batch")
 
@@ -86,6 +90,8 @@ def options_of(args: argparse.Namespace) -> BatchOptions:
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
+    from jobs.runner import JobError
+
     try:
         options = options_of(args)
     except (ValueError, ValidationError) as exc:
@@ -115,6 +121,9 @@ def _one_line(exc: Exception) -> str:
 
 async def _run(options: BatchOptions, url: str, api_key: str | None, server_key: str | None,
                progress: str) -> JobSummary:
+    from jobs.runner import run_batch
+    from jobs.zmq_predictor import ZmqPredictor
+
     cancel = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):  # the first stops sending and commits; resume finishes
@@ -132,6 +141,7 @@ async def _embedded(options: BatchOptions, args: argparse.Namespace) -> JobSumma
     from inferoxy.credentials import make_serve_secrets
     from inferoxy.runner import run_in_process
     from inferoxy.settings import Settings, load_settings
+    from jobs.runner import JobError
 
     try:  # inferoxy/cli.py has set INFEROXY_MODELS_FILE from --models
         settings = load_settings()

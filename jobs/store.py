@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 from redis.exceptions import WatchError
 
 from jobs.options import BatchOptions
+from model_manager.store import redis_client
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -119,9 +120,7 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "inferoxy") -> JobStore:
-        # The same timeouts as the registry's client: a vanished Redis fails a call, it never hangs it.
-        client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0)
-        return cls(client, prefix)
+        return cls(redis_client(url), prefix)
 
     async def close(self) -> None:
         await self.client.aclose()

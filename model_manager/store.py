@@ -56,6 +56,12 @@ DEFAULT_RESYNC_INTERVAL_S = 2.0
 DEFAULT_RESET_GRACE_S = 15.0
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """A client of the registry's Redis, for every store kept there (specs, statuses, jobs)."""
+    # Timeouts keep a vanished Redis from hanging an admin call or a watcher: they fail and retry.
+    return aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0)
+
+
 class SpecStore:
     """Reads and writes model specs under one key prefix."""
 
@@ -82,9 +88,7 @@ class SpecStore:
     def from_url(
         cls, url: str, prefix: str = "inferoxy", *, resync_interval_s: float = DEFAULT_RESYNC_INTERVAL_S
     ) -> SpecStore:
-        # Timeouts keep a vanished Redis from hanging an admin call or a watcher: they fail and retry.
-        client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0)
-        return cls(client, prefix, resync_interval_s=resync_interval_s)
+        return cls(redis_client(url), prefix, resync_interval_s=resync_interval_s)
 
     async def close(self) -> None:
         await self.client.aclose()
